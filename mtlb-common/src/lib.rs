@@ -1,0 +1,199 @@
+//! Types shared by the kernel programs (`mtlb-ebpf`) and the agent
+//! (`mtlb-userspace`).
+//!
+//! Every type that lives in a map is `#[repr(C)]` with explicit padding so
+//! the layout is the same on both sides and in the BTF that `bpftool` uses
+//! to print the maps. Addresses are kept as byte arrays (network order) so
+//! `bpftool map dump` shows them as bytes rather than as a host-order u32.
+#![no_std]
+
+/// Most replicas one balancer steers to. Bounds the selection loop in the
+/// `sk_lookup` program (the verifier needs a constant bound).
+pub const MAX_REPLICAS: u32 = 64;
+
+/// Entries of the flow table that keeps a flow on the replica chosen for its
+/// first packet (SYN-cookie ACKs and stray segments come back through
+/// `sk_lookup` and must reach the same listener).
+pub const MAX_FLOWS: u32 = 65_536;
+
+/// Request sockets (handshakes in flight) tracked at once.
+pub const MAX_PENDING: u32 = 65_536;
+
+/// How many replicas one `sk_lookup` run tries before it refuses the
+/// connection.
+pub const MAX_ATTEMPTS: u32 = 4;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Balancer-wide settings, one entry in the `SETTINGS` array map.
+/// Written by the agent before any program is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `SO_NETNS_COOKIE` of the balancer's network namespace. Programs on the
+    /// cgroup root see sockets of every namespace; this tells ours apart.
+    pub netns_cookie: u64,
+    /// Balanced TCP port, host byte order.
+    pub port: u16,
+    /// First replica port, host byte order; replica `i` listens on
+    /// `base_port + i`.
+    pub base_port: u16,
+    /// Number of configured replica slots (<= MAX_REPLICAS).
+    pub replicas: u16,
+    /// 1: steer connections to every local address; 0: only to addresses in
+    /// the `ADDRESSES` map.
+    pub all_addresses: u8,
+    /// 1: a listener bound to the wildcard address (0.0.0.0 / ::) on a
+    /// replica port counts as that replica.
+    pub accept_wildcard: u8,
+    /// Address replicas listen on, IPv4-mapped IPv6 form for IPv4.
+    pub replica_addr: [u8; 16],
+}
+
+/// Per-slot configuration written only by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Relative weight (1..=256). Load is compared as connections / weight.
+    pub weight: u32,
+    /// 1 when the slot may take new connections (configured, and later: UP
+    /// and administratively READY).
+    pub enabled: u32,
+}
+
+/// Per-slot connection counts, changed only with atomic adds by the kernel
+/// programs. `handshakes` counts request sockets (SYN received, handshake not
+/// complete); `established` counts steered connections from establishment
+/// until they reach TCP_CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conns {
+    pub handshakes: u64,
+    pub established: u64,
+}
+
+/// The listening socket registered in a slot; kept beside the sockmap because
+/// a sockmap cannot be dumped in a readable way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Listener {
+    /// Socket cookie; 0 when the slot is empty.
+    pub cookie: u64,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Port, host byte order.
+    pub port: u16,
+    /// How it got here: REG_LISTEN_HOOK or REG_ADOPTED.
+    pub how: u32,
+}
+
+pub const REG_LISTEN_HOOK: u32 = 1;
+pub const REG_ADOPTED: u32 = 2;
+
+/// Socket-local storage tag (`BPF_F_CLONE`, so a listener's tag is copied
+/// into every child socket it creates; that is how a connection knows its
+/// replica, since its local address is the balanced one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTag {
+    pub slot: u32,
+    pub state: u32,
+}
+
+/// Tag states.
+pub const TAG_LISTENER: u32 = 1;
+pub const TAG_COUNTED: u32 = 2;
+pub const TAG_IGNORED: u32 = 3;
+pub const TAG_CLOSED: u32 = 4;
+
+/// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
+/// network byte order) and ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub remote_addr: [u8; 16],
+    pub local_addr: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+}
+
+/// A handshake in flight (value of the PENDING map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    pub slot: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the request socket was
+    /// created.
+    pub since_ns: u64,
+}
+
+/// Indices into the per-CPU `STATS` array.
+pub mod stat {
+    /// `sk_lookup` runs for the balanced port/addresses.
+    pub const LOOKUPS: u32 = 0;
+    /// Connections refused because no replica could take them.
+    pub const NO_BACKEND: u32 = 1;
+    /// `bpf_sk_assign` failures, by errno.
+    pub const ERR_EAFNOSUPPORT: u32 = 2;
+    pub const ERR_EPROTOTYPE: u32 = 3;
+    pub const ERR_ESOCKTNOSUPPORT: u32 = 4;
+    pub const ERR_EEXIST: u32 = 5;
+    pub const ERR_OTHER: u32 = 6;
+    /// The chosen slot's socket was gone from the sockmap.
+    pub const ERR_NO_SOCKET: u32 = 7;
+    /// Flow table or handshake table full: the connection is steered but
+    /// that bookkeeping is skipped.
+    pub const FLOW_TABLE_FULL: u32 = 8;
+    pub const PENDING_TABLE_FULL: u32 = 9;
+    /// Flows that came back to sk_lookup and were kept on their replica.
+    pub const FLOW_HITS: u32 = 10;
+    pub const COUNT: u32 = 11;
+
+    /// Names as used in logs and metrics (`reason` label).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "lookups",
+        "no_backend",
+        "eafnosupport",
+        "eprototype",
+        "esocktnosupport",
+        "eexist",
+        "other",
+        "no_socket",
+        "flow_table_full",
+        "pending_table_full",
+        "flow_hits",
+    ];
+}
+
+/// Per-slot per-CPU totals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotTotals {
+    /// New flows assigned to this slot by `sk_lookup`.
+    pub assigned: u64,
+    /// Steered connections that reached ESTABLISHED on this slot.
+    pub established: u64,
+}
+
+/// Converts an IPv4 address to its IPv4-mapped IPv6 bytes.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, and every bit pattern is valid.
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Conns {}
+    unsafe impl aya::Pod for Listener {}
+    unsafe impl aya::Pod for SockTag {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for SlotTotals {}
+    unsafe impl aya::Pod for Pending {}
+}

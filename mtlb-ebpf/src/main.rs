@@ -1,0 +1,472 @@
+//! mtlb kernel programs.
+//!
+//! * `mtlb_steer` (sk_lookup): hands each new connection to the balanced
+//!   port to the listening socket of the least-loaded enabled replica.
+//! * `mtlb_sockops` (sock_ops on the cgroup2 root): registers replica
+//!   listeners the moment they call listen(), counts handshakes in flight
+//!   from the request socket's creation to establishment, and steered
+//!   connections from establishment to TCP_CLOSE. Handshakes that never
+//!   complete leave no event; the agent expires them (see PENDING).
+//!
+//! fentry/fexit would see request sockets die, but BPF_PROG_TYPE_TRACING is
+//! not available on the kernels mtlb targets, so everything here runs from
+//! sk_lookup and sock_ops.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod maps;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_NOEXIST, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_TIMEOUT_INIT, bpf_sock,
+    },
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_sk_assign, bpf_sk_release,
+    },
+    macros::{sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockOpsContext},
+};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use maps::*;
+use mtlb_common::*;
+
+/// sk_lookup verdicts (enum sk_action).
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+
+const IPPROTO_TCP: u32 = 6;
+/// Kernel TCP states (include/net/tcp_states.h).
+const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
+
+const EEXIST: i64 = 17;
+const EAFNOSUPPORT: i64 = 97;
+const EPROTOTYPE: i64 = 91;
+const ESOCKTNOSUPPORT: i64 = 94;
+
+#[inline(always)]
+fn add(p: *mut u64, v: u64) {
+    // bpfel has no 64-bit atomics in core::sync; the intrinsic lowers to
+    // BPF_ATOMIC_ADD. A decrement is the wrapping add of -1.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn stat(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}
+
+/// An address from a context's ip4/ip6 field pair as IPv4-mapped bytes.
+/// The fields hold network-order bytes inside u32s, so `to_ne_bytes` gives
+/// the wire order.
+///
+/// The verifier only accepts context loads at a constant offset from the
+/// context pointer itself: copying the `[u32; 4]` array would load through
+/// a derived pointer ("dereference of modified ctx ptr"), so each word is
+/// read with its own volatile load.
+macro_rules! ctx_addr {
+    ($family:expr, $ctx:expr, $ip4:ident, $ip6:ident) => {{
+        let c = $ctx;
+        // All five loads happen on both paths: were they inside the branch,
+        // LLVM would merge them into one load through a selected offset.
+        let v4 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip4) }.to_ne_bytes();
+        let w0 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[0]) }.to_ne_bytes();
+        let w1 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[1]) }.to_ne_bytes();
+        let w2 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[2]) }.to_ne_bytes();
+        let w3 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[3]) }.to_ne_bytes();
+        if $family == AF_INET as u32 {
+            v4_mapped(v4)
+        } else {
+            [
+                w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3],
+                w3[0], w3[1], w3[2], w3[3],
+            ]
+        }
+    }};
+}
+
+// ---------------------------------------------------------------- sk_lookup
+
+#[sk_lookup]
+pub fn mtlb_steer(ctx: SkLookupContext) -> u32 {
+    try_steer(&ctx)
+}
+
+#[inline(always)]
+fn try_steer(ctx: &SkLookupContext) -> u32 {
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let Some(s) = settings() else {
+        return SK_PASS;
+    };
+    // local_port is host byte order (unlike remote_port).
+    if l.local_port != s.port as u32 {
+        // Other ports, including direct connections to replica ports
+        // (health checks), take the normal lookup.
+        return SK_PASS;
+    }
+    let family = l.family;
+    let local = ctx_addr!(family, ctx.lookup, local_ip4, local_ip6);
+    if s.all_addresses == 0 && unsafe { ADDRESSES.get(&local) }.is_none() {
+        return SK_PASS;
+    }
+    stat(stat::LOOKUPS);
+
+    let key = FlowKey {
+        remote_addr: ctx_addr!(family, ctx.lookup, remote_ip4, remote_ip6),
+        local_addr: local,
+        // remote_port is network byte order in a 16-bit field.
+        remote_port: u16::from_be(l.remote_port),
+        local_port: l.local_port as u16,
+    };
+
+    // A flow that comes back (the ACK that completes a SYN-cookie
+    // handshake, a stray segment of a handshake in flight) must reach the
+    // listener its SYN reached, or the cookie check fails there.
+    let mut tried: u64 = 0;
+    if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
+        if slot < MAX_REPLICAS {
+            if assign(ctx, slot) {
+                stat(stat::FLOW_HITS);
+                return SK_PASS;
+            }
+            tried |= 1u64 << slot;
+        }
+    }
+
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS {
+        let Some(slot) = pick(s, family, tried) else {
+            break;
+        };
+        tried |= 1u64 << slot;
+        if assign(ctx, slot) {
+            if FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
+                stat(stat::FLOW_TABLE_FULL);
+            }
+            if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
+                unsafe { (*t).assigned += 1 };
+            }
+            return SK_PASS;
+        }
+        attempt += 1;
+    }
+    stat(stat::NO_BACKEND);
+    // Refuse at once: the client gets a RST instead of waiting for a SYN
+    // retransmit timeout.
+    SK_DROP
+}
+
+/// Least connections / weight among enabled slots with a live listener that
+/// can take this family, skipping `tried`. The scan starts at a random slot
+/// and only a strictly smaller load replaces the best, so ties are broken at
+/// random instead of always favouring the lowest slot.
+#[inline(always)]
+fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
+    let n = s.replicas as u32;
+    if n == 0 || n > MAX_REPLICAS {
+        return None;
+    }
+    let start = unsafe { bpf_get_prandom_u32() } % n;
+    let mut best: Option<u32> = None;
+    let mut best_load: u64 = 0;
+    let mut best_weight: u64 = 1;
+    let mut k = 0;
+    while k < MAX_REPLICAS {
+        if k >= n {
+            break;
+        }
+        let mut i = start + k;
+        if i >= n {
+            i -= n;
+        }
+        k += 1;
+        if tried & (1u64 << (i & 63)) != 0 {
+            continue;
+        }
+        let Some(b) = BACKENDS.get(i) else { continue };
+        if b.enabled == 0 || b.weight == 0 {
+            continue;
+        }
+        let Some(lst) = LISTENERS.get(i) else {
+            continue;
+        };
+        if lst.cookie == 0 {
+            continue;
+        }
+        // An AF_INET listener cannot take an IPv6 connection.
+        if family == AF_INET6 as u32 && lst.family == AF_INET {
+            continue;
+        }
+        let Some(c) = CONNS.get_ptr(i) else { continue };
+        // Plain reads of counters other CPUs add to atomically: a stale
+        // value only makes this choice slightly less exact.
+        let load = unsafe {
+            core::ptr::read_volatile(&(*c).handshakes) + core::ptr::read_volatile(&(*c).established)
+        };
+        let w = b.weight as u64;
+        // load/w < best_load/best_weight without division.
+        if best.is_none() || load * best_weight < best_load * w {
+            best = Some(i);
+            best_load = load;
+            best_weight = w;
+        }
+    }
+    best
+}
+
+/// Assigns the slot's listener to this lookup. false when the socket is
+/// gone or the kernel refused it (e.g. an IPv6 flow and a V6ONLY listener
+/// for IPv4, or the reverse); the caller then tries the next best slot.
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, slot: u32) -> bool {
+    let Some(sk) = SOCKETS.lookup(slot) else {
+        stat(stat::ERR_NO_SOCKET);
+        return false;
+    };
+    let ret =
+        unsafe { bpf_sk_assign(ctx.lookup.cast(), sk.cast(), BPF_SK_LOOKUP_F_REPLACE as u64) };
+    // The sockmap lookup took a reference the verifier wants released.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if ret == 0 {
+        return true;
+    }
+    stat(match -ret {
+        EAFNOSUPPORT => stat::ERR_EAFNOSUPPORT,
+        EPROTOTYPE => stat::ERR_EPROTOTYPE,
+        ESOCKTNOSUPPORT => stat::ERR_ESOCKTNOSUPPORT,
+        EEXIST => stat::ERR_EEXIST,
+        _ => stat::ERR_OTHER,
+    });
+    false
+}
+
+// ---------------------------------------------------------------- sock_ops
+
+#[sock_ops]
+pub fn mtlb_sockops(ctx: SockOpsContext) -> u32 {
+    // Runs for every TCP socket in the cgroup, for every callback: leave
+    // as early as possible for everything we do not handle.
+    match ctx.op() {
+        BPF_SOCK_OPS_TIMEOUT_INIT => on_request(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// Flow key of a sock_ops socket, as sk_lookup built it for the SYN.
+#[inline(always)]
+fn ops_flow_key(ctx: &SockOpsContext) -> FlowKey {
+    let family = ctx.family();
+    FlowKey {
+        remote_addr: ctx_addr!(family, ctx.ops, remote_ip4, remote_ip6),
+        local_addr: ctx_addr!(family, ctx.ops, local_ip4, local_ip6),
+        // sock_ops keeps the network-order remote port in the upper 16 bits
+        // on little-endian hosts (it is loaded, then shifted left by 16).
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        local_port: ctx.local_port() as u16,
+    }
+}
+
+/// TIMEOUT_INIT runs for the request socket tcp_conn_request creates for a
+/// SYN, right before it enters the listener's queue (not for SYN-cookie
+/// SYNs, which get no request socket). That is where a handshake starts to
+/// count for its replica, so the next SYN's lookup already sees it.
+#[inline(always)]
+fn on_request(ctx: &SockOpsContext) {
+    let Some(s) = settings() else { return };
+    if ctx.local_port() != s.port as u32 {
+        return;
+    }
+    if unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != s.netns_cookie {
+        return;
+    }
+    let key = ops_flow_key(ctx);
+    // The slot sk_lookup chose for this flow moments ago.
+    let Some(slot) = (unsafe { FLOWS.get(&key) }).copied() else {
+        return;
+    };
+    if slot >= MAX_REPLICAS {
+        return;
+    }
+    let p = Pending {
+        slot,
+        _pad: 0,
+        since_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // NOEXIST: a second request socket for a flow already pending (the
+    // first expired in the kernel but not yet here) adds nothing.
+    match PENDING.insert(&key, &p, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(c) = CONNS.get_ptr_mut(slot) {
+                add(unsafe { &raw mut (*c).handshakes }, 1);
+            }
+        }
+        Err(e) if e == -17 => {}
+        Err(_) => stat(stat::PENDING_TABLE_FULL),
+    }
+}
+
+#[inline(always)]
+fn sk_of(ctx: &SockOpsContext) -> *mut bpf_sock {
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
+/// A listen() in our namespace on a replica port: put the socket in its
+/// slot right away, so a restarted replica takes connections as soon as it
+/// listens, with no agent round trip.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(s) = settings() else { return };
+    let port = ctx.local_port();
+    if port < s.base_port as u32 || port >= s.base_port as u32 + s.replicas as u32 {
+        return;
+    }
+    if unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != s.netns_cookie {
+        return;
+    }
+    let family = ctx.family();
+    let local = ctx_addr!(family, ctx.ops, local_ip4, local_ip6);
+    if local != s.replica_addr && !(s.accept_wildcard != 0 && is_wildcard(&local)) {
+        return;
+    }
+    let slot = port - s.base_port as u32;
+    let sk = sk_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let tag = SockTag {
+        slot,
+        state: TAG_LISTENER,
+    };
+    if SK_TAGS.set(sk.cast(), &tag).is_none() {
+        return;
+    }
+    if SOCKETS.update(slot, ctx.ops, BPF_ANY as u64).is_err() {
+        return;
+    }
+    let lst = Listener {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
+        family: family as u16,
+        port: port as u16,
+        how: REG_LISTEN_HOOK,
+    };
+    let _ = LISTENERS.set(slot, lst, BPF_ANY as u64);
+    // Ask for the state callback so the slot is cleared the moment this
+    // listener closes (the kernel already drops it from the sockmap).
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+#[inline(always)]
+fn is_wildcard(a: &[u8; 16]) -> bool {
+    let v4any = v4_mapped([0, 0, 0, 0]);
+    *a == [0u8; 16] || *a == v4any
+}
+
+/// A connection accepted by one of our listeners (its tag was cloned from
+/// the listener's) reached ESTABLISHED. Count it if it came through the
+/// balanced port; direct connections to a replica port are not steered and
+/// not counted.
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let sk = sk_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(tag) = SK_TAGS.get(sk.cast()) else {
+        return;
+    };
+    let Some(s) = settings() else { return };
+    let tag = unsafe { &mut *tag };
+    if tag.state != TAG_LISTENER {
+        return;
+    }
+    if ctx.local_port() != s.port as u32 || tag.slot >= MAX_REPLICAS {
+        tag.state = TAG_IGNORED;
+        return;
+    }
+    tag.state = TAG_COUNTED;
+    // The handshake is over: move it from handshakes to established.
+    let key = ops_flow_key(ctx);
+    if let Some(p) = unsafe { PENDING.get(&key) }.copied() {
+        // Deleting is the claim: the agent's expiry deletes too, and only
+        // the side whose delete succeeds subtracts.
+        if PENDING.remove(&key).is_ok() && p.slot < MAX_REPLICAS {
+            if let Some(c) = CONNS.get_ptr_mut(p.slot) {
+                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
+            }
+        }
+    }
+    if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+        add(unsafe { &raw mut (*c).established }, 1);
+    }
+    if let Some(t) = SLOT_TOTALS.get_ptr_mut(tag.slot) {
+        unsafe { (*t).established += 1 };
+    }
+    // Only steered sockets pay for state callbacks.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+#[inline(always)]
+fn on_state(ctx: &SockOpsContext) {
+    // args[0] old state, args[1] new state.
+    if ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    let sk = sk_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(tag) = SK_TAGS.get(sk.cast()) else {
+        return;
+    };
+    let tag = unsafe { &mut *tag };
+    if ctx.arg(0) == TCP_LISTEN && tag.state == TAG_LISTENER {
+        // Our listener closed: empty the slot unless a newer listener has
+        // taken it already.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if let Some(l) = LISTENERS.get_ptr_mut(tag.slot) {
+            if unsafe { (*l).cookie } == cookie {
+                let _ = LISTENERS.set(tag.slot, Listener::default(), BPF_ANY as u64);
+            }
+        }
+        tag.state = TAG_CLOSED;
+        return;
+    }
+    if tag.state == TAG_COUNTED {
+        // TCP_CLOSE is entered once per socket, and the socket lock
+        // serialises callbacks: this runs once per counted connection.
+        tag.state = TAG_CLOSED;
+        if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+            add(unsafe { &raw mut (*c).established }, (-1i64) as u64);
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

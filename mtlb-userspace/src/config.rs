@@ -1,0 +1,401 @@
+//! Configuration: TOML file, command-line overrides, validation.
+//!
+//! With no file, the defaults are those of the deployment mtlb replaces
+//! (HAProxy in front of two MTProxy containers): two replicas on
+//! 127.0.0.1:10000 and :10001, balanced port 443, leastconn, stats on 8404.
+
+use mtlb_common::MAX_REPLICAS;
+use serde::Deserialize;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+/// Default config path.
+pub const DEFAULT_PATH: &str = "/etc/mtlb/mtlb.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {value}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The balancing algorithm. Only HAProxy's `leastconn` for now: it is what
+/// the original deployment used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    Leastconn,
+}
+
+/// `mtlb.toml`. Every key is optional; see README "Configuration".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Balanced TCP port. Default 443.
+    pub port: u16,
+    /// Local addresses whose balanced port is steered. Empty (default):
+    /// every local address, IPv4 and IPv6.
+    pub addresses: Vec<IpAddr>,
+    /// Number of replicas. Default 2. Replica `i` (0-based) is named
+    /// `mtp{i+1}` and listens on `replica_address:base_port+i`.
+    pub replicas: u16,
+    /// First replica port. Default 10000.
+    pub base_port: u16,
+    /// Address the replicas listen on. Default 127.0.0.1. A replica
+    /// listening on the wildcard address (0.0.0.0 or ::) on its port counts
+    /// too.
+    pub replica_address: IpAddr,
+    /// Per-replica weights, in replica order; missing entries are 1.
+    /// Each 1..=256. Default: all 1.
+    pub weights: Vec<u32>,
+    /// Balancing algorithm. Default "leastconn" (the only one).
+    pub algorithm: Algorithm,
+    /// MTProxy secret the replicas use (for links and checks). Default
+    /// "dd00000000000000000000000000000000".
+    pub secret: String,
+    /// Stats/metrics HTTP address. Default 127.0.0.1.
+    pub stats_address: IpAddr,
+    /// Stats/metrics HTTP port. Default 8404.
+    pub stats_port: u16,
+    /// bpffs mount point under which pins live. Default /sys/fs/bpf
+    /// (mounted there if nothing is).
+    pub bpffs: PathBuf,
+    /// Keep the programs attached and maps pinned when the agent exits.
+    /// Default false.
+    pub keep_pins: bool,
+    /// How often the agent looks for replica listeners it has not seen
+    /// register (e.g. started before it), in milliseconds. Default 500.
+    pub scan_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            port: 443,
+            addresses: Vec::new(),
+            replicas: 2,
+            base_port: 10000,
+            replica_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            weights: Vec::new(),
+            algorithm: Algorithm::Leastconn,
+            secret: "dd00000000000000000000000000000000".into(),
+            stats_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            stats_port: 8404,
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            keep_pins: false,
+            scan_interval_ms: 500,
+        }
+    }
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Balanced TCP port [config: port, default 443].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Number of replicas [config: replicas, default 2].
+    #[arg(long)]
+    pub replicas: Option<u16>,
+    /// First replica port [config: base_port, default 10000].
+    #[arg(long)]
+    pub base_port: Option<u16>,
+    /// Address replicas listen on [config: replica_address, default 127.0.0.1].
+    #[arg(long)]
+    pub replica_address: Option<IpAddr>,
+    /// Balanced local address; repeat for several [config: addresses, default: all].
+    #[arg(long = "address")]
+    pub addresses: Vec<IpAddr>,
+    /// bpffs mount point [config: bpffs, default /sys/fs/bpf].
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// Keep programs attached and maps pinned on exit [config: keep_pins].
+    #[arg(long)]
+    pub keep_pins: bool,
+}
+
+impl Config {
+    /// Reads `path`. A missing file is not an error only when `path` is the
+    /// default path (the operator did not ask for a file).
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.port {
+            self.port = v;
+        }
+        if let Some(v) = o.replicas {
+            self.replicas = v;
+        }
+        if let Some(v) = o.base_port {
+            self.base_port = v;
+        }
+        if let Some(v) = o.replica_address {
+            self.replica_address = v;
+        }
+        if !o.addresses.is_empty() {
+            self.addresses = o.addresses.clone();
+        }
+        if let Some(v) = &o.bpffs {
+            self.bpffs = v.clone();
+        }
+        if o.keep_pins {
+            self.keep_pins = true;
+        }
+    }
+
+    /// Checks every value; the error names the key and the bad value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.port == 0 {
+            return Err(invalid("port", self.port, "must be 1..=65535"));
+        }
+        if self.replicas == 0 || self.replicas as u32 > MAX_REPLICAS {
+            return Err(invalid(
+                "replicas",
+                self.replicas,
+                format!("must be 1..={MAX_REPLICAS}"),
+            ));
+        }
+        if self.base_port == 0 {
+            return Err(invalid("base_port", self.base_port, "must be 1..=65535"));
+        }
+        let last = self.base_port as u32 + self.replicas as u32 - 1;
+        if last > 65535 {
+            return Err(invalid(
+                "base_port",
+                self.base_port,
+                format!("{} replicas from this port run past 65535", self.replicas),
+            ));
+        }
+        if (self.base_port as u32..=last).contains(&(self.port as u32)) {
+            return Err(invalid(
+                "port",
+                self.port,
+                format!(
+                    "the balanced port lies inside the replica ports {}..={last}",
+                    self.base_port
+                ),
+            ));
+        }
+        if self.replica_address.is_unspecified() || self.replica_address.is_multicast() {
+            return Err(invalid(
+                "replica_address",
+                self.replica_address,
+                "must be a unicast address the replicas listen on",
+            ));
+        }
+        if self.addresses.len() > 64 {
+            return Err(invalid(
+                "addresses",
+                self.addresses.len(),
+                "at most 64 addresses",
+            ));
+        }
+        if let Some(a) = self
+            .addresses
+            .iter()
+            .find(|a| a.is_unspecified() || a.is_multicast())
+        {
+            return Err(invalid(
+                "addresses",
+                a,
+                "list concrete local addresses, or leave it empty for all",
+            ));
+        }
+        if self.weights.len() > self.replicas as usize {
+            return Err(invalid(
+                "weights",
+                format!("{:?}", self.weights),
+                format!(
+                    "{} weights for {} replicas",
+                    self.weights.len(),
+                    self.replicas
+                ),
+            ));
+        }
+        if let Some(w) = self.weights.iter().find(|w| !(1..=256).contains(*w)) {
+            return Err(invalid("weights", w, "each weight must be 1..=256"));
+        }
+        validate_secret(&self.secret)?;
+        if self.stats_port == 0 {
+            return Err(invalid("stats_port", self.stats_port, "must be 1..=65535"));
+        }
+        if !self.bpffs.is_absolute() {
+            return Err(invalid(
+                "bpffs",
+                self.bpffs.display(),
+                "must be an absolute path",
+            ));
+        }
+        if !(10..=60_000).contains(&self.scan_interval_ms) {
+            return Err(invalid(
+                "scan_interval_ms",
+                self.scan_interval_ms,
+                "must be 10..=60000",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn weight(&self, slot: usize) -> u32 {
+        self.weights.get(slot).copied().unwrap_or(1)
+    }
+
+    pub fn replica_port(&self, slot: usize) -> u16 {
+        self.base_port + slot as u16
+    }
+}
+
+/// Replica name as on the original HAProxy stats page.
+pub fn replica_name(slot: usize) -> String {
+    format!("mtp{}", slot + 1)
+}
+
+/// Accepts the three MTProxy secret forms: 32 hex digits (plain), `dd` + 32
+/// (padded intermediate), `ee` + 32 + hex-encoded domain (fake TLS).
+fn validate_secret(s: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| invalid("secret", s, reason);
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) || s.len() % 2 != 0 {
+        return Err(bad("must be an even number of hex digits"));
+    }
+    match s.len() {
+        32 => Ok(()),
+        34 if s[..2].eq_ignore_ascii_case("dd") => Ok(()),
+        n if n > 34 && s[..2].eq_ignore_ascii_case("ee") => Ok(()),
+        _ => Err(bad(
+            "expected 32 hex digits, dd + 32 hex digits, or ee + 32 hex digits + hex domain",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        let c = Config::parse(s, Path::new("t.toml"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_match_original_deployment() {
+        let c = parse("").unwrap();
+        assert_eq!(c.port, 443);
+        assert_eq!(c.replicas, 2);
+        assert_eq!(c.base_port, 10000);
+        assert_eq!(c.replica_address.to_string(), "127.0.0.1");
+        assert_eq!(c.stats_port, 8404);
+        assert_eq!(c.algorithm, Algorithm::Leastconn);
+        assert_eq!(c.secret, "dd00000000000000000000000000000000");
+        assert_eq!(replica_name(1), "mtp2");
+        assert_eq!(c.replica_port(1), 10001);
+    }
+
+    #[test]
+    fn overrides_win() {
+        let mut c = parse("port = 8443\nreplicas = 3").unwrap();
+        c.apply(&Overrides {
+            port: Some(9443),
+            base_port: Some(20000),
+            ..Default::default()
+        });
+        assert_eq!((c.port, c.replicas, c.base_port), (9443, 3, 20000));
+    }
+
+    fn err(s: &str) -> String {
+        parse(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let e = err("replicas = 0");
+        assert!(e.contains("`replicas`") && e.contains(": 0:"), "{e}");
+        let e = err("replicas = 65");
+        assert!(e.contains("`replicas`") && e.contains("65"), "{e}");
+        let e = err("port = 10001");
+        assert!(e.contains("`port`") && e.contains("10001"), "{e}");
+        let e = err("base_port = 65535\nreplicas = 2");
+        assert!(e.contains("`base_port`") && e.contains("65535"), "{e}");
+        let e = err("weights = [1, 0]");
+        assert!(e.contains("`weights`") && e.contains(": 0:"), "{e}");
+        let e = err("weights = [1, 1, 1]");
+        assert!(e.contains("`weights`"), "{e}");
+        let e = err("secret = \"xyz\"");
+        assert!(e.contains("`secret`") && e.contains("xyz"), "{e}");
+        let e = err("secret = \"dd0011\"");
+        assert!(e.contains("`secret`"), "{e}");
+        let e = err("replica_address = \"0.0.0.0\"");
+        assert!(
+            e.contains("`replica_address`") && e.contains("0.0.0.0"),
+            "{e}"
+        );
+        let e = err("addresses = [\"::\"]");
+        assert!(e.contains("`addresses`"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_name_the_key() {
+        let e = err("port = 70000");
+        assert!(e.contains("port") && e.contains("70000"), "{e}");
+        let e = err("replica_adress = \"127.0.0.1\"");
+        assert!(e.contains("replica_adress"), "{e}");
+        let e = err("replica_address = \"localhost\"");
+        assert!(e.contains("replica_address"), "{e}");
+        let e = err("algorithm = \"roundrobin\"");
+        assert!(e.contains("roundrobin") && e.contains("leastconn"), "{e}");
+    }
+
+    #[test]
+    fn secrets() {
+        for s in [
+            "00000000000000000000000000000000",
+            "dd00000000000000000000000000000000",
+            "ee0000000000000000000000000000000065786d61706c652e636f6d",
+        ] {
+            validate_secret(s).unwrap();
+        }
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_explicit_is_error() {
+        let p = Path::new("/nonexistent/mtlb.toml");
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+        assert!(Config::load(p, true).is_err());
+    }
+}

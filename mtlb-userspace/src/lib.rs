@@ -1,0 +1,19 @@
+//! mtlb agent library: everything `mtlb` does, one module per concern.
+//!
+//! * [`config`]: TOML config, flags, validation.
+//! * [`loader`]: load, attach and pin the kernel programs.
+//! * [`maps`]: typed access to the maps (live or pinned).
+//! * [`registry`]: replica listeners: adoption and registration events.
+//! * [`reconcile`]: configuration to map contents.
+//! * [`mounts`], [`pins`], [`caps`], [`sys`]: system plumbing.
+
+pub mod caps;
+pub mod config;
+pub mod loader;
+pub mod maps;
+pub mod mounts;
+pub mod netns;
+pub mod pins;
+pub mod reconcile;
+pub mod registry;
+pub mod sys;

@@ -1,0 +1,188 @@
+//! Loading the kernel programs, attaching them and pinning links and maps.
+
+use crate::{maps::Maps, pins::names};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, SkLookup, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+/// The object built from mtlb-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtlb"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load the eBPF object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {name} missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("cannot load program {name} ({what}): {source}")]
+    Program {
+        name: &'static str,
+        what: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot attach {name} to {target}: {source}")]
+    Attach {
+        name: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot pin link {path}: {source}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+}
+
+/// A loaded, not yet attached balancer.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+/// Attached programs; their links are pinned so that steering outlives the
+/// agent when pins are kept.
+pub struct Attached {
+    links: Vec<(PathBuf, PinnedLink)>,
+}
+
+/// Loads the object, creates the maps and pins them in `pin_dir`, and
+/// verifies every program with the kernel. Nothing is attached yet.
+pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(LoadError::Object)?;
+
+    prog::<SkLookup>(&mut ebpf, "mtlb_steer")?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: "mtlb_steer",
+            what: "sk_lookup, Linux 5.9+",
+            source,
+        })?;
+    prog::<SockOps>(&mut ebpf, "mtlb_sockops")?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: "mtlb_sockops",
+            what: "sock_ops",
+            source,
+        })?;
+    let maps = Maps::take(&mut ebpf, pin_dir)?;
+    Ok(Loaded { ebpf, maps })
+}
+
+fn prog<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::Missing { name })
+}
+
+impl Loaded {
+    /// Attaches the accounting and registration program (sock_ops on the
+    /// cgroup2 root). Steering is attached separately, last,
+    /// once replicas already running have been adopted.
+    pub fn attach_accounting(
+        &mut self,
+        cgroup: &Path,
+        pin_dir: &Path,
+        out: &mut Attached,
+    ) -> Result<(), LoadError> {
+        let cg = File::open(cgroup).map_err(|source| LoadError::Open {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let p = prog::<SockOps>(&mut self.ebpf, "mtlb_sockops")?;
+        let id = p
+            // With bpf_link (Linux 5.7+) every link on a cgroup runs, like
+            // BPF_F_ALLOW_MULTI; link_create itself rejects that flag.
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Attach {
+                name: "mtlb_sockops",
+                target: format!("cgroup {}", cgroup.display()),
+                source,
+            })?;
+        let link = p.take_link(id).map_err(|source| LoadError::Attach {
+            name: "mtlb_sockops",
+            target: "link".into(),
+            source,
+        })?;
+        let fd = FdLink::try_from(link).map_err(|e| LoadError::Attach {
+            name: "mtlb_sockops",
+            target: format!("a bpf_link ({e})"),
+            source: aya::programs::ProgramError::AlreadyAttached,
+        })?;
+        out.pin(fd, pin_dir.join(names::LINK_SOCK_OPS))?;
+
+        Ok(())
+    }
+
+    /// Attaches the sk_lookup program to this thread's network namespace.
+    pub fn attach_steering(&mut self, pin_dir: &Path, out: &mut Attached) -> Result<(), LoadError> {
+        let path = PathBuf::from("/proc/thread-self/ns/net");
+        let ns = File::open(&path).map_err(|source| LoadError::Open { path, source })?;
+        let p = prog::<SkLookup>(&mut self.ebpf, "mtlb_steer")?;
+        let err = |source| LoadError::Attach {
+            name: "mtlb_steer",
+            target: "this network namespace".into(),
+            source,
+        };
+        let id = p.attach(ns).map_err(err)?;
+        let link = p.take_link(id).map_err(err)?;
+        out.pin(link.into(), pin_dir.join(names::LINK_SK_LOOKUP))
+    }
+}
+
+impl Attached {
+    pub fn new() -> Self {
+        Self { links: Vec::new() }
+    }
+
+    fn pin(&mut self, link: FdLink, path: PathBuf) -> Result<(), LoadError> {
+        let pinned = link.pin(&path).map_err(|source| LoadError::PinLink {
+            path: path.clone(),
+            source,
+        })?;
+        self.links.push((path, pinned));
+        Ok(())
+    }
+
+    /// Detaches everything: unpins each link and closes it. (Maps are
+    /// unpinned by the caller with the directory.)
+    pub fn detach(self) {
+        for (path, link) in self.links {
+            match link.unpin() {
+                Ok(fd) => drop(fd),
+                Err(e) => tracing::warn!("cannot unpin {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Leaves the links pinned: the programs stay attached after exit.
+    pub fn keep(self) {
+        drop(self.links);
+    }
+}
+
+impl Default for Attached {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,158 @@
+//! Finding (or making) the bpffs and cgroup2 mounts the agent needs.
+//!
+//! `ip netns exec` remounts /sys for the namespace it enters, so neither
+//! /sys/fs/bpf nor the cgroup2 hierarchy may be there: mount what is missing
+//! and say where.
+
+use nix::mount::{MsFlags, mount};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    MountInfo(#[from] procfs::ProcError),
+    #[error("cannot create {path}: {source}")]
+    Mkdir { path: PathBuf, source: io::Error },
+    #[error("cannot mount {fstype} at {path}: {source} (needs CAP_SYS_ADMIN)")]
+    Mount {
+        fstype: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
+    #[error("{path} is a {found} mount, not bpffs")]
+    NotBpffs { path: PathBuf, found: String },
+}
+
+/// Mount points of `fstype` in this mount namespace, in mount order.
+fn mounts_of(fstype: &str) -> Result<Vec<PathBuf>, MountError> {
+    let infos = procfs::process::Process::myself()?.mountinfo()?;
+    Ok(infos
+        .into_iter()
+        .filter(|m| m.fs_type == fstype)
+        .map(|m| m.mount_point)
+        .collect())
+}
+
+fn fstype_at(path: &Path) -> Result<Option<String>, MountError> {
+    let infos = procfs::process::Process::myself()?.mountinfo()?;
+    // The last mount on a path is the visible one.
+    Ok(infos
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+        .map(|m| m.fs_type))
+}
+
+/// What [`ensure_bpffs`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bpffs {
+    /// `path` was a bpffs mount already.
+    Present,
+    /// This mount namespace (e.g. `ip netns exec`'s, which remounts /sys)
+    /// lacks it, but the parent's (or PID 1's) has it: use that one through
+    /// `/proc/<pid>/root/<path>`, so the pins are the host's.
+    Host(PathBuf),
+    /// No bpffs anywhere: a new one was mounted.
+    Mounted,
+}
+
+/// Makes sure `path` is a bpffs mount.
+///
+/// Every `mount -t bpf` makes a separate instance, so mounting a fresh one
+/// inside a private mount namespace would hide the pins from the host (and
+/// they would vanish with the namespace). When the parent's or PID 1's mount
+/// namespace has
+/// bpffs at the same path, that instance is used through /proc/<pid>/root
+/// (a bind mount across mount namespaces is refused).
+pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, MountError> {
+    match fstype_at(path)? {
+        Some(t) if t == "bpf" => return Ok(Bpffs::Present),
+        Some(t) if path != Path::new("/sys/fs/bpf") => {
+            return Err(MountError::NotBpffs {
+                path: path.to_owned(),
+                found: t,
+            });
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(path).map_err(|source| MountError::Mkdir {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Look for the instance in the mount namespace of the parent (the shell
+    // that ran `ip netns exec`), then of PID 1; both may be unreadable.
+    let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let ppid = nix::unistd::getppid().as_raw();
+    for pid in [ppid, 1] {
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let other_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        if other_ns.is_none() || other_ns == ours {
+            continue;
+        }
+        let has_it = procfs::process::Process::new(pid)
+            .and_then(|p| p.mountinfo())
+            .is_ok_and(|m| {
+                m.into_iter()
+                    .any(|m| m.mount_point == path && m.fs_type == "bpf")
+            });
+        let there = root.join(path.strip_prefix("/").unwrap_or(path));
+        if has_it && std::fs::read_dir(&there).is_ok() {
+            return Ok(Bpffs::Host(there));
+        }
+    }
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|source| MountError::Mount {
+        fstype: "bpf",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Bpffs::Mounted)
+}
+
+/// Where the cgroup2 hierarchy's root is mounted; mounts it under
+/// /run/mtlb/cgroup2 when it is nowhere. Returns (path, mounted_now).
+pub fn ensure_cgroup2() -> Result<(PathBuf, bool), MountError> {
+    if let Some(p) = mounts_of("cgroup2")?.into_iter().next() {
+        return Ok((p, false));
+    }
+    let path = PathBuf::from("/run/mtlb/cgroup2");
+    std::fs::create_dir_all(&path).map_err(|source| MountError::Mkdir {
+        path: path.clone(),
+        source,
+    })?;
+    mount(
+        Some("cgroup2"),
+        &path,
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| MountError::Mount {
+        fstype: "cgroup2",
+        path: path.clone(),
+        source,
+    })?;
+    Ok((path, true))
+}
+
+/// Whether this process is in another mount namespace than its parent's
+/// (as under `ip netns exec`). Unknown counts as no.
+pub fn in_private_mount_ns() -> bool {
+    let ppid = nix::unistd::getppid().as_raw();
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link(format!("/proc/{ppid}/ns/mnt")),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}

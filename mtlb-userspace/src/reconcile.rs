@@ -1,0 +1,94 @@
+//! From configuration to map contents: what the kernel programs should see.
+
+use crate::config::Config;
+use mtlb_common::{Backend, MAX_REPLICAS, Settings, v4_mapped};
+use std::net::IpAddr;
+
+/// IPv4-mapped bytes of an address, the form the programs compare.
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn settings(cfg: &Config, netns_cookie: u64) -> Settings {
+    Settings {
+        netns_cookie,
+        port: cfg.port,
+        base_port: cfg.base_port,
+        replicas: cfg.replicas,
+        all_addresses: cfg.addresses.is_empty() as u8,
+        accept_wildcard: 1,
+        replica_addr: addr16(cfg.replica_address),
+    }
+}
+
+/// BACKENDS content for every slot: configured slots enabled with their
+/// weight, the rest disabled.
+pub fn backends(cfg: &Config) -> Vec<Backend> {
+    (0..MAX_REPLICAS as usize)
+        .map(|slot| {
+            if slot < cfg.replicas as usize {
+                Backend {
+                    weight: cfg.weight(slot),
+                    enabled: 1,
+                }
+            } else {
+                Backend::default()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_and_backends_follow_config() {
+        let cfg = Config {
+            replicas: 3,
+            weights: vec![3, 1],
+            ..Default::default()
+        };
+        let s = settings(&cfg, 42);
+        assert_eq!(s.netns_cookie, 42);
+        assert_eq!((s.port, s.base_port, s.replicas), (443, 10000, 3));
+        assert_eq!(s.all_addresses, 1);
+        assert_eq!(s.replica_addr, v4_mapped([127, 0, 0, 1]));
+        let b = backends(&cfg);
+        assert_eq!(b.len(), MAX_REPLICAS as usize);
+        assert_eq!(
+            b[0],
+            Backend {
+                weight: 3,
+                enabled: 1
+            }
+        );
+        assert_eq!(
+            b[1],
+            Backend {
+                weight: 1,
+                enabled: 1
+            }
+        );
+        assert_eq!(
+            b[2],
+            Backend {
+                weight: 1,
+                enabled: 1
+            }
+        );
+        assert_eq!(b[3], Backend::default());
+    }
+
+    #[test]
+    fn addresses_in_mapped_form() {
+        assert_eq!(
+            addr16("10.1.2.3".parse().unwrap())[10..],
+            [0xff, 0xff, 10, 1, 2, 3]
+        );
+        assert_eq!(addr16("::1".parse().unwrap())[15], 1);
+    }
+}

@@ -1,0 +1,383 @@
+//! Replica listener registry.
+//!
+//! Replicas register themselves: the sock_ops listen hook puts a listener in
+//! its slot the moment it calls listen(). This module covers the rest:
+//! * adopting listeners that were there before the agent started (found in
+//!   /proc/net/tcp{,6}, duplicated from their owner with pidfd_getfd, put in
+//!   the sockmap, and the duplicate closed at once so the agent never keeps a
+//!   replica's socket alive);
+//! * noticing registrations and departures, for the logs.
+
+use crate::{config::Config, maps::Maps, sys};
+use mtlb_common::{
+    AF_INET, AF_INET6, Listener, REG_ADOPTED, REG_LISTEN_HOOK, SockTag, TAG_LISTENER,
+};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+    #[error("cannot read {what}: {source}")]
+    Proc {
+        what: &'static str,
+        source: procfs::ProcError,
+    },
+    #[error(
+        "cannot take the listening socket of pid {pid} fd {fd}: {source} (needs CAP_SYS_PTRACE)"
+    )]
+    GetFd {
+        pid: i32,
+        fd: i32,
+        source: std::io::Error,
+    },
+    #[error("cannot register a listener in slot {slot}: {what}: {source}")]
+    Register {
+        slot: u32,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What the registry knows of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    pub cookie: u64,
+    pub family: u16,
+    pub how: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Registered { slot: u32, view: SlotView },
+    Unregistered { slot: u32, view: SlotView },
+}
+
+/// Compares what was known with what the maps say now.
+pub fn diff(prev: &[Option<SlotView>], now: &[Option<SlotView>]) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (slot, (p, n)) in prev.iter().zip(now).enumerate() {
+        let slot = slot as u32;
+        match (p, n) {
+            (Some(p), Some(n)) if p.cookie == n.cookie => {}
+            (Some(p), Some(n)) => {
+                out.push(Change::Unregistered { slot, view: *p });
+                out.push(Change::Registered { slot, view: *n });
+            }
+            (Some(p), None) => out.push(Change::Unregistered { slot, view: *p }),
+            (None, Some(n)) => out.push(Change::Registered { slot, view: *n }),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// A listening socket on a replica port, as /proc/net/tcp{,6} shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcListener {
+    pub addr: SocketAddr,
+    pub inode: u64,
+}
+
+/// The slot a listener on `addr` belongs to, if any: its port is a replica
+/// port and its address is the replica address (or the wildcard, or the
+/// IPv4-mapped form of it).
+pub fn slot_for(cfg: &Config, addr: SocketAddr) -> Option<u32> {
+    let port = addr.port();
+    if port < cfg.base_port || port as u32 >= cfg.base_port as u32 + cfg.replicas as u32 {
+        return None;
+    }
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if ip == cfg.replica_address || ip.is_unspecified() {
+        Some((port - cfg.base_port) as u32)
+    } else {
+        None
+    }
+}
+
+pub fn family_name(family: u16, v6only: Option<bool>) -> &'static str {
+    match (family, v6only) {
+        (AF_INET, _) => "IPv4",
+        (AF_INET6, Some(false)) => "IPv6 dual-stack",
+        (AF_INET6, Some(true)) => "IPv6 only",
+        (AF_INET6, None) => "IPv6",
+        _ => "unknown",
+    }
+}
+
+pub struct Registry {
+    known: Vec<Option<SlotView>>,
+    /// Listener addresses by cookie, for logs.
+    addrs: HashMap<u64, SocketAddr>,
+}
+
+impl Registry {
+    pub fn new(slots: usize) -> Self {
+        Self {
+            known: vec![None; slots],
+            addrs: HashMap::new(),
+        }
+    }
+
+    pub fn known(&self) -> &[Option<SlotView>] {
+        &self.known
+    }
+
+    pub fn addr_of(&self, cookie: u64) -> Option<SocketAddr> {
+        self.addrs.get(&cookie).copied()
+    }
+
+    /// Reads the slots from the maps. A slot counts as registered when the
+    /// sockmap holds a socket and LISTENERS describes that same socket.
+    pub fn read(maps: &Maps, slots: usize) -> Result<Vec<Option<SlotView>>, RegistryError> {
+        (0..slots as u32)
+            .map(|slot| {
+                let l = maps.listener(slot)?;
+                let c = maps.socket_cookie(slot)?;
+                Ok(match c {
+                    Some(c) if c == l.cookie && c != 0 => Some(SlotView {
+                        cookie: c,
+                        family: l.family,
+                        how: l.how,
+                    }),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Looks at the maps and returns what changed since the last call.
+    /// Slots whose listener is gone from the sockmap but still described in
+    /// LISTENERS (adopted listeners get no close callback) are cleared.
+    pub fn poll(&mut self, maps: &mut Maps) -> Result<Vec<Change>, RegistryError> {
+        let now = Self::read(maps, self.known.len())?;
+        for (slot, view) in now.iter().enumerate() {
+            let slot = slot as u32;
+            if view.is_none() {
+                let l = maps.listener(slot)?;
+                if l.cookie != 0 && l.how == REG_ADOPTED && maps.socket_cookie(slot)?.is_none() {
+                    maps.set_listener(slot, Listener::default())?;
+                }
+            }
+        }
+        let changes = diff(&self.known, &now);
+        self.known = now;
+        Ok(changes)
+    }
+
+    /// Finds listeners on replica ports that are not registered (started
+    /// before the agent, or registered while their slot was being cleared)
+    /// and adopts them. Returns (slot, address, pid) for each adoption.
+    pub fn adopt_missing(
+        &mut self,
+        cfg: &Config,
+        maps: &mut Maps,
+    ) -> Result<Vec<(u32, SocketAddr, i32)>, RegistryError> {
+        let current = Self::read(maps, self.known.len())?;
+        let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
+        for l in proc_listeners()? {
+            if let Some(slot) = slot_for(cfg, l.addr) {
+                if current.get(slot as usize).is_some_and(|v| v.is_none()) {
+                    wanted.insert(l.inode, (slot, l.addr));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut adopted = Vec::new();
+        let me = std::process::id() as i32;
+        let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
+            what: "/proc",
+            source,
+        })?;
+        for p in procs.flatten() {
+            if wanted.is_empty() {
+                break;
+            }
+            if p.pid == me {
+                continue;
+            }
+            // Processes can exit while we look: skip what cannot be read.
+            let Ok(fds) = p.fd() else { continue };
+            for fd in fds.flatten() {
+                let procfs::process::FDTarget::Socket(inode) = fd.target else {
+                    continue;
+                };
+                let Some((slot, addr)) = wanted.remove(&inode) else {
+                    continue;
+                };
+                match self.adopt(maps, p.pid, fd.fd, slot, addr) {
+                    Ok(()) => adopted.push((slot, addr, p.pid)),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        Ok(adopted)
+    }
+
+    fn adopt(
+        &mut self,
+        maps: &mut Maps,
+        pid: i32,
+        fd: i32,
+        slot: u32,
+        addr: SocketAddr,
+    ) -> Result<(), RegistryError> {
+        let dup = take_fd(pid, fd).map_err(|source| RegistryError::GetFd { pid, fd, source })?;
+        let reg = |what, source| RegistryError::Register { slot, what, source };
+        let cookie =
+            rustix::net::sockopt::socket_cookie(&dup).map_err(|e| reg("SO_COOKIE", e.into()))?;
+        let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
+        // Tag first: children accepted from now on carry the slot. Then the
+        // sockmap, then the description sk_lookup selects on.
+        maps.tags
+            .insert(
+                &dup,
+                SockTag {
+                    slot,
+                    state: TAG_LISTENER,
+                },
+                0,
+            )
+            .map_err(|e| reg("socket tag", std::io::Error::other(e)))?;
+        sys::sockmap_set(maps.sockets.fd().as_fd(), slot, &dup).map_err(|e| reg("sockmap", e))?;
+        maps.set_listener(
+            slot,
+            Listener {
+                cookie,
+                family,
+                port: addr.port(),
+                how: REG_ADOPTED,
+            },
+        )?;
+        self.addrs.insert(cookie, addr);
+        // `dup` closes here: only the replica keeps its socket alive.
+        drop(dup);
+        Ok(())
+    }
+}
+
+/// How a slot's listener got registered, for logs.
+pub fn how_name(how: u32) -> &'static str {
+    match how {
+        REG_LISTEN_HOOK => "listen hook",
+        REG_ADOPTED => "adopted",
+        _ => "unknown",
+    }
+}
+
+/// Duplicates `fd` of process `pid` into this process.
+fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    Ok(rustix::process::pidfd_getfd(
+        &pidfd,
+        fd,
+        rustix::process::PidfdGetfdFlags::empty(),
+    )?)
+}
+
+/// Listening TCP sockets of this network namespace.
+pub fn proc_listeners() -> Result<Vec<ProcListener>, RegistryError> {
+    let mut out = Vec::new();
+    for (what, entries) in [
+        ("/proc/net/tcp", procfs::net::tcp()),
+        ("/proc/net/tcp6", procfs::net::tcp6()),
+    ] {
+        let entries = match entries {
+            Ok(e) => e,
+            // No IPv6 in this kernel/namespace.
+            Err(procfs::ProcError::NotFound(_)) if what.ends_with('6') => continue,
+            Err(source) => return Err(RegistryError::Proc { what, source }),
+        };
+        out.extend(
+            entries
+                .into_iter()
+                .filter(|e| e.state == procfs::net::TcpState::Listen)
+                .map(|e| ProcListener {
+                    addr: e.local_address,
+                    inode: e.inode,
+                }),
+        );
+    }
+    Ok(out)
+}
+
+/// Address of a listener in `slot`, from /proc/net (the listen hook does
+/// not tell userspace the address it saw).
+pub fn find_addr(cfg: &Config, slot: u32) -> Option<SocketAddr> {
+    proc_listeners()
+        .ok()?
+        .into_iter()
+        .map(|l| l.addr)
+        .find(|a| slot_for(cfg, *a) == Some(slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(cookie: u64) -> Option<SlotView> {
+        Some(SlotView {
+            cookie,
+            family: AF_INET,
+            how: REG_LISTEN_HOOK,
+        })
+    }
+
+    #[test]
+    fn diff_reports_each_change() {
+        let prev = vec![v(1), None, v(3), v(4)];
+        let now = vec![v(1), v(2), None, v(5)];
+        let d = diff(&prev, &now);
+        assert_eq!(
+            d,
+            vec![
+                Change::Registered {
+                    slot: 1,
+                    view: v(2).unwrap()
+                },
+                Change::Unregistered {
+                    slot: 2,
+                    view: v(3).unwrap()
+                },
+                Change::Unregistered {
+                    slot: 3,
+                    view: v(4).unwrap()
+                },
+                Change::Registered {
+                    slot: 3,
+                    view: v(5).unwrap()
+                },
+            ]
+        );
+        assert!(diff(&now, &now).is_empty());
+    }
+
+    #[test]
+    fn slots_by_address_and_port() {
+        let cfg = Config::default();
+        let s = |a: &str| slot_for(&cfg, a.parse().unwrap());
+        assert_eq!(s("127.0.0.1:10000"), Some(0));
+        assert_eq!(s("127.0.0.1:10001"), Some(1));
+        assert_eq!(s("127.0.0.1:10002"), None);
+        assert_eq!(s("127.0.0.1:9999"), None);
+        assert_eq!(s("0.0.0.0:10001"), Some(1));
+        assert_eq!(s("[::]:10000"), Some(0));
+        assert_eq!(s("[::ffff:127.0.0.1]:10000"), Some(0));
+        assert_eq!(s("127.0.0.2:10000"), None);
+        assert_eq!(s("[::1]:10000"), None);
+    }
+}
