@@ -86,6 +86,12 @@ pub struct Config {
     /// How often the agent looks for replica listeners it has not seen
     /// register (e.g. started before it), in milliseconds. Default 500.
     pub scan_interval_ms: u64,
+    /// A handshake (SYN received, not yet established) stops counting
+    /// toward its replica's load after this many milliseconds. The kernel
+    /// gives no event for a handshake that never completes (SYN flood,
+    /// client gone, full accept queue); this bounds how long it weighs.
+    /// Default 3000.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -104,6 +110,7 @@ impl Default for Config {
             bpffs: PathBuf::from("/sys/fs/bpf"),
             keep_pins: false,
             scan_interval_ms: 500,
+            handshake_timeout_ms: 3000,
         }
     }
 }
@@ -132,6 +139,10 @@ pub struct Overrides {
     /// Keep programs attached and maps pinned on exit [config: keep_pins].
     #[arg(long)]
     pub keep_pins: bool,
+    /// Milliseconds after which an incomplete handshake stops counting
+    /// [config: handshake_timeout_ms, default 3000].
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -176,6 +187,9 @@ impl Config {
         }
         if o.keep_pins {
             self.keep_pins = true;
+        }
+        if let Some(v) = o.handshake_timeout_ms {
+            self.handshake_timeout_ms = v;
         }
     }
 
@@ -267,6 +281,13 @@ impl Config {
                 "scan_interval_ms",
                 self.scan_interval_ms,
                 "must be 10..=60000",
+            ));
+        }
+        if !(100..=600_000).contains(&self.handshake_timeout_ms) {
+            return Err(invalid(
+                "handshake_timeout_ms",
+                self.handshake_timeout_ms,
+                "must be 100..=600000",
             ));
         }
         Ok(())

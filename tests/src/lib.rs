@@ -1,1 +1,468 @@
+//! Harness for mtlb's privileged integration tests.
+//!
+//! Every test runs in a network namespace of its own ([`Netns`]): the test
+//! thread enters it, so replicas (threads of the test process) and clients
+//! live there; the agent (`$MTLB_BIN run`) is started inside it and shares
+//! the host's mount namespace, so its pins are visible at
+//! /sys/fs/bpf/mtlb/<netns inode>. Guards clean up namespaces, agents and
+//! pins. Helpers panic with context instead of returning errors.
 
+use mtlb::maps::Maps;
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::{fs::MetadataExt as _, process::CommandExt as _},
+    },
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+pub use mtlb_common::Conns;
+
+/// The balanced address tests connect to.
+pub const BALANCED: &str = "127.0.0.1:443";
+
+/// Generous bound for anything awaited in a test.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+// ------------------------------------------------------------------ netns
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace with lo up. The creating thread is moved into
+/// it. Dropping it deletes the namespace and any pins left for it.
+pub struct Netns {
+    pub name: String,
+    pub file: File,
+    pub ino: u64,
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Netns {
+    /// Creates the namespace and moves the calling thread into it.
+    pub fn new() -> Self {
+        let n = Self::create();
+        n.enter();
+        n
+    }
+
+    /// Creates the namespace without entering it.
+    pub fn create() -> Self {
+        let name = format!(
+            "mtlb-t{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        sh(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        let path = format!("/run/netns/{name}");
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let ino = file.metadata().unwrap().ino();
+        Self { name, file, ino }
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) {
+        nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {}: {e}", self.name));
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/mtlb/{}", self.ino))
+    }
+
+    /// `sysctl -w key=value` inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        sh(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ]));
+    }
+
+    /// Runs `tc ARGS` inside the namespace.
+    pub fn tc(&self, args: &[&str]) {
+        sh(Command::new("tc").arg("-n").arg(&self.name).args(args));
+    }
+
+    /// Starts `mtlb run ARGS` in this namespace and waits until it steers.
+    pub fn agent(&self, args: &[&str]) -> Agent {
+        let a = self.spawn_agent(args);
+        a.wait_for("steering TCP port");
+        a
+    }
+
+    /// Starts `mtlb run ARGS` in this namespace without waiting.
+    pub fn spawn_agent(&self, args: &[&str]) -> Agent {
+        let bin = std::env::var("MTLB_BIN")
+            .expect("MTLB_BIN must name the mtlb binary (cargo xtask test sets it)");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(args)
+            .env("MTLB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Agent::spawn(cmd, self.pin_dir())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = mtlb::pins::remove(&self.pin_dir());
+    }
+}
+
+// ------------------------------------------------------------------ agent
+
+/// A running `mtlb run` with its log collected.
+pub struct Agent {
+    child: Option<Child>,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    reader: Option<JoinHandle<()>>,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    fn spawn(mut cmd: Command, pin_dir: PathBuf) -> Self {
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let l2 = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[agent] {line}");
+                l2.0.lock().unwrap().push(line);
+                l2.1.notify_all();
+            }
+            // EOF: let waiters see the end.
+            l2.0.lock().unwrap().push(String::from("\u{0}EOF"));
+            l2.1.notify_all();
+        });
+        Self {
+            child: Some(child),
+            log,
+            reader: Some(reader),
+            pin_dir,
+        }
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log so far
+    /// on timeout or when the agent exits first.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_after(0, needle).1
+    }
+
+    /// Like `wait_for`, but only lines from index `from` on count. Returns
+    /// (index, line).
+    pub fn wait_for_after(&self, from: usize, needle: &str) -> (usize, String) {
+        let deadline = Instant::now() + WAIT;
+        let (lock, cv) = &*self.log;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+            {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline || lines.last().is_some_and(|l| l == "\u{0}EOF") {
+                panic!(
+                    "agent log has no line with {needle:?}:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().len()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.0.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+
+    /// Waits for the agent to exit by itself (e.g. on a bad config).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                if let Some(r) = self.reader.take() {
+                    r.join().unwrap();
+                }
+                return s;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn maps(&self) -> Maps {
+        Maps::from_pins(&self.pin_dir)
+            .unwrap_or_else(|e| panic!("opening pins in {}: {e}", self.pin_dir.display()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads `slot`'s counts.
+pub fn conns(maps: &Maps, slot: u32) -> Conns {
+    maps.conns(slot)
+        .unwrap_or_else(|e| panic!("reading CONNS[{slot}]: {e}"))
+}
+
+/// Polls the maps until `pred` holds (the kernel gives no event to wait
+/// on); panics with the last counts after WAIT.
+pub fn wait_counts(maps: &Maps, slots: u32, what: &str, pred: impl Fn(&[Conns]) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c: Vec<Conns> = (0..slots).map(|s| conns(maps, s)).collect();
+        if pred(&c) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: counts stayed {c:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ------------------------------------------------------------------ replica
+
+/// What a replica saw of one accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+struct ReplicaState {
+    accepted: Vec<Accepted>,
+    held: Vec<TcpStream>,
+}
+
+/// A plain TCP server standing in for an MTProxy replica: it greets each
+/// connection with its name and a newline, holds it, and closes it when the
+/// client does.
+pub struct Replica {
+    pub name: String,
+    pub addr: SocketAddr,
+    fd: i32,
+    state: Arc<Mutex<ReplicaState>>,
+    thread: Option<JoinHandle<()>>,
+    idle: Option<TcpListener>,
+}
+
+impl Replica {
+    /// Listens on `addr` (backlog 1024) in the calling thread's namespace.
+    pub fn start(name: &str, addr: &str) -> Self {
+        Self::start_with(name, addr, 1024, true, None)
+    }
+
+    /// `accepting == false`: never accepts (a hung replica).
+    pub fn start_with(
+        name: &str,
+        addr: &str,
+        backlog: i32,
+        accepting: bool,
+        v6only: Option<bool>,
+    ) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        sock.set_reuse_address(true).unwrap();
+        if let Some(v) = v6only {
+            sock.set_only_v6(v).unwrap();
+        }
+        sock.bind(&addr.into())
+            .unwrap_or_else(|e| panic!("{name}: bind {addr}: {e}"));
+        sock.listen(backlog).unwrap();
+        let listener: TcpListener = sock.into();
+        let fd = listener.as_raw_fd();
+        let state = Arc::new(Mutex::new(ReplicaState {
+            accepted: Vec::new(),
+            held: Vec::new(),
+        }));
+        let st = state.clone();
+        let greeting = format!("{name}\n");
+        if !accepting {
+            // A hung replica: the socket listens, nobody accepts.
+            return Self {
+                name: name.into(),
+                addr,
+                fd,
+                state,
+                thread: None,
+                idle: Some(listener),
+            };
+        }
+        let thread = std::thread::spawn(move || {
+            while let Ok((mut s, peer)) = listener.accept() {
+                let local = s.local_addr().unwrap();
+                let _ = s.write_all(greeting.as_bytes());
+                let mut st = st.lock().unwrap();
+                st.accepted.push(Accepted { peer, local });
+                // Close our side when the client closes.
+                let s2 = s.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut s2 = s2;
+                    while matches!(s2.read(&mut buf), Ok(n) if n > 0) {}
+                    let _ = s2.shutdown(Shutdown::Both);
+                });
+                st.held.push(s);
+            }
+            // The listener closes when this thread ends.
+        });
+        Self {
+            name: name.into(),
+            addr,
+            fd,
+            state,
+            thread: Some(thread),
+            idle: None,
+        }
+    }
+
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().accepted.len()
+    }
+
+    /// Stops listening: the listening socket is closed, as when the
+    /// replica's process exits. Held connections stay open.
+    pub fn stop_listening(&mut self) {
+        self.idle = None;
+        if let Some(t) = self.thread.take() {
+            // shutdown() on a listening socket wakes accept() with EINVAL.
+            // SAFETY: fd is the live listener until the thread ends.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            t.join().unwrap();
+        }
+    }
+
+    /// Closes every held connection (RST-free: FIN).
+    pub fn close_all(&self) {
+        for s in self.state.lock().unwrap().held.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop_listening();
+        self.close_all();
+    }
+}
+
+// ------------------------------------------------------------------ client
+
+/// Connects to `addr` and reads the replica's greeting. Returns the stream
+/// and the replica's name.
+pub fn connect(addr: &str) -> std::io::Result<(TcpStream, String)> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let name = greeting(&s)?;
+    Ok((s, name))
+}
+
+/// Reads one greeting line.
+pub fn greeting(s: &TcpStream) -> std::io::Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut name = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = (&*s).read(&mut b)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before greeting",
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        name.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
+
+/// Counts of each name in `names`.
+pub fn tally<'a>(names: impl IntoIterator<Item = &'a String>) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for n in names {
+        *m.entry(n.clone()).or_insert(0) += 1;
+    }
+    m
+}

@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask`: developer and operator entry points.
+//!
+//! * `cargo xtask run [-- ARGS]`: install prerequisites, build, run
+//!   `mtlb run ARGS` (defaults: balanced port 443, replicas on
+//!   127.0.0.1:10000 and :10001).
+//! * `cargo xtask test`: install prerequisites, build, run the unit tests
+//!   and the privileged integration tests.
+//! * `cargo xtask build`: install prerequisites and build.
+
+mod prereqs;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build everything (release) and run `mtlb run` with the given
+    /// arguments (after `--`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged integration tests
+    /// (root; each in its own network namespace).
+    Test {
+        /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Install prerequisites and build (release).
+    Build,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Run { args } => {
+            prereqs::ensure()?;
+            cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
+            let bin = root.join("target/release/mtlb");
+            exec(&bin, std::iter::once("run".to_string()).chain(args))
+        }
+        Cmd::Test { filter } => {
+            prereqs::ensure()?;
+            cargo(&["build", "-p", "mtlb-userspace"])?;
+            cargo(&[
+                "test",
+                "-p",
+                "mtlb-common",
+                "-p",
+                "mtlb-userspace",
+                "-p",
+                "xtask",
+            ])?;
+            let bin = root.join("target/debug/mtlb");
+            let mut cmd = Command::new("cargo");
+            cmd.args(["test", "-p", "mtlb-tests", "--"])
+                .args(filter)
+                .env("MTLB_BIN", &bin);
+            run(&mut cmd)
+        }
+        Cmd::Build => {
+            prereqs::ensure()?;
+            cargo(&["build", "--release", "-p", "mtlb-userspace"])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Replaces this process with `bin`, so signals (Ctrl-C) reach the agent
+/// directly.
+fn exec(bin: &Path, args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let err = Command::new(bin).args(args).exec();
+    Err(err).with_context(|| format!("exec {}", bin.display()))
+}

@@ -240,7 +240,10 @@ async fn serve(
     // notices it for the logs, so 100 ms is plenty.
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut scan = tokio::time::interval(Duration::from_millis(cfg.scan_interval_ms));
+    let mut expire = tokio::time::interval(Duration::from_millis(250));
+    let timeout_ns = cfg.handshake_timeout_ms * 1_000_000;
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -254,9 +257,24 @@ async fn serve(
                     tracing::warn!("reading replica registrations: {e:#}");
                 }
             }
+            _ = expire.tick() => {
+                let cutoff = monotonic_ns().saturating_sub(timeout_ns);
+                match loaded.maps.expire_handshakes(cutoff) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!("{n} handshakes did not complete within {} ms", cfg.handshake_timeout_ms),
+                    Err(e) => tracing::warn!("expiring handshakes: {e:#}"),
+                }
+            }
             _ = scan.tick() => {
                 adopt(cfg, registry, &mut loaded.maps);
             }
         }
     }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }

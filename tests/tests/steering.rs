@@ -1,0 +1,444 @@
+//! Steering core: sk_lookup least-connections steering, kernel connection
+//! accounting, replica registration. Each test runs in its own network
+//! namespace with its own agent. Run as root through `cargo xtask test`.
+
+use mtlb_tests::*;
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+const A: &str = "127.0.0.1:10000";
+const B: &str = "127.0.0.1:10001";
+
+/// Both replicas up, agent running, both registered.
+fn setup() -> (Netns, Agent, Replica, Replica) {
+    let ns = Netns::new();
+    let a = Replica::start("mtp1", A);
+    let b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("replica mtp1 registered");
+    agent.wait_for("replica mtp2 registered");
+    (ns, agent, a, b)
+}
+
+fn hold(n: usize) -> Vec<(TcpStream, String)> {
+    (0..n)
+        .map(|i| connect(BALANCED).unwrap_or_else(|e| panic!("connect #{i}: {e}")))
+        .collect()
+}
+
+#[test]
+fn distribution_real_client_address_and_refill() {
+    let (_ns, agent, a, b) = setup();
+    let mut held = hold(40);
+    let t = tally(held.iter().map(|(_, n)| n));
+    let (na, nb) = (t["mtp1"], t["mtp2"]);
+    assert!(na.abs_diff(20) <= 1 && nb.abs_diff(20) <= 1, "split {t:?}");
+
+    // The replica sees the client's own address and port, and the balanced
+    // address as local: the client's connection itself was handed over.
+    let mut seen: Vec<Accepted> = a.accepted();
+    seen.extend(b.accepted());
+    for (s, _) in &held {
+        let me = s.local_addr().unwrap();
+        let got = seen
+            .iter()
+            .find(|x| x.peer == me)
+            .unwrap_or_else(|| panic!("no replica saw peer {me}: {seen:?}"));
+        assert_eq!(got.local, BALANCED.parse::<SocketAddr>().unwrap());
+    }
+
+    let maps = agent.maps();
+    let c0 = conns(&maps, 0);
+    let c1 = conns(&maps, 1);
+    assert_eq!((c0.established, c1.established), (na as u64, nb as u64));
+    assert_eq!((c0.handshakes, c1.handshakes), (0, 0));
+
+    // Refill: close 10 on mtp1; the next 10 all go to mtp1.
+    let mut closed = 0;
+    held.retain(|(_, n)| {
+        if n == "mtp1" && closed < 10 {
+            closed += 1;
+            false
+        } else {
+            true
+        }
+    });
+    wait_counts(&maps, 2, "after closing 10 on mtp1", |c| {
+        c[0].established == na as u64 - 10
+    });
+    let more = hold(10);
+    let t = tally(more.iter().map(|(_, n)| n));
+    assert_eq!(t.get("mtp1"), Some(&10), "refill went {t:?}");
+    drop(more);
+    drop(held);
+}
+
+#[test]
+fn syn_burst_spreads_evenly() {
+    let (ns, agent, a, b) = setup();
+    // Slow lo down so that 64 handshakes are in flight at once: every SYN
+    // is looked up before any SYN-ACK gets through the queue.
+    ns.tc(&[
+        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400kbit", "burst", "1600", "limit",
+        "1000000",
+    ]);
+    let addr: SocketAddr = BALANCED.parse().unwrap();
+    let socks: Vec<socket2::Socket> = (0..64)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&addr.into()) {
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                other => panic!("non-blocking connect: {other:?}"),
+            }
+            s
+        })
+        .collect();
+    // While the burst is in flight, handshakes count for their replica.
+    let maps = agent.maps();
+    let c = (conns(&maps, 0), conns(&maps, 1));
+    assert!(
+        c.0.handshakes + c.1.handshakes + c.0.established + c.1.established > 0,
+        "nothing counted during the burst: {c:?}"
+    );
+    let names: Vec<String> = socks
+        .into_iter()
+        .map(|s| {
+            s.set_nonblocking(false).unwrap();
+            let s: TcpStream = s.into();
+            greeting(&s).expect("greeting after burst")
+        })
+        .collect();
+    let t = tally(&names);
+    let (na, nb) = (t.get("mtp1").copied().unwrap_or(0), t.get("mtp2").copied().unwrap_or(0));
+    assert_eq!(na + nb, 64);
+    // within ±10% of 32
+    assert!(na.abs_diff(32) <= 3, "burst split {t:?}");
+    assert_eq!(a.count() + b.count(), 64);
+    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+}
+
+#[test]
+fn no_leaks_after_fin_rst_and_failed_handshakes() {
+    let ns = Netns::new();
+    // SYN-ACKs retried once only, so request sockets of handshakes that
+    // never complete die within a few seconds in the kernel too.
+    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
+    agent.wait_for("replica mtp2 registered");
+    let maps = agent.maps();
+    let zero = |c: &[Conns]| c.iter().all(|c| *c == Conns::default());
+
+    // FIN: the client closes, the replica closes on EOF.
+    let held = hold(10);
+    wait_counts(&maps, 2, "10 held", |c| {
+        c[0].established + c[1].established == 10
+    });
+    drop(held);
+    wait_counts(&maps, 2, "after FIN close", zero);
+
+    // RST: SO_LINGER 0.
+    let held = hold(10);
+    for (s, _) in held {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    }
+    wait_counts(&maps, 2, "after RST close", zero);
+
+    // Handshakes that never complete: a client that gives up before the
+    // SYN-ACK (the kernel answers it with RST), seen as in flight.
+    ns.tc(&[
+        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100kbit", "burst", "1600", "limit",
+        "1000000",
+    ]);
+    let addr: SocketAddr = BALANCED.parse().unwrap();
+    for _ in 0..8 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        drop(s);
+    }
+    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    wait_counts(&maps, 2, "after abandoned handshakes", zero);
+}
+
+#[test]
+fn full_accept_queue_and_hung_handshakes_do_not_leak() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    // Replicas that never accept, with a one-slot accept queue.
+    let mut a = Replica::start_with("mtp1", A, 1, false, None);
+    let mut b = Replica::start_with("mtp2", B, 1, false, None);
+    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
+    agent.wait_for("replica mtp2 registered");
+    let maps = agent.maps();
+    let addr: SocketAddr = BALANCED.parse().unwrap();
+    // Connect attempts pile up: queues full, handshakes stuck.
+    let socks: Vec<socket2::Socket> = (0..8)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    wait_counts(&maps, 2, "queued connections counted", |c| {
+        c.iter().map(|c| c.established + c.handshakes).sum::<u64>() > 0
+    });
+    // Stuck handshakes expire; the queued (established) ones stay counted
+    // until their listener goes.
+    wait_counts(&maps, 2, "stuck handshakes expired", |c| {
+        c.iter().all(|c| c.handshakes == 0)
+    });
+    drop(socks);
+    a.stop_listening();
+    b.stop_listening();
+    wait_counts(&maps, 2, "listeners closed", |c| {
+        c.iter().all(|c| *c == Conns::default())
+    });
+}
+
+#[test]
+fn syn_cookies_keep_replica_and_counts() {
+    let ns = Netns::new();
+    // Always answer with a SYN cookie: no request socket exists, and the
+    // final ACK comes back through sk_lookup.
+    ns.sysctl("net.ipv4.tcp_syncookies", "2");
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("replica mtp2 registered");
+    let held = hold(20);
+    let t = tally(held.iter().map(|(_, n)| n));
+    assert!(t["mtp1"].abs_diff(10) <= 1, "split {t:?}");
+    let maps = agent.maps();
+    let (c0, c1) = (conns(&maps, 0), conns(&maps, 1));
+    assert_eq!(c0.established + c1.established, 20);
+    assert_eq!(c0.handshakes + c1.handshakes, 0);
+    drop(held);
+    wait_counts(&maps, 2, "closed", |c| {
+        c.iter().all(|c| *c == Conns::default())
+    });
+}
+
+#[test]
+fn failover_and_restart() {
+    let (_ns, agent, a, mut b) = setup();
+    let maps = agent.maps();
+    let mut held = Vec::new();
+    let mut connect_errors = Vec::new();
+    let mut lost = 0;
+    let mut after_stop = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    for i in 0..400 {
+        assert!(Instant::now() < deadline, "connect loop too slow");
+        if i == 100 {
+            b.stop_listening();
+        }
+        match TcpStream::connect(BALANCED) {
+            Err(e) => connect_errors.push((i, e.to_string())),
+            Ok(s) => match greeting(&s) {
+                Ok(name) => {
+                    if i >= 100 {
+                        after_stop.push(name);
+                    }
+                    held.push(s);
+                }
+                // A connection sitting in the closing listener's accept queue
+                // is reset with it; the loop has at most one in flight.
+                Err(_) => lost += 1,
+            },
+        }
+    }
+    assert!(connect_errors.is_empty(), "failed connects: {connect_errors:?}");
+    assert!(lost <= 1, "{lost} connections lost at failover");
+    assert!(
+        after_stop.iter().all(|n| n == "mtp1"),
+        "after mtp2 stopped: {:?}",
+        tally(&after_stop)
+    );
+    agent.wait_for("replica mtp2 unregistered");
+
+    // Restart on the same port: mtp1 holds ~350 connections, so the very
+    // first new connection must go to mtp2, which has none.
+    let b2 = Replica::start("mtp2", B);
+    let t0 = Instant::now();
+    let (_s, name) = connect(BALANCED).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(name, "mtp2", "first connection after restart");
+    eprintln!("restarted replica took its first connection {took:?} after listen()");
+    assert_eq!(b2.count(), 1);
+    assert!(conns(&maps, 0).established >= 300);
+    drop(a);
+}
+
+#[test]
+fn start_order_and_direct_connections() {
+    let ns = Netns::new();
+    let a = Replica::start("mtp1", A);
+    let agent = ns.agent(&[]);
+    agent.wait_for("replica mtp1 registered: 127.0.0.1:10000 (IPv4, via adopted)");
+    let b = Replica::start("mtp2", B);
+    agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
+    let held = hold(4);
+    let t = tally(held.iter().map(|(_, n)| n));
+    assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
+
+    // Direct connections to a replica port reach that replica, uncounted.
+    let maps = agent.maps();
+    let before = (conns(&maps, 0), conns(&maps, 1));
+    let (_d, name) = connect(A).unwrap();
+    assert_eq!(name, "mtp1");
+    let (_d2, name) = connect(B).unwrap();
+    assert_eq!(name, "mtp2");
+    assert_eq!((conns(&maps, 0), conns(&maps, 1)), before);
+    assert!(a.accepted().iter().any(|x| x.local.port() == 10000));
+    assert!(b.accepted().iter().any(|x| x.local.port() == 10001));
+}
+
+#[test]
+fn two_namespaces_stay_independent() {
+    let (ns1, agent1, _a1, _b1) = setup();
+    let ns2 = Netns::create();
+    let (agent2, _a2, _b2) = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns2.enter();
+            let a = Replica::start("mtp1", A);
+            let b = Replica::start("mtp2", B);
+            let agent = ns2.agent(&[]);
+            agent.wait_for("replica mtp2 registered");
+            (agent, a, b)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_ne!(ns1.pin_dir(), ns2.pin_dir());
+    let h1 = hold(6);
+    let h2 = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns2.enter();
+            hold(2)
+        })
+        .join()
+        .unwrap()
+    });
+    let (m1, m2) = (agent1.maps(), agent2.maps());
+    let sum = |m: &mtlb::maps::Maps| conns(m, 0).established + conns(m, 1).established;
+    assert_eq!(sum(&m1), 6);
+    assert_eq!(sum(&m2), 2);
+    drop(h1);
+    drop(h2);
+}
+
+#[test]
+fn bad_config_is_rejected_and_attaches_nothing() {
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(format!("mtlb-bad-{}", ns.ino));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, needle) in [
+        ("replicas = 0\n", "`replicas`: 0"),
+        ("port = 10001\n", "`port`: 10001"),
+        ("replica_adress = \"127.0.0.1\"\n", "replica_adress"),
+        ("port = \"https\"\n", "port"),
+    ] {
+        let path = dir.join("mtlb.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut agent = ns.spawn_agent(&["--config", path.to_str().unwrap()]);
+        let status = agent.wait_exit();
+        assert!(!status.success(), "accepted {text:?}");
+        let log = agent.log();
+        assert!(log.contains(needle), "error for {text:?} lacks {needle:?}: {log}");
+        assert!(!ns.pin_dir().exists(), "pins left for {text:?}");
+    }
+    // A bad flag, too.
+    let mut agent = ns.spawn_agent(&["--replicas", "100"]);
+    assert!(!agent.wait_exit().success());
+    assert!(agent.log().contains("`replicas`: 100"), "{}", agent.log());
+    // Nothing attached to this namespace.
+    let links = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap();
+    let ours = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["netns_ino"].as_u64() == Some(ns.ino))
+        .count();
+    assert_eq!(ours, 0, "links attached to the namespace: {links}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ipv6_clients_reach_dual_stack_replicas() {
+    let ns = Netns::new();
+    // Dual-stack listeners, as the official MTProxy opens with IPv6 on.
+    let a = Replica::start_with("mtp1", "[::]:10000", 1024, true, Some(false));
+    let _b = Replica::start_with("mtp2", "[::]:10001", 1024, true, Some(false));
+    let agent = ns.agent(&[]);
+    agent.wait_for("replica mtp2 registered");
+    let held6 = hold_at("[::1]:443", 4);
+    let t = tally(held6.iter().map(|(_, n)| n));
+    assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
+    let held4 = hold(2);
+    assert_eq!(held4.len(), 2);
+    let seen = a.accepted();
+    assert!(seen.iter().any(|x| x.peer.ip().to_string() == "::1"), "{seen:?}");
+    assert!(
+        seen.iter().any(|x| x.peer.ip().to_string() == "::ffff:127.0.0.1"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn ipv6_client_refused_cleanly_by_ipv4_only_replicas() {
+    let (_ns, agent, _a, _b) = setup();
+    let t0 = Instant::now();
+    let err = TcpStream::connect("[::1]:443").expect_err("IPv4-only replicas took IPv6");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "refusal was not immediate");
+    assert!(agent.maps().stat(mtlb_common::stat::NO_BACKEND).unwrap() >= 1);
+    // IPv4 still works.
+    assert!(connect(BALANCED).is_ok());
+}
+
+#[test]
+fn no_replica_refuses_at_once_and_stop_removes_pins() {
+    let ns = Netns::new();
+    let mut agent = ns.agent(&[]);
+    agent.wait_for("no replica is listening yet");
+    let err = TcpStream::connect(BALANCED).expect_err("connected with no replica");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    // Pins: directory 0700, files 0600.
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = ns.pin_dir();
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(
+            e.metadata().unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            e.path().display()
+        );
+    }
+    assert!(agent.stop().success());
+    assert!(!dir.exists(), "pins left after SIGTERM");
+    // Steering is gone with the agent: nothing listens on 443.
+    assert!(TcpStream::connect(BALANCED).is_err());
+}
+
+fn hold_at(addr: &str, n: usize) -> Vec<(TcpStream, String)> {
+    (0..n)
+        .map(|i| connect(addr).unwrap_or_else(|e| panic!("connect {addr} #{i}: {e}")))
+        .collect()
+}

@@ -1,0 +1,161 @@
+//! Installs what a fresh machine lacks for building and running mtlb.
+//! Idempotent: when everything is there it installs and prints nothing.
+
+use anyhow::{Context as _, bail};
+use std::{path::PathBuf, process::Command};
+
+/// Debian packages and a file each provides, to check for.
+const RUNTIME_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("iproute2", "/usr/sbin/ip"),
+];
+/// Needed only to build bpf-linker.
+const LINKER_BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "mtlb needs root (it loads BPF programs, and the tests create network namespaces); run as root"
+        );
+    }
+    let mut apt = Apt::default();
+    for (pkg, file) in RUNTIME_PACKAGES {
+        if !std::path::Path::new(file).exists() {
+            apt.install(pkg, "runtime tool")?;
+        }
+    }
+    ensure_nightly_rust_src()?;
+    if bpf_linker().is_none() {
+        for pkg in LINKER_BUILD_PACKAGES {
+            if !dpkg_installed(pkg) {
+                apt.install(pkg, "to build bpf-linker")?;
+            }
+        }
+        say(&format!("bpf-linker {BPF_LINKER_VERSION} (cargo install, LLVM 22)"));
+        let status = Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .status()
+            .context("cargo install bpf-linker")?;
+        if !status.success() {
+            bail!("cargo install bpf-linker failed: {status}");
+        }
+    }
+    ensure_bpffs()?;
+    Ok(())
+}
+
+fn say(what: &str) {
+    eprintln!("xtask: installing {what}");
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, pkg: &str, why: &str) -> anyhow::Result<()> {
+        say(&format!("{pkg} ({why}, apt)"));
+        if !self.updated {
+            quiet(Command::new("apt-get").args(["update", "-q"]))?;
+            self.updated = true;
+        }
+        quiet(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", pkg])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+}
+
+/// Runs a command with its output hidden unless it fails.
+fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn ensure_nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("Rust nightly toolchain (rustup; eBPF builds need it)");
+        quiet(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        say("rust-src for nightly (rustup; -Z build-std for the bpfel target)");
+        quiet(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn bpf_linker() -> Option<PathBuf> {
+    which::which("bpf-linker").ok().or_else(|| {
+        let p = PathBuf::from(std::env::var_os("CARGO_HOME").unwrap_or_else(|| {
+            std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default())
+                .join(".cargo")
+                .into_os_string()
+        }))
+        .join("bin/bpf-linker");
+        p.exists().then_some(p)
+    })
+}
+
+/// bpffs at /sys/fs/bpf, where the agent pins by default and where the
+/// tests and `bpftool map dump pinned` look.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4) == Some(&"/sys/fs/bpf") && l.contains(" - bpf ")
+    });
+    if !mounted {
+        say("bpffs mount at /sys/fs/bpf");
+        quiet(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
