@@ -104,6 +104,13 @@ impl Netns {
         ]));
     }
 
+    /// Runs `nft RULE` inside the namespace.
+    pub fn nft(&self, rule: &str) {
+        sh(Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft"])
+            .arg(rule));
+    }
+
     /// Runs `tc ARGS` inside the namespace.
     pub fn tc(&self, args: &[&str]) {
         sh(Command::new("tc").arg("-n").arg(&self.name).args(args));

@@ -165,22 +165,32 @@ fn no_leaks_after_fin_rst_and_failed_handshakes() {
         let _ = s.connect(&addr.into());
         drop(s);
     }
-    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    // The SYNs still reach the replicas (their request sockets count), the
+    // SYN-ACKs meet no socket and get RST: the kernel drops the requests
+    // without any event reaching the programs.
+    wait_counts(&maps, 2, "abandoned handshakes in flight", |c| {
+        c.iter().map(|c| c.handshakes).sum::<u64>() > 0
+    });
     wait_counts(&maps, 2, "after abandoned handshakes", zero);
+    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
 }
 
 #[test]
-fn full_accept_queue_and_hung_handshakes_do_not_leak() {
+fn handshakes_that_never_complete_do_not_leak() {
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_synack_retries", "1");
-    // Replicas that never accept, with a one-slot accept queue.
-    let mut a = Replica::start_with("mtp1", A, 1, false, None);
-    let mut b = Replica::start_with("mtp2", B, 1, false, None);
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
     agent.wait_for("replica mtp2 registered");
     let maps = agent.maps();
+    // Drop the clients' final ACKs: the replicas' request sockets stay in
+    // SYN-RECV until the kernel gives up on them, as in a SYN flood. The
+    // kernel drops them without an event the programs could see.
+    ns.nft("add table inet mtlbtest");
+    ns.nft("add chain inet mtlbtest out { type filter hook output priority 0; }");
+    ns.nft("add rule inet mtlbtest out tcp dport 443 tcp flags == ack drop");
     let addr: SocketAddr = BALANCED.parse().unwrap();
-    // Connect attempts pile up: queues full, handshakes stuck.
     let socks: Vec<socket2::Socket> = (0..8)
         .map(|_| {
             let s =
@@ -190,15 +200,46 @@ fn full_accept_queue_and_hung_handshakes_do_not_leak() {
             s
         })
         .collect();
-    wait_counts(&maps, 2, "queued connections counted", |c| {
-        c.iter().map(|c| c.established + c.handshakes).sum::<u64>() > 0
+    wait_counts(&maps, 2, "stuck handshakes counted", |c| {
+        c.iter().map(|c| c.handshakes).sum::<u64>() == 8
     });
-    // Stuck handshakes expire; the queued (established) ones stay counted
-    // until their listener goes.
+    let c = (conns(&maps, 0), conns(&maps, 1));
+    assert_eq!((c.0.handshakes, c.1.handshakes), (4, 4), "in-flight split");
     wait_counts(&maps, 2, "stuck handshakes expired", |c| {
-        c.iter().all(|c| c.handshakes == 0)
+        c.iter().all(|c| *c == Conns::default())
+    });
+    ns.nft("delete table inet mtlbtest");
+    drop(socks);
+    // Steering still works afterwards.
+    let held = hold(2);
+    assert_eq!(held.len(), 2);
+}
+
+#[test]
+fn full_accept_queue_does_not_leak() {
+    let ns = Netns::new();
+    // Replicas that never accept, with a one-slot backlog.
+    let mut a = Replica::start_with("mtp1", A, 1, false, None);
+    let mut b = Replica::start_with("mtp2", B, 1, false, None);
+    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
+    agent.wait_for("replica mtp2 registered");
+    let maps = agent.maps();
+    let addr: SocketAddr = BALANCED.parse().unwrap();
+    let socks: Vec<socket2::Socket> = (0..8)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    // Queued (established, never accepted) connections count.
+    wait_counts(&maps, 2, "queued connections counted", |c| {
+        c[0].established > 0 && c[1].established > 0
     });
     drop(socks);
+    // Closing the listeners aborts what is queued: back to zero.
     a.stop_listening();
     b.stop_listening();
     wait_counts(&maps, 2, "listeners closed", |c| {

@@ -8,6 +8,8 @@ use std::{path::PathBuf, process::Command};
 const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "/usr/sbin/bpftool"),
     ("iproute2", "/usr/sbin/ip"),
+    // The tests drop packets in their namespaces with nft.
+    ("nftables", "/usr/sbin/nft"),
 ];
 /// Needed only to build bpf-linker.
 const LINKER_BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
