@@ -167,6 +167,14 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Runs `cmd` (which must start `mtlb run`) with its log collected.
+    pub fn command(mut cmd: Command, pin_dir: PathBuf) -> Self {
+        cmd.env("MTLB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Self::spawn(cmd, pin_dir)
+    }
+
     fn spawn(mut cmd: Command, pin_dir: PathBuf) -> Self {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();

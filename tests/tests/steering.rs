@@ -483,3 +483,51 @@ fn hold_at(addr: &str, n: usize) -> Vec<(TcpStream, String)> {
         .map(|i| connect(addr).unwrap_or_else(|e| panic!("connect {addr} #{i}: {e}")))
         .collect()
 }
+
+#[test]
+fn kept_pins_keep_steering_and_the_next_agent_replaces_them() {
+    let (ns, mut agent, _a, _b) = setup();
+    drop(agent);
+    // The dropped agent was killed (SIGKILL): its pins stay, and so does
+    // steering from the pinned program and maps.
+    let (_s, name) = connect(BALANCED).expect("steering after the agent died");
+    assert!(name.starts_with("mtp"));
+    assert!(ns.pin_dir().exists());
+
+    // --keep-pins on SIGTERM: same.
+    agent = ns.agent(&["--keep-pins"]);
+    agent.wait_for("found pins of an earlier agent");
+    agent.wait_for("replica mtp2 registered");
+    assert!(agent.stop().success());
+    assert!(agent.log().contains("keeping programs attached"));
+    assert!(connect(BALANCED).is_ok(), "steering after --keep-pins exit");
+
+    // Without it, SIGTERM takes everything down.
+    let mut agent = ns.agent(&[]);
+    agent.wait_for("replica mtp2 registered");
+    assert!(agent.stop().success());
+    assert!(!ns.pin_dir().exists());
+    assert!(TcpStream::connect(BALANCED).is_err());
+}
+
+#[test]
+fn works_under_ip_netns_exec() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let bin = std::env::var("MTLB_BIN").unwrap();
+    // `ip netns exec` remounts /sys: no bpffs, no cgroup2 there.
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, &bin, "run"]);
+    let agent = Agent::command(cmd, ns.pin_dir());
+    agent.wait_for("steering TCP port");
+    agent.wait_for("replica mtp2 registered");
+    let log = agent.log();
+    assert!(log.contains("mounted cgroup2 at"), "{log}");
+    assert!(log.contains("using the host's bpffs"), "{log}");
+    // The pins are the host's: readable from here.
+    let held = hold(2);
+    let maps = agent.maps();
+    assert_eq!(conns(&maps, 0).established + conns(&maps, 1).established, 2);
+    drop(held);
+}

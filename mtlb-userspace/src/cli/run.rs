@@ -82,7 +82,8 @@ async fn agent(cfg: Config) -> anyhow::Result<()> {
     // drop them only once our programs are attached, so steering never
     // stops in between.
     let stale = if pins::has_pins(&dir) {
-        let aside = dir.with_file_name(format!("{ino}.old-{}", std::process::id()));
+        // bpffs refuses names with a dot.
+        let aside = dir.with_file_name(format!("{ino}-old-{}", std::process::id()));
         std::fs::rename(&dir, &aside)
             .with_context(|| format!("moving stale pins {} aside", dir.display()))?;
         tracing::warn!(
