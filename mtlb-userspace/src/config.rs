@@ -311,7 +311,7 @@ pub fn replica_name(slot: usize) -> String {
 /// (padded intermediate), `ee` + 32 + hex-encoded domain (fake TLS).
 fn validate_secret(s: &str) -> Result<(), ConfigError> {
     let bad = |reason: &str| invalid("secret", s, reason);
-    if !s.bytes().all(|b| b.is_ascii_hexdigit()) || s.len() % 2 != 0 {
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) || !s.len().is_multiple_of(2) {
         return Err(bad("must be an even number of hex digits"));
     }
     match s.len() {

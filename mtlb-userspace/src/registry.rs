@@ -186,10 +186,10 @@ impl Registry {
         let current = Self::read(maps, self.known.len())?;
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         for l in proc_listeners()? {
-            if let Some(slot) = slot_for(cfg, l.addr) {
-                if current.get(slot as usize).is_some_and(|v| v.is_none()) {
-                    wanted.insert(l.inode, (slot, l.addr));
-                }
+            if let Some(slot) = slot_for(cfg, l.addr)
+                && current.get(slot as usize).is_some_and(|v| v.is_none())
+            {
+                wanted.insert(l.inode, (slot, l.addr));
             }
         }
         if wanted.is_empty() {

@@ -61,6 +61,10 @@ fn sh(cmd: &mut Command) -> String {
 
 impl Netns {
     /// Creates the namespace and moves the calling thread into it.
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a namespace is not a default value"
+    )]
     pub fn new() -> Self {
         let n = Self::create();
         n.enter();
@@ -265,7 +269,11 @@ impl Agent {
                 }
                 return s;
             }
-            assert!(Instant::now() < deadline, "agent did not exit:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -474,7 +482,9 @@ pub fn greeting(s: &TcpStream) -> std::io::Result<String> {
 }
 
 /// Counts of each name in `names`.
-pub fn tally<'a>(names: impl IntoIterator<Item = &'a String>) -> std::collections::BTreeMap<String, usize> {
+pub fn tally<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+) -> std::collections::BTreeMap<String, usize> {
     let mut m = std::collections::BTreeMap::new();
     for n in names {
         *m.entry(n.clone()).or_insert(0) += 1;

@@ -87,8 +87,8 @@ fn syn_burst_spreads_evenly() {
     let addr: SocketAddr = BALANCED.parse().unwrap();
     let socks: Vec<socket2::Socket> = (0..64)
         .map(|_| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .unwrap();
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.set_nonblocking(true).unwrap();
             match s.connect(&addr.into()) {
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -113,7 +113,10 @@ fn syn_burst_spreads_evenly() {
         })
         .collect();
     let t = tally(&names);
-    let (na, nb) = (t.get("mtp1").copied().unwrap_or(0), t.get("mtp2").copied().unwrap_or(0));
+    let (na, nb) = (
+        t.get("mtp1").copied().unwrap_or(0),
+        t.get("mtp2").copied().unwrap_or(0),
+    );
     assert_eq!(na + nb, 64);
     // within ±10% of 32
     assert!(na.abs_diff(32) <= 3, "burst split {t:?}");
@@ -299,7 +302,10 @@ fn failover_and_restart() {
             },
         }
     }
-    assert!(connect_errors.is_empty(), "failed connects: {connect_errors:?}");
+    assert!(
+        connect_errors.is_empty(),
+        "failed connects: {connect_errors:?}"
+    );
     assert!(lost <= 1, "{lost} connections lost at failover");
     assert!(
         after_stop.iter().all(|n| n == "mtp1"),
@@ -396,7 +402,10 @@ fn bad_config_is_rejected_and_attaches_nothing() {
         let status = agent.wait_exit();
         assert!(!status.success(), "accepted {text:?}");
         let log = agent.log();
-        assert!(log.contains(needle), "error for {text:?} lacks {needle:?}: {log}");
+        assert!(
+            log.contains(needle),
+            "error for {text:?} lacks {needle:?}: {log}"
+        );
         assert!(!ns.pin_dir().exists(), "pins left for {text:?}");
     }
     // A bad flag, too.
@@ -433,9 +442,13 @@ fn ipv6_clients_reach_dual_stack_replicas() {
     let held4 = hold(2);
     assert_eq!(held4.len(), 2);
     let seen = a.accepted();
-    assert!(seen.iter().any(|x| x.peer.ip().to_string() == "::1"), "{seen:?}");
     assert!(
-        seen.iter().any(|x| x.peer.ip().to_string() == "::ffff:127.0.0.1"),
+        seen.iter().any(|x| x.peer.ip().to_string() == "::1"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|x| x.peer.ip().to_string() == "::ffff:127.0.0.1"),
         "{seen:?}"
     );
 }
@@ -446,7 +459,10 @@ fn ipv6_client_refused_cleanly_by_ipv4_only_replicas() {
     let t0 = Instant::now();
     let err = TcpStream::connect("[::1]:443").expect_err("IPv4-only replicas took IPv6");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(1), "refusal was not immediate");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "refusal was not immediate"
+    );
     assert!(agent.maps().stat(mtlb_common::stat::NO_BACKEND).unwrap() >= 1);
     // IPv4 still works.
     assert!(connect(BALANCED).is_ok());
@@ -462,7 +478,10 @@ fn no_replica_refuses_at_once_and_stop_removes_pins() {
     // Pins: directory 0700, files 0600.
     use std::os::unix::fs::PermissionsExt as _;
     let dir = ns.pin_dir();
-    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     for e in std::fs::read_dir(&dir).unwrap() {
         let e = e.unwrap();
         assert_eq!(

@@ -34,7 +34,9 @@ pub fn ensure() -> anyhow::Result<()> {
                 apt.install(pkg, "to build bpf-linker")?;
             }
         }
-        say(&format!("bpf-linker {BPF_LINKER_VERSION} (cargo install, LLVM 22)"));
+        say(&format!(
+            "bpf-linker {BPF_LINKER_VERSION} (cargo install, LLVM 22)"
+        ));
         let status = Command::new("cargo")
             .args([
                 "install",
@@ -111,7 +113,13 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         say("Rust nightly toolchain (rustup; eBPF builds need it)");
-        quiet(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        quiet(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let comps = output(Command::new("rustup").args([
         "component",
@@ -122,7 +130,13 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
     ]))?;
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
         say("rust-src for nightly (rustup; -Z build-std for the bpfel target)");
-        quiet(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        quiet(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
