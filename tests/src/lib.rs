@@ -389,9 +389,11 @@ impl Replica {
         let thread = std::thread::spawn(move || {
             while let Ok((mut s, peer)) = listener.accept() {
                 let local = s.local_addr().unwrap();
-                let _ = s.write_all(greeting.as_bytes());
                 let mut st = st.lock().unwrap();
+                // Record before greeting: a client that has its greeting
+                // must find its connection recorded.
                 st.accepted.push(Accepted { peer, local });
+                let _ = s.write_all(greeting.as_bytes());
                 // Close our side when the client closes.
                 let s2 = s.try_clone().unwrap();
                 std::thread::spawn(move || {
