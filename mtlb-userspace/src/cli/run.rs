@@ -48,6 +48,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn agent(cfg: Config) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while starting up is kept and
+    // handled (cleanly) once the loop runs, instead of killing the process
+    // with programs attached.
+    let signals = Signals {
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
         mounts::Bpffs::Present => cfg.bpffs.clone(),
         mounts::Bpffs::Host(p) => {
@@ -143,7 +151,7 @@ async fn agent(cfg: Config) -> anyhow::Result<()> {
         );
     }
 
-    let result = serve(&cfg, &mut loaded, &mut registry).await;
+    let result = serve(&cfg, &mut loaded, &mut registry, signals).await;
 
     if cfg.keep_pins {
         attached.keep();
@@ -229,14 +237,18 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
     })
 }
 
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
 async fn serve(
     cfg: &Config,
     loaded: &mut loader::Loaded,
     registry: &mut Registry,
+    mut sig: Signals,
 ) -> anyhow::Result<()> {
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     // Registration itself happens in the kernel at listen(); this only
     // notices it for the logs, so 100 ms is plenty.
     let mut poll = tokio::time::interval(Duration::from_millis(100));
@@ -248,9 +260,9 @@ async fn serve(
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
-            _ = sighup.recv() => {
+            _ = sig.int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+            _ = sig.term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
+            _ = sig.hup.recv() => {
                 tracing::warn!("SIGHUP: configuration reload is not supported by this version; keeping the running configuration");
             }
             _ = poll.tick() => {
