@@ -12,8 +12,8 @@
 pub const MAX_REPLICAS: u32 = 64;
 
 /// Entries of the flow table that keeps a flow on the replica chosen for its
-/// first packet (SYN-cookie ACKs and stray segments come back through
-/// `sk_lookup` and must reach the same listener).
+/// SYN while SYN cookies are in use (the final ACK of a cookie handshake
+/// comes back through `sk_lookup` and must reach the same listener).
 pub const MAX_FLOWS: u32 = 65_536;
 
 /// Request sockets (handshakes in flight) tracked at once.
@@ -118,6 +118,34 @@ pub struct FlowKey {
     pub local_port: u16,
 }
 
+/// State that the programs and the agent both write (one entry in the
+/// RUNTIME array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// Until this bpf_ktime_get_ns() time, sk_lookup records every new flow
+    /// in FLOWS and consults it first. Set when SYN cookies are being sent
+    /// (their final ACK comes back through sk_lookup and must reach the
+    /// listener that sent the cookie); u64::MAX while the namespace sends
+    /// cookies always (net.ipv4.tcp_syncookies = 2).
+    pub track_flows_until_ns: u64,
+}
+
+/// How long flows are tracked after the last SYN cookie was seen: longer
+/// than a cookie stays valid (the kernel accepts cookies up to about two
+/// minutes old).
+pub const COOKIE_TRACK_NS: u64 = 150 * 1_000_000_000;
+
+/// The last decision sk_lookup made on this CPU. The SYN's request socket
+/// is created in the same softirq right after, on the same CPU, so sock_ops
+/// reads the replica from here instead of from a hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastChoice {
+    pub key: FlowKey,
+    pub slot: u32,
+}
+
 /// A handshake in flight (value of the PENDING map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,7 +177,9 @@ pub mod stat {
     pub const PENDING_TABLE_FULL: u32 = 9;
     /// Flows that came back to sk_lookup and were kept on their replica.
     pub const FLOW_HITS: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// SYN-ACKs carrying a SYN cookie sent by a replica listener.
+    pub const COOKIE_SYNACKS: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names as used in logs and metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -164,6 +194,7 @@ pub mod stat {
         "flow_table_full",
         "pending_table_full",
         "flow_hits",
+        "cookie_synacks",
     ];
 }
 
@@ -196,4 +227,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for SlotTotals {}
     unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for Runtime {}
+    unsafe impl aya::Pod for LastChoice {}
 }

@@ -21,8 +21,9 @@ mod maps;
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
-        BPF_SOCK_OPS_TIMEOUT_INIT, bpf_sock,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        bpf_sock,
     },
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -43,6 +44,9 @@ const IPPROTO_TCP: u32 = 6;
 /// Kernel TCP states (include/net/tcp_states.h).
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
+
+/// enum in bpf.h: args[0] of HDR_OPT_LEN_CB for a SYN-ACK with a cookie.
+const BPF_WRITE_HDR_TCP_SYNACK_COOKIE: u32 = 2;
 
 const EEXIST: i64 = 17;
 const EAFNOSUPPORT: i64 = 97;
@@ -82,19 +86,20 @@ macro_rules! ctx_addr {
         let c = $ctx;
         // All five loads happen on both paths: were they inside the branch,
         // LLVM would merge them into one load through a selected offset.
-        let v4 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip4) }.to_ne_bytes();
-        let w0 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[0]) }.to_ne_bytes();
-        let w1 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[1]) }.to_ne_bytes();
-        let w2 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[2]) }.to_ne_bytes();
-        let w3 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[3]) }.to_ne_bytes();
-        if $family == AF_INET as u32 {
-            v4_mapped(v4)
+        let v4 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip4) };
+        let w0 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[0]) };
+        let w1 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[1]) };
+        let w2 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[2]) };
+        let w3 = unsafe { core::ptr::read_volatile(&raw const (*c).$ip6[3]) };
+        // Whole words, not bytes: each word already holds its four bytes in
+        // wire order, and four word stores are far cheaper than sixteen
+        // byte shifts and stores.
+        let words: [u32; 4] = if $family == AF_INET as u32 {
+            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4]
         } else {
-            [
-                w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3],
-                w3[0], w3[1], w3[2], w3[3],
-            ]
-        }
+            [w0, w1, w2, w3]
+        };
+        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
     }};
 }
 
@@ -135,17 +140,21 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
         local_port: l.local_port as u16,
     };
 
-    // A flow that comes back (the ACK that completes a SYN-cookie
-    // handshake, a stray segment of a handshake in flight) must reach the
-    // listener its SYN reached, or the cookie check fails there.
+    // While SYN cookies are in use, a flow that comes back (the ACK that
+    // completes a cookie handshake) must reach the listener that sent the
+    // cookie, or the cookie check fails there. Outside those periods the
+    // flow table is skipped: it is most of the cost of a lookup.
+    let track = tracking_flows();
     let mut tried: u64 = 0;
-    if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
-        if slot < MAX_REPLICAS {
-            if assign(ctx, slot) {
-                stat(stat::FLOW_HITS);
-                return SK_PASS;
+    if track {
+        if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
+            if slot < MAX_REPLICAS {
+                if assign(ctx, slot) {
+                    stat(stat::FLOW_HITS);
+                    return SK_PASS;
+                }
+                tried |= 1u64 << slot;
             }
-            tried |= 1u64 << slot;
         }
     }
 
@@ -156,8 +165,13 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
         };
         tried |= 1u64 << slot;
         if assign(ctx, slot) {
-            if FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
+            if track && FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
                 stat(stat::FLOW_TABLE_FULL);
+            }
+            // Hand the choice to the sock_ops callbacks that run next on
+            // this CPU for the same SYN.
+            if let Some(last) = LAST.get_ptr_mut(0) {
+                unsafe { *last = LastChoice { key, slot } };
             }
             if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
                 unsafe { (*t).assigned += 1 };
@@ -170,6 +184,29 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     // Refuse at once: the client gets a RST instead of waiting for a SYN
     // retransmit timeout.
     SK_DROP
+}
+
+#[inline(always)]
+fn tracking_flows() -> bool {
+    match RUNTIME.get(0) {
+        Some(r) => {
+            let until = unsafe { core::ptr::read_volatile(&r.track_flows_until_ns) };
+            until != 0 && (until == u64::MAX || unsafe { bpf_ktime_get_ns() } < until)
+        }
+        None => false,
+    }
+}
+
+/// The replica sk_lookup chose for `key` on this CPU, if it was the last
+/// decision made here.
+#[inline(always)]
+fn last_choice(key: &FlowKey) -> Option<u32> {
+    let last = LAST.get(0)?;
+    if last.key == *key && last.slot < MAX_REPLICAS {
+        Some(last.slot)
+    } else {
+        None
+    }
 }
 
 /// Least connections / weight among enabled slots with a live listener that
@@ -264,6 +301,7 @@ pub fn mtlb_sockops(ctx: SockOpsContext) -> u32 {
     // as early as possible for everything we do not handle.
     match ctx.op() {
         BPF_SOCK_OPS_TIMEOUT_INIT => on_request(&ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_synack(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
@@ -300,13 +338,10 @@ fn on_request(ctx: &SockOpsContext) {
         return;
     }
     let key = ops_flow_key(ctx);
-    // The slot sk_lookup chose for this flow moments ago.
-    let Some(slot) = (unsafe { FLOWS.get(&key) }).copied() else {
+    // The slot sk_lookup chose for this SYN moments ago on this CPU.
+    let Some(slot) = last_choice(&key) else {
         return;
     };
-    if slot >= MAX_REPLICAS {
-        return;
-    }
     let p = Pending {
         slot,
         _pad: 0,
@@ -322,6 +357,38 @@ fn on_request(ctx: &SockOpsContext) {
         }
         Err(e) if e == -17 => {}
         Err(_) => stat(stat::PENDING_TABLE_FULL),
+    }
+}
+
+/// HDR_OPT_LEN_CB runs for each SYN-ACK a replica listener sends (the
+/// listen hook asks for it). args[0] says whether it carries a SYN cookie:
+/// then no request socket exists, and the flow must be remembered so its
+/// final ACK reaches this listener; flow tracking is switched on for a while.
+#[inline(always)]
+fn on_synack(ctx: &SockOpsContext) {
+    if ctx.arg(0) != BPF_WRITE_HDR_TCP_SYNACK_COOKIE {
+        return;
+    }
+    let Some(s) = settings() else { return };
+    if ctx.local_port() != s.port as u32 {
+        return;
+    }
+    let key = ops_flow_key(ctx);
+    let Some(slot) = last_choice(&key) else {
+        return;
+    };
+    stat(stat::COOKIE_SYNACKS);
+    if FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
+        stat(stat::FLOW_TABLE_FULL);
+    }
+    if let Some(r) = RUNTIME.get_ptr_mut(0) {
+        let until = unsafe { bpf_ktime_get_ns() } + COOKIE_TRACK_NS;
+        // u64::MAX (always) stays; otherwise move the deadline forward.
+        unsafe {
+            if (*r).track_flows_until_ns != u64::MAX && (*r).track_flows_until_ns < until {
+                (*r).track_flows_until_ns = until;
+            }
+        }
     }
 }
 
@@ -371,8 +438,12 @@ fn on_listen(ctx: &SockOpsContext) {
     };
     let _ = LISTENERS.set(slot, lst, BPF_ANY as u64);
     // Ask for the state callback so the slot is cleared the moment this
-    // listener closes (the kernel already drops it from the sockmap).
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    // listener closes (the kernel already drops it from the sockmap), and
+    // for the header-option callback on its SYN-ACKs, which tells SYN-cookie
+    // SYN-ACKs apart (see on_synack).
+    let _ = ctx.set_cb_flags(
+        (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32,
+    );
 }
 
 #[inline(always)]
@@ -401,6 +472,9 @@ fn on_established(ctx: &SockOpsContext) {
     }
     if ctx.local_port() != s.port as u32 || tag.slot >= MAX_REPLICAS {
         tag.state = TAG_IGNORED;
+        // Children inherit the listener's header-option flag; a direct
+        // connection needs no callbacks at all.
+        let _ = ctx.set_cb_flags(0);
         return;
     }
     tag.state = TAG_COUNTED;
@@ -421,7 +495,9 @@ fn on_established(ctx: &SockOpsContext) {
     if let Some(t) = SLOT_TOTALS.get_ptr_mut(tag.slot) {
         unsafe { (*t).established += 1 };
     }
-    // Only steered sockets pay for state callbacks.
+    // Only steered sockets pay for state callbacks; this also drops the
+    // header-option flag inherited from the listener, which would otherwise
+    // run us for every segment sent.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
 

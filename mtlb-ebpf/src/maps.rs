@@ -3,6 +3,8 @@
 //!
 //! Who writes what (so no two writers race on one value):
 //! * SETTINGS, BACKENDS, ADDRESSES: the agent.
+//! * RUNTIME: the agent and the programs (plain stores of a deadline).
+//! * LAST: per-CPU, sk_lookup writes, sock_ops reads.
 //! * LISTENERS, SOCKETS: the listen hook, and the agent when it adopts a
 //!   replica that was listening before it started.
 //! * CONNS: atomic adds only, by the programs and (expiry) the agent.
@@ -40,6 +42,12 @@ pub static LISTENERS: Array<Listener, { MAX_REPLICAS as usize }> = Array::new();
 /// is unused.
 #[btf_map]
 pub static ADDRESSES: HashMap<[u8; 16], u8, 64> = HashMap::new();
+
+#[btf_map]
+pub static RUNTIME: Array<Runtime, 1> = Array::new();
+
+#[btf_map]
+pub static LAST: PerCpuArray<LastChoice, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();

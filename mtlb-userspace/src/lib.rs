@@ -5,10 +5,12 @@
 //! * [`maps`]: typed access to the maps (live or pinned).
 //! * [`registry`]: replica listeners: adoption and registration events.
 //! * [`reconcile`]: configuration to map contents.
+//! * [`cookies`]: when to track flows (SYN cookies in use).
 //! * [`mounts`], [`pins`], [`caps`], [`sys`]: system plumbing.
 
 pub mod caps;
 pub mod config;
+pub mod cookies;
 pub mod loader;
 pub mod maps;
 pub mod mounts;

@@ -3,7 +3,8 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
 use mtlb_common::{
-    Backend, Conns, FlowKey, Listener, MAX_REPLICAS, Pending, Settings, SlotTotals, SockTag, stat,
+    Backend, Conns, FlowKey, Listener, MAX_REPLICAS, Pending, Runtime, Settings, SlotTotals,
+    SockTag, stat,
 };
 use std::{
     os::fd::AsFd,
@@ -47,6 +48,8 @@ pub struct Maps {
     /// The 8-byte-value sockmap; see `sys`.
     pub sockets: MapData,
     pub flows: MapData,
+    pub runtime: Array<MapData, Runtime>,
+    pub last: MapData,
     pub pending: HashMap<MapData, FlowKey, Pending>,
     /// CONNS mapped into this process, for atomic subtraction.
     conns_shared: SharedConns,
@@ -172,6 +175,8 @@ impl Maps {
             )?,
             sockets: get("SOCKETS")?,
             flows: get("FLOWS")?,
+            runtime: conv("RUNTIME", Array::try_from(Map::Array(get("RUNTIME")?)))?,
+            last: get("LAST")?,
             pending: conv("PENDING", HashMap::try_from(Map::HashMap(get("PENDING")?)))?,
         })
     }
@@ -229,6 +234,14 @@ impl Maps {
 
     pub fn settings(&self) -> Result<Settings, MapsError> {
         conv("SETTINGS", self.settings.get(&0, 0))
+    }
+
+    pub fn runtime(&self) -> Result<Runtime, MapsError> {
+        conv("RUNTIME", self.runtime.get(&0, 0))
+    }
+
+    pub fn set_runtime(&mut self, r: Runtime) -> Result<(), MapsError> {
+        conv("RUNTIME", self.runtime.set(0, r, 0))
     }
 
     pub fn add_address(&mut self, a: [u8; 16]) -> Result<(), MapsError> {

@@ -50,6 +50,8 @@ pub mod names {
         "LISTENERS",
         "ADDRESSES",
         "FLOWS",
+        "RUNTIME",
+        "LAST",
         "PENDING",
         "STATS",
         "SLOT_TOTALS",

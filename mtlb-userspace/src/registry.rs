@@ -218,7 +218,8 @@ impl Registry {
                     continue;
                 };
                 match self.adopt(maps, p.pid, fd.fd, slot, addr) {
-                    Ok(()) => adopted.push((slot, addr, p.pid)),
+                    Ok(true) => adopted.push((slot, addr, p.pid)),
+                    Ok(false) => {}
                     Err(e) => tracing::warn!("{e}"),
                 }
             }
@@ -233,11 +234,16 @@ impl Registry {
         fd: i32,
         slot: u32,
         addr: SocketAddr,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let dup = take_fd(pid, fd).map_err(|source| RegistryError::GetFd { pid, fd, source })?;
         let reg = |what, source| RegistryError::Register { slot, what, source };
         let cookie =
             rustix::net::sockopt::socket_cookie(&dup).map_err(|e| reg("SO_COOKIE", e.into()))?;
+        // The listen hook may have registered it since the scan looked
+        // (/proc shows a listener a moment before the hook runs).
+        if maps.socket_cookie(slot)? == Some(cookie) {
+            return Ok(false);
+        }
         let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
         // Tag first: children accepted from now on carry the slot. Then the
         // sockmap, then the description sk_lookup selects on.
@@ -264,7 +270,7 @@ impl Registry {
         self.addrs.insert(cookie, addr);
         // `dup` closes here: only the replica keeps its socket alive.
         drop(dup);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -274,6 +274,56 @@ fn syn_cookies_keep_replica_and_counts() {
 }
 
 #[test]
+fn syn_queue_overflow_cookies_reach_the_right_replica() {
+    let ns = Netns::new();
+    // Default tcp_syncookies = 1: cookies only when a SYN queue overflows.
+    let agent = ns.agent(&[]);
+    // Registered by the listen hook, with one-slot SYN queues: every SYN
+    // that arrives while another handshake is open gets a cookie.
+    let _a = Replica::start_with("mtp1", A, 1, true, None);
+    let _b = Replica::start_with("mtp2", B, 1, true, None);
+    agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
+    ns.tc(&[
+        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400kbit", "burst", "1600", "limit",
+        "1000000",
+    ]);
+    let addr: SocketAddr = BALANCED.parse().unwrap();
+    let socks: Vec<socket2::Socket> = (0..24)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    // Every connection completes with its replica: a cookie ACK sent to the
+    // other listener would be answered with RST.
+    let held: Vec<TcpStream> = socks
+        .into_iter()
+        .map(|s| {
+            s.set_nonblocking(false).unwrap();
+            let mut s: TcpStream = s.into();
+            // A cookie handshake has no SYN-ACK retransmits: if its ACK
+            // meets a full accept queue, data sent afterwards retries it.
+            std::io::Write::write_all(&mut s, b"x").unwrap();
+            greeting(&s).expect("greeting");
+            s
+        })
+        .collect();
+    assert_eq!(held.len(), 24);
+    let maps = agent.maps();
+    let cookies = maps.stat(mtlb_common::stat::COOKIE_SYNACKS).unwrap();
+    let hits = maps.stat(mtlb_common::stat::FLOW_HITS).unwrap();
+    assert!(cookies > 0, "no SYN cookie was sent; the test did not overflow a queue");
+    assert!(hits > 0, "no cookie ACK came back through the flow table");
+    wait_counts(&maps, 2, "all 24 established", |c| {
+        c[0].established + c[1].established == 24 && c[0].handshakes + c[1].handshakes == 0
+    });
+    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+}
+
+#[test]
 fn failover_and_restart() {
     let (_ns, agent, a, mut b) = setup();
     let maps = agent.maps();

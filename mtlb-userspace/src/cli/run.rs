@@ -182,6 +182,8 @@ async fn start(
     for a in &cfg.addresses {
         maps.add_address(reconcile::addr16(*a))?;
     }
+    let mut seen = None;
+    watch_cookies(&mut loaded.maps, &mut seen)?;
     loaded.attach_accounting(cgroup, dir, attached)?;
     let mut registry = Registry::new(cfg.replicas as usize);
     adopt(cfg, &mut registry, &mut loaded.maps);
@@ -254,6 +256,7 @@ async fn serve(
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut scan = tokio::time::interval(Duration::from_millis(cfg.scan_interval_ms));
     let mut expire = tokio::time::interval(Duration::from_millis(250));
+    let mut cookies_seen = None;
     let timeout_ns = cfg.handshake_timeout_ms * 1_000_000;
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,6 +271,9 @@ async fn serve(
             _ = poll.tick() => {
                 if let Err(e) = log_changes(cfg, registry, &mut loaded.maps) {
                     tracing::warn!("reading replica registrations: {e:#}");
+                }
+                if let Err(e) = watch_cookies(&mut loaded.maps, &mut cookies_seen) {
+                    tracing::warn!("watching SYN cookies: {e:#}");
                 }
             }
             _ = expire.tick() => {
@@ -290,4 +296,28 @@ fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Turns flow tracking on while the namespace sends SYN cookies (see
+/// `mtlb::cookies`).
+fn watch_cookies(
+    maps: &mut Maps,
+    prev: &mut Option<mtlb::cookies::Observed>,
+) -> anyhow::Result<()> {
+    let now = mtlb::cookies::observe()?;
+    let mut rt = maps.runtime()?;
+    if let Some(until) =
+        mtlb::cookies::next_deadline(*prev, now, rt.track_flows_until_ns, monotonic_ns())
+    {
+        if prev.is_some_and(|p| now.sent > p.sent) {
+            tracing::info!(
+                "replicas are sending SYN cookies ({} so far): keeping flows on their replica",
+                now.sent
+            );
+        }
+        rt.track_flows_until_ns = until;
+        maps.set_runtime(rt)?;
+    }
+    *prev = Some(now);
+    Ok(())
 }
