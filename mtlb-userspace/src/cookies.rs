@@ -62,7 +62,9 @@ pub fn syncookies_sent(netstat: &str) -> Option<u64> {
         if !names.starts_with("TcpExt:") {
             continue;
         }
-        let i = names.split_whitespace().position(|n| n == "SyncookiesSent")?;
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "SyncookiesSent")?;
         return values.split_whitespace().nth(i)?.parse().ok();
     }
     None
@@ -91,7 +93,10 @@ mod tests {
         // A later deadline set by the programs is kept.
         assert_eq!(next_deadline(Some(a), b, 10 * COOKIE_TRACK_NS, S), None);
         // Leaving mode 2 keeps tracking for the life of sent cookies.
-        assert_eq!(next_deadline(Some(a), a, u64::MAX, S), Some(S + COOKIE_TRACK_NS));
+        assert_eq!(
+            next_deadline(Some(a), a, u64::MAX, S),
+            Some(S + COOKIE_TRACK_NS)
+        );
     }
 
     #[test]

@@ -115,6 +115,19 @@ impl Netns {
             .arg(rule));
     }
 
+    /// Slows lo down with a token bucket, so that handshakes stay in flight
+    /// (SYN-ACKs queue behind the SYNs sent before them).
+    pub fn slow_lo(&self, rate: &str) {
+        self.tc(&[
+            "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "1600", "limit",
+            "1000000",
+        ]);
+    }
+
+    pub fn unslow_lo(&self) {
+        self.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    }
+
     /// Runs `tc ARGS` inside the namespace.
     pub fn tc(&self, args: &[&str]) {
         sh(Command::new("tc").arg("-n").arg(&self.name).args(args));
@@ -460,6 +473,28 @@ pub fn connect(addr: &str) -> std::io::Result<(TcpStream, String)> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     let name = greeting(&s)?;
     Ok((s, name))
+}
+
+/// Starts `n` non-blocking connects to `addr` (SYNs sent, nothing
+/// awaited).
+pub fn start_connects(addr: &str, n: usize) -> Vec<socket2::Socket> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    (0..n)
+        .map(|_| {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&addr.into()) {
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                other => panic!("non-blocking connect to {addr}: {other:?}"),
+            }
+            s
+        })
+        .collect()
 }
 
 /// Reads one greeting line.

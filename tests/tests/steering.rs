@@ -80,23 +80,8 @@ fn syn_burst_spreads_evenly() {
     let (ns, agent, a, b) = setup();
     // Slow lo down so that 64 handshakes are in flight at once: every SYN
     // is looked up before any SYN-ACK gets through the queue.
-    ns.tc(&[
-        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400kbit", "burst", "1600", "limit",
-        "1000000",
-    ]);
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    let socks: Vec<socket2::Socket> = (0..64)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            match s.connect(&addr.into()) {
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                other => panic!("non-blocking connect: {other:?}"),
-            }
-            s
-        })
-        .collect();
+    ns.slow_lo("400kbit");
+    let socks = start_connects(BALANCED, 64);
     // While the burst is in flight, handshakes count for their replica.
     let maps = agent.maps();
     let c = (conns(&maps, 0), conns(&maps, 1));
@@ -121,7 +106,7 @@ fn syn_burst_spreads_evenly() {
     // within ±10% of 32
     assert!(na.abs_diff(32) <= 3, "burst split {t:?}");
     assert_eq!(a.count() + b.count(), 64);
-    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    ns.unslow_lo();
 }
 
 #[test]
@@ -157,17 +142,8 @@ fn no_leaks_after_fin_rst_and_failed_handshakes() {
 
     // Handshakes that never complete: a client that gives up before the
     // SYN-ACK (the kernel answers it with RST), seen as in flight.
-    ns.tc(&[
-        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100kbit", "burst", "1600", "limit",
-        "1000000",
-    ]);
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    for _ in 0..8 {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_nonblocking(true).unwrap();
-        let _ = s.connect(&addr.into());
-        drop(s);
-    }
+    ns.slow_lo("100kbit");
+    drop(start_connects(BALANCED, 8));
     // The SYNs still reach the replicas (their request sockets count), the
     // SYN-ACKs meet no socket and get RST: the kernel drops the requests
     // without any event reaching the programs.
@@ -175,7 +151,7 @@ fn no_leaks_after_fin_rst_and_failed_handshakes() {
         c.iter().map(|c| c.handshakes).sum::<u64>() > 0
     });
     wait_counts(&maps, 2, "after abandoned handshakes", zero);
-    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    ns.unslow_lo();
 }
 
 #[test]
@@ -193,16 +169,7 @@ fn handshakes_that_never_complete_do_not_leak() {
     ns.nft("add table inet mtlbtest");
     ns.nft("add chain inet mtlbtest out { type filter hook output priority 0; }");
     ns.nft("add rule inet mtlbtest out tcp dport 443 tcp flags == ack drop");
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    let socks: Vec<socket2::Socket> = (0..8)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
+    let socks = start_connects(BALANCED, 8);
     wait_counts(&maps, 2, "stuck handshakes counted", |c| {
         c.iter().map(|c| c.handshakes).sum::<u64>() == 8
     });
@@ -227,16 +194,7 @@ fn full_accept_queue_does_not_leak() {
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
     agent.wait_for("replica mtp2 registered");
     let maps = agent.maps();
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    let socks: Vec<socket2::Socket> = (0..8)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
+    let socks = start_connects(BALANCED, 8);
     // Queued (established, never accepted) connections count.
     wait_counts(&maps, 2, "queued connections counted", |c| {
         c[0].established > 0 && c[1].established > 0
@@ -283,20 +241,8 @@ fn syn_queue_overflow_cookies_reach_the_right_replica() {
     let _a = Replica::start_with("mtp1", A, 1, true, None);
     let _b = Replica::start_with("mtp2", B, 1, true, None);
     agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
-    ns.tc(&[
-        "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400kbit", "burst", "1600", "limit",
-        "1000000",
-    ]);
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    let socks: Vec<socket2::Socket> = (0..24)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
+    ns.slow_lo("400kbit");
+    let socks = start_connects(BALANCED, 24);
     // Every connection completes with its replica: a cookie ACK sent to the
     // other listener would be answered with RST.
     let held: Vec<TcpStream> = socks
@@ -315,12 +261,15 @@ fn syn_queue_overflow_cookies_reach_the_right_replica() {
     let maps = agent.maps();
     let cookies = maps.stat(mtlb_common::stat::COOKIE_SYNACKS).unwrap();
     let hits = maps.stat(mtlb_common::stat::FLOW_HITS).unwrap();
-    assert!(cookies > 0, "no SYN cookie was sent; the test did not overflow a queue");
+    assert!(
+        cookies > 0,
+        "no SYN cookie was sent; the test did not overflow a queue"
+    );
     assert!(hits > 0, "no cookie ACK came back through the flow table");
     wait_counts(&maps, 2, "all 24 established", |c| {
         c[0].established + c[1].established == 24 && c[0].handshakes + c[1].handshakes == 0
     });
-    ns.tc(&["qdisc", "del", "dev", "lo", "root"]);
+    ns.unslow_lo();
 }
 
 #[test]
