@@ -22,6 +22,20 @@ fn setup() -> (Netns, Agent, Replica, Replica) {
     (ns, agent, a, b)
 }
 
+/// Like `setup`, but incomplete handshakes expire after 500 ms in the agent
+/// and SYN-ACKs are retried once only, so the kernel gives up on them within
+/// a few seconds too.
+fn setup_short_handshakes() -> (Netns, Agent, Replica, Replica) {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    let a = Replica::start("mtp1", A);
+    let b = Replica::start("mtp2", B);
+    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
+    agent.wait_for("replica mtp1 registered");
+    agent.wait_for("replica mtp2 registered");
+    (ns, agent, a, b)
+}
+
 fn hold(n: usize) -> Vec<(TcpStream, String)> {
     (0..n)
         .map(|i| connect(BALANCED).unwrap_or_else(|e| panic!("connect #{i}: {e}")))
@@ -111,14 +125,7 @@ fn syn_burst_spreads_evenly() {
 
 #[test]
 fn no_leaks_after_fin_rst_and_failed_handshakes() {
-    let ns = Netns::new();
-    // SYN-ACKs retried once only, so request sockets of handshakes that
-    // never complete die within a few seconds in the kernel too.
-    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
-    let _a = Replica::start("mtp1", A);
-    let _b = Replica::start("mtp2", B);
-    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("replica mtp2 registered");
+    let (ns, agent, _a, _b) = setup_short_handshakes();
     let maps = agent.maps();
     let zero = |c: &[Conns]| c.iter().all(|c| *c == Conns::default());
 
@@ -156,12 +163,7 @@ fn no_leaks_after_fin_rst_and_failed_handshakes() {
 
 #[test]
 fn handshakes_that_never_complete_do_not_leak() {
-    let ns = Netns::new();
-    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
-    let _a = Replica::start("mtp1", A);
-    let _b = Replica::start("mtp2", B);
-    let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("replica mtp2 registered");
+    let (ns, agent, _a, _b) = setup_short_handshakes();
     let maps = agent.maps();
     // Drop the clients' final ACKs: the replicas' request sockets stay in
     // SYN-RECV until the kernel gives up on them, as in a SYN flood. The
