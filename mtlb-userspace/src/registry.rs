@@ -117,8 +117,8 @@ pub fn family_name(family: u16, v6only: Option<bool>) -> &'static str {
 
 pub struct Registry {
     known: Vec<Option<SlotView>>,
-    /// Listener addresses by cookie, for logs.
-    addrs: HashMap<u64, SocketAddr>,
+    /// Listener address and IPV6_V6ONLY (when known) by cookie, for logs.
+    addrs: HashMap<u64, (SocketAddr, Option<bool>)>,
 }
 
 impl Registry {
@@ -133,7 +133,7 @@ impl Registry {
         &self.known
     }
 
-    pub fn addr_of(&self, cookie: u64) -> Option<SocketAddr> {
+    pub fn addr_of(&self, cookie: u64) -> Option<(SocketAddr, Option<bool>)> {
         self.addrs.get(&cookie).copied()
     }
 
@@ -267,7 +267,11 @@ impl Registry {
                 how: REG_ADOPTED,
             },
         )?;
-        self.addrs.insert(cookie, addr);
+        let v6only = addr
+            .is_ipv6()
+            .then(|| rustix::net::sockopt::ipv6_v6only(&dup).ok())
+            .flatten();
+        self.addrs.insert(cookie, (addr, v6only));
         // `dup` closes here: only the replica keeps its socket alive.
         drop(dup);
         Ok(true)

@@ -436,7 +436,7 @@ fn ipv6_clients_reach_dual_stack_replicas() {
     let a = Replica::start_with("mtp1", "[::]:10000", 1024, true, Some(false));
     let _b = Replica::start_with("mtp2", "[::]:10001", 1024, true, Some(false));
     let agent = ns.agent(&[]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("replica mtp2 registered: [::]:10001 (IPv6 dual-stack");
     let held6 = hold_at("[::1]:443", 4);
     let t = tally(held6.iter().map(|(_, n)| n));
     assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");

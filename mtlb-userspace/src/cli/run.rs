@@ -209,23 +209,25 @@ fn log_changes(cfg: &Config, registry: &mut Registry, maps: &mut Maps) -> anyhow
     for c in registry.poll(maps)? {
         match c {
             Change::Registered { slot, view } => {
-                let addr = registry
-                    .addr_of(view.cookie)
-                    .or_else(|| registry::find_addr(cfg, slot));
+                let (addr, v6only) = match registry.addr_of(view.cookie) {
+                    Some((a, v)) => (Some(a), v),
+                    None => (registry::find_addr(cfg, slot), None),
+                };
                 tracing::info!(
                     "replica {} registered: {} ({}, via {})",
                     replica_name(slot as usize),
                     show(addr, cfg, slot),
-                    registry::family_name(view.family, None),
+                    registry::family_name(view.family, v6only),
                     registry::how_name(view.how),
                 );
             }
             Change::Unregistered { slot, view } => {
+                let known = registry.addr_of(view.cookie);
                 tracing::info!(
                     "replica {} unregistered: {} ({}): its listener closed",
                     replica_name(slot as usize),
-                    show(registry.addr_of(view.cookie), cfg, slot),
-                    registry::family_name(view.family, None),
+                    show(known.map(|k| k.0), cfg, slot),
+                    registry::family_name(view.family, known.and_then(|k| k.1)),
                 );
             }
         }
