@@ -47,6 +47,68 @@ pub enum Algorithm {
     Leastconn,
 }
 
+/// What a health check verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// TCP connect and close.
+    Tcp,
+    /// An MTProxy handshake with the configured secret (see `checks`).
+    Mtproxy,
+    /// Only the replica's HTTP stats endpoint (`total_ready_targets` > 0).
+    Stats,
+    /// No checks: a registered replica is UP.
+    None,
+}
+
+/// `[check]`: health checks, with HAProxy's knobs and meanings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckConfig {
+    /// "tcp" (default), "mtproxy", "stats" or "none".
+    pub kind: CheckKind,
+    /// Interval between checks while steady, ms. Default 2000 (HAProxy's).
+    pub inter_ms: u64,
+    /// Interval while a state change is under way ("DOWN 1/2"), ms.
+    /// Default 1000.
+    pub fastinter_ms: u64,
+    /// Interval while DOWN, ms. Default 2000.
+    pub downinter_ms: u64,
+    /// Consecutive successes to go UP. Default 2.
+    pub rise: u32,
+    /// Consecutive failures to go DOWN. Default 3.
+    pub fall: u32,
+    /// Timeout of one check, ms. Default 2000.
+    pub timeout_ms: u64,
+    /// A replica whose accept queue stays non-empty without draining this
+    /// long, or is full, is DOWN ("accept queue stalled"), ms. Default 2000.
+    pub stall_ms: u64,
+    /// Replica `i`'s MTProxy HTTP stats port is `stats_base_port + i`; when
+    /// set, `total_ready_targets` must be > 0 too (with kind "stats", it is
+    /// the only check). Default: unset.
+    pub stats_base_port: Option<u16>,
+    /// Ramp a replica's weight up over this long after it comes UP, ms.
+    /// Default 0 (off).
+    pub slowstart_ms: u64,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            inter_ms: 2000,
+            fastinter_ms: 1000,
+            downinter_ms: 2000,
+            rise: 2,
+            fall: 3,
+            timeout_ms: 2000,
+            stall_ms: 2000,
+            stats_base_port: None,
+            slowstart_ms: 0,
+        }
+    }
+}
+
 /// `mtlb.toml`. Every key is optional; see README "Configuration".
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -92,6 +154,14 @@ pub struct Config {
     /// client gone, full accept queue); this bounds how long it weighs.
     /// Default 3000.
     pub handshake_timeout_ms: u64,
+    /// Where operator choices (drain/maint/ready, weights) are kept across
+    /// agent restarts. Default /var/lib/mtlb.
+    pub state_dir: PathBuf,
+    /// Directory of the control socket `<netns inode>.sock`. Default
+    /// /run/mtlb.
+    pub control_dir: PathBuf,
+    /// Health checks.
+    pub check: CheckConfig,
 }
 
 impl Default for Config {
@@ -111,6 +181,9 @@ impl Default for Config {
             keep_pins: false,
             scan_interval_ms: 500,
             handshake_timeout_ms: 3000,
+            state_dir: PathBuf::from("/var/lib/mtlb"),
+            control_dir: PathBuf::from("/run/mtlb"),
+            check: CheckConfig::default(),
         }
     }
 }
@@ -143,6 +216,14 @@ pub struct Overrides {
     /// [config: handshake_timeout_ms, default 3000].
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
+    /// Directory for state kept across restarts [config: state_dir,
+    /// default /var/lib/mtlb].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Directory of the control socket [config: control_dir, default
+    /// /run/mtlb].
+    #[arg(long)]
+    pub control_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -190,6 +271,12 @@ impl Config {
         }
         if let Some(v) = o.handshake_timeout_ms {
             self.handshake_timeout_ms = v;
+        }
+        if let Some(v) = &o.state_dir {
+            self.state_dir = v.clone();
+        }
+        if let Some(v) = &o.control_dir {
+            self.control_dir = v.clone();
         }
     }
 
@@ -283,6 +370,57 @@ impl Config {
                 "must be 10..=60000",
             ));
         }
+        for (key, v, lo) in [
+            ("check.inter_ms", self.check.inter_ms, 10),
+            ("check.fastinter_ms", self.check.fastinter_ms, 10),
+            ("check.downinter_ms", self.check.downinter_ms, 10),
+            ("check.timeout_ms", self.check.timeout_ms, 10),
+            ("check.stall_ms", self.check.stall_ms, 100),
+        ] {
+            if !(lo..=3_600_000).contains(&v) {
+                return Err(invalid(key, v, format!("must be {lo}..=3600000")));
+            }
+        }
+        if !(1..=100).contains(&self.check.rise) {
+            return Err(invalid("check.rise", self.check.rise, "must be 1..=100"));
+        }
+        if !(1..=100).contains(&self.check.fall) {
+            return Err(invalid("check.fall", self.check.fall, "must be 1..=100"));
+        }
+        if self.check.slowstart_ms > 3_600_000 {
+            return Err(invalid(
+                "check.slowstart_ms",
+                self.check.slowstart_ms,
+                "must be 0..=3600000",
+            ));
+        }
+        if self.check.kind == CheckKind::Stats && self.check.stats_base_port.is_none() {
+            return Err(invalid(
+                "check.kind",
+                "stats",
+                "needs check.stats_base_port",
+            ));
+        }
+        if let Some(b) = self.check.stats_base_port
+            && (b == 0 || b as u32 + self.replicas as u32 - 1 > 65535)
+        {
+            return Err(invalid(
+                "check.stats_base_port",
+                b,
+                format!(
+                    "{} stats ports from it must fit in 1..=65535",
+                    self.replicas
+                ),
+            ));
+        }
+        for (key, p) in [
+            ("state_dir", &self.state_dir),
+            ("control_dir", &self.control_dir),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(key, p.display(), "must be an absolute path"));
+            }
+        }
         if !(100..=600_000).contains(&self.handshake_timeout_ms) {
             return Err(invalid(
                 "handshake_timeout_ms",
@@ -291,6 +429,38 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        let ms = std::time::Duration::from_millis;
+        crate::health::Thresholds {
+            rise: self.check.rise,
+            fall: self.check.fall,
+            inter: ms(self.check.inter_ms),
+            fastinter: ms(self.check.fastinter_ms),
+            downinter: ms(self.check.downinter_ms),
+        }
+    }
+
+    /// What may change on a reload; the rest needs a restart. Returns the
+    /// first key that differs and may not.
+    pub fn reload_blocker(&self, new: &Config) -> Option<&'static str> {
+        if self.base_port != new.base_port {
+            return Some("base_port");
+        }
+        if self.replica_address != new.replica_address {
+            return Some("replica_address");
+        }
+        if self.bpffs != new.bpffs {
+            return Some("bpffs");
+        }
+        if self.control_dir != new.control_dir {
+            return Some("control_dir");
+        }
+        if self.state_dir != new.state_dir {
+            return Some("state_dir");
+        }
+        None
     }
 
     pub fn weight(&self, slot: usize) -> u32 {
@@ -400,6 +570,38 @@ mod tests {
         assert!(e.contains("replica_address"), "{e}");
         let e = err("algorithm = \"roundrobin\"");
         assert!(e.contains("roundrobin") && e.contains("leastconn"), "{e}");
+    }
+
+    #[test]
+    fn check_section() {
+        let c = parse("[check]\nkind = \"mtproxy\"\nrise = 3\ninter_ms = 500").unwrap();
+        assert_eq!(c.check.kind, CheckKind::Mtproxy);
+        assert_eq!((c.check.rise, c.check.fall, c.check.inter_ms), (3, 3, 500));
+        let e = err("[check]\nfall = 0");
+        assert!(e.contains("`check.fall`: 0"), "{e}");
+        let e = err("[check]\nkind = \"stats\"");
+        assert!(
+            e.contains("`check.kind`") && e.contains("stats_base_port"),
+            "{e}"
+        );
+        let e = err("[check]\nknd = \"tcp\"");
+        assert!(e.contains("knd"), "{e}");
+    }
+
+    #[test]
+    fn reload_blockers() {
+        let a = Config::default();
+        let b = Config {
+            replicas: 3,
+            port: 8443,
+            ..Default::default()
+        };
+        assert_eq!(a.reload_blocker(&b), None);
+        let c = Config {
+            base_port: 20000,
+            ..Default::default()
+        };
+        assert_eq!(a.reload_blocker(&c), Some("base_port"));
     }
 
     #[test]

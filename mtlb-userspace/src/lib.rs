@@ -8,14 +8,20 @@
 //! * [`cookies`]: when to track flows (SYN cookies in use).
 //! * [`mounts`], [`pins`], [`caps`], [`sys`]: system plumbing.
 
+pub mod backends;
 pub mod caps;
+pub mod checks;
 pub mod config;
+pub mod control;
 pub mod cookies;
+pub mod health;
 pub mod loader;
 pub mod maps;
 pub mod mounts;
+pub mod mtproxy;
 pub mod netns;
 pub mod pins;
+pub mod queue;
 pub mod reconcile;
 pub mod registry;
 pub mod sys;

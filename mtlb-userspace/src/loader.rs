@@ -63,10 +63,18 @@ pub struct Attached {
     links: Vec<(PathBuf, PinnedLink)>,
 }
 
-/// Loads the object, creates the maps and pins them in `pin_dir`, and
-/// verifies every program with the kernel. Nothing is attached yet.
+/// Loads the object and verifies every program with the kernel. Each map
+/// is taken from its pin in `pin_dir` when one exists (the state of a
+/// previous agent: registrations, counts, socket tags), else created and
+/// pinned there. Nothing is attached yet. Check [`pins_compatible`] first.
 pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(LoadError::Object)?;
+    let paths: Vec<(&'static str, PathBuf)> =
+        names::MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
 
     prog::<SkLookup>(&mut ebpf, "mtlb_steer")?
         .load()
@@ -82,8 +90,45 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
             what: "sock_ops",
             source,
         })?;
-    let maps = Maps::take(&mut ebpf, pin_dir)?;
+    let maps = Maps::take(&mut ebpf)?;
     Ok(Loaded { ebpf, maps })
+}
+
+/// Whether every map pinned in `pin_dir` has the shape this build's maps
+/// have (type, key and value size, entries, flags), so a new agent (or a
+/// new binary) can take them over. Missing pins count as incompatible.
+pub fn pins_compatible(pin_dir: &Path) -> Result<Result<(), String>, LoadError> {
+    // A throw-away load tells the shapes of this build's maps.
+    let mut fresh = EbpfLoader::new().load(OBJECT).map_err(LoadError::Object)?;
+    for name in names::MAPS {
+        let Some(ours) = fresh.take_map(name) else {
+            return Ok(Err(format!("map {name} is not in this build")));
+        };
+        let ours = crate::maps::data(name, ours)?.info();
+        let theirs = aya::maps::MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info());
+        let (ours, theirs) = match (ours, theirs) {
+            (Ok(a), Ok(b)) => (a, b),
+            (_, Err(e)) => return Ok(Err(format!("pinned map {name}: {e}"))),
+            (Err(e), _) => return Ok(Err(format!("map {name}: {e}"))),
+        };
+        let shape = |i: &aya::maps::MapInfo| {
+            (
+                i.map_type().ok(),
+                i.key_size(),
+                i.value_size(),
+                i.max_entries(),
+                i.map_flags(),
+            )
+        };
+        if shape(&ours) != shape(&theirs) {
+            return Ok(Err(format!(
+                "map {name} differs: pinned {:?}, this build {:?}",
+                shape(&theirs),
+                shape(&ours)
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
 
 fn prog<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
@@ -155,7 +200,15 @@ impl Attached {
         Self { links: Vec::new() }
     }
 
+    /// Pins `link` at `path`. A link pinned there before (a previous
+    /// agent's, still attached) is unpinned first, which detaches it: the
+    /// new one is attached already, so steering never stops.
     fn pin(&mut self, link: FdLink, path: PathBuf) -> Result<(), LoadError> {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!("replaced the previous agent's link {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::Open { path, source }),
+        }
         let pinned = link.pin(&path).map_err(|source| LoadError::PinLink {
             path: path.clone(),
             source,

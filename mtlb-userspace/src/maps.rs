@@ -114,7 +114,8 @@ fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
     r.map_err(|source| MapsError::Map { name, source })
 }
 
-fn data(name: &'static str, m: Map) -> Result<MapData, MapsError> {
+/// The MapData of one of our maps (the types the object declares).
+pub(crate) fn data(name: &'static str, m: Map) -> Result<MapData, MapsError> {
     Ok(match m {
         Map::SockMap(d) | Map::LruHashMap(d) | Map::HashMap(d) => d,
         Map::SkStorage(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
@@ -123,16 +124,11 @@ fn data(name: &'static str, m: Map) -> Result<MapData, MapsError> {
 }
 
 impl Maps {
-    /// Takes the maps out of a loaded object, pinning each in `pin_dir`
-    /// under its own name.
-    pub fn take(ebpf: &mut aya::Ebpf, pin_dir: &Path) -> Result<Self, MapsError> {
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
         let mut get = |name: &'static str| -> Result<MapData, MapsError> {
             let m = ebpf.take_map(name).ok_or(MapsError::Missing { name })?;
-            let d = data(name, m)?;
-            let path = pin_dir.join(name);
-            d.pin(&path)
-                .map_err(|source| MapsError::PinTo { name, path, source })?;
-            Ok(d)
+            data(name, m)
         };
         Self::build(&mut get)
     }
@@ -270,6 +266,20 @@ impl Maps {
             }
         }
         Ok(n)
+    }
+
+    pub fn addresses(&self) -> Result<Vec<[u8; 16]>, MapsError> {
+        self.addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "ADDRESSES",
+                source,
+            })
+    }
+
+    pub fn remove_address(&mut self, a: &[u8; 16]) -> Result<(), MapsError> {
+        conv("ADDRESSES", self.addresses.remove(a))
     }
 
     pub fn max_slots() -> u32 {

@@ -12,12 +12,14 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-pub fn settings(cfg: &Config, netns_cookie: u64) -> Settings {
+/// SETTINGS for `cfg`, with `slots` replica slots (more than configured
+/// while replicas scaled away by a reload are still draining).
+pub fn settings(cfg: &Config, netns_cookie: u64, slots: u16) -> Settings {
     Settings {
         netns_cookie,
         port: cfg.port,
         base_port: cfg.base_port,
-        replicas: cfg.replicas,
+        replicas: slots,
         all_addresses: cfg.addresses.is_empty() as u8,
         accept_wildcard: 1,
         replica_addr: addr16(cfg.replica_address),
@@ -52,7 +54,7 @@ mod tests {
             weights: vec![3, 1],
             ..Default::default()
         };
-        let s = settings(&cfg, 42);
+        let s = settings(&cfg, 42, cfg.replicas);
         assert_eq!(s.netns_cookie, 42);
         assert_eq!((s.port, s.base_port, s.replicas), (443, 10000, 3));
         assert_eq!(s.all_addresses, 1);

@@ -81,6 +81,9 @@ pub fn diff(prev: &[Option<SlotView>], now: &[Option<SlotView>]) -> Vec<Change> 
 pub struct ProcListener {
     pub addr: SocketAddr,
     pub inode: u64,
+    /// Accept queue length and limit (rx_queue/tx_queue of a listener).
+    pub queued: u32,
+    pub backlog: u32,
 }
 
 /// The slot a listener on `addr` belongs to, if any: its port is a replica
@@ -319,6 +322,8 @@ pub fn proc_listeners() -> Result<Vec<ProcListener>, RegistryError> {
                 .map(|e| ProcListener {
                     addr: e.local_address,
                     inode: e.inode,
+                    queued: e.rx_queue,
+                    backlog: e.tx_queue,
                 }),
         );
     }

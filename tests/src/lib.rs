@@ -92,6 +92,10 @@ impl Netns {
             .unwrap_or_else(|e| panic!("setns {}: {e}", self.name));
     }
 
+    pub fn state_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("mtlb-state-{}", self.name))
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/mtlb/{}", self.ino))
     }
@@ -147,6 +151,10 @@ impl Netns {
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
             .args(args)
+            // Operator state of this namespace only (inode numbers are
+            // reused once a namespace is gone).
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .env("MTLB_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -170,6 +178,7 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
         let _ = mtlb::pins::remove(&self.pin_dir());
+        let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }
 
@@ -433,8 +442,16 @@ impl Replica {
         self.state.lock().unwrap().accepted.clone()
     }
 
-    pub fn count(&self) -> usize {
-        self.state.lock().unwrap().accepted.len()
+    /// Connections that came through the balanced port (health checks go
+    /// to the replica's own port).
+    pub fn steered(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .accepted
+            .iter()
+            .filter(|a| a.local.port() == 443)
+            .count()
     }
 
     /// Stops listening: the listening socket is closed, as when the

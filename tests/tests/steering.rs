@@ -119,7 +119,7 @@ fn syn_burst_spreads_evenly() {
     assert_eq!(na + nb, 64);
     // within ±10% of 32
     assert!(na.abs_diff(32) <= 3, "burst split {t:?}");
-    assert_eq!(a.count() + b.count(), 64);
+    assert_eq!(a.steered() + b.steered(), 64);
     ns.unslow_lo();
 }
 
@@ -323,7 +323,7 @@ fn failover_and_restart() {
     let took = t0.elapsed();
     assert_eq!(name, "mtp2", "first connection after restart");
     eprintln!("restarted replica took its first connection {took:?} after listen()");
-    assert_eq!(b2.count(), 1);
+    assert_eq!(b2.steered(), 1);
     assert!(conns(&maps, 0).established >= 300);
     drop(a);
 }
@@ -510,13 +510,16 @@ fn kept_pins_keep_steering_and_the_next_agent_replaces_them() {
     drop(agent);
     // The dropped agent was killed (SIGKILL): its pins stay, and so does
     // steering from the pinned program and maps.
-    let (_s, name) = connect(BALANCED).expect("steering after the agent died");
+    let (_held, name) = connect(BALANCED).expect("steering after the agent died");
     assert!(name.starts_with("mtp"));
     assert!(ns.pin_dir().exists());
 
-    // --keep-pins on SIGTERM: same.
+    // --keep-pins on SIGTERM: same. The new agent takes the pinned state
+    // over: the connection held across the restart is still counted.
     agent = ns.agent(&["--keep-pins"]);
-    agent.wait_for("found pins of an earlier agent");
+    agent.wait_for("taking over the pinned state of an earlier agent");
+    let m = agent.maps();
+    assert_eq!(conns(&m, 0).established + conns(&m, 1).established, 1);
     agent.wait_for("replica mtp2 registered");
     assert!(agent.stop().success());
     assert!(agent.log().contains("keeping programs attached"));

@@ -1,5 +1,7 @@
 //! Command line: one file per subcommand.
 
+mod backend;
+mod reload;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -19,10 +21,18 @@ pub enum Command {
     /// Run the balancer agent: load and attach the programs, register
     /// replicas, keep the maps up to date. Stops on SIGINT/SIGTERM.
     Run(run::RunArgs),
+    /// Control one replica of the running agent: drain, maint, ready,
+    /// weight N, wait-drained.
+    Backend(backend::BackendArgs),
+    /// Make the running agent re-read its configuration (as SIGHUP does);
+    /// an invalid one is rejected and the running one stays.
+    Reload(reload::ReloadArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a),
+        Command::Backend(a) => backend::run(a),
+        Command::Reload(a) => reload::run(a),
     }
 }

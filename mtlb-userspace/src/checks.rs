@@ -1,0 +1,146 @@
+//! Health checks, run by the agent against each replica's own port.
+//!
+//! Check connections go straight to `replica_address:base_port+i`: the
+//! sk_lookup program lets them through untouched and they are not counted.
+
+use crate::health::CheckResult;
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+/// Reasons, as in HAProxy's vocabulary where one exists (README "Reasons").
+pub mod reason {
+    pub const L4_OK: &str = "Layer4 check passed";
+    pub const L4_CON: &str = "Layer4 connection problem";
+    pub const L4_TOUT: &str = "Layer4 timeout";
+    pub const MTPROXY_OK: &str = "MTProxy answered through upstream";
+    pub const WRONG_SECRET: &str = "wrong secret or not MTProxy";
+    pub const NO_ANSWER: &str = "no answer through proxy";
+    pub const TLS_HMAC: &str = "TLS reply HMAC mismatch";
+    pub const STATS_OK: &str = "stats: upstream ready";
+    pub const STATS_NOT_READY: &str = "stats: no ready upstream targets";
+    pub const STATS_UNREACHABLE: &str = "stats endpoint unreachable";
+    pub const QUEUE_STALLED: &str = "accept queue stalled";
+    pub const NO_LISTENER: &str = "no listener registered";
+}
+
+/// Connects with a timeout, mapping failures to HAProxy's layer-4 reasons.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, CheckResult> {
+    let t0 = Instant::now();
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(CheckResult::fail(
+            reason::L4_CON,
+            Some(os_error_text(&e)),
+            t0.elapsed(),
+        )),
+        Err(_) => Err(CheckResult::fail(reason::L4_TOUT, None, t0.elapsed())),
+    }
+}
+
+/// "Connection refused" rather than "Connection refused (os error 111)".
+fn os_error_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// `tcp`: connect and close.
+pub async fn tcp(addr: SocketAddr, timeout: Duration) -> CheckResult {
+    let t0 = Instant::now();
+    match connect(addr, timeout).await {
+        Ok(s) => {
+            drop(s);
+            CheckResult::pass(reason::L4_OK, t0.elapsed())
+        }
+        Err(r) => r,
+    }
+}
+
+/// `stats`: GET /stats from an MTProxy HTTP stats endpoint and require
+/// `total_ready_targets` > 0 (0 means no Telegram upstream is reachable).
+pub async fn stats(addr: SocketAddr, timeout: Duration) -> CheckResult {
+    let t0 = Instant::now();
+    let body = tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /stats HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.take(1 << 20).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await;
+    let body = match body {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return CheckResult::fail(
+                reason::STATS_UNREACHABLE,
+                Some(os_error_text(&e)),
+                t0.elapsed(),
+            );
+        }
+        Err(_) => {
+            return CheckResult::fail(
+                reason::STATS_UNREACHABLE,
+                Some("timeout".into()),
+                t0.elapsed(),
+            );
+        }
+    };
+    match ready_targets(&String::from_utf8_lossy(&body)) {
+        Some(n) if n > 0 => CheckResult::pass(reason::STATS_OK, t0.elapsed()),
+        Some(_) => CheckResult::fail(reason::STATS_NOT_READY, None, t0.elapsed()),
+        None => CheckResult::fail(
+            reason::STATS_UNREACHABLE,
+            Some("no total_ready_targets in the reply".into()),
+            t0.elapsed(),
+        ),
+    }
+}
+
+/// `total_ready_targets` from MTProxy's stats text (`key\tvalue` lines).
+pub fn ready_targets(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split(['\t', ' ', ':']).filter(|s| !s.is_empty());
+        (it.next()? == "total_ready_targets").then(|| it.next()?.trim().parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ready_targets() {
+        let t = "HTTP/1.0 200 OK\r\n\r\nuptime\t10\ntotal_ready_targets\t3\nx\t1\n";
+        assert_eq!(ready_targets(t), Some(3));
+        assert_eq!(ready_targets("total_ready_targets\t0\n"), Some(0));
+        assert_eq!(ready_targets("nothing\n"), None);
+    }
+
+    #[test]
+    fn os_error_text_drops_the_errno() {
+        let e = std::io::Error::from_raw_os_error(111);
+        assert_eq!(os_error_text(&e), "Connection refused");
+    }
+
+    #[tokio::test]
+    async fn tcp_check_against_loopback() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let r = tcp(addr, Duration::from_secs(1)).await;
+        assert!(r.ok, "{r:?}");
+        drop(l);
+        let r = tcp(addr, Duration::from_secs(1)).await;
+        assert!(!r.ok);
+        assert_eq!(r.reason, reason::L4_CON);
+        assert_eq!(r.info.as_deref(), Some("Connection refused"));
+    }
+}

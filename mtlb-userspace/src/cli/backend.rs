@@ -1,0 +1,106 @@
+//! `mtlb backend NAME …`: operator control of one replica.
+
+use anyhow::{Context as _, bail};
+use mtlb::{
+    control::{self, Request},
+    maps::Maps,
+};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// Replica name: mtp1, mtp2, …
+    name: String,
+    #[command(subcommand)]
+    action: Action,
+    /// Directory of the agent's control socket.
+    #[arg(long, default_value = "/run/mtlb", global = true)]
+    control_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// No new connections; existing ones continue.
+    Drain,
+    /// Maintenance: no new connections; existing ones continue.
+    Maint,
+    /// Back to taking new connections (when UP).
+    Ready,
+    /// Set the weight (1..=256); load is compared as connections / weight.
+    Weight { weight: u32 },
+    /// Wait until the replica's connection count, read from the kernel,
+    /// is 0. Exits 0 then, 1 on timeout.
+    WaitDrained {
+        /// How long to wait, e.g. 60s, 500ms, 2m.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+pub fn run(a: BackendArgs) -> anyhow::Result<()> {
+    let sock = control::socket_path(&a.control_dir, mtlb::pins::netns_inode()?);
+    let call = |req: Request| -> anyhow::Result<control::Response> {
+        let r = control::call(&sock, &req, Duration::from_secs(10))?;
+        if !r.ok {
+            bail!("{}", r.message);
+        }
+        Ok(r)
+    };
+    let admin = |state: &str| {
+        call(Request::Admin {
+            name: a.name.clone(),
+            state: state.into(),
+        })
+    };
+    let r = match a.action {
+        Action::Drain => admin("drain")?,
+        Action::Maint => admin("maint")?,
+        Action::Ready => admin("ready")?,
+        Action::Weight { weight } => call(Request::Weight {
+            name: a.name.clone(),
+            weight,
+        })?,
+        Action::WaitDrained { timeout } => {
+            let r = call(Request::Locate {
+                name: a.name.clone(),
+            })?;
+            let (Some(slot), Some(dir)) = (r.slot, r.pin_dir) else {
+                bail!("the agent did not say where {} is", a.name);
+            };
+            return wait_drained(&a.name, slot, &dir, timeout);
+        }
+    };
+    println!("{}", r.message);
+    Ok(())
+}
+
+/// Polls the replica's exact count (handshakes + established) in the pinned
+/// CONNS map; the kernel has no event to wait on.
+fn wait_drained(
+    name: &str,
+    slot: u32,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let maps =
+        Maps::from_pins(dir).with_context(|| format!("opening pins in {}", dir.display()))?;
+    let t0 = Instant::now();
+    loop {
+        let c = maps.conns(slot)?;
+        let n = c.established + c.handshakes;
+        if n == 0 {
+            println!("{name} drained after {:.1}s", t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if t0.elapsed() >= timeout {
+            bail!(
+                "{name} still has {n} connections after {}",
+                humantime::format_duration(timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
