@@ -786,10 +786,10 @@ impl Agent {
                 }
                 _ = tokio::time::sleep_until(due) => {
                     let now = Instant::now();
-                    for slot in 0..self.next_check.len() {
-                        if running[slot] || self.next_check[slot] > now {
-                            continue;
-                        }
+                    let due: Vec<usize> = (0..self.next_check.len())
+                        .filter(|&slot| !running[slot] && self.next_check[slot] <= now)
+                        .collect();
+                    for slot in due {
                         match self.check_future(slot) {
                             Some(f) => {
                                 running[slot] = true;
