@@ -257,6 +257,28 @@ impl Agent {
         }
     }
 
+    /// Waits until `needle` has appeared in `n` log lines.
+    pub fn wait_count(&self, needle: &str, n: usize) {
+        let mut from = 0;
+        for _ in 0..n {
+            from = self.wait_for_after(from, needle).0 + 1;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL: the agent dies with no cleanup, its pins stay.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+    }
+
     pub fn log_len(&self) -> usize {
         self.log.0.lock().unwrap().len()
     }
@@ -417,11 +439,16 @@ impl Replica {
                 st.accepted.push(Accepted { peer, local });
                 let _ = s.write_all(greeting.as_bytes());
                 // Close our side when the client closes.
+                // Echo what the client sends; close when it does.
                 let s2 = s.try_clone().unwrap();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
                     let mut s2 = s2;
-                    while matches!(s2.read(&mut buf), Ok(n) if n > 0) {}
+                    while let Ok(n) = s2.read(&mut buf) {
+                        if n == 0 || s2.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = s2.shutdown(Shutdown::Both);
                 });
                 st.held.push(s);
@@ -479,6 +506,98 @@ impl Drop for Replica {
         self.stop_listening();
         self.close_all();
     }
+}
+
+/// A replica in a process of its own (`mtlb-test-replica`), for tests
+/// that signal it.
+pub struct ReplicaProcess {
+    pub child: Child,
+}
+
+impl ReplicaProcess {
+    /// Starts it inside `ns` and waits until it listens.
+    pub fn start(ns: &Netns, name: &str, addr: &str) -> Self {
+        let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
+            // Next to the test binary's deps directory.
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(|d| d.parent())
+                .unwrap()
+                .join("mtlb-test-replica")
+                .to_string_lossy()
+                .into_owned()
+        });
+        let mut cmd = Command::new(&bin);
+        cmd.args([name, addr]).stdout(Stdio::piped());
+        let fd = ns.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening", "{name} did not start");
+        Self { child }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli_command(ns: &Netns, args: &[&str]) -> Command {
+    let bin = std::env::var("MTLB_BIN").expect("MTLB_BIN");
+    let mut cmd = Command::new(&bin);
+    cmd.args(args);
+    let fd = ns.file.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; fd stays open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Starts `mtlb ARGS` (a CLI command) inside `ns`.
+pub fn mtlb_cli_spawn(ns: &Netns, args: &[&str]) -> Child {
+    cli_command(ns, args).spawn().unwrap()
+}
+
+/// Runs `mtlb ARGS` (a CLI command) inside `ns`; returns (success, output).
+pub fn mtlb_cli(ns: &Netns, args: &[&str]) -> (bool, String) {
+    let out = cli_command(ns, args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 // ------------------------------------------------------------------ client

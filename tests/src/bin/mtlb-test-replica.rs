@@ -1,0 +1,54 @@
+//! A replica process for tests that signal it (SIGKILL, SIGSTOP): listens on
+//! ADDR, greets each connection with NAME and a newline, echoes what it
+//! receives, closes when the client does. Prints "listening" once it
+//! listens.
+//!
+//! usage: mtlb-test-replica NAME ADDR [BACKLOG]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpListener,
+};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(name), Some(addr)) = (args.next(), args.next()) else {
+        eprintln!("usage: mtlb-test-replica NAME ADDR [BACKLOG]");
+        std::process::exit(2);
+    };
+    let backlog: i32 = args.next().map_or(1024, |b| b.parse().expect("BACKLOG"));
+    let addr: std::net::SocketAddr = addr.parse().expect("ADDR");
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    sock.set_reuse_address(true).expect("SO_REUSEADDR");
+    sock.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    sock.listen(backlog).expect("listen");
+    let l: TcpListener = sock.into();
+    println!("listening");
+    let greeting = format!("{name}\n");
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let g = greeting.clone();
+        std::thread::spawn(move || {
+            if s.write_all(g.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

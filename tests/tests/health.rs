@@ -1,0 +1,350 @@
+//! Health checking, failover and runtime control. Each test runs in its own
+//! network namespace with its own agent and real replica processes or
+//! threads. Run as root through `cargo xtask test`.
+
+use mtlb_tests::*;
+use nix::sys::signal::Signal;
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+const A: &str = "127.0.0.1:10000";
+const B: &str = "127.0.0.1:10001";
+const C: &str = "127.0.0.1:10002";
+
+/// Fast checks so that tests take seconds: inter 100 ms, rise 2, fall 2.
+const FAST: &str = "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n";
+
+fn config(ns: &Netns, text: &str) -> PathBuf {
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("mtlb.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn agent_with(ns: &Netns, text: &str) -> Agent {
+    let p = config(ns, text);
+    ns.agent(&["--config", p.to_str().unwrap()])
+}
+
+/// Connects in a loop until stopped, counting failures; holds nothing.
+struct Loop {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(usize, Vec<String>, Vec<TcpStream>)>>,
+}
+
+impl Loop {
+    fn start(ns: &Netns, hold: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let file = ns.file.try_clone().unwrap();
+        let handle = std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut ok = 0;
+            let mut failures = Vec::new();
+            let mut held = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 200_000 {
+                match connect(BALANCED) {
+                    Ok((s, _)) => {
+                        ok += 1;
+                        if hold {
+                            held.push(s);
+                        }
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failures, held)
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the loop: (connections made, failures, connections held).
+    fn finish(mut self) -> (usize, Vec<String>, Vec<TcpStream>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+fn echo(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 4];
+    s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+}
+
+#[test]
+fn killed_replica_fails_over_with_a_down_line() {
+    let ns = Netns::new();
+    let _a = ReplicaProcess::start(&ns, "mtp1", A);
+    let mut b = ReplicaProcess::start(&ns, "mtp2", B);
+    let agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    let l = Loop::start(&ns, false);
+    // Let the loop run on both replicas first.
+    wait_counts(&agent.maps(), 2, "traffic on mtp2", |_| {
+        agent.maps().slot_totals(1).unwrap().established > 5
+    });
+    b.kill();
+    agent.wait_for("backend mtp2 is DOWN");
+    let (ok, failures, _) = l.finish();
+    assert!(ok > 20, "loop made only {ok} connections");
+    assert!(failures.is_empty(), "failed connects: {failures:?}");
+}
+
+#[test]
+fn stopped_replica_is_down_by_its_accept_queue_and_back_after_sigcont() {
+    let ns = Netns::new();
+    let _a = ReplicaProcess::start(&ns, "mtp1", A);
+    let b = ReplicaProcess::start(&ns, "mtp2", B);
+    let agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    b.signal(Signal::SIGSTOP);
+    // New connections queue up at the stopped replica (the kernel still
+    // completes their handshakes, so TCP checks pass).
+    let queued: Vec<_> = (0..6)
+        .map(|_| TcpStream::connect(BALANCED).unwrap())
+        .collect();
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(line.contains("accept queue stalled"), "{line}");
+    let from = agent.log_len();
+    // From now on every connection is served by mtp1.
+    for i in 0..20 {
+        let (_s, name) = connect(BALANCED).unwrap_or_else(|e| panic!("connect #{i}: {e}"));
+        assert_eq!(name, "mtp1", "connection #{i} after DOWN");
+    }
+    b.signal(Signal::SIGCONT);
+    agent.wait_for_after(from, "backend mtp2 is UP");
+    // The queued connections are served once it runs again.
+    let names: Vec<String> = queued.iter().map(|s| greeting(s).unwrap()).collect();
+    assert!(names.iter().any(|n| n == "mtp2"), "{names:?}");
+}
+
+#[test]
+fn drain_and_wait_drained() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    let mut held: Vec<(TcpStream, String)> = (0..10).map(|_| connect(BALANCED).unwrap()).collect();
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
+    assert!(ok, "{out}");
+    agent.wait_for("backend mtp2 is set to DRAIN mode");
+    // No new connection reaches it; existing ones keep working.
+    for _ in 0..10 {
+        assert_eq!(connect(BALANCED).unwrap().1, "mtp1");
+    }
+    for (s, name) in held.iter_mut().filter(|(_, n)| n == "mtp2") {
+        assert!(echo(s), "held connection to {name} broken by drain");
+    }
+    // wait-drained returns when the last one closes, not before.
+    let mut waiter = mtlb_cli_spawn(
+        &ns,
+        &["backend", "mtp2", "wait-drained", "--timeout", "20s"],
+    );
+    let (mut on_b, on_a): (Vec<_>, Vec<_>) = held.into_iter().partition(|(_, n)| n == "mtp2");
+    assert!(!on_b.is_empty());
+    while on_b.len() > 1 {
+        on_b.pop();
+    }
+    // The kernel's count reaches the last one while it is still open.
+    wait_counts(&agent.maps(), 2, "one left on mtp2", |c| {
+        c[1].established == 1
+    });
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "returned with one connection open"
+    );
+    on_b.clear();
+    let status = waiter.wait().unwrap();
+    assert!(status.success(), "wait-drained failed");
+    // A timeout is an error; so is an unknown name.
+    assert!(!on_a.is_empty());
+    let (ok, out) = mtlb_cli(
+        &ns,
+        &["backend", "mtp1", "wait-drained", "--timeout", "200ms"],
+    );
+    assert!(!ok && out.contains("still has"), "{out}");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp9", "drain"]);
+    assert!(!ok && out.contains("no backend named"), "{out}");
+}
+
+#[test]
+fn weights_split_three_to_one_and_survive_a_restart() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let mut agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "3"]);
+    assert!(ok, "{out}");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
+    assert!(ok, "{out}");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "0"]);
+    assert!(!ok && out.contains("1..=256"), "{out}");
+    // Operator state survives an agent restart.
+    assert!(agent.stop().success());
+    let agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    assert_eq!(
+        connect(BALANCED).unwrap().1,
+        "mtp1",
+        "mtp2 should still be in MAINT"
+    );
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "ready"]);
+    assert!(ok, "{out}");
+    let held: Vec<_> = (0..39).map(|_| connect(BALANCED).unwrap()).collect();
+    let t = tally(held.iter().map(|(_, n)| n));
+    // 40 connections in all with the one above: 30/10 ± 5%.
+    let (na, nb) = (t["mtp1"] + 1, t["mtp2"]);
+    assert!(
+        na.abs_diff(30) <= 2 && nb.abs_diff(10) <= 2,
+        "split {na}/{nb}"
+    );
+}
+
+#[test]
+fn reload_scales_two_three_two_without_dropping_anything() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let c = Replica::start("mtp3", C);
+    let path = config(&ns, &format!("replicas = 2\n{FAST}"));
+    let agent = ns.agent(&["--config", path.to_str().unwrap()]);
+    agent.wait_for("replica mtp2 registered");
+    let l = Loop::start(&ns, true);
+    // 2 → 3: mtp3 joins.
+    std::fs::write(&path, format!("replicas = 3\n{FAST}")).unwrap();
+    let (ok, out) = mtlb_cli(&ns, &["reload"]);
+    assert!(ok, "{out}");
+    agent.wait_for("replica mtp3 registered");
+    wait_counts(&agent.maps(), 3, "traffic on mtp3", |c| {
+        c[2].established > 5
+    });
+    // 3 → 2 by SIGHUP: mtp3 drains; its connections stay up.
+    std::fs::write(&path, format!("replicas = 2\n{FAST}")).unwrap();
+    let from = agent.log_len();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid(&agent)),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    agent.wait_for_after(from, "configuration reloaded: 2 replicas");
+    agent.wait_for_after(from, "backend mtp3 is draining before removal");
+    let on_c = c.steered();
+    // An invalid config is rejected and the running one stays.
+    std::fs::write(&path, "replicas = 0\n").unwrap();
+    let (ok, out) = mtlb_cli(&ns, &["reload"]);
+    assert!(!ok && out.contains("`replicas`: 0"), "{out}");
+    agent.wait_for("reload failed, keeping the running configuration");
+    let (okc, failures, mut held) = l.finish();
+    assert!(failures.is_empty(), "failed connects: {failures:?}");
+    assert!(okc > 10, "only {okc} connections");
+    for s in held.iter_mut().step_by(7) {
+        assert!(
+            echo(s),
+            "an established connection broke during the reloads"
+        );
+    }
+    assert_eq!(
+        c.steered(),
+        on_c,
+        "mtp3 took connections after it was scaled away"
+    );
+    // Every connection mtp3 holds is still established.
+    let maps = agent.maps();
+    assert_eq!(conns(&maps, 2).established as usize, on_c);
+}
+
+fn agent_pid(agent: &Agent) -> i32 {
+    agent.pid() as i32
+}
+
+#[test]
+fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let mut agent = agent_with(&ns, FAST);
+    agent.wait_for("replica mtp2 registered");
+    let l = Loop::start(&ns, true);
+    wait_counts(&agent.maps(), 2, "some traffic", |c| {
+        c[0].established + c[1].established > 20
+    });
+    agent.kill9();
+    // Steering goes on from the pinned program while no agent runs.
+    let dead = agent.maps();
+    let before = conns(&dead, 0).established + conns(&dead, 1).established;
+    wait_counts(&dead, 2, "connections while the agent is dead", |c| {
+        c[0].established + c[1].established > before + 20
+    });
+    let agent = agent_with(&ns, FAST);
+    agent.wait_for("taking over the pinned state of an earlier agent");
+    let (ok, failures, held) = l.finish();
+    assert!(failures.is_empty(), "failed connects: {failures:?}");
+    assert_eq!(held.len(), ok);
+    // The counts are those of the connections actually held.
+    let maps = agent.maps();
+    wait_counts(&maps, 2, "counts match held connections", |c| {
+        (c[0].established + c[1].established) as usize == held.len()
+            && c[0].handshakes + c[1].handshakes == 0
+    });
+}
+
+#[test]
+fn flapping_replica_does_not_flip_on_every_check() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    // A stats endpoint for mtp2 that alternates ready / not ready.
+    let stats = std::net::TcpListener::bind("127.0.0.1:20001").unwrap();
+    let ok_stats = std::net::TcpListener::bind("127.0.0.1:20000").unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s2 = served.clone();
+    std::thread::spawn(move || {
+        for (i, s) in stats.incoming().enumerate().take(10_000) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let n = i % 2;
+            let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{n}\n");
+            s2.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    std::thread::spawn(move || {
+        for s in ok_stats.incoming().take(10_000) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t1\n");
+        }
+    });
+    let agent = agent_with(
+        &ns,
+        &format!("{FAST}kind = \"stats\"\nstats_base_port = 20000\n"),
+    );
+    agent.wait_for("replica mtp2 registered");
+    // Ten failed checks of mtp2, each between successes: with rise 2 and
+    // fall 2 it must never change state.
+    agent.wait_count("Health check for backend mtp2 failed", 10);
+    assert!(served.load(Ordering::Relaxed) >= 10);
+    let log = agent.log();
+    assert!(
+        log.contains("Health check for backend mtp2 failed"),
+        "{log}"
+    );
+    assert!(!log.contains("backend mtp2 is DOWN"), "flipped: {log}");
+}
