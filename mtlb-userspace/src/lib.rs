@@ -5,6 +5,9 @@
 //! * [`maps`]: typed access to the maps (live or pinned).
 //! * [`registry`]: replica listeners: adoption and registration events.
 //! * [`reconcile`]: configuration to map contents.
+//! * [`backends`], [`health`], [`checks`], [`mtproxy`], [`queue`]: replica
+//!   states, health checks and hung-replica detection.
+//! * [`control`]: the control socket.
 //! * [`cookies`]: when to track flows (SYN cookies in use).
 //! * [`mounts`], [`pins`], [`caps`], [`sys`]: system plumbing.
 

@@ -1,7 +1,7 @@
 //! From configuration to map contents: what the kernel programs should see.
 
 use crate::config::Config;
-use mtlb_common::{Backend, MAX_REPLICAS, Settings, v4_mapped};
+use mtlb_common::{Settings, v4_mapped};
 use std::net::IpAddr;
 
 /// IPv4-mapped bytes of an address, the form the programs compare.
@@ -26,32 +26,14 @@ pub fn settings(cfg: &Config, netns_cookie: u64, slots: u16) -> Settings {
     }
 }
 
-/// BACKENDS content for every slot: configured slots enabled with their
-/// weight, the rest disabled.
-pub fn backends(cfg: &Config) -> Vec<Backend> {
-    (0..MAX_REPLICAS as usize)
-        .map(|slot| {
-            if slot < cfg.replicas as usize {
-                Backend {
-                    weight: cfg.weight(slot),
-                    enabled: 1,
-                }
-            } else {
-                Backend::default()
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn settings_and_backends_follow_config() {
+    fn settings_follow_config() {
         let cfg = Config {
             replicas: 3,
-            weights: vec![3, 1],
             ..Default::default()
         };
         let s = settings(&cfg, 42, cfg.replicas);
@@ -59,30 +41,6 @@ mod tests {
         assert_eq!((s.port, s.base_port, s.replicas), (443, 10000, 3));
         assert_eq!(s.all_addresses, 1);
         assert_eq!(s.replica_addr, v4_mapped([127, 0, 0, 1]));
-        let b = backends(&cfg);
-        assert_eq!(b.len(), MAX_REPLICAS as usize);
-        assert_eq!(
-            b[0],
-            Backend {
-                weight: 3,
-                enabled: 1
-            }
-        );
-        assert_eq!(
-            b[1],
-            Backend {
-                weight: 1,
-                enabled: 1
-            }
-        );
-        assert_eq!(
-            b[2],
-            Backend {
-                weight: 1,
-                enabled: 1
-            }
-        );
-        assert_eq!(b[3], Backend::default());
     }
 
     #[test]
