@@ -15,7 +15,20 @@
 //!   obfuscated2 frame then goes inside TLS records.
 //!
 //! Protocol: header bytes 0..56 are sent in clear, 56..64 encrypted; keys are
-//! SHA-256(key material ‖ secret) and the stream is AES-256-CTR.
+//! SHA-256(key material ‖ secret) and the stream is AES-256-CTR. The DC id is
+//! 2 (an id outside 1..=5 is closed at once, like an unreachable upstream),
+//! and each probe uses a fresh random header (proxies reject a replayed one).
+//!
+//! Verdicts, from measurements against mtprotoproxy 1.0.6 and the official
+//! server's documented behaviour (tests/fixtures/mtproxy/FINDINGS.md):
+//!
+//! | the probe sees | dd | ee |
+//! | --- | --- | --- |
+//! | a frame answering our request | UP | UP (after a valid HMAC) |
+//! | our own bytes back | wrong secret or not MTProxy | same |
+//! | other bytes (a mask host, not MTProxy) | wrong secret or not MTProxy | same, or TLS reply HMAC mismatch |
+//! | silence, or a close with nothing | no answer through proxy: a wrong secret cannot be told from an unreachable upstream, both servers stay silent or close | wrong secret or not MTProxy (no TLS answer) |
+//! | valid HMAC, then silence or a close | (n/a) | no answer through proxy (secret verified, upstream unreachable) |
 
 use crate::{
     checks::{connect, reason},
@@ -26,6 +39,7 @@ use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
 use std::{
     net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 use tokio::{
@@ -87,8 +101,15 @@ pub async fn check(addr: SocketAddr, secret: &str, timeout: Duration) -> CheckRe
         Err(r) => return r,
     };
     let rest = timeout.saturating_sub(t0.elapsed());
-    let verdict = match tokio::time::timeout(rest, probe(&mut s, &secret)).await {
+    // Set once the fake-TLS answer proved the secret, so that silence is
+    // judged by how far the probe got.
+    let proven = AtomicBool::new(false);
+    let verdict = match tokio::time::timeout(rest, probe(&mut s, &secret, &proven)).await {
         Ok(v) => v,
+        Err(_) if proven.load(Ordering::Relaxed) => Verdict::SilentAfterTls,
+        Err(_) if matches!(secret, Secret::FakeTls(..)) => {
+            Verdict::NoServerHello(format!("no TLS answer within {}ms", timeout.as_millis()))
+        }
         Err(_) => Verdict::Silent,
     };
     let d = t0.elapsed();
@@ -111,12 +132,31 @@ pub async fn check(addr: SocketAddr, secret: &str, timeout: Duration) -> CheckRe
         ),
         Verdict::ClosedAfterHandshake => CheckResult::fail(
             reason::NO_ANSWER,
-            Some("closed without answering (upstream unreachable, or wrong secret)".into()),
+            Some("closed without answering: upstream unreachable, or wrong secret".into()),
+            d,
+        ),
+        Verdict::ClosedAfterTls => CheckResult::fail(
+            reason::NO_ANSWER,
+            Some(
+                "secret verified by the TLS answer; closed without answering: upstream unreachable"
+                    .into(),
+            ),
             d,
         ),
         Verdict::Silent => CheckResult::fail(
             reason::NO_ANSWER,
-            Some(format!("no reply within {}ms", timeout.as_millis())),
+            Some(format!(
+                "no reply within {}ms: wrong secret, or upstream unreachable",
+                timeout.as_millis()
+            )),
+            d,
+        ),
+        Verdict::SilentAfterTls => CheckResult::fail(
+            reason::NO_ANSWER,
+            Some(format!(
+                "secret verified by the TLS answer; no reply within {}ms: upstream unreachable or slow",
+                timeout.as_millis()
+            )),
             d,
         ),
     }
@@ -136,11 +176,15 @@ enum Verdict {
     BadHmac,
     /// Closed with nothing sent after the handshake.
     ClosedAfterHandshake,
+    /// ee: closed after a verified TLS answer (the secret is right).
+    ClosedAfterTls,
     /// Nothing within the timeout.
     Silent,
+    /// ee: nothing after a verified TLS answer.
+    SilentAfterTls,
 }
 
-async fn probe(s: &mut TcpStream, secret: &Secret) -> Verdict {
+async fn probe(s: &mut TcpStream, secret: &Secret, proven: &AtomicBool) -> Verdict {
     match secret {
         Secret::Obfuscated(key) => {
             let (wire, mut enc, dec) = handshake(key);
@@ -169,6 +213,7 @@ async fn probe(s: &mut TcpStream, secret: &Secret) -> Verdict {
             if !server_hello_signed(key, &hello[11..43], &reply) {
                 return Verdict::BadHmac;
             }
+            proven.store(true, Ordering::Relaxed);
             let (wire, mut enc, dec) = handshake(key);
             let (msg, nonce) = req_pq_multi();
             let mut frame = padded_frame(&msg);
@@ -178,9 +223,12 @@ async fn probe(s: &mut TcpStream, secret: &Secret) -> Verdict {
             let mut out = tls_record(0x14, &[1]);
             out.extend(tls_record(0x17, &payload));
             if s.write_all(&out).await.is_err() {
-                return Verdict::ClosedAfterHandshake;
+                return Verdict::ClosedAfterTls;
             }
-            read_frame(s, dec, &msg, &nonce, None, true).await
+            match read_frame(s, dec, &msg, &nonce, None, true).await {
+                Verdict::ClosedAfterHandshake => Verdict::ClosedAfterTls,
+                v => v,
+            }
         }
     }
 }

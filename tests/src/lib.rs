@@ -144,8 +144,19 @@ impl Netns {
         a
     }
 
+    /// Like `agent`, with debug logs (one line per check).
+    pub fn agent_debug(&self, args: &[&str]) -> Agent {
+        let a = self.spawn_agent_log(args, "debug");
+        a.wait_for("steering TCP port");
+        a
+    }
+
     /// Starts `mtlb run ARGS` in this namespace without waiting.
     pub fn spawn_agent(&self, args: &[&str]) -> Agent {
+        self.spawn_agent_log(args, "info")
+    }
+
+    fn spawn_agent_log(&self, args: &[&str], log: &str) -> Agent {
         let bin = std::env::var("MTLB_BIN")
             .expect("MTLB_BIN must name the mtlb binary (cargo xtask test sets it)");
         let mut cmd = Command::new(&bin);
@@ -155,7 +166,7 @@ impl Netns {
             // reused once a namespace is gone).
             .arg("--state-dir")
             .arg(self.state_dir())
-            .env("MTLB_LOG", "info")
+            .env("MTLB_LOG", log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let fd = self.file.as_raw_fd();
@@ -598,6 +609,79 @@ pub fn mtlb_cli(ns: &Netns, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+// ------------------------------------------------------------------ python peers
+
+/// The Python of the test peers' environment (made by `cargo xtask test`).
+pub fn python() -> String {
+    std::env::var("MTLB_PYTHON").expect(
+        "MTLB_PYTHON must name the Python with mtprotoproxy and telethon (cargo xtask test sets it)",
+    )
+}
+
+pub fn fixture(name: &str) -> String {
+    format!("{}/fixtures/mtproxy/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python fixture process in a namespace; started when it printed
+/// `ready`, killed on drop.
+pub struct PyProcess {
+    child: Child,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl PyProcess {
+    pub fn start(ns: &Netns, script: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(python());
+        cmd.arg(fixture(script))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let fd = ns.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {script}: {e}"));
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let o2 = output.clone();
+        let name = script.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+                o2.lock().unwrap().push(line);
+            }
+        });
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        loop {
+            line.clear();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(n > 0, "{script} {args:?} exited before `ready`");
+            if line.trim() == "ready" {
+                break;
+            }
+        }
+        // Keep draining stdout so the process never blocks on it.
+        std::thread::spawn(move || for _ in out.lines().map_while(Result::ok) {});
+        Self { child, output }
+    }
+}
+
+impl Drop for PyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ------------------------------------------------------------------ client

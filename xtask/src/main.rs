@@ -64,11 +64,13 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "xtask",
             ])?;
+            let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "-p", "mtlb-tests", "--"])
                 .args(filter)
-                .env("MTLB_BIN", &bin);
+                .env("MTLB_BIN", &bin)
+                .env("MTLB_PYTHON", &python);
             run(&mut cmd)
         }
         Cmd::Build => {

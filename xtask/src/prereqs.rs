@@ -175,3 +175,53 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Python packages of the end-to-end tests: a real MTProxy server and a real
+/// Telegram client, with `cryptography` for the test fixtures' AES.
+const PYTHON_REQUIREMENTS: &[&str] = &[
+    "mtprotoproxy==1.0.6",
+    "telethon==1.45.0",
+    "cryptography",
+    "pycryptodome",
+];
+
+/// A virtual environment under target/ with the Python test peers; made
+/// once, reused while its requirement list is unchanged. Returns its
+/// python.
+pub fn ensure_python_env(target: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let venv = target.join("pyenv");
+    let python = venv.join("bin/python3");
+    let marker = venv.join(".mtlb-requirements");
+    let want = PYTHON_REQUIREMENTS.join("\n");
+    if python.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        return Ok(python);
+    }
+    say(&format!(
+        "Python test peers ({}) in {}",
+        PYTHON_REQUIREMENTS.join(", "),
+        venv.display()
+    ));
+    if Command::new("python3")
+        .args(["-m", "venv", "--help"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        Apt::default().install("python3-venv", "for the test peers' virtual environment")?;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    quiet(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    quiet(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PYTHON_REQUIREMENTS),
+    )?;
+    std::fs::write(&marker, want)?;
+    Ok(python)
+}

@@ -811,6 +811,14 @@ impl Agent {
                     }
                     let t = self.cfg.thresholds();
                     let r = &mut self.replicas[slot];
+                    tracing::debug!(
+                        "check {}: {}, reason: {}{}, {}ms",
+                        r.name,
+                        if result.ok { "passed" } else { "failed" },
+                        result.reason,
+                        result.info.as_deref().map(|i| format!(", info: \"{i}\"")).unwrap_or_default(),
+                        result.duration.as_millis()
+                    );
                     let ev = if r.registered || !result.ok {
                         if !result.ok && r.health.oper == Oper::Up {
                             r.down_by_listener = false;
