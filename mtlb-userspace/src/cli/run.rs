@@ -319,8 +319,8 @@ impl Agent {
         let n = cfg.replicas as usize;
         let replicas = (0..n)
             .map(|slot| {
-                // Replicas start UP, as HAProxy's servers do, and are
-                // checked from there; one without a listener is DOWN.
+                // DOWN until its listener is seen; then UP at once (as
+                // HAProxy starts servers UP) and checked from there.
                 let mut r = Replica::new(slot, Oper::Down, now);
                 r.down_by_listener = true;
                 saved.apply(&mut r);
