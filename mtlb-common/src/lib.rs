@@ -206,7 +206,77 @@ pub struct SlotTotals {
     pub assigned: u64,
     /// Steered connections that reached ESTABLISHED on this slot.
     pub established: u64,
+    /// Bytes received from clients (tcpi_bytes_received) by connections of
+    /// this slot that have closed; live ones are added at scrape time.
+    pub bytes_in: u64,
+    /// Bytes sent to clients and acknowledged (tcpi_bytes_acked), likewise.
+    pub bytes_out: u64,
 }
+
+/// Most live steered connections tracked for traffic attribution.
+pub const MAX_LIVE: u32 = 262_144;
+
+/// A replica's state as the agent last saw it (the STATUS array, written by
+/// the agent only), so that `mtlb status` and bpftool can show it from the
+/// pins, even with the agent gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// 0 unused slot, then one of the STATE_* values.
+    pub state: u32,
+    /// Checks counted toward a change ("DOWN 1/2" is state DOWN, count 1
+    /// of rise 2).
+    pub count: u32,
+    pub rise: u32,
+    pub fall: u32,
+    /// 1 when it has a registered listener.
+    pub registered: u32,
+    /// Effective weight.
+    pub weight: u32,
+    /// Last check: 1 passed, 0 failed, 2 none yet.
+    pub check_ok: u32,
+    pub check_ms: u32,
+    /// Accept queue length and limit at the last sample.
+    pub accept_queue: u32,
+    pub accept_backlog: u32,
+    /// Unix time (ms) of the last state change.
+    pub last_change_ms: u64,
+    /// Time spent DOWN so far, ms (the current DOWN period included).
+    pub downtime_ms: u64,
+    pub transitions_up: u64,
+    pub transitions_down: u64,
+    pub check_failures: u64,
+    /// Last check's reason, NUL-padded.
+    pub reason: [u8; 48],
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            state: 0,
+            count: 0,
+            rise: 0,
+            fall: 0,
+            registered: 0,
+            weight: 0,
+            check_ok: 2,
+            check_ms: 0,
+            accept_queue: 0,
+            accept_backlog: 0,
+            last_change_ms: 0,
+            downtime_ms: 0,
+            transitions_up: 0,
+            transitions_down: 0,
+            check_failures: 0,
+            reason: [0; 48],
+        }
+    }
+}
+
+pub const STATE_UP: u32 = 1;
+pub const STATE_DOWN: u32 = 2;
+pub const STATE_DRAIN: u32 = 3;
+pub const STATE_MAINT: u32 = 4;
 
 /// Converts an IPv4 address to its IPv4-mapped IPv6 bytes.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -228,5 +298,6 @@ mod pod {
     unsafe impl aya::Pod for SlotTotals {}
     unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for Runtime {}
+    unsafe impl aya::Pod for Status {}
     unsafe impl aya::Pod for LastChoice {}
 }

@@ -494,6 +494,10 @@ fn on_established(ctx: &SockOpsContext) {
     if let Some(t) = SLOT_TOTALS.get_ptr_mut(tag.slot) {
         unsafe { (*t).established += 1 };
     }
+    // Traffic of live connections is read at scrape time (sock_diag's
+    // tcp_info) and attributed through this map: nothing runs per packet.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let _ = LIVE.insert(&cookie, &tag.slot, BPF_ANY as u64);
     // Only steered sockets pay for state callbacks; this also drops the
     // header-option flag inherited from the listener, which would otherwise
     // run us for every segment sent.
@@ -532,6 +536,22 @@ fn on_state(ctx: &SockOpsContext) {
         tag.state = TAG_CLOSED;
         if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
             add(unsafe { &raw mut (*c).established }, (-1i64) as u64);
+        }
+        // The connection's final byte counts move into its replica's
+        // totals (per-CPU: no other CPU writes this slot's copy).
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let _ = LIVE.remove(&cookie);
+        let (rx, acked) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ctx.ops).bytes_received),
+                core::ptr::read_volatile(&raw const (*ctx.ops).bytes_acked),
+            )
+        };
+        if let Some(t) = SLOT_TOTALS.get_ptr_mut(tag.slot) {
+            unsafe {
+                (*t).bytes_in += rx;
+                (*t).bytes_out += acked;
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 //! Who writes what (so no two writers race on one value):
 //! * SETTINGS, BACKENDS, ADDRESSES: the agent.
 //! * RUNTIME: the agent and the programs (plain stores of a deadline).
+//! * STATUS: the agent.
+//! * LIVE: the programs (insert at establishment, delete at close).
 //! * LAST: per-CPU, sk_lookup writes, sock_ops reads.
 //! * LISTENERS, SOCKETS: the listen hook, and the agent when it adopts a
 //!   replica that was listening before it started.
@@ -63,6 +65,15 @@ pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new(
 
 #[btf_map]
 pub static SLOT_TOTALS: PerCpuArray<SlotTotals, { MAX_REPLICAS as usize }> = PerCpuArray::new();
+
+/// Live steered connections: socket cookie -> slot, so the agent can add
+/// their bytes (from sock_diag) to their replica at scrape time.
+#[btf_map]
+pub static LIVE: HashMap<u64, u32, { MAX_LIVE as usize }> = HashMap::new();
+
+/// Replica states as the agent last saw them; the programs do not read it.
+#[btf_map]
+pub static STATUS: Array<Status, { MAX_REPLICAS as usize }> = Array::new();
 
 #[btf_map]
 pub static SOCKETS: SockMap64<{ MAX_REPLICAS as usize }> = SockMap64::new();

@@ -6,7 +6,7 @@ use crate::{
     health::{Admin, Health, Oper},
     queue::QueueWatch,
 };
-use mtlb_common::Backend;
+use mtlb_common::{Backend, STATE_DOWN, STATE_DRAIN, STATE_MAINT, STATE_UP, Status};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
@@ -31,6 +31,12 @@ pub struct Replica {
     /// DOWN because its listener went away (not because checks failed): a
     /// new listener brings it back UP at once.
     pub down_by_listener: bool,
+    pub transitions_up: u64,
+    pub transitions_down: u64,
+    pub check_failures: u64,
+    /// Time DOWN before the current period.
+    pub downtime: Duration,
+    pub last_change_unix_ms: u64,
 }
 
 impl Replica {
@@ -46,6 +52,70 @@ impl Replica {
             removing: false,
             registered: false,
             down_by_listener: false,
+            transitions_up: 0,
+            transitions_down: 0,
+            check_failures: 0,
+            downtime: Duration::ZERO,
+            last_change_unix_ms: unix_ms(),
+        }
+    }
+
+    /// Records a state change made to `health` (counts, downtime).
+    pub fn changed(&mut self, to: Oper, now: Instant) {
+        if to == Oper::Up {
+            self.transitions_up += 1;
+            self.downtime += now.duration_since(self.last_change);
+            self.up_since = Some(now);
+        } else {
+            self.transitions_down += 1;
+            self.up_since = None;
+        }
+        self.last_change = now;
+        self.last_change_unix_ms = unix_ms();
+    }
+
+    /// What STATUS holds for this replica.
+    pub fn status(&self, cfg: &Config, slot: usize, now: Instant) -> Status {
+        let t = cfg.thresholds();
+        let state = match self.admin {
+            Admin::Maint => STATE_MAINT,
+            Admin::Drain => STATE_DRAIN,
+            Admin::Ready if self.health.oper == Oper::Up && self.registered => STATE_UP,
+            Admin::Ready => STATE_DOWN,
+        };
+        let mut downtime = self.downtime;
+        if self.health.oper == Oper::Down {
+            downtime += now.duration_since(self.last_change);
+        }
+        let mut reason = [0u8; 48];
+        let (check_ok, check_ms) = match &self.health.last {
+            Some(r) => {
+                let n = r.reason.len().min(reason.len());
+                reason[..n].copy_from_slice(&r.reason.as_bytes()[..n]);
+                (
+                    r.ok as u32,
+                    r.duration.as_millis().min(u32::MAX as u128) as u32,
+                )
+            }
+            None => (2, 0),
+        };
+        Status {
+            state,
+            count: self.health.count,
+            rise: t.rise,
+            fall: t.fall,
+            registered: self.registered as u32,
+            weight: self.backend(cfg, slot, now).weight,
+            check_ok,
+            check_ms,
+            accept_queue: self.queue.len,
+            accept_backlog: self.queue.max,
+            last_change_ms: self.last_change_unix_ms,
+            downtime_ms: downtime.as_millis().min(u64::MAX as u128) as u64,
+            transitions_up: self.transitions_up,
+            transitions_down: self.transitions_down,
+            check_failures: self.check_failures,
+            reason,
         }
     }
 
@@ -236,4 +306,11 @@ mod tests {
             Saved::default()
         );
     }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

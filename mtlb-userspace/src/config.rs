@@ -135,7 +135,8 @@ pub struct Config {
     /// MTProxy secret the replicas use (for links and checks). Default
     /// "dd00000000000000000000000000000000".
     pub secret: String,
-    /// Stats/metrics HTTP address. Default 127.0.0.1.
+    /// Stats/metrics HTTP address. Default 127.0.0.1; any other address
+    /// exposes the stats beyond this host and must be chosen explicitly.
     pub stats_address: IpAddr,
     /// Stats/metrics HTTP port. Default 8404.
     pub stats_port: u16,
@@ -224,6 +225,13 @@ pub struct Overrides {
     /// /run/mtlb].
     #[arg(long)]
     pub control_dir: Option<PathBuf>,
+    /// Stats/metrics HTTP port [config: stats_port, default 8404].
+    #[arg(long)]
+    pub stats_port: Option<u16>,
+    /// Stats/metrics HTTP address [config: stats_address, default
+    /// 127.0.0.1].
+    #[arg(long)]
+    pub stats_address: Option<IpAddr>,
 }
 
 impl Config {
@@ -277,6 +285,12 @@ impl Config {
         }
         if let Some(v) = &o.control_dir {
             self.control_dir = v.clone();
+        }
+        if let Some(v) = o.stats_port {
+            self.stats_port = v;
+        }
+        if let Some(v) = o.stats_address {
+            self.stats_address = v;
         }
     }
 
@@ -459,6 +473,12 @@ impl Config {
         }
         if self.state_dir != new.state_dir {
             return Some("state_dir");
+        }
+        if self.stats_address != new.stats_address {
+            return Some("stats_address");
+        }
+        if self.stats_port != new.stats_port {
+            return Some("stats_port");
         }
         None
     }

@@ -4,7 +4,7 @@
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
 use mtlb_common::{
     Backend, Conns, FlowKey, Listener, MAX_REPLICAS, Pending, Runtime, Settings, SlotTotals,
-    SockTag, stat,
+    SockTag, Status, stat,
 };
 use std::{
     os::fd::AsFd,
@@ -49,6 +49,8 @@ pub struct Maps {
     pub sockets: MapData,
     pub flows: MapData,
     pub runtime: Array<MapData, Runtime>,
+    pub live: HashMap<MapData, u64, u32>,
+    pub status: Array<MapData, Status>,
     pub last: MapData,
     pub pending: HashMap<MapData, FlowKey, Pending>,
     /// CONNS mapped into this process, for atomic subtraction.
@@ -102,6 +104,10 @@ impl SharedConns {
         }
     }
 }
+
+// SAFETY: the mapping is process-wide shared memory only touched through
+// atomics; moving the handle to another thread is fine.
+unsafe impl Send for SharedConns {}
 
 impl Drop for SharedConns {
     fn drop(&mut self) {
@@ -173,6 +179,8 @@ impl Maps {
             flows: get("FLOWS")?,
             runtime: conv("RUNTIME", Array::try_from(Map::Array(get("RUNTIME")?)))?,
             last: get("LAST")?,
+            live: conv("LIVE", HashMap::try_from(Map::HashMap(get("LIVE")?)))?,
+            status: conv("STATUS", Array::try_from(Map::Array(get("STATUS")?)))?,
             pending: conv("PENDING", HashMap::try_from(Map::HashMap(get("PENDING")?)))?,
         })
     }
@@ -209,6 +217,8 @@ impl Maps {
         Ok(v.iter().fold(SlotTotals::default(), |a, b| SlotTotals {
             assigned: a.assigned + b.assigned,
             established: a.established + b.established,
+            bytes_in: a.bytes_in + b.bytes_in,
+            bytes_out: a.bytes_out + b.bytes_out,
         }))
     }
 
@@ -230,6 +240,19 @@ impl Maps {
 
     pub fn settings(&self) -> Result<Settings, MapsError> {
         conv("SETTINGS", self.settings.get(&0, 0))
+    }
+
+    pub fn status(&self, slot: u32) -> Result<Status, MapsError> {
+        conv("STATUS", self.status.get(&slot, 0))
+    }
+
+    pub fn set_status(&mut self, slot: u32, s: Status) -> Result<(), MapsError> {
+        conv("STATUS", self.status.set(slot, s, 0))
+    }
+
+    /// Slot of a live steered connection, by socket cookie.
+    pub fn live_slot(&self, cookie: u64) -> Option<u32> {
+        self.live.get(&cookie, 0).ok()
     }
 
     pub fn runtime(&self) -> Result<Runtime, MapsError> {

@@ -52,6 +52,8 @@ pub mod names {
         "FLOWS",
         "RUNTIME",
         "LAST",
+        "LIVE",
+        "STATUS",
         "PENDING",
         "STATS",
         "SLOT_TOTALS",

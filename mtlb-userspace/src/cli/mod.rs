@@ -3,6 +3,7 @@
 mod backend;
 mod reload;
 mod run;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,9 @@ pub enum Command {
     /// Make the running agent re-read its configuration (as SIGHUP does);
     /// an invalid one is rejected and the running one stays.
     Reload(reload::ReloadArgs),
+    /// Show the replicas: state, connections, last check, traffic. Reads
+    /// the pinned maps, so it works after the agent has died too.
+    Status(status::StatusArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -34,5 +38,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Backend(a) => backend::run(a),
         Command::Reload(a) => reload::run(a),
+        Command::Status(a) => status::run(a),
     }
 }

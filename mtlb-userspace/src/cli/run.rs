@@ -119,6 +119,13 @@ async fn agent(cfg: Config, source: Source) -> anyhow::Result<()> {
     }
     let ino = pins::netns_inode()?;
     let _lock = pins::lock(ino)?;
+    // Bind the stats endpoint before attaching anything: a port in use is
+    // a startup error that leaves nothing behind.
+    let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
+    let stats_listener = std::net::TcpListener::bind(stats_addr).with_context(|| {
+        format!("binding the stats endpoint {stats_addr} (stats_address, stats_port)")
+    })?;
+    stats_listener.set_nonblocking(true)?;
     let dir = pins::pin_dir(&bpffs, ino);
 
     // Pins of an earlier agent (killed, or stopped with keep_pins): take its
@@ -174,6 +181,20 @@ async fn agent(cfg: Config, source: Source) -> anyhow::Result<()> {
         pins::remove(&old).with_context(|| format!("removing stale pins {}", old.display()))?;
     }
     pins::restrict(&dir).with_context(|| format!("restricting {}", dir.display()))?;
+
+    // The stats endpoint reads the maps through their pins, with handles of
+    // its own.
+    let stats_source = std::sync::Arc::new(mtlb::http::Source::new(
+        Maps::from_pins(&dir).context("opening the pins for the stats endpoint")?,
+        dir.clone(),
+    ));
+    let listener = tokio::net::TcpListener::from_std(stats_listener)?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, mtlb::http::router(stats_source)).await {
+            tracing::error!("stats endpoint stopped: {e}");
+        }
+    });
+    tracing::info!("stats on http://{stats_addr}/stats, metrics on http://{stats_addr}/metrics");
 
     let control_path = control::socket_path(&cfg.control_dir, ino);
     let control = bind_control(&control_path)?;
@@ -296,6 +317,7 @@ struct Agent {
     registry: Registry,
     replicas: Vec<Replica>,
     written: Vec<Option<Backend>>,
+    status_written: Vec<Option<mtlb_common::Status>>,
     next_check: Vec<Instant>,
     /// Bumped when a slot's check must restart (reload); stale results are
     /// dropped.
@@ -341,6 +363,7 @@ impl Agent {
             registry,
             replicas,
             written: vec![None; MAX_REPLICAS as usize],
+            status_written: vec![None; MAX_REPLICAS as usize],
             next_check,
             generation: vec![0; n],
             cookies_seen: None,
@@ -405,6 +428,19 @@ impl Agent {
                 }
             }
         }
+        for slot in 0..MAX_REPLICAS as usize {
+            let st = match self.replicas.get(slot) {
+                Some(r) => r.status(&self.cfg, slot, now),
+                None => mtlb_common::Status::default(),
+            };
+            if self.status_written[slot] == Some(st) {
+                continue;
+            }
+            match self.loaded.maps.set_status(slot as u32, st) {
+                Ok(()) => self.status_written[slot] = Some(st),
+                Err(e) => tracing::warn!("updating STATUS[{slot}]: {e}"),
+            }
+        }
         let active = self.active_count() > 0;
         if self.any_active && !active {
             tracing::error!("no backend available!");
@@ -422,9 +458,7 @@ impl Agent {
             }
             Event::Changed(to) => {
                 let now = std::time::Instant::now();
-                let r = &mut self.replicas[slot];
-                r.last_change = now;
-                r.up_since = (to == Oper::Up).then_some(now);
+                self.replicas[slot].changed(to, now);
                 // Write the kernel's view first, so the line below is true.
                 self.apply_backends();
                 let active = self.active_count();
@@ -819,6 +853,9 @@ impl Agent {
                         result.info.as_deref().map(|i| format!(", info: \"{i}\"")).unwrap_or_default(),
                         result.duration.as_millis()
                     );
+                    if !result.ok {
+                        r.check_failures += 1;
+                    }
                     let ev = if r.registered || !result.ok {
                         if !result.ok && r.health.oper == Oper::Up {
                             r.down_by_listener = false;

@@ -1,0 +1,454 @@
+//! The stats endpoint (default 127.0.0.1:8404, as HAProxy's stats were):
+//! `/metrics` (Prometheus), `/stats` (HTML, one row per replica),
+//! `/stats;csv` or `/stats?format=csv`, `/healthz`.
+//!
+//! Every request reads the kernel's maps at that moment (per-CPU values
+//! summed); nothing here is on the data path, so a scrape never blocks
+//! steering.
+
+use crate::{
+    maps::Maps,
+    snapshot::{self, Snapshot},
+};
+use axum::{
+    Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+};
+
+pub struct Source {
+    maps: Mutex<Maps>,
+    pin_dir: PathBuf,
+}
+
+impl Source {
+    pub fn new(maps: Maps, pin_dir: PathBuf) -> Self {
+        Self {
+            maps: Mutex::new(maps),
+            pin_dir,
+        }
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, String> {
+        let maps = self
+            .maps
+            .lock()
+            .map_err(|_| "maps lock poisoned".to_string())?;
+        snapshot::collect(&maps, &self.pin_dir).map_err(|e| e.to_string())
+    }
+}
+
+pub fn router(src: Arc<Source>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .route("/stats;csv", get(stats_csv))
+        .route("/healthz", get(healthz))
+        .with_state(src)
+}
+
+fn failed(e: String) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("reading the maps: {e}\n"),
+    )
+        .into_response()
+}
+
+async fn metrics(State(src): State<Arc<Source>>) -> Response {
+    match src.snapshot() {
+        Ok(s) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            render_metrics(&s),
+        )
+            .into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn stats(
+    State(src): State<Arc<Source>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match src.snapshot() {
+        Ok(s) if q.get("format").is_some_and(|f| f == "csv") => csv(&s),
+        Ok(s) => Html(render_html(&s)).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn stats_csv(State(src): State<Arc<Source>>) -> Response {
+    match src.snapshot() {
+        Ok(s) => csv(&s),
+        Err(e) => failed(e),
+    }
+}
+
+fn csv(s: &Snapshot) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        render_csv(s),
+    )
+        .into_response()
+}
+
+async fn healthz(State(src): State<Arc<Source>>) -> Response {
+    match src.snapshot() {
+        Ok(s) if s.backends.iter().any(|b| b.up) => (StatusCode::OK, "OK\n").into_response(),
+        Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n").into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+fn backend(name: &str) -> Labels {
+    vec![("backend".into(), name.into())]
+}
+
+/// Prometheus text, through prometheus-client. Names follow the HAProxy
+/// exporter's meanings (see README "Metrics").
+pub fn render_metrics(s: &Snapshot) -> String {
+    let mut r = Registry::default();
+    let g = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Gauge>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+    let gf = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+    let c = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+    let cf = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter<f64, AtomicU64>>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+    let up = g(
+        &mut r,
+        "mtlb_backend_up",
+        "1 when the replica takes new connections (UP and READY)",
+    );
+    let state = g(
+        &mut r,
+        "mtlb_backend_state",
+        "Replica state, one-hot over UP, DOWN, DRAIN, MAINT",
+    );
+    let active = g(
+        &mut r,
+        "mtlb_backend_active_connections",
+        "Connections now (established and in handshake), exact from the kernel",
+    );
+    let total = c(
+        &mut r,
+        "mtlb_backend_connections",
+        "Steered connections established",
+    );
+    let weight = g(&mut r, "mtlb_backend_weight", "Effective weight");
+    let dur = gf(
+        &mut r,
+        "mtlb_backend_check_duration_seconds",
+        "Duration of the last health check",
+    );
+    let fails = c(
+        &mut r,
+        "mtlb_backend_check_failures",
+        "Failed health checks",
+    );
+    let trans = c(
+        &mut r,
+        "mtlb_backend_transitions",
+        "State changes, by the state entered",
+    );
+    let down = cf(&mut r, "mtlb_backend_downtime_seconds", "Time spent DOWN");
+    let queue = g(
+        &mut r,
+        "mtlb_backend_accept_queue",
+        "Accept queue length of the replica's listener",
+    );
+    let rx = c(
+        &mut r,
+        "mtlb_backend_bytes_received",
+        "Bytes received from clients by the replica's connections",
+    );
+    let tx = c(
+        &mut r,
+        "mtlb_backend_bytes_sent",
+        "Bytes sent to clients by the replica's connections (acknowledged)",
+    );
+    for b in &s.backends {
+        let l = backend(&b.name);
+        up.get_or_create(&l).set(b.up as i64);
+        let base = b.state.split(' ').next().unwrap_or("DOWN");
+        for st in ["UP", "DOWN", "DRAIN", "MAINT"] {
+            let mut l = l.clone();
+            l.push(("state".into(), st.into()));
+            state.get_or_create(&l).set((base == st) as i64);
+        }
+        active.get_or_create(&l).set(b.active as i64);
+        total.get_or_create(&l).inc_by(b.total);
+        weight.get_or_create(&l).set(b.weight as i64);
+        dur.get_or_create(&l)
+            .set(b.check_duration_ms as f64 / 1000.0);
+        fails.get_or_create(&l).inc_by(b.check_failures);
+        for (to, n) in [("UP", b.transitions_up), ("DOWN", b.transitions_down)] {
+            let mut l = l.clone();
+            l.push(("to".into(), to.into()));
+            trans.get_or_create(&l).inc_by(n);
+        }
+        down.get_or_create(&l).inc_by(b.downtime_s);
+        queue.get_or_create(&l).set(b.accept_queue as i64);
+        rx.get_or_create(&l).inc_by(b.bytes_in);
+        tx.get_or_create(&l).inc_by(b.bytes_out);
+    }
+    let lookups = c(
+        &mut r,
+        "mtlb_lookups",
+        "sk_lookup runs for the balanced port",
+    );
+    lookups.get_or_create(&vec![]).inc_by(s.lookups);
+    let nob = c(
+        &mut r,
+        "mtlb_no_backend",
+        "Connections refused because no replica could take them",
+    );
+    nob.get_or_create(&vec![]).inc_by(s.no_backend);
+    let errs = c(
+        &mut r,
+        "mtlb_steer_errors",
+        "Steering errors and bookkeeping misses, by reason",
+    );
+    for (reason, n) in &s.steer_errors {
+        errs.get_or_create(&vec![("reason".into(), reason.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "mtlb_build",
+        "Build information",
+        Info::new(vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]),
+    );
+    if !s.programs.is_empty() {
+        let runs = c(
+            &mut r,
+            "mtlb_program_runs",
+            "Runs of each mtlb BPF program (kernel.bpf_stats_enabled)",
+        );
+        let time = cf(
+            &mut r,
+            "mtlb_program_run_time_seconds",
+            "Run time of each mtlb BPF program (kernel.bpf_stats_enabled)",
+        );
+        for p in &s.programs {
+            let l = vec![("program".to_string(), p.name.clone())];
+            runs.get_or_create(&l).inc_by(p.run_count);
+            time.get_or_create(&l).inc_by(p.run_time_ns as f64 / 1e9);
+        }
+    }
+    let mut out = String::new();
+    encode(&mut out, &r).expect("writing to a String cannot fail");
+    out
+}
+
+const COLUMNS: [&str; 14] = [
+    "name",
+    "address",
+    "state",
+    "active",
+    "total",
+    "weight",
+    "check",
+    "check_reason",
+    "check_duration_ms",
+    "since_change_s",
+    "downtime_s",
+    "accept_queue",
+    "bytes_in",
+    "bytes_out",
+];
+
+fn cells(b: &snapshot::BackendRow) -> [String; 14] {
+    [
+        b.name.clone(),
+        b.address.clone(),
+        b.state.clone(),
+        b.active.to_string(),
+        b.total.to_string(),
+        b.weight.to_string(),
+        b.check.clone(),
+        b.check_reason.clone(),
+        b.check_duration_ms.to_string(),
+        format!("{:.1}", b.since_change_s),
+        format!("{:.1}", b.downtime_s),
+        b.accept_queue.to_string(),
+        b.bytes_in.to_string(),
+        b.bytes_out.to_string(),
+    ]
+}
+
+pub fn render_csv(s: &Snapshot) -> String {
+    let mut out = COLUMNS.join(",");
+    out.push('\n');
+    for b in &s.backends {
+        let row: Vec<String> = cells(b)
+            .into_iter()
+            .map(|c| {
+                if c.contains([',', '"']) {
+                    format!("\"{}\"", c.replace('"', "\"\""))
+                } else {
+                    c
+                }
+            })
+            .collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// One table row per replica, each on a single line, so that
+/// `curl -s …/stats | grep -E "mtp1|mtp2"` shows each replica with its
+/// state, as on HAProxy's page.
+pub fn render_html(s: &Snapshot) -> String {
+    let mut out = String::from(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>mtlb stats</title>\n<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px;text-align:right}td:first-child,th:first-child{text-align:left}.UP{background:#c0ffc0}.DOWN{background:#ffb0b0}.DRAIN{background:#b0d0ff}.MAINT{background:#c0c0c0}</style></head><body>\n",
+    );
+    let _ = writeln!(
+        out,
+        "<h1>mtlb</h1><p>balanced port {}; lookups {}; refused (no backend) {}</p>",
+        s.port, s.lookups, s.no_backend
+    );
+    out.push_str("<table>\n<tr>");
+    for c in COLUMNS {
+        let _ = write!(out, "<th>{c}</th>");
+    }
+    out.push_str("</tr>\n");
+    for b in &s.backends {
+        let class = b.state.split(' ').next().unwrap_or("DOWN");
+        let _ = write!(out, "<tr class=\"{class}\">");
+        for c in cells(b) {
+            let _ = write!(out, "<td>{}</td>", esc(&c));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n</body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::BackendRow;
+
+    fn snap() -> Snapshot {
+        let row = |name: &str, state: &str, up: bool, active| BackendRow {
+            name: name.into(),
+            address: "127.0.0.1:10000".into(),
+            state: state.into(),
+            up,
+            active,
+            handshakes: 0,
+            total: 10,
+            weight: 1,
+            check: "passed".into(),
+            check_reason: "Layer4 check passed".into(),
+            check_duration_ms: 3,
+            check_failures: 2,
+            transitions_up: 1,
+            transitions_down: 1,
+            since_change_s: 1.5,
+            downtime_s: 0.5,
+            accept_queue: 0,
+            bytes_in: 100,
+            bytes_out: 200,
+        };
+        Snapshot {
+            port: 443,
+            backends: vec![
+                row("mtp1", "UP", true, 7),
+                row("mtp2", "DOWN 1/2", false, 3),
+            ],
+            lookups: 12,
+            no_backend: 1,
+            steer_errors: [("eafnosupport".to_string(), 0)].into(),
+            programs: vec![],
+        }
+    }
+
+    #[test]
+    fn metrics_text() {
+        let m = render_metrics(&snap());
+        for want in [
+            "mtlb_backend_up{backend=\"mtp1\"} 1",
+            "mtlb_backend_up{backend=\"mtp2\"} 0",
+            "mtlb_backend_state{backend=\"mtp2\",state=\"DOWN\"} 1",
+            "mtlb_backend_state{backend=\"mtp2\",state=\"UP\"} 0",
+            "mtlb_backend_active_connections{backend=\"mtp1\"} 7",
+            "mtlb_backend_connections_total{backend=\"mtp1\"} 10",
+            "mtlb_backend_transitions_total{backend=\"mtp1\",to=\"DOWN\"} 1",
+            "mtlb_backend_bytes_received_total{backend=\"mtp1\"} 100",
+            "mtlb_backend_bytes_sent_total{backend=\"mtp1\"} 200",
+            "mtlb_lookups_total 12",
+            "mtlb_no_backend_total 1",
+            "mtlb_steer_errors_total{reason=\"eafnosupport\"} 0",
+            "mtlb_build_info{version=",
+            "# TYPE mtlb_backend_downtime_seconds counter",
+        ] {
+            assert!(m.contains(want), "missing {want:?} in\n{m}");
+        }
+    }
+
+    #[test]
+    fn html_rows_are_one_line_each_with_the_state() {
+        let h = render_html(&snap());
+        let lines: Vec<&str> = h
+            .lines()
+            .filter(|l| l.contains("mtp1") || l.contains("mtp2"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].contains("mtp1") && lines[0].contains(">UP<"));
+        assert!(lines[1].contains("mtp2") && lines[1].contains("DOWN 1/2"));
+    }
+
+    #[test]
+    fn csv_table() {
+        let c = render_csv(&snap());
+        let mut l = c.lines();
+        assert!(l.next().unwrap().starts_with("name,address,state,active"));
+        assert!(
+            l.next()
+                .unwrap()
+                .starts_with("mtp1,127.0.0.1:10000,UP,7,10,1,passed")
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! One reading of everything an operator looks at, from the maps (live or
+//! pinned): the same numbers feed /metrics, /stats and `mtlb status`.
+
+use crate::{diag, maps::Maps, pins::names};
+use mtlb_common::{STATE_DOWN, STATE_DRAIN, STATE_MAINT, STATE_UP, Status, stat};
+use serde::Serialize;
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BackendRow {
+    pub name: String,
+    pub address: String,
+    /// UP, DOWN, "DOWN 1/2", "UP 1/3", DRAIN, MAINT.
+    pub state: String,
+    /// 1 when it takes new connections (UP and READY).
+    pub up: bool,
+    /// Connections now: established plus handshakes in flight.
+    pub active: u64,
+    pub handshakes: u64,
+    /// Steered connections established since the maps were created.
+    pub total: u64,
+    pub weight: u32,
+    /// "passed", "failed" or "-" before the first check.
+    pub check: String,
+    pub check_reason: String,
+    pub check_duration_ms: u32,
+    pub check_failures: u64,
+    pub transitions_up: u64,
+    pub transitions_down: u64,
+    /// Seconds since the last state change.
+    pub since_change_s: f64,
+    pub downtime_s: f64,
+    pub accept_queue: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProgStat {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub port: u16,
+    pub backends: Vec<BackendRow>,
+    pub lookups: u64,
+    pub no_backend: u64,
+    /// sk_lookup assignment errors and bookkeeping misses by reason.
+    pub steer_errors: BTreeMap<String, u64>,
+    /// Present when kernel.bpf_stats_enabled is on.
+    pub programs: Vec<ProgStat>,
+}
+
+/// State label from STATUS, HAProxy style.
+pub fn label(s: &Status) -> String {
+    match (s.state, s.count) {
+        (STATE_MAINT, _) => "MAINT".into(),
+        (STATE_DRAIN, _) => "DRAIN".into(),
+        (STATE_UP, 0) => "UP".into(),
+        (STATE_UP, n) => format!("UP {n}/{}", s.fall),
+        (STATE_DOWN, 0) => "DOWN".into(),
+        (STATE_DOWN, n) if s.registered == 1 => format!("DOWN {n}/{}", s.rise),
+        _ => "DOWN".into(),
+    }
+}
+
+/// Reads the snapshot. `pin_dir` locates the program links (for run
+/// statistics).
+pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, crate::maps::MapsError> {
+    let settings = maps.settings()?;
+    let replica_ip: IpAddr = {
+        let a = std::net::Ipv6Addr::from(settings.replica_addr);
+        a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
+    };
+    // Live connections' bytes, by slot.
+    let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    if let Ok(conns) = diag::connections(settings.port) {
+        for c in conns {
+            if let Some(slot) = maps.live_slot(c.cookie) {
+                let e = live.entry(slot).or_default();
+                e.0 += c.bytes_received;
+                e.1 += c.bytes_acked;
+            }
+        }
+    }
+    let now_ms = crate::backends::unix_ms();
+    let mut backends = Vec::new();
+    for slot in 0..settings.replicas as u32 {
+        let s = maps.status(slot)?;
+        if s.state == 0 {
+            continue;
+        }
+        let c = maps.conns(slot)?;
+        let t = maps.slot_totals(slot)?;
+        let (lin, lout) = live.get(&slot).copied().unwrap_or_default();
+        let reason_len = s
+            .reason
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(s.reason.len());
+        backends.push(BackendRow {
+            name: crate::config::replica_name(slot as usize),
+            address: std::net::SocketAddr::new(replica_ip, settings.base_port + slot as u16)
+                .to_string(),
+            state: label(&s),
+            up: s.state == STATE_UP && s.registered == 1,
+            active: c.established + c.handshakes,
+            handshakes: c.handshakes,
+            total: t.established,
+            weight: s.weight,
+            check: match s.check_ok {
+                1 => "passed",
+                0 => "failed",
+                _ => "-",
+            }
+            .into(),
+            check_reason: String::from_utf8_lossy(&s.reason[..reason_len]).into_owned(),
+            check_duration_ms: s.check_ms,
+            check_failures: s.check_failures,
+            transitions_up: s.transitions_up,
+            transitions_down: s.transitions_down,
+            since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
+            downtime_s: s.downtime_ms as f64 / 1000.0,
+            accept_queue: s.accept_queue,
+            bytes_in: t.bytes_in + lin,
+            bytes_out: t.bytes_out + lout,
+        });
+    }
+    let stats = maps.stats()?;
+    let get = |n: &str| stats.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
+    let steer_errors = stats
+        .iter()
+        .filter(|(k, _)| {
+            ![
+                stat::NAMES[stat::LOOKUPS as usize],
+                stat::NAMES[stat::NO_BACKEND as usize],
+            ]
+            .contains(k)
+        })
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    Ok(Snapshot {
+        port: settings.port,
+        backends,
+        lookups: get("lookups"),
+        no_backend: get("no_backend"),
+        steer_errors,
+        programs: programs(pin_dir),
+    })
+}
+
+/// Run statistics of our attached programs (found through their pinned
+/// links, so other namespaces' agents are not mixed in); only when the
+/// kernel collects them.
+fn programs(pin_dir: &Path) -> Vec<ProgStat> {
+    let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .is_ok_and(|s| s.trim() == "1");
+    if !enabled {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for link in names::LINKS {
+        let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(pin_dir.join(link)) else {
+            continue;
+        };
+        let fd: aya::programs::links::FdLink = pinned.into();
+        let Ok(info) = fd.info() else { continue };
+        let id = info.program_id();
+        // Dropping `fd` closes it; the pin keeps the link.
+        if let Some(p) = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+        {
+            out.push(ProgStat {
+                name: p.name_as_str().unwrap_or("?").to_string(),
+                run_count: p.run_count(),
+                run_time_ns: p.run_time().as_nanos() as u64,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let mut s = Status {
+            state: STATE_DOWN,
+            count: 1,
+            rise: 2,
+            fall: 3,
+            registered: 1,
+            ..Default::default()
+        };
+        assert_eq!(label(&s), "DOWN 1/2");
+        s.state = STATE_UP;
+        assert_eq!(label(&s), "UP 1/3");
+        s.count = 0;
+        assert_eq!(label(&s), "UP");
+        s.state = STATE_DRAIN;
+        assert_eq!(label(&s), "DRAIN");
+        s.state = STATE_MAINT;
+        assert_eq!(label(&s), "MAINT");
+    }
+}
