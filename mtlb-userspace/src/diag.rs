@@ -75,22 +75,22 @@ fn dump(family: u8, port: u16, out: &mut Vec<Conn>) -> std::io::Result<()> {
                 .map_err(|e| std::io::Error::other(format!("sock_diag: {e}")))?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    if r.header.socket_id.source_port == port {
-                        let mut c = Conn {
-                            cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
-                            local_port: port,
-                            bytes_received: 0,
-                            bytes_acked: 0,
-                        };
-                        for nla in &r.nlas {
-                            if let Nla::TcpInfo(t) = nla {
-                                c.bytes_received = t.bytes_received;
-                                c.bytes_acked = t.bytes_acked;
-                            }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                    if r.header.socket_id.source_port == port =>
+                {
+                    let mut c = Conn {
+                        cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
+                        local_port: port,
+                        bytes_received: 0,
+                        bytes_acked: 0,
+                    };
+                    for nla in &r.nlas {
+                        if let Nla::TcpInfo(t) = nla {
+                            c.bytes_received = t.bytes_received;
+                            c.bytes_acked = t.bytes_acked;
                         }
-                        out.push(c);
                     }
+                    out.push(c);
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {

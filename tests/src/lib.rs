@@ -738,6 +738,34 @@ pub fn greeting(s: &TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&name).into_owned())
 }
 
+/// HTTP/1.0 GET of `path` on the stats endpoint (127.0.0.1:8404 in the
+/// calling thread's namespace): (status code, body).
+pub fn http_get(path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect("127.0.0.1:8404").expect("stats endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
+
+/// Value of the sample `name{labels}` in Prometheus text.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+        .and_then(|l| l[sample.len()..].trim().parse().ok())
+}
+
 /// Counts of each name in `names`.
 pub fn tally<'a>(
     names: impl IntoIterator<Item = &'a String>,
