@@ -400,6 +400,8 @@ mod tests {
             ],
             lookups: 12,
             no_backend: 1,
+            flow_hits: 0,
+            cookie_synacks: 0,
             steer_errors: [("eafnosupport".to_string(), 0)].into(),
             programs: vec![],
         }
@@ -438,6 +440,34 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[0].contains("mtp1") && lines[0].contains(">UP<"));
         assert!(lines[1].contains("mtp2") && lines[1].contains("DOWN 1/2"));
+    }
+
+    /// The dashboard loads (valid JSON) and every metric it queries exists.
+    #[test]
+    fn dashboard_uses_existing_metrics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/mtlb.json");
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let metrics = render_metrics(&snap());
+        let mut seen = 0;
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("mtlb_") {
+                        seen += 1;
+                        assert!(
+                            metrics
+                                .lines()
+                                .any(|l| l.starts_with(word)
+                                    && l[word.len()..].starts_with(['{', ' '])),
+                            "dashboard queries {word}, which /metrics does not have"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(seen >= 10);
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct Snapshot {
     pub backends: Vec<BackendRow>,
     pub lookups: u64,
     pub no_backend: u64,
+    /// SYN-cookie ACKs kept on their replica through the flow table.
+    pub flow_hits: u64,
+    /// SYN-ACKs with a SYN cookie sent by replica listeners.
+    pub cookie_synacks: u64,
     /// sk_lookup assignment errors and bookkeeping misses by reason.
     pub steer_errors: BTreeMap<String, u64>,
     /// Present when kernel.bpf_stats_enabled is on.
@@ -147,6 +151,8 @@ pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, crate::maps::Map
         backends,
         lookups: get("lookups"),
         no_backend: get("no_backend"),
+        flow_hits: get("flow_hits"),
+        cookie_synacks: get("cookie_synacks"),
         steer_errors,
         programs: programs(pin_dir),
     })
