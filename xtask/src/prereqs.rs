@@ -10,6 +10,8 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     // The tests drop packets in their namespaces with nft.
     ("nftables", "/usr/sbin/nft"),
+    // The deployment tests verify the unit file.
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 /// Needed only to build bpf-linker.
 const LINKER_BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
@@ -176,13 +178,16 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Python packages of the end-to-end tests: a real MTProxy server and a real
-/// Telegram client, with `cryptography` for the test fixtures' AES.
+/// Python packages of the tests: a real MTProxy server and a real Telegram
+/// client, `cryptography` for the fixtures' AES, and Ansible for the
+/// deployment checks.
 const PYTHON_REQUIREMENTS: &[&str] = &[
     "mtprotoproxy==1.0.6",
     "telethon==1.45.0",
     "cryptography",
     "pycryptodome",
+    // The deployment tests: ansible-playbook --syntax-check, template.
+    "ansible-core>=2.17,<2.19",
 ];
 
 /// A virtual environment under target/ with the Python test peers; made

@@ -1,6 +1,8 @@
 //! Command line: one file per subcommand.
 
 mod backend;
+mod check_config;
+mod link;
 mod reload;
 mod run;
 mod status;
@@ -31,6 +33,10 @@ pub enum Command {
     /// Show the replicas: state, connections, last check, traffic. Reads
     /// the pinned maps, so it works after the agent has died too.
     Status(status::StatusArgs),
+    /// Print the tg:// and t.me links for the configured port and secret.
+    Link(link::LinkArgs),
+    /// Validate a config file without touching the kernel.
+    CheckConfig(check_config::CheckConfigArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -39,5 +45,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Backend(a) => backend::run(a),
         Command::Reload(a) => reload::run(a),
         Command::Status(a) => status::run(a),
+        Command::Link(a) => link::run(a),
+        Command::CheckConfig(a) => check_config::run(a),
     }
 }

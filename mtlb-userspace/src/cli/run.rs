@@ -224,8 +224,10 @@ async fn agent(cfg: Config, source: Source) -> anyhow::Result<()> {
         );
     }
     a.apply_backends();
+    mtlb::notify::notify(&format!("READY=1\nSTATUS=steering port {}", a.cfg.port));
 
     let result = a.serve(signals, control).await;
+    mtlb::notify::notify("STOPPING=1");
     let _ = std::fs::remove_file(&control_path);
 
     if a.cfg.keep_pins {
@@ -813,6 +815,7 @@ impl Agent {
                 _ = sig.hup.recv() => {
                     tracing::info!("SIGHUP: reloading {}", self.source.path.display());
                     let _ = self.reload();
+                    mtlb::notify::notify("READY=1");
                 }
                 Some((req, reply)) = rx.recv() => {
                     let resp = self.handle(req);

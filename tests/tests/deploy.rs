@@ -1,0 +1,164 @@
+//! The deployment (deploy/): Ansible syntax, the mtlb role's config
+//! template for 2 and 3 replicas checked by `mtlb check-config`, the
+//! systemd unit, and `mtlb link`. Offline; no VM is booted.
+
+use std::{path::PathBuf, process::Command};
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn venv_bin(tool: &str) -> PathBuf {
+    let py = PathBuf::from(mtlb_tests::python());
+    py.parent().unwrap().join(tool)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+fn mtlb() -> Command {
+    Command::new(std::env::var("MTLB_BIN").expect("MTLB_BIN"))
+}
+
+#[test]
+fn playbook_syntax() {
+    for inventory in ["inventory/hosts.ini", "inventory/multi-host.ini"] {
+        run(Command::new(venv_bin("ansible-playbook"))
+            .current_dir(deploy_dir())
+            .args(["--syntax-check", "-i", inventory, "playbooks/deploy.yml"]));
+    }
+}
+
+/// Renders the mtlb role's template with `extra` variables on top of the
+/// inventory's and the role's defaults; returns the file's text after
+/// `mtlb check-config` accepted it.
+fn render(name: &str, extra: &[&str], with_group_vars: bool) -> String {
+    let out = std::env::temp_dir().join(format!("mtlb-deploy-{}-{name}.toml", std::process::id()));
+    let mut cmd = Command::new(venv_bin("ansible"));
+    cmd.current_dir(deploy_dir())
+        .env("ANSIBLE_LOCALHOST_WARNING", "false")
+        .env("ANSIBLE_INVENTORY_UNPARSED_WARNING", "false")
+        .args([
+            "localhost",
+            "-c",
+            "local",
+            "-i",
+            "localhost,",
+            "-m",
+            "ansible.builtin.template",
+        ])
+        .arg("-a")
+        .arg(format!(
+            "src=roles/mtlb/templates/mtlb.toml.j2 dest={}",
+            out.display()
+        ))
+        .args(["-e", "@roles/mtlb/defaults/main.yml"]);
+    if with_group_vars {
+        cmd.args(["-e", "@inventory/group_vars/all.yml"]);
+    }
+    for e in extra {
+        cmd.args(["-e", e]);
+    }
+    run(&mut cmd);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let checked = run(mtlb().args(["check-config", "--config"]).arg(&out));
+    assert!(checked.contains(": OK:"), "{checked}");
+    let _ = std::fs::remove_file(out);
+    text
+}
+
+#[test]
+fn config_template_for_two_and_three_replicas() {
+    let two = render("two", &[], true);
+    assert!(two.contains("replicas = 2\n"), "{two}");
+    assert!(two.contains("port = 443\n"), "{two}");
+    assert!(two.contains("base_port = 10000\n"), "{two}");
+    assert!(
+        two.contains("secret = \"dd00000000000000000000000000000000\"\n"),
+        "{two}"
+    );
+    assert!(two.contains("stats_port = 8404\n"), "{two}");
+    assert!(two.contains("kind = \"mtproxy\"\n"), "{two}");
+    let three = render("three", &["mtproxy_replicas=3"], true);
+    assert!(three.contains("replicas = 3\n"), "{three}");
+}
+
+#[test]
+fn original_haproxy_variable_names_still_work() {
+    let t = render(
+        "legacy",
+        &[
+            "haproxy_port=8443",
+            "haproxy_stats_port=9404",
+            "haproxy_balance_algorithm=leastconn",
+        ],
+        false,
+    );
+    assert!(t.contains("port = 8443\n"), "{t}");
+    assert!(t.contains("stats_port = 9404\n"), "{t}");
+    assert!(t.contains("algorithm = \"leastconn\"\n"), "{t}");
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(deploy_dir().join("roles/mtlb/files/mtlb.service")).unwrap();
+    let bin = std::env::var("MTLB_BIN").unwrap();
+    assert!(unit.contains("Restart=always") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(unit.contains("Type=notify"));
+    // systemd-analyze checks that the binaries exist: point at this build.
+    let dir = std::env::temp_dir().join(format!("mtlb-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mtlb.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/mtlb", &bin)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    // Lines about other units of this machine are not ours.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("mtlb.service"))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}
+
+#[test]
+fn link_output() {
+    let dir = std::env::temp_dir().join(format!("mtlb-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("mtlb.toml");
+    std::fs::write(
+        &cfg,
+        "port = 443\nsecret = \"dd0123456789abcdef0123456789abcdef\"\n",
+    )
+    .unwrap();
+    let out = run(mtlb()
+        .args(["link", "--server", "203.0.113.5", "--config"])
+        .arg(&cfg));
+    assert_eq!(
+        out,
+        "tg://proxy?server=203.0.113.5&port=443&secret=dd0123456789abcdef0123456789abcdef\n\
+         https://t.me/proxy?server=203.0.113.5&port=443&secret=dd0123456789abcdef0123456789abcdef\n"
+    );
+    let bad = mtlb()
+        .args(["link", "--server", "a&b", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
