@@ -37,6 +37,23 @@ fn playbook_syntax() {
     }
 }
 
+#[test]
+fn ansible_lint_is_clean() {
+    let bin = venv_bin("ansible-lint");
+    // ansible-lint wants its environment's bin first in PATH.
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new(&bin)
+        .current_dir(deploy_dir())
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        .args(["--offline", "playbooks/deploy.yml"]));
+    assert!(out.contains("0 failure(s), 0 warning(s)"), "{out}");
+}
+
 /// Renders the mtlb role's template with `extra` variables on top of the
 /// inventory's and the role's defaults; returns the file's text after
 /// `mtlb check-config` accepted it.
@@ -60,7 +77,14 @@ fn render(name: &str, extra: &[&str], with_group_vars: bool) -> String {
             "src=roles/mtlb/templates/mtlb.toml.j2 dest={}",
             out.display()
         ))
-        .args(["-e", "@roles/mtlb/defaults/main.yml"]);
+        .args(["-e", "@roles/mtlb/defaults/main.yml"])
+        // The module runs with this environment's Python, not whatever
+        // interpreter discovery would pick.
+        .arg("-e")
+        .arg(format!(
+            "ansible_python_interpreter={}",
+            mtlb_tests::python()
+        ));
     if with_group_vars {
         cmd.args(["-e", "@inventory/group_vars/all.yml"]);
     }
@@ -95,10 +119,15 @@ fn config_template_for_two_and_three_replicas() {
 fn original_haproxy_variable_names_still_work() {
     let t = render(
         "legacy",
+        // An old inventory: the original variables only.
         &[
             "haproxy_port=8443",
             "haproxy_stats_port=9404",
             "haproxy_balance_algorithm=leastconn",
+            "mtproxy_replicas=2",
+            "mtproxy_secret=dd00000000000000000000000000000000",
+            "mtproxy_base_port=10000",
+            "mtproxy_stats_base_port=11000",
         ],
         false,
     );

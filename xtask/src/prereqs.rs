@@ -188,6 +188,7 @@ const PYTHON_REQUIREMENTS: &[&str] = &[
     "pycryptodome",
     // The deployment tests: ansible-playbook --syntax-check, template.
     "ansible-core>=2.17,<2.19",
+    "ansible-lint",
 ];
 
 /// A virtual environment under target/ with the Python test peers; made
