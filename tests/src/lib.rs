@@ -677,6 +677,41 @@ impl PyProcess {
     }
 }
 
+impl PyProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Runs a Python fixture in `ns` and returns its first stdout line (the
+/// process keeps running if it holds on; it is killed when the returned
+/// child is dropped by the caller).
+pub fn py_first_line(ns: &Netns, script: &str, args: &[&str]) -> (Child, String) {
+    let mut cmd = Command::new(python());
+    cmd.arg(fixture(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let fd = ns.file.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; fd stays open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {script}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
 impl Drop for PyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
