@@ -6,7 +6,9 @@
 //! * `cargo xtask test`: install prerequisites, build, run the unit tests
 //!   and the privileged integration tests.
 //! * `cargo xtask build`: install prerequisites and build.
+//! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
 
+mod demo;
 mod prereqs;
 
 use anyhow::{Context as _, bail};
@@ -39,6 +41,10 @@ enum Cmd {
     },
     /// Install prerequisites and build (release).
     Build,
+    /// A guided demo in a network namespace of its own: two real MTProxy
+    /// replicas, a fake Telegram DC, mtlb, client load, a replica stopped
+    /// and brought back. Cleans everything up.
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +78,12 @@ fn main() -> anyhow::Result<()> {
                 .env("MTLB_BIN", &bin)
                 .env("MTLB_PYTHON", &python);
             run(&mut cmd)
+        }
+        Cmd::Demo => {
+            prereqs::ensure()?;
+            let python = prereqs::ensure_python_env(&root.join("target"))?;
+            cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
+            demo::run(&root, &python)
         }
         Cmd::Build => {
             prereqs::ensure()?;
