@@ -52,9 +52,18 @@ impl Demo {
     }
 
     /// Starts a Python fixture and waits for its `ready` line.
-    fn fixture(&mut self, name: &'static str, python: &Path, script: &str, args: &[&str]) -> anyhow::Result<()> {
+    fn fixture(
+        &mut self,
+        name: &'static str,
+        python: &Path,
+        script: &str,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
         let mut c = self.cmd(python);
-        c.arg(script).args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        c.arg(script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         let mut child = c.spawn().with_context(|| format!("starting {name}"))?;
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -103,7 +112,9 @@ pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
         children: Vec::new(),
         dir: dir.clone(),
     };
-    Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status()?;
+    Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status()?;
     println!("demo: network namespace {ns}");
 
     let script = |s: &str| fixtures.join(s).to_string_lossy().into_owned();
@@ -111,14 +122,21 @@ pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
     println!("demo: fake Telegram DC on 127.0.0.1:20443 (echoes frames)");
     let raw_secret = &SECRET[2..];
     for (name, port) in [("mtproxy1", "10000"), ("mtproxy2", "10001")] {
-        d.fixture(name, python, &script("launcher.py"), &[port, raw_secret, "20443"])?;
+        d.fixture(
+            name,
+            python,
+            &script("launcher.py"),
+            &[port, raw_secret, "20443"],
+        )?;
         println!("demo: MTProxy replica {name} (mtprotoproxy) on 127.0.0.1:{port}");
     }
 
     let cfg = dir.join("mtlb.toml");
     std::fs::write(
         &cfg,
-        format!("secret = \"{SECRET}\"\n[check]\nkind = \"mtproxy\"\ninter_ms = 500\nfastinter_ms = 250\ndowninter_ms = 500\n"),
+        format!(
+            "secret = \"{SECRET}\"\n[check]\nkind = \"mtproxy\"\ninter_ms = 500\nfastinter_ms = 250\ndowninter_ms = 500\n"
+        ),
     )?;
     let mut agent = d.cmd(&mtlb);
     agent
@@ -151,7 +169,11 @@ pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
     };
     wait("replica mtp2 registered")?;
 
-    let link = d.cmd(&mtlb).args(["link", "--server", "127.0.0.1", "--config"]).arg(&cfg).output()?;
+    let link = d
+        .cmd(&mtlb)
+        .args(["link", "--server", "127.0.0.1", "--config"])
+        .arg(&cfg)
+        .output()?;
     println!("demo: the link users would get (with this host's address instead of 127.0.0.1):");
     print!("{}", String::from_utf8_lossy(&link.stdout));
 
@@ -190,7 +212,12 @@ pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
     );
 
     println!("demo: starting mtproxy2 again");
-    d.fixture("mtproxy2", python, &script("launcher.py"), &["10001", raw_secret, "20443"])?;
+    d.fixture(
+        "mtproxy2",
+        python,
+        &script("launcher.py"),
+        &["10001", raw_secret, "20443"],
+    )?;
     wait("backend mtp2 is UP")?;
     std::thread::sleep(Duration::from_secs(2));
     d.status(&mtlb);

@@ -7,7 +7,9 @@
 //!   and the privileged integration tests.
 //! * `cargo xtask build`: install prerequisites and build.
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
+//! * `cargo xtask bench`: mtlb against direct connections and HAProxy.
 
+mod bench;
 mod demo;
 mod prereqs;
 
@@ -45,6 +47,10 @@ enum Cmd {
     /// replicas, a fake Telegram DC, mtlb, client load, a replica stopped
     /// and brought back. Cleans everything up.
     Demo,
+    /// Benchmark mtlb against direct connections and HAProxy (one run,
+    /// interleaved, same backends); writes BENCHMARKS.md and
+    /// target/bench.json. Not a test.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +90,12 @@ fn main() -> anyhow::Result<()> {
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             demo::run(&root, &python)
+        }
+        Cmd::Bench => {
+            prereqs::ensure()?;
+            prereqs::ensure_haproxy()?;
+            cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
+            bench::run(&root)
         }
         Cmd::Build => {
             prereqs::ensure()?;

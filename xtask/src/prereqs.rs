@@ -231,3 +231,11 @@ pub fn ensure_python_env(target: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::fs::write(&marker, want)?;
     Ok(python)
 }
+
+/// Debian's HAProxy, for the benchmark's comparison.
+pub fn ensure_haproxy() -> anyhow::Result<()> {
+    if !std::path::Path::new("/usr/sbin/haproxy").exists() {
+        Apt::default().install("haproxy", "the benchmark compares against it")?;
+    }
+    Ok(())
+}
