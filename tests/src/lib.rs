@@ -86,6 +86,22 @@ impl Netns {
         Self { name, file, ino }
     }
 
+    /// Makes `cmd` start inside the namespace (keeping this mount
+    /// namespace, so pins stay visible).
+    pub fn run_inside(&self, cmd: &mut Command) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; fd stays open in the parent
+        // for as long as the Netns lives.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Moves the calling thread into the namespace.
     pub fn enter(&self) {
         nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
@@ -169,16 +185,7 @@ impl Netns {
             .env("MTLB_LOG", log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let fd = self.file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        self.run_inside(&mut cmd);
         Agent::spawn(cmd, self.pin_dir())
     }
 }
@@ -540,16 +547,7 @@ impl ReplicaProcess {
         });
         let mut cmd = Command::new(&bin);
         cmd.args([name, addr]).stdout(Stdio::piped());
-        let fd = ns.file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ns.run_inside(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
@@ -580,16 +578,7 @@ fn cli_command(ns: &Netns, args: &[&str]) -> Command {
     let bin = std::env::var("MTLB_BIN").expect("MTLB_BIN");
     let mut cmd = Command::new(&bin);
     cmd.args(args);
-    let fd = ns.file.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; fd stays open in the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ns.run_inside(&mut cmd);
     cmd
 }
 
@@ -624,6 +613,32 @@ pub fn fixture(name: &str) -> String {
     format!("{}/fixtures/mtproxy/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A config for MTProxy replicas with the `mtproxy` check and fast timings.
+pub fn mtproxy_config(ns: &Netns, secret: &str) -> String {
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("mtlb.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "secret = \"{secret}\"\n[check]\nkind = \"mtproxy\"\ninter_ms = 200\nfastinter_ms = 100\ndowninter_ms = 200\nrise = 2\nfall = 2\ntimeout_ms = 1500\n"
+        ),
+    )
+    .unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+/// A real MTProxy replica (mtprotoproxy) on 127.0.0.1:`port` with `secret`
+/// (32 hex digits), upstream the fake DC on `dc`; fake-TLS only when `tls`.
+pub fn mtproxy_replica(ns: &Netns, port: u16, secret: &str, dc: u16, tls: bool) -> PyProcess {
+    let (p, d) = (port.to_string(), dc.to_string());
+    let mut args = vec![p.as_str(), secret, d.as_str()];
+    if tls {
+        args.extend(["--tls-domain", "example.com", "--tls-only"]);
+    }
+    PyProcess::start(ns, "launcher.py", &args)
+}
+
 /// A Python fixture process in a namespace; started when it printed
 /// `ready`, killed on drop.
 pub struct PyProcess {
@@ -638,16 +653,7 @@ impl PyProcess {
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let fd = ns.file.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; fd stays open in the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ns.run_inside(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {script}: {e}"));
@@ -692,16 +698,7 @@ pub fn py_first_line(ns: &Netns, script: &str, args: &[&str]) -> (Child, String)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let fd = ns.file.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; fd stays open in the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    ns.run_inside(&mut cmd);
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {script}: {e}"));

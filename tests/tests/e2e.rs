@@ -8,29 +8,6 @@ use std::{net::TcpStream, time::Duration};
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 
-fn config(ns: &Netns, secret: &str) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "secret = \"{secret}\"\n[check]\nkind = \"mtproxy\"\ninter_ms = 200\nfastinter_ms = 100\ndowninter_ms = 200\nrise = 2\nfall = 2\ntimeout_ms = 1500\n"
-        ),
-    )
-    .unwrap();
-    p.to_string_lossy().into_owned()
-}
-
-fn replica(ns: &Netns, port: u16, tls: bool) -> PyProcess {
-    let p = port.to_string();
-    let mut args = vec![p.as_str(), SECRET, "20443"];
-    if tls {
-        args.extend(["--tls-domain", "example.com", "--tls-only"]);
-    }
-    PyProcess::start(ns, "launcher.py", &args)
-}
-
 /// One Telethon exchange through the balanced port, holding the connection
 /// `hold` seconds after it; returns the client and its JSON result.
 fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) {
@@ -77,9 +54,9 @@ fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
 fn telegram_client_through_mtlb_with_failover() {
     let ns = Netns::new();
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
-    let mtp1 = replica(&ns, 10000, false);
-    let mtp2 = replica(&ns, 10001, false);
-    let cfg = config(&ns, &format!("dd{SECRET}"));
+    let mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
+    let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
+    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
     agent.wait_for("check mtp2: passed, reason: MTProxy answered through upstream");
@@ -150,7 +127,7 @@ fn telegram_client_through_mtlb_with_failover() {
     }
     // mtp2 comes back: UP, and it takes traffic.
     let from = agent.log_len();
-    let _mtp2 = replica(&ns, 10001, false);
+    let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
     agent.wait_for_after(from, "backend mtp2 is UP");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed, held) = loop_.join().unwrap();
@@ -175,10 +152,10 @@ fn telegram_client_through_mtlb_with_failover() {
 fn fake_tls_replicas_end_to_end() {
     let ns = Netns::new();
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
-    let _mtp1 = replica(&ns, 10000, true);
-    let _mtp2 = replica(&ns, 10001, true);
+    let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, true);
+    let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
     let secret = format!("ee{SECRET}{DOMAIN_HEX}");
-    let cfg = config(&ns, &secret);
+    let cfg = mtproxy_config(&ns, &secret);
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
     agent.wait_for("check mtp2: passed, reason: MTProxy answered through upstream");

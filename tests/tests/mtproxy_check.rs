@@ -8,36 +8,13 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const OTHER: &str = "fedcba9876543210fedcba9876543210";
 const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 
-fn config(ns: &Netns, secret: &str) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "secret = \"{secret}\"\n[check]\nkind = \"mtproxy\"\ninter_ms = 200\nfastinter_ms = 100\ndowninter_ms = 200\nrise = 2\nfall = 2\ntimeout_ms = 1500\n"
-        ),
-    )
-    .unwrap();
-    p.to_string_lossy().into_owned()
-}
-
-fn mtproxy(ns: &Netns, port: u16, secret: &str, dc: u16, tls: bool) -> PyProcess {
-    let (p, d) = (port.to_string(), dc.to_string());
-    let mut args = vec![p.as_str(), secret, d.as_str()];
-    if tls {
-        args.extend(["--tls-domain", "example.com", "--tls-only"]);
-    }
-    PyProcess::start(ns, "launcher.py", &args)
-}
-
 #[test]
 fn dd_right_secret_up_wrong_secret_down() {
     let ns = Netns::new();
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
-    let _right = mtproxy(&ns, 10000, SECRET, 20443, false);
-    let _wrong = mtproxy(&ns, 10001, OTHER, 20443, false);
-    let cfg = config(&ns, &format!("dd{SECRET}"));
+    let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
+    let _wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, false);
+    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(line.contains("reason: no answer through proxy"), "{line}");
@@ -53,9 +30,9 @@ fn dd_right_secret_up_wrong_secret_down() {
 fn ee_right_secret_up_wrong_secret_down() {
     let ns = Netns::new();
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
-    let _right = mtproxy(&ns, 10000, SECRET, 20443, true);
-    let _wrong = mtproxy(&ns, 10001, OTHER, 20443, true);
-    let cfg = config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
+    let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, true);
+    let _wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, true);
+    let cfg = mtproxy_config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(
@@ -74,15 +51,15 @@ fn ee_right_secret_up_wrong_secret_down() {
 fn unreachable_upstream_is_down_with_no_answer() {
     let ns = Netns::new();
     // No fake DC on 20443: the proxies cannot reach their upstream.
-    let _dd = mtproxy(&ns, 10000, SECRET, 20443, false);
-    let _ee = mtproxy(&ns, 10001, SECRET, 20443, true);
-    let cfg = config(&ns, &format!("dd{SECRET}"));
+    let _dd = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
+    let _ee = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
+    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp1 is DOWN");
     assert!(line.contains("reason: no answer through proxy"), "{line}");
     drop(agent);
     // With the ee secret the TLS answer proves the secret first.
-    let cfg = config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
+    let cfg = mtproxy_config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(
@@ -95,9 +72,9 @@ fn unreachable_upstream_is_down_with_no_answer() {
 fn plain_tcp_server_is_down() {
     let ns = Netns::new();
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
-    let _right = mtproxy(&ns, 10000, SECRET, 20443, false);
+    let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _plain = Replica::start("mtp2", "127.0.0.1:10001");
-    let cfg = config(&ns, &format!("dd{SECRET}"));
+    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(
