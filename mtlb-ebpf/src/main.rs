@@ -355,7 +355,7 @@ fn on_request(ctx: &SockOpsContext) {
                 add(unsafe { &raw mut (*c).handshakes }, 1);
             }
         }
-        Err(e) if e == -17 => {}
+        Err(e) if -(e as i64) == EEXIST => {}
         Err(_) => stat(stat::PENDING_TABLE_FULL),
     }
 }
@@ -478,14 +478,12 @@ fn on_established(ctx: &SockOpsContext) {
     }
     tag.state = TAG_COUNTED;
     // The handshake is over: move it from handshakes to established.
-    let key = ops_flow_key(ctx);
-    if let Some(p) = unsafe { PENDING.get(&key) }.copied() {
-        // Deleting is the claim: the agent's expiry deletes too, and only
-        // the side whose delete succeeds subtracts.
-        if PENDING.remove(&key).is_ok() && p.slot < MAX_REPLICAS {
-            if let Some(c) = CONNS.get_ptr_mut(p.slot) {
-                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
-            }
+    // Deleting is the claim: the agent's expiry deletes too, and only the
+    // side whose delete succeeds subtracts. The pending entry's slot is this
+    // socket's: the child comes from the listener its SYN was assigned to.
+    if PENDING.remove(&ops_flow_key(ctx)).is_ok() {
+        if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+            add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
         }
     }
     if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
