@@ -22,12 +22,6 @@ pub enum MapsError {
     },
     #[error("cannot open pinned map {path}: {source}")]
     Pin { path: PathBuf, source: MapError },
-    #[error("cannot pin map {name} at {path}: {source}")]
-    PinTo {
-        name: &'static str,
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
     #[error("cannot mmap CONNS: {0}")]
     Mmap(std::io::Error),
     #[error("map {name} has an unexpected type")]
@@ -47,11 +41,9 @@ pub struct Maps {
     pub tags: SkStorage<MapData, SockTag>,
     /// The 8-byte-value sockmap; see `sys`.
     pub sockets: MapData,
-    pub flows: MapData,
     pub runtime: Array<MapData, Runtime>,
     pub live: HashMap<MapData, u64, u32>,
     pub status: Array<MapData, Status>,
-    pub last: MapData,
     pub pending: HashMap<MapData, FlowKey, Pending>,
     /// CONNS mapped into this process, for atomic subtraction.
     conns_shared: SharedConns,
@@ -176,9 +168,7 @@ impl Maps {
                 SkStorage::try_from(Map::SkStorage(get("SK_TAGS")?)),
             )?,
             sockets: get("SOCKETS")?,
-            flows: get("FLOWS")?,
             runtime: conv("RUNTIME", Array::try_from(Map::Array(get("RUNTIME")?)))?,
-            last: get("LAST")?,
             live: conv("LIVE", HashMap::try_from(Map::HashMap(get("LIVE")?)))?,
             status: conv("STATUS", Array::try_from(Map::Array(get("STATUS")?)))?,
             pending: conv("PENDING", HashMap::try_from(Map::HashMap(get("PENDING")?)))?,
@@ -228,10 +218,6 @@ impl Maps {
 
     pub fn set_backend(&mut self, slot: u32, b: Backend) -> Result<(), MapsError> {
         conv("BACKENDS", self.backends.set(slot, b, 0))
-    }
-
-    pub fn backend(&self, slot: u32) -> Result<Backend, MapsError> {
-        conv("BACKENDS", self.backends.get(&slot, 0))
     }
 
     pub fn set_settings(&mut self, s: Settings) -> Result<(), MapsError> {
@@ -303,9 +289,5 @@ impl Maps {
 
     pub fn remove_address(&mut self, a: &[u8; 16]) -> Result<(), MapsError> {
         conv("ADDRESSES", self.addresses.remove(a))
-    }
-
-    pub fn max_slots() -> u32 {
-        MAX_REPLICAS
     }
 }

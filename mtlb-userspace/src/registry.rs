@@ -118,6 +118,7 @@ pub fn family_name(family: u16, v6only: Option<bool>) -> &'static str {
     }
 }
 
+#[derive(Default)]
 pub struct Registry {
     known: Vec<Option<SlotView>>,
     /// Listener address and IPV6_V6ONLY (when known) by cookie, for logs.
@@ -125,13 +126,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(slots: usize) -> Self {
-        Self {
-            known: vec![None; slots],
-            addrs: HashMap::new(),
-        }
-    }
-
     pub fn known(&self) -> &[Option<SlotView>] {
         &self.known
     }
@@ -140,39 +134,40 @@ impl Registry {
         self.addrs.get(&cookie).copied()
     }
 
-    /// Reads the slots from the maps. A slot counts as registered when the
-    /// sockmap holds a socket and LISTENERS describes that same socket.
-    pub fn read(maps: &Maps, slots: usize) -> Result<Vec<Option<SlotView>>, RegistryError> {
+    /// Reads LISTENERS and the sockmap for the first `slots` slots.
+    fn read_raw(maps: &Maps, slots: usize) -> Result<Vec<(Listener, Option<u64>)>, RegistryError> {
         (0..slots as u32)
-            .map(|slot| {
-                let l = maps.listener(slot)?;
-                let c = maps.socket_cookie(slot)?;
-                Ok(match c {
-                    Some(c) if c == l.cookie && c != 0 => Some(SlotView {
-                        cookie: c,
-                        family: l.family,
-                        how: l.how,
-                    }),
-                    _ => None,
-                })
-            })
+            .map(|slot| Ok((maps.listener(slot)?, maps.socket_cookie(slot)?)))
             .collect()
     }
 
-    /// Looks at the maps and returns what changed since the last call.
-    /// Slots whose listener is gone from the sockmap but still described in
-    /// LISTENERS (adopted listeners get no close callback) are cleared.
-    pub fn poll(&mut self, maps: &mut Maps) -> Result<Vec<Change>, RegistryError> {
-        let now = Self::read(maps, self.known.len())?;
-        for (slot, view) in now.iter().enumerate() {
-            let slot = slot as u32;
-            if view.is_none() {
-                let l = maps.listener(slot)?;
-                if l.cookie != 0 && l.how == REG_ADOPTED && maps.socket_cookie(slot)?.is_none() {
-                    maps.set_listener(slot, Listener::default())?;
-                }
+    /// A slot counts as registered when the sockmap holds a socket and
+    /// LISTENERS describes that same socket.
+    fn view((l, cookie): &(Listener, Option<u64>)) -> Option<SlotView> {
+        match cookie {
+            Some(c) if *c == l.cookie && *c != 0 => Some(SlotView {
+                cookie: *c,
+                family: l.family,
+                how: l.how,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Looks at the first `slots` slots (the ones in use) and returns what
+    /// changed since the last call. Slots whose listener is gone from the
+    /// sockmap but still described in LISTENERS (adopted listeners get no
+    /// close callback) are cleared.
+    pub fn poll(&mut self, maps: &mut Maps, slots: usize) -> Result<Vec<Change>, RegistryError> {
+        let raw = Self::read_raw(maps, slots)?;
+        for (slot, (l, cookie)) in raw.iter().enumerate() {
+            if l.cookie != 0 && l.how == REG_ADOPTED && cookie.is_none() {
+                maps.set_listener(slot as u32, Listener::default())?;
             }
         }
+        let now: Vec<Option<SlotView>> = raw.iter().map(Self::view).collect();
+        // Slots beyond `slots` (scaled away) are forgotten without a change.
+        self.known.resize(slots, None);
         let changes = diff(&self.known, &now);
         self.known = now;
         Ok(changes)
@@ -186,7 +181,10 @@ impl Registry {
         cfg: &Config,
         maps: &mut Maps,
     ) -> Result<Vec<(u32, SocketAddr, i32)>, RegistryError> {
-        let current = Self::read(maps, self.known.len())?;
+        let current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
+            .iter()
+            .map(Self::view)
+            .collect();
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         for l in proc_listeners()? {
             if let Some(slot) = slot_for(cfg, l.addr)

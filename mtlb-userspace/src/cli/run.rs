@@ -257,7 +257,7 @@ async fn start(
     let mut seen = None;
     watch_cookies(maps, &mut seen)?;
     loaded.attach_accounting(cgroup, dir, attached)?;
-    let mut registry = Registry::new(MAX_REPLICAS as usize);
+    let mut registry = Registry::default();
     adopt(cfg, &mut registry, &mut loaded.maps);
     loaded.attach_steering(dir, attached)?;
     Ok((loaded, registry))
@@ -476,7 +476,10 @@ impl Agent {
     }
 
     fn poll_registrations(&mut self) {
-        let changes = match self.registry.poll(&mut self.loaded.maps) {
+        let changes = match self
+            .registry
+            .poll(&mut self.loaded.maps, self.replicas.len())
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("reading replica registrations: {e:#}");
@@ -535,7 +538,8 @@ impl Agent {
                 }
             }
         }
-        self.apply_backends();
+        // Callers write BACKENDS/STATUS afterwards (state changes above did
+        // already, through set_oper_log).
     }
 
     /// Samples every replica's accept queue; a stalled one goes DOWN.
