@@ -256,41 +256,31 @@ impl Config {
     }
 
     pub fn apply(&mut self, o: &Overrides) {
-        if let Some(v) = o.port {
-            self.port = v;
+        // Each flag given replaces the key of the same name.
+        macro_rules! given {
+            ($($key:ident),*) => {$(
+                if let Some(v) = &o.$key {
+                    self.$key = v.clone();
+                }
+            )*};
         }
-        if let Some(v) = o.replicas {
-            self.replicas = v;
-        }
-        if let Some(v) = o.base_port {
-            self.base_port = v;
-        }
-        if let Some(v) = o.replica_address {
-            self.replica_address = v;
-        }
+        given!(
+            port,
+            replicas,
+            base_port,
+            replica_address,
+            bpffs,
+            handshake_timeout_ms,
+            state_dir,
+            control_dir,
+            stats_port,
+            stats_address
+        );
         if !o.addresses.is_empty() {
             self.addresses = o.addresses.clone();
         }
-        if let Some(v) = &o.bpffs {
-            self.bpffs = v.clone();
-        }
         if o.keep_pins {
             self.keep_pins = true;
-        }
-        if let Some(v) = o.handshake_timeout_ms {
-            self.handshake_timeout_ms = v;
-        }
-        if let Some(v) = &o.state_dir {
-            self.state_dir = v.clone();
-        }
-        if let Some(v) = &o.control_dir {
-            self.control_dir = v.clone();
-        }
-        if let Some(v) = o.stats_port {
-            self.stats_port = v;
-        }
-        if let Some(v) = o.stats_address {
-            self.stats_address = v;
         }
     }
 

@@ -122,78 +122,74 @@ fn backend(name: &str) -> Labels {
     vec![("backend".into(), name.into())]
 }
 
+/// Registers a labelled metric family under `name` and returns it.
+fn family<M>(r: &mut Registry, name: &str, help: &str) -> Family<Labels, M>
+where
+    M: Default,
+    Family<Labels, M>: prometheus_client::registry::Metric + Clone,
+{
+    let f = Family::<Labels, M>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+type G = Gauge;
+type GF = Gauge<f64, AtomicU64>;
+type C = Counter;
+type CF = Counter<f64, AtomicU64>;
+
 /// Prometheus text, through prometheus-client. Names follow the HAProxy
 /// exporter's meanings (see README "Metrics").
 pub fn render_metrics(s: &Snapshot) -> String {
     let mut r = Registry::default();
-    let g = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Gauge>::default();
-        r.register(name, help, f.clone());
-        f
-    };
-    let gf = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        r.register(name, help, f.clone());
-        f
-    };
-    let c = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Counter>::default();
-        r.register(name, help, f.clone());
-        f
-    };
-    let cf = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Counter<f64, AtomicU64>>::default();
-        r.register(name, help, f.clone());
-        f
-    };
-    let up = g(
+    let up = family::<G>(
         &mut r,
         "mtlb_backend_up",
         "1 when the replica takes new connections (UP and READY)",
     );
-    let state = g(
+    let state = family::<G>(
         &mut r,
         "mtlb_backend_state",
         "Replica state, one-hot over UP, DOWN, DRAIN, MAINT",
     );
-    let active = g(
+    let active = family::<G>(
         &mut r,
         "mtlb_backend_active_connections",
         "Connections now (established and in handshake), exact from the kernel",
     );
-    let total = c(
+    let total = family::<C>(
         &mut r,
         "mtlb_backend_connections",
         "Steered connections established",
     );
-    let weight = g(&mut r, "mtlb_backend_weight", "Effective weight");
-    let dur = gf(
+    let weight = family::<G>(&mut r, "mtlb_backend_weight", "Effective weight");
+    let dur = family::<GF>(
         &mut r,
         "mtlb_backend_check_duration_seconds",
         "Duration of the last health check",
     );
-    let fails = c(
+    let fails = family::<C>(
         &mut r,
         "mtlb_backend_check_failures",
         "Failed health checks",
     );
-    let trans = c(
+    let trans = family::<C>(
         &mut r,
         "mtlb_backend_transitions",
         "State changes, by the state entered",
     );
-    let down = cf(&mut r, "mtlb_backend_downtime_seconds", "Time spent DOWN");
-    let queue = g(
+    let down = family::<CF>(&mut r, "mtlb_backend_downtime_seconds", "Time spent DOWN");
+    let queue = family::<G>(
         &mut r,
         "mtlb_backend_accept_queue",
         "Accept queue length of the replica's listener",
     );
-    let rx = c(
+    let rx = family::<C>(
         &mut r,
         "mtlb_backend_bytes_received",
         "Bytes received from clients by the replica's connections",
     );
-    let tx = c(
+    let tx = family::<C>(
         &mut r,
         "mtlb_backend_bytes_sent",
         "Bytes sent to clients by the replica's connections (acknowledged)",
@@ -223,19 +219,19 @@ pub fn render_metrics(s: &Snapshot) -> String {
         rx.get_or_create(&l).inc_by(b.bytes_in);
         tx.get_or_create(&l).inc_by(b.bytes_out);
     }
-    let lookups = c(
+    let lookups = family::<C>(
         &mut r,
         "mtlb_lookups",
         "sk_lookup runs for the balanced port",
     );
     lookups.get_or_create(&vec![]).inc_by(s.lookups);
-    let nob = c(
+    let nob = family::<C>(
         &mut r,
         "mtlb_no_backend",
         "Connections refused because no replica could take them",
     );
     nob.get_or_create(&vec![]).inc_by(s.no_backend);
-    let errs = c(
+    let errs = family::<C>(
         &mut r,
         "mtlb_steer_errors",
         "Steering errors and bookkeeping misses, by reason",
@@ -253,12 +249,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
         )]),
     );
     if !s.programs.is_empty() {
-        let runs = c(
+        let runs = family::<C>(
             &mut r,
             "mtlb_program_runs",
             "Runs of each mtlb BPF program (kernel.bpf_stats_enabled)",
         );
-        let time = cf(
+        let time = family::<CF>(
             &mut r,
             "mtlb_program_run_time_seconds",
             "Run time of each mtlb BPF program (kernel.bpf_stats_enabled)",

@@ -639,6 +639,19 @@ pub fn mtproxy_replica(ns: &Netns, port: u16, secret: &str, dc: u16, tls: bool) 
     PyProcess::start(ns, "launcher.py", &args)
 }
 
+/// Starts fixture `script` with the test peers' Python inside `ns`, stdout
+/// piped.
+fn spawn_fixture(ns: &Netns, script: &str, args: &[&str], stderr: Stdio) -> Child {
+    let mut cmd = Command::new(python());
+    cmd.arg(fixture(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    ns.run_inside(&mut cmd);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawn {script}: {e}"))
+}
+
 /// A Python fixture process in a namespace; started when it printed
 /// `ready`, killed on drop.
 pub struct PyProcess {
@@ -648,15 +661,7 @@ pub struct PyProcess {
 
 impl PyProcess {
     pub fn start(ns: &Netns, script: &str, args: &[&str]) -> Self {
-        let mut cmd = Command::new(python());
-        cmd.arg(fixture(script))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ns.run_inside(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {script}: {e}"));
+        let mut child = spawn_fixture(ns, script, args, Stdio::piped());
         let output = Arc::new(Mutex::new(Vec::new()));
         let err = child.stderr.take().unwrap();
         let o2 = output.clone();
@@ -693,15 +698,7 @@ impl PyProcess {
 /// process keeps running if it holds on; it is killed when the returned
 /// child is dropped by the caller).
 pub fn py_first_line(ns: &Netns, script: &str, args: &[&str]) -> (Child, String) {
-    let mut cmd = Command::new(python());
-    cmd.arg(fixture(script))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    ns.run_inside(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {script}: {e}"));
+    let mut child = spawn_fixture(ns, script, args, Stdio::null());
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
