@@ -239,6 +239,10 @@ pub struct Status {
     /// Accept queue length and limit at the last sample.
     pub accept_queue: u32,
     pub accept_backlog: u32,
+    /// Operational state from checks alone (STATE_UP or STATE_DOWN), also
+    /// under DRAIN/MAINT, so the typed state round-trips.
+    pub oper: u32,
+    pub _pad: u32,
     /// Unix time (ms) of the last state change.
     pub last_change_ms: u64,
     /// Time spent DOWN so far, ms (the current DOWN period included).
@@ -263,6 +267,8 @@ impl Default for Status {
             check_ms: 0,
             accept_queue: 0,
             accept_backlog: 0,
+            oper: 0,
+            _pad: 0,
             last_change_ms: 0,
             downtime_ms: 0,
             transitions_up: 0,
@@ -284,6 +290,9 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
     ]
 }
+
+#[cfg(feature = "user")]
+pub mod state;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -16,9 +16,10 @@ pub const DEFAULT_PATH: &str = "/etc/mtlb/mtlb.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
@@ -435,9 +436,9 @@ impl Config {
         Ok(())
     }
 
-    pub fn thresholds(&self) -> crate::health::Thresholds {
+    pub fn thresholds(&self) -> crate::checks::health::Thresholds {
         let ms = std::time::Duration::from_millis;
-        crate::health::Thresholds {
+        crate::checks::health::Thresholds {
             rise: self.check.rise,
             fall: self.check.fall,
             inter: ms(self.check.inter_ms),

@@ -64,19 +64,27 @@ pub fn socket_path(dir: &Path, netns_ino: u64) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
-        "no mtlb agent answers on {path} ({source}); is `mtlb run` running in this network namespace?"
+        "no mtlb agent answers on {path}; is `mtlb run` running in this network namespace (and with this control_dir)?"
     )]
     Connect {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("talking to the agent on {path}: {source}")]
+    #[error("talking to the agent on {path}")]
     Io {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("bad answer from the agent: {0}")]
-    Protocol(String),
+    #[error("bad answer from the agent: {answer:?}")]
+    Protocol {
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("bad request")]
+    BadRequest(#[source] serde_json::Error),
 }
 
 /// Sends one request and waits for its answer.
@@ -95,12 +103,12 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, C
     s.write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&s).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol(format!("{e}: {answer:?}")))
+    serde_json::from_str(&answer).map_err(|source| ControlError::Protocol { answer, source })
 }
 
 /// Parses one request line.
-pub fn parse(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+pub fn parse(line: &str) -> Result<Request, ControlError> {
+    serde_json::from_str(line.trim()).map_err(ControlError::BadRequest)
 }
 
 #[cfg(test)]

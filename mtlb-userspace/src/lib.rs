@@ -1,35 +1,21 @@
 //! mtlb agent library: everything `mtlb` does, one module per concern.
 //!
-//! * [`config`]: TOML config, flags, validation.
-//! * [`loader`]: load, attach and pin the kernel programs.
-//! * [`maps`]: typed access to the maps (live or pinned).
-//! * [`registry`]: replica listeners: adoption and registration events.
-//! * [`reconcile`]: configuration to map contents.
-//! * [`backends`], [`health`], [`checks`], [`mtproxy`], [`queue`]: replica
-//!   states, health checks and hung-replica detection.
-//! * [`control`]: the control socket.
-//! * [`cookies`]: when to track flows (SYN cookies in use).
-//! * [`mounts`], [`pins`], [`caps`], [`sys`]: system plumbing.
+//! * [`agent`]: the agent: start-up and takeover, the pure event→effect
+//!   core over one [`agent::slot::Slot`] per replica, the serve loop, and
+//!   finding a running agent.
+//! * [`kernel`]: programs and maps: load, attach, pin, register listeners.
+//! * [`checks`]: health checks (tcp, stats, mtproxy), the HAProxy-style
+//!   state machine, accept-queue stall detection.
+//! * [`stats`]: the snapshot behind /metrics, /stats and `mtlb status`.
+//! * [`config`], [`control`]: configuration and the control protocol.
+//! * [`system`]: mounts, capabilities, namespaces, sock_diag, sd_notify.
 
-pub mod backends;
-pub mod caps;
+pub mod agent;
 pub mod checks;
 pub mod config;
 pub mod control;
-pub mod cookies;
-pub mod diag;
-pub mod health;
-pub mod http;
+pub mod error;
+pub mod kernel;
 pub mod link;
-pub mod loader;
-pub mod maps;
-pub mod mounts;
-pub mod mtproxy;
-pub mod netns;
-pub mod notify;
-pub mod pins;
-pub mod queue;
-pub mod reconcile;
-pub mod registry;
-pub mod snapshot;
-pub mod sys;
+pub mod stats;
+pub mod system;

@@ -18,22 +18,9 @@ fn main() -> std::process::ExitCode {
     match cli::dispatch(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", chain(&e));
+            // `{:#}`: the error and each of its causes once, on one line.
+            tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, skipping causes the message
-/// already spells out (our error types include their source's text).
-fn chain(e: &anyhow::Error) -> String {
-    let mut msg = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !msg.contains(&c) {
-            msg.push_str(": ");
-            msg.push_str(&c);
-        }
-    }
-    msg
 }

@@ -7,7 +7,7 @@
 //! /sys/fs/bpf/mtlb/<netns inode>. Guards clean up namespaces, agents and
 //! pins. Helpers panic with context instead of returning errors.
 
-use mtlb::maps::Maps;
+use mtlb::kernel::maps::Maps;
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -195,7 +195,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
-        let _ = mtlb::pins::remove(&self.pin_dir());
+        let _ = mtlb::kernel::pins::remove(&self.pin_dir());
         let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }

@@ -379,7 +379,7 @@ fn two_namespaces_stay_independent() {
         .unwrap()
     });
     let (m1, m2) = (agent1.maps(), agent2.maps());
-    let sum = |m: &mtlb::maps::Maps| conns(m, 0).established + conns(m, 1).established;
+    let sum = |m: &mtlb::kernel::maps::Maps| conns(m, 0).established + conns(m, 1).established;
     assert_eq!(sum(&m1), 6);
     assert_eq!(sum(&m2), 2);
     drop(h1);

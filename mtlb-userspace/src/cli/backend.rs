@@ -1,14 +1,12 @@
 //! `mtlb backend NAME …`: operator control of one replica.
 
+use super::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
     control::{self, Request},
-    maps::Maps,
+    kernel::maps::Maps,
 };
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct BackendArgs {
@@ -16,9 +14,8 @@ pub struct BackendArgs {
     name: String,
     #[command(subcommand)]
     action: Action,
-    /// Directory of the agent's control socket.
-    #[arg(long, default_value = "/run/mtlb", global = true)]
-    control_dir: PathBuf,
+    #[command(flatten)]
+    agent: AgentArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -41,7 +38,7 @@ enum Action {
 }
 
 pub fn run(a: BackendArgs) -> anyhow::Result<()> {
-    let sock = control::socket_path(&a.control_dir, mtlb::pins::netns_inode()?);
+    let sock = a.agent.locate()?.control_socket;
     let call = |req: Request| -> anyhow::Result<control::Response> {
         let r = control::call(&sock, &req, Duration::from_secs(10))?;
         if !r.ok {

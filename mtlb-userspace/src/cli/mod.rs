@@ -8,6 +8,11 @@ mod run;
 mod status;
 
 use clap::{Parser, Subcommand};
+use mtlb::{
+    agent::{Source, locate::Location},
+    config::{self, Config, Overrides},
+};
+use std::path::PathBuf;
 
 /// mtlb: eBPF balancer for MTProxy replicas on one host. New connections to
 /// the balanced port go straight to the least-loaded replica's listening
@@ -47,5 +52,38 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a),
         Command::Link(a) => link::run(a),
         Command::CheckConfig(a) => check_config::run(a),
+    }
+}
+
+/// Which agent a command talks to: the one of this network namespace,
+/// found as `mtlb run` with the same config file and flags would place it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The agent's config file, for `control_dir` and `bpffs`. Missing
+    /// default file: built-in defaults.
+    #[arg(long, short, default_value = config::DEFAULT_PATH, global = true)]
+    config: PathBuf,
+    /// Directory of the agent's control socket [config: control_dir,
+    /// default /run/mtlb].
+    #[arg(long, global = true)]
+    control_dir: Option<PathBuf>,
+    /// bpffs mount the agent pins under [config: bpffs, default
+    /// /sys/fs/bpf].
+    #[arg(long, global = true)]
+    bpffs: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            control_dir: self.control_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            ..Overrides::default()
+        };
+        Ok(Source::new(self.config.clone(), overrides).read()?)
+    }
+
+    pub fn locate(&self) -> anyhow::Result<Location> {
+        Ok(Location::of(&self.config()?)?)
     }
 }

@@ -1,36 +1,21 @@
 //! `mtlb status`: the replicas' table, read from the pinned maps, so it
 //! works while the agent runs and after it has died.
 
+use super::AgentArgs;
 use anyhow::Context as _;
-use mtlb::{maps::Maps, pins, snapshot};
-use std::path::PathBuf;
+use mtlb::{kernel::maps::Maps, stats::snapshot};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// bpffs mount the agent pins under.
-    #[arg(long, default_value = "/sys/fs/bpf")]
-    bpffs: PathBuf,
+    #[command(flatten)]
+    agent: AgentArgs,
 }
 
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let ino = pins::netns_inode()?;
-    let mut dir = pins::pin_dir(&a.bpffs, ino);
-    if !dir.exists() {
-        // Under `ip netns exec` /sys is the namespace's own: look through
-        // the parent's root, as the agent does.
-        let ppid = nix::unistd::getppid().as_raw();
-        let alt = pins::pin_dir(
-            &PathBuf::from(format!("/proc/{ppid}/root"))
-                .join(a.bpffs.strip_prefix("/").unwrap_or(&a.bpffs)),
-            ino,
-        );
-        if alt.exists() {
-            dir = alt;
-        }
-    }
+    let dir = a.agent.locate()?.pin_dir;
     let maps = Maps::from_pins(&dir).with_context(|| {
         format!(
             "no mtlb pins for this network namespace in {} (is `mtlb run` running, or did it run with keep_pins?)",
@@ -62,7 +47,15 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         };
         println!(
             "{:<6} {:<22} {:<10} {:>7} {:>9} {:>6} {:<34} {:>12} {:>12}",
-            b.name, b.address, b.state, b.active, b.total, b.weight, check, b.bytes_in, b.bytes_out
+            b.name,
+            b.address,
+            b.state.to_string(),
+            b.active,
+            b.total,
+            b.weight,
+            check,
+            b.bytes_in,
+            b.bytes_out
         );
     }
     println!(

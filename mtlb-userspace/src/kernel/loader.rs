@@ -1,6 +1,9 @@
 //! Loading the kernel programs, attaching them and pinning links and maps.
 
-use crate::{maps::Maps, pins::names};
+use super::{
+    maps::{self, Maps},
+    pins::names,
+};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -14,41 +17,42 @@ use std::{
 };
 
 /// The object built from mtlb-ebpf by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtlb"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtlb"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot load the eBPF object: {0}")]
+    #[error("cannot load the eBPF object")]
     Object(#[source] aya::EbpfError),
     #[error("program {name} missing from the eBPF object")]
     Missing { name: &'static str },
-    #[error("cannot load program {name} ({what}): {source}")]
+    #[error("cannot load program {name} ({what})")]
     Program {
         name: &'static str,
         what: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot attach {name} to {target}: {source}")]
+    #[error("cannot attach {name} to {target}")]
     Attach {
         name: &'static str,
         target: String,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot pin link {path}: {source}")]
+    #[error("cannot pin link {path}")]
     PinLink {
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
     },
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapsError),
+    Maps(#[from] maps::MapsError),
 }
 
 /// A loaded, not yet attached balancer.
@@ -68,8 +72,10 @@ pub struct Attached {
 /// previous agent: registrations, counts, socket tags), else created and
 /// pinned there. Nothing is attached yet. Check [`pins_compatible`] first.
 pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
-    let paths: Vec<(&'static str, PathBuf)> =
-        names::MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
+    let paths: Vec<(&'static str, PathBuf)> = maps::names::ALL
+        .iter()
+        .map(|n| (*n, pin_dir.join(n)))
+        .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -94,22 +100,34 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
     Ok(Loaded { ebpf, maps })
 }
 
+/// Whether an earlier agent's pins can be taken over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compat {
+    Compatible,
+    /// Why not, for the log.
+    Incompatible(String),
+}
+
 /// Whether every map pinned in `pin_dir` has the shape this build's maps
 /// have (type, key and value size, entries, flags), so a new agent (or a
 /// new binary) can take them over. Missing pins count as incompatible.
-pub fn pins_compatible(pin_dir: &Path) -> Result<Result<(), String>, LoadError> {
+pub fn pins_compatible(pin_dir: &Path) -> Result<Compat, LoadError> {
     // A throw-away load tells the shapes of this build's maps.
     let mut fresh = EbpfLoader::new().load(OBJECT).map_err(LoadError::Object)?;
-    for name in names::MAPS {
+    for name in maps::names::ALL {
         let Some(ours) = fresh.take_map(name) else {
-            return Ok(Err(format!("map {name} is not in this build")));
+            return Ok(Compat::Incompatible(format!(
+                "map {name} is not in this build"
+            )));
         };
-        let ours = crate::maps::data(name, ours)?.info();
+        let ours = maps::data(name, ours)?.info();
         let theirs = aya::maps::MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info());
         let (ours, theirs) = match (ours, theirs) {
             (Ok(a), Ok(b)) => (a, b),
-            (_, Err(e)) => return Ok(Err(format!("pinned map {name}: {e}"))),
-            (Err(e), _) => return Ok(Err(format!("map {name}: {e}"))),
+            (_, Err(e)) => {
+                return Ok(Compat::Incompatible(format!("pinned map {name}: {e}")));
+            }
+            (Err(e), _) => return Ok(Compat::Incompatible(format!("map {name}: {e}"))),
         };
         let shape = |i: &aya::maps::MapInfo| {
             (
@@ -121,14 +139,14 @@ pub fn pins_compatible(pin_dir: &Path) -> Result<Result<(), String>, LoadError> 
             )
         };
         if shape(&ours) != shape(&theirs) {
-            return Ok(Err(format!(
+            return Ok(Compat::Incompatible(format!(
                 "map {name} differs: pinned {:?}, this build {:?}",
                 shape(&theirs),
                 shape(&ours)
             )));
         }
     }
-    Ok(Ok(()))
+    Ok(Compat::Compatible)
 }
 
 fn prog<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>

@@ -8,43 +8,8 @@
 //! connections, existing ones continue), MAINT (likewise, and shown as
 //! maintenance). Only a replica that is UP and READY gets new connections.
 
-use serde::{Deserialize, Serialize};
+pub use mtlb_common::state::{Admin, Oper, OperState};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Oper {
-    Up,
-    Down,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Admin {
-    #[default]
-    Ready,
-    Drain,
-    Maint,
-}
-
-impl Admin {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ready" => Some(Self::Ready),
-            "drain" => Some(Self::Drain),
-            "maint" => Some(Self::Maint),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "READY",
-            Self::Drain => "DRAIN",
-            Self::Maint => "MAINT",
-        }
-    }
-}
 
 /// Result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,16 +64,32 @@ pub struct Thresholds {
     pub downinter: Duration,
 }
 
-/// Health of one replica.
+/// Why a replica is DOWN, which decides how it comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownCause {
+    /// Its checks failed (or it was never seen): `rise` passing checks
+    /// bring it back.
+    Checks,
+    /// Its listener closed: a new listener brings it back at once (the
+    /// kernel steers to it from listen() on), and checks keep watching.
+    Listener,
+    /// Its accept queue stalled: checks count as failed while it stays
+    /// stalled, then `rise` passing checks bring it back.
+    Stalled,
+}
+
+/// Health of one replica: the check state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    pub oper: Oper,
+    oper: Oper,
     /// Consecutive results against the current state (failures while UP,
     /// successes while DOWN).
-    pub count: u32,
-    pub last: Option<CheckResult>,
+    count: u32,
+    /// Why it is DOWN (meaningless while UP).
+    cause: DownCause,
+    last: Option<CheckResult>,
     /// Set while the accept queue is stalled: the replica stays DOWN.
-    pub stalled: bool,
+    stalled: bool,
 }
 
 /// What a check result did.
@@ -123,18 +104,65 @@ pub enum Event {
 }
 
 impl Health {
-    pub fn new(oper: Oper) -> Self {
+    /// UP, as HAProxy starts servers.
+    pub fn up() -> Self {
         Self {
-            oper,
+            oper: Oper::Up,
             count: 0,
+            cause: DownCause::Checks,
             last: None,
             stalled: false,
+        }
+    }
+
+    /// DOWN until its listener shows up (a replica not seen yet).
+    pub fn waiting_for_listener() -> Self {
+        Self {
+            oper: Oper::Down,
+            cause: DownCause::Listener,
+            ..Self::up()
+        }
+    }
+
+    pub fn oper(&self) -> Oper {
+        self.oper
+    }
+
+    /// Consecutive checks counted toward a change.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn last(&self) -> Option<&CheckResult> {
+        self.last.as_ref()
+    }
+
+    /// Why it is DOWN; `None` while UP.
+    pub fn down_cause(&self) -> Option<DownCause> {
+        (self.oper == Oper::Down).then_some(self.cause)
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.stalled
+    }
+
+    /// The typed operational state, for labels and STATUS.
+    pub fn state(&self, t: &Thresholds) -> OperState {
+        OperState {
+            oper: self.oper,
+            progress: self.count,
+            rise: t.rise,
+            fall: t.fall,
         }
     }
 
     /// Applies one check result.
     pub fn on_result(&mut self, r: CheckResult, t: &Thresholds) -> Event {
         let ok = r.ok && !self.stalled;
+        if !ok && self.oper == Oper::Up {
+            // If it falls now, it fell by its checks.
+            self.cause = DownCause::Checks;
+        }
         self.last = Some(r);
         match (self.oper, ok) {
             (Oper::Up, true) | (Oper::Down, false) => {
@@ -170,14 +198,54 @@ impl Health {
     }
 
     /// Forces DOWN at once (a stalled accept queue, the listener gone).
-    pub fn force_down(&mut self, r: CheckResult) -> Event {
+    /// The cause is recorded even when it was DOWN already: a replica whose
+    /// listener closed while its checks failed comes back with its next
+    /// listener.
+    pub fn force_down(&mut self, cause: DownCause, r: CheckResult) -> Event {
         self.last = Some(r);
         self.count = 0;
+        self.cause = cause;
         if self.oper == Oper::Down {
             Event::Steady
         } else {
             self.oper = Oper::Down;
             Event::Changed(Oper::Down)
+        }
+    }
+
+    /// A listener registered. A replica DOWN only because its listener was
+    /// gone is UP again at once (the kernel steers to it from listen() on;
+    /// checks keep watching it).
+    pub fn listener_back(&mut self) -> Event {
+        if self.oper == Oper::Down && self.cause == DownCause::Listener {
+            self.oper = Oper::Up;
+            self.count = 0;
+            self.last = Some(CheckResult::pass(
+                crate::checks::reason::LISTENER_REGISTERED,
+                Duration::ZERO,
+            ));
+            Event::Changed(Oper::Up)
+        } else {
+            Event::Steady
+        }
+    }
+
+    /// Records whether the accept queue is stalled now. Going stalled forces
+    /// DOWN; recovering leaves it DOWN until `rise` checks pass.
+    pub fn set_stalled(&mut self, stalled: bool, info: String) -> Event {
+        let was = self.stalled;
+        self.stalled = stalled;
+        if stalled && !was {
+            self.force_down(
+                DownCause::Stalled,
+                CheckResult::fail(
+                    crate::checks::reason::QUEUE_STALLED,
+                    Some(info),
+                    Duration::ZERO,
+                ),
+            )
+        } else {
+            Event::Steady
         }
     }
 
@@ -193,16 +261,6 @@ impl Health {
         }
     }
 
-    /// "UP", "DOWN", "DOWN 1/2" (rising), "UP 1/3" (falling).
-    pub fn label(&self, t: &Thresholds) -> String {
-        match (self.oper, self.count) {
-            (Oper::Up, 0) => "UP".into(),
-            (Oper::Down, 0) => "DOWN".into(),
-            (Oper::Up, n) => format!("UP {n}/{}", t.fall),
-            (Oper::Down, n) => format!("DOWN {n}/{}", t.rise),
-        }
-    }
-
     /// The log line for a check that moved the counter, HAProxy style.
     pub fn progress_line(&self, name: &str, t: &Thresholds) -> String {
         let r = self.last.as_ref().expect("a check ran");
@@ -210,7 +268,7 @@ impl Health {
             "Health check for backend {name} {}, {}, status: {}.",
             if r.ok { "succeeded" } else { "failed" },
             r.describe(),
-            self.label(t)
+            self.state(t)
         )
     }
 
@@ -253,22 +311,31 @@ mod tests {
         )
     }
 
+    fn down_by_checks() -> Health {
+        let mut h = Health::up();
+        for _ in 0..T.fall {
+            h.on_result(bad(), &T);
+        }
+        assert_eq!(h.down_cause(), Some(DownCause::Checks));
+        h
+    }
+
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {
-        let mut h = Health::new(Oper::Up);
+        let mut h = Health::up();
         assert_eq!(h.on_result(bad(), &T), Event::Progress);
-        assert_eq!(h.label(&T), "UP 1/3");
+        assert_eq!(h.state(&T).to_string(), "UP 1/3");
         assert_eq!(h.interval(&T), T.fastinter);
         assert_eq!(h.on_result(bad(), &T), Event::Progress);
         assert_eq!(h.on_result(bad(), &T), Event::Changed(Oper::Down));
-        assert_eq!(h.label(&T), "DOWN");
+        assert_eq!(h.state(&T).to_string(), "DOWN");
         assert_eq!(h.interval(&T), T.downinter);
         assert_eq!(
             h.change_line("mtp2", 1, 0),
             "backend mtp2 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 1ms. 1 active backends left. 0 connections active."
         );
         assert_eq!(h.on_result(ok(), &T), Event::Progress);
-        assert_eq!(h.label(&T), "DOWN 1/2");
+        assert_eq!(h.state(&T).to_string(), "DOWN 1/2");
         assert!(h.progress_line("mtp2", &T).ends_with("status: DOWN 1/2."));
         assert_eq!(h.on_result(ok(), &T), Event::Changed(Oper::Up));
         assert_eq!(h.interval(&T), T.inter);
@@ -276,37 +343,63 @@ mod tests {
 
     #[test]
     fn flapping_faster_than_rise_and_fall_does_not_flip() {
-        let mut h = Health::new(Oper::Up);
+        let mut h = Health::up();
         for i in 0..20 {
             let e = h.on_result(if i % 2 == 0 { bad() } else { ok() }, &T);
             assert!(!matches!(e, Event::Changed(_)), "flipped at {i}");
         }
-        assert_eq!(h.oper, Oper::Up);
-        let mut h = Health::new(Oper::Down);
+        assert_eq!(h.oper(), Oper::Up);
+        let mut h = down_by_checks();
         for i in 0..20 {
             let e = h.on_result(if i % 2 == 0 { ok() } else { bad() }, &T);
             assert!(!matches!(e, Event::Changed(_)), "flipped at {i}");
         }
-        assert_eq!(h.oper, Oper::Down);
+        assert_eq!(h.oper(), Oper::Down);
     }
 
     #[test]
     fn stalled_queue_keeps_it_down_until_cleared() {
-        let mut h = Health::new(Oper::Up);
-        h.stalled = true;
+        let mut h = Health::up();
         assert_eq!(
-            h.force_down(CheckResult::fail(
-                "accept queue stalled",
-                None,
-                Duration::ZERO
-            )),
+            h.set_stalled(true, "3 queued of 128".into()),
             Event::Changed(Oper::Down)
         );
+        assert_eq!(h.down_cause(), Some(DownCause::Stalled));
+        assert_eq!(h.set_stalled(true, "4 queued of 128".into()), Event::Steady);
         for _ in 0..5 {
             assert!(!matches!(h.on_result(ok(), &T), Event::Changed(_)));
         }
-        h.stalled = false;
+        // A new listener does not bring a stalled replica back.
+        assert_eq!(h.listener_back(), Event::Steady);
+        assert_eq!(h.set_stalled(false, String::new()), Event::Steady);
         h.on_result(ok(), &T);
         assert_eq!(h.on_result(ok(), &T), Event::Changed(Oper::Up));
+    }
+
+    #[test]
+    fn a_lost_listener_comes_back_at_once_even_after_failed_checks() {
+        let mut h = down_by_checks();
+        assert_eq!(
+            h.listener_back(),
+            Event::Steady,
+            "down by checks stays down"
+        );
+        let gone = CheckResult::fail("no listener registered", None, Duration::ZERO);
+        assert_eq!(
+            h.force_down(DownCause::Listener, gone.clone()),
+            Event::Steady
+        );
+        assert_eq!(h.listener_back(), Event::Changed(Oper::Up));
+        assert_eq!(h.last().unwrap().reason, "listener registered");
+        let mut h = Health::waiting_for_listener();
+        assert_eq!(h.listener_back(), Event::Changed(Oper::Up));
+        let mut h = Health::up();
+        assert_eq!(
+            h.force_down(DownCause::Listener, gone),
+            Event::Changed(Oper::Down)
+        );
+        // Checks failing meanwhile (nothing listens) do not change why.
+        h.on_result(bad(), &T);
+        assert_eq!(h.down_cause(), Some(DownCause::Listener));
     }
 }

@@ -6,10 +6,8 @@
 //! summed); nothing here is on the data path, so a scrape never blocks
 //! steering.
 
-use crate::{
-    maps::Maps,
-    snapshot::{self, Snapshot},
-};
+use super::snapshot::{self, Snapshot};
+use crate::kernel::maps::{Maps, MapsError};
 use axum::{
     Router,
     extract::{Query, State},
@@ -17,6 +15,7 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::get,
 };
+use mtlb_common::{STATE_DOWN, STATE_DRAIN, STATE_MAINT, STATE_UP};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
@@ -42,12 +41,11 @@ impl Source {
         }
     }
 
-    fn snapshot(&self) -> Result<Snapshot, String> {
-        let maps = self
-            .maps
-            .lock()
-            .map_err(|_| "maps lock poisoned".to_string())?;
-        snapshot::collect(&maps, &self.pin_dir).map_err(|e| e.to_string())
+    fn snapshot(&self) -> Result<Snapshot, MapsError> {
+        // A panic elsewhere while holding the lock leaves the handles as
+        // they were: reading through them is still sound.
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        snapshot::collect(&maps, &self.pin_dir)
     }
 }
 
@@ -60,10 +58,10 @@ pub fn router(src: Arc<Source>) -> Router {
         .with_state(src)
 }
 
-fn failed(e: String) -> Response {
+fn failed(e: MapsError) -> Response {
     (
         StatusCode::INTERNAL_SERVER_ERROR,
-        format!("reading the maps: {e}\n"),
+        format!("reading the maps: {}\n", crate::error::report(&e)),
     )
         .into_response()
 }
@@ -197,11 +195,16 @@ pub fn render_metrics(s: &Snapshot) -> String {
     for b in &s.backends {
         let l = backend(&b.name);
         up.get_or_create(&l).set(b.up as i64);
-        let base = b.state.split(' ').next().unwrap_or("DOWN");
-        for st in ["UP", "DOWN", "DRAIN", "MAINT"] {
+        let word = b.state.state_word();
+        for (st, w) in [
+            ("UP", STATE_UP),
+            ("DOWN", STATE_DOWN),
+            ("DRAIN", STATE_DRAIN),
+            ("MAINT", STATE_MAINT),
+        ] {
             let mut l = l.clone();
             l.push(("state".into(), st.into()));
-            state.get_or_create(&l).set((base == st) as i64);
+            state.get_or_create(&l).set((word == w) as i64);
         }
         active.get_or_create(&l).set(b.active as i64);
         total.get_or_create(&l).inc_by(b.total);
@@ -291,7 +294,7 @@ fn cells(b: &snapshot::BackendRow) -> [String; 14] {
     [
         b.name.clone(),
         b.address.clone(),
-        b.state.clone(),
+        b.state.to_string(),
         b.active.to_string(),
         b.total.to_string(),
         b.weight.to_string(),
@@ -350,7 +353,12 @@ pub fn render_html(s: &Snapshot) -> String {
     }
     out.push_str("</tr>\n");
     for b in &s.backends {
-        let class = b.state.split(' ').next().unwrap_or("DOWN");
+        let class = match b.state.state_word() {
+            STATE_UP => "UP",
+            STATE_DRAIN => "DRAIN",
+            STATE_MAINT => "MAINT",
+            _ => "DOWN",
+        };
         let _ = write!(out, "<tr class=\"{class}\">");
         for c in cells(b) {
             let _ = write!(out, "<td>{}</td>", esc(&c));
@@ -364,13 +372,27 @@ pub fn render_html(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mtlb_common::state::{Admin, ListenerState, Oper, OperState, ReplicaState};
     use snapshot::BackendRow;
 
+    fn st(oper: Oper, progress: u32) -> ReplicaState {
+        ReplicaState {
+            oper: OperState {
+                oper,
+                progress,
+                rise: 2,
+                fall: 3,
+            },
+            admin: Admin::Ready,
+            listener: ListenerState::Registered,
+        }
+    }
+
     fn snap() -> Snapshot {
-        let row = |name: &str, state: &str, up: bool, active| BackendRow {
+        let row = |name: &str, state: ReplicaState, up: bool, active| BackendRow {
             name: name.into(),
             address: "127.0.0.1:10000".into(),
-            state: state.into(),
+            state,
             up,
             active,
             handshakes: 0,
@@ -391,8 +413,8 @@ mod tests {
         Snapshot {
             port: 443,
             backends: vec![
-                row("mtp1", "UP", true, 7),
-                row("mtp2", "DOWN 1/2", false, 3),
+                row("mtp1", st(Oper::Up, 0), true, 7),
+                row("mtp2", st(Oper::Down, 1), false, 3),
             ],
             lookups: 12,
             no_backend: 1,

@@ -14,14 +14,22 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
-    #[error("cannot stat /proc/self/ns/net: {0}")]
-    Netns(io::Error),
-    #[error("cannot open lock file {path}: {source}")]
-    LockOpen { path: PathBuf, source: io::Error },
+    #[error("cannot stat /proc/self/ns/net")]
+    Netns(#[source] io::Error),
+    #[error("cannot open lock file {path}")]
+    LockOpen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("another mtlb agent is running in this network namespace (lock {path} is held)")]
     Locked { path: PathBuf },
-    #[error("cannot prepare pin directory {path}: {source}")]
-    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot prepare pin directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Inode of this thread's network namespace.
@@ -37,30 +45,18 @@ pub fn pin_dir(root: &Path, ino: u64) -> PathBuf {
     root.join("mtlb").join(ino.to_string())
 }
 
-/// Names of the pinned objects, relative to the pin directory.
+/// Names of the pinned links, relative to the pin directory. (Maps are
+/// pinned under their own names, `maps::names::ALL`.)
 pub mod names {
     pub const LINK_SK_LOOKUP: &str = "link_sk_lookup";
     pub const LINK_SOCK_OPS: &str = "link_sock_ops";
     pub const LINKS: &[&str] = &[LINK_SK_LOOKUP, LINK_SOCK_OPS];
-    /// Maps are pinned under their own names.
-    pub const MAPS: &[&str] = &[
-        "SETTINGS",
-        "BACKENDS",
-        "CONNS",
-        "LISTENERS",
-        "ADDRESSES",
-        "FLOWS",
-        "RUNTIME",
-        "LAST",
-        "LIVE",
-        "STATUS",
-        "PENDING",
-        "STATS",
-        "SLOT_TOTALS",
-        "SOCKETS",
-        "SK_TAGS",
-    ];
 }
+
+/// Where the per-namespace lock files live. Not configurable on purpose:
+/// two agents with different `control_dir` or `bpffs` in one namespace
+/// would still steer the same port, so they must meet on one lock.
+pub const LOCK_DIR: &str = "/run/mtlb";
 
 /// Exclusive right to run in one namespace, held for the agent's life.
 pub struct NetnsLock {
@@ -69,7 +65,7 @@ pub struct NetnsLock {
 }
 
 pub fn lock(ino: u64) -> Result<NetnsLock, PinError> {
-    let dir = Path::new("/run/mtlb");
+    let dir = Path::new(LOCK_DIR);
     fs::create_dir_all(dir).map_err(|source| PinError::Dir {
         path: dir.to_owned(),
         source,

@@ -8,37 +8,36 @@
 //!   replica's socket alive);
 //! * noticing registrations and departures, for the logs.
 
-use crate::{config::Config, maps::Maps, sys};
-use mtlb_common::{
-    AF_INET, AF_INET6, Listener, REG_ADOPTED, REG_LISTEN_HOOK, SockTag, TAG_LISTENER,
-};
+use super::maps::{Maps, MapsError};
+use crate::config::Config;
+use mtlb_common::{AF_INET, AF_INET6, Listener, REG_ADOPTED, REG_LISTEN_HOOK};
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::OwnedFd,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapsError),
-    #[error("cannot read {what}: {source}")]
+    Maps(#[from] MapsError),
+    #[error("cannot read {what}")]
     Proc {
         what: &'static str,
+        #[source]
         source: procfs::ProcError,
     },
-    #[error(
-        "cannot take the listening socket of pid {pid} fd {fd}: {source} (needs CAP_SYS_PTRACE)"
-    )]
+    #[error("cannot take the listening socket of pid {pid} fd {fd} (needs CAP_SYS_PTRACE)")]
     GetFd {
         pid: i32,
         fd: i32,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot register a listener in slot {slot}: {what}: {source}")]
-    Register {
+    #[error("cannot read SO_COOKIE of the listener for slot {slot}")]
+    Cookie {
         slot: u32,
-        what: &'static str,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -162,7 +161,7 @@ impl Registry {
         let raw = Self::read_raw(maps, slots)?;
         for (slot, (l, cookie)) in raw.iter().enumerate() {
             if l.cookie != 0 && l.how == REG_ADOPTED && cookie.is_none() {
-                maps.set_listener(slot as u32, Listener::default())?;
+                maps.clear_listener(slot as u32)?;
             }
         }
         let now: Vec<Option<SlotView>> = raw.iter().map(Self::view).collect();
@@ -221,7 +220,7 @@ impl Registry {
                 match self.adopt(maps, p.pid, fd.fd, slot, addr) {
                     Ok(true) => adopted.push((slot, addr, p.pid)),
                     Ok(false) => {}
-                    Err(e) => tracing::warn!("{e}"),
+                    Err(e) => tracing::warn!("{}", crate::error::report(&e)),
                 }
             }
         }
@@ -237,30 +236,20 @@ impl Registry {
         addr: SocketAddr,
     ) -> Result<bool, RegistryError> {
         let dup = take_fd(pid, fd).map_err(|source| RegistryError::GetFd { pid, fd, source })?;
-        let reg = |what, source| RegistryError::Register { slot, what, source };
         let cookie =
-            rustix::net::sockopt::socket_cookie(&dup).map_err(|e| reg("SO_COOKIE", e.into()))?;
+            rustix::net::sockopt::socket_cookie(&dup).map_err(|e| RegistryError::Cookie {
+                slot,
+                source: e.into(),
+            })?;
         // The listen hook may have registered it since the scan looked
         // (/proc shows a listener a moment before the hook runs).
         if maps.socket_cookie(slot)? == Some(cookie) {
             return Ok(false);
         }
         let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
-        // Tag first: children accepted from now on carry the slot. Then the
-        // sockmap, then the description sk_lookup selects on.
-        maps.tags
-            .insert(
-                &dup,
-                SockTag {
-                    slot,
-                    state: TAG_LISTENER,
-                },
-                0,
-            )
-            .map_err(|e| reg("socket tag", std::io::Error::other(e)))?;
-        sys::sockmap_set(maps.sockets.fd().as_fd(), slot, &dup).map_err(|e| reg("sockmap", e))?;
-        maps.set_listener(
+        maps.register_listener(
             slot,
+            &dup,
             Listener {
                 cookie,
                 family,

@@ -1,17 +1,25 @@
 //! One reading of everything an operator looks at, from the maps (live or
 //! pinned): the same numbers feed /metrics, /stats and `mtlb status`.
 
-use crate::{diag, maps::Maps, pins::names};
-use mtlb_common::{STATE_DOWN, STATE_DRAIN, STATE_MAINT, STATE_UP, Status, stat};
-use serde::Serialize;
+use crate::{
+    kernel::{
+        maps::{Maps, MapsError},
+        pins::names,
+    },
+    system::diag,
+};
+use mtlb_common::{stat, state::ReplicaState};
+use serde::{Serialize, Serializer};
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendRow {
     pub name: String,
     pub address: String,
-    /// UP, DOWN, "DOWN 1/2", "UP 1/3", DRAIN, MAINT.
-    pub state: String,
+    /// Shown (and serialized) as UP, DOWN, "DOWN 1/2", "UP 1/3", DRAIN,
+    /// MAINT.
+    #[serde(serialize_with = "as_label")]
+    pub state: ReplicaState,
     /// 1 when it takes new connections (UP and READY).
     pub up: bool,
     /// Connections now: established plus handshakes in flight.
@@ -58,22 +66,13 @@ pub struct Snapshot {
     pub programs: Vec<ProgStat>,
 }
 
-/// State label from STATUS, HAProxy style.
-pub fn label(s: &Status) -> String {
-    match (s.state, s.count) {
-        (STATE_MAINT, _) => "MAINT".into(),
-        (STATE_DRAIN, _) => "DRAIN".into(),
-        (STATE_UP, 0) => "UP".into(),
-        (STATE_UP, n) => format!("UP {n}/{}", s.fall),
-        (STATE_DOWN, 0) => "DOWN".into(),
-        (STATE_DOWN, n) if s.registered == 1 => format!("DOWN {n}/{}", s.rise),
-        _ => "DOWN".into(),
-    }
+fn as_label<S: Serializer>(s: &ReplicaState, ser: S) -> Result<S::Ok, S::Error> {
+    ser.collect_str(s)
 }
 
 /// Reads the snapshot. `pin_dir` locates the program links (for run
 /// statistics).
-pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, crate::maps::MapsError> {
+pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, MapsError> {
     let settings = maps.settings()?;
     let replica_ip: IpAddr = {
         let a = std::net::Ipv6Addr::from(settings.replica_addr);
@@ -90,13 +89,15 @@ pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, crate::maps::Map
             }
         }
     }
-    let now_ms = crate::backends::unix_ms();
+    let now_ms = crate::agent::slot::unix_ms();
     let mut backends = Vec::new();
     for slot in 0..settings.replicas as u32 {
         let s = maps.status(slot)?;
-        if s.state == 0 {
+        // An unused slot (state 0), or one written by a build that knew
+        // other words.
+        let Some(state) = ReplicaState::read(&s) else {
             continue;
-        }
+        };
         let c = maps.conns(slot)?;
         let t = maps.slot_totals(slot)?;
         let (lin, lout) = live.get(&slot).copied().unwrap_or_default();
@@ -109,8 +110,8 @@ pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, crate::maps::Map
             name: crate::config::replica_name(slot as usize),
             address: std::net::SocketAddr::new(replica_ip, settings.base_port + slot as u16)
                 .to_string(),
-            state: label(&s),
-            up: s.state == STATE_UP && s.registered == 1,
+            state,
+            up: state.takes_connections(),
             active: c.established + c.handshakes,
             handshakes: c.handshakes,
             total: t.established,
@@ -193,25 +194,63 @@ fn programs(pin_dir: &Path) -> Vec<ProgStat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mtlb_common::{
+        STATE_DOWN, STATE_UP, Status,
+        state::{Admin, ListenerState, Oper, OperState},
+    };
+
+    /// Every typed state survives STATUS, and the label is the one the
+    /// agent logs.
+    #[test]
+    fn typed_state_round_trips_through_status() {
+        for oper in [Oper::Up, Oper::Down] {
+            for progress in [0, 1, 2] {
+                for admin in [Admin::Ready, Admin::Drain, Admin::Maint] {
+                    for listener in [ListenerState::Registered, ListenerState::Missing] {
+                        let st = ReplicaState {
+                            oper: OperState {
+                                oper,
+                                progress,
+                                rise: 2,
+                                fall: 3,
+                            },
+                            admin,
+                            listener,
+                        };
+                        let mut s = Status::default();
+                        st.write(&mut s);
+                        assert_eq!(ReplicaState::read(&s), Some(st));
+                    }
+                }
+            }
+        }
+        assert_eq!(ReplicaState::read(&Status::default()), None, "unused slot");
+    }
 
     #[test]
     fn labels() {
         let mut s = Status {
             state: STATE_DOWN,
+            oper: STATE_DOWN,
             count: 1,
             rise: 2,
             fall: 3,
             registered: 1,
             ..Default::default()
         };
+        let label = |s: &Status| ReplicaState::read(s).unwrap().to_string();
         assert_eq!(label(&s), "DOWN 1/2");
+        s.registered = 0;
+        assert_eq!(label(&s), "DOWN", "nothing rises without a listener");
+        s.registered = 1;
         s.state = STATE_UP;
+        s.oper = STATE_UP;
         assert_eq!(label(&s), "UP 1/3");
         s.count = 0;
         assert_eq!(label(&s), "UP");
-        s.state = STATE_DRAIN;
+        s.state = mtlb_common::STATE_DRAIN;
         assert_eq!(label(&s), "DRAIN");
-        s.state = STATE_MAINT;
+        s.state = mtlb_common::STATE_MAINT;
         assert_eq!(label(&s), "MAINT");
     }
 }

@@ -3,7 +3,12 @@
 //! Check connections go straight to `replica_address:base_port+i`: the
 //! sk_lookup program lets them through untouched and they are not counted.
 
-use crate::health::CheckResult;
+pub mod health;
+pub mod mtproxy;
+pub mod queue;
+
+use crate::config::{CheckKind, Config};
+use health::CheckResult;
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -27,6 +32,7 @@ pub mod reason {
     pub const STATS_UNREACHABLE: &str = "stats endpoint unreachable";
     pub const QUEUE_STALLED: &str = "accept queue stalled";
     pub const NO_LISTENER: &str = "no listener registered";
+    pub const LISTENER_REGISTERED: &str = "listener registered";
 }
 
 /// Connects with a timeout, mapping failures to HAProxy's layer-4 reasons.
@@ -49,6 +55,56 @@ fn os_error_text(e: &std::io::Error) -> String {
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+/// One check to run against one replica: what the agent's core asks for
+/// and the serve loop runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub kind: CheckKind,
+    /// The replica's own port.
+    pub addr: SocketAddr,
+    /// Its MTProxy HTTP stats endpoint, when `stats_base_port` is set.
+    pub stats: Option<SocketAddr>,
+    pub secret: String,
+    pub timeout: Duration,
+}
+
+impl CheckSpec {
+    /// The check of replica `slot` under `cfg`; `None` with `kind = "none"`.
+    pub fn for_slot(cfg: &Config, slot: usize) -> Option<Self> {
+        (cfg.check.kind != CheckKind::None).then(|| Self {
+            kind: cfg.check.kind,
+            addr: SocketAddr::new(cfg.replica_address, cfg.replica_port(slot)),
+            stats: cfg
+                .check
+                .stats_base_port
+                .map(|b| SocketAddr::new(cfg.replica_address, b + slot as u16)),
+            secret: cfg.secret.clone(),
+            timeout: Duration::from_millis(cfg.check.timeout_ms),
+        })
+    }
+
+    /// Runs the check: the main one, then the stats endpoint when set (with
+    /// `kind = "stats"` that is the only one).
+    pub async fn run(self) -> CheckResult {
+        let main = match self.kind {
+            CheckKind::Tcp => tcp(self.addr, self.timeout).await,
+            CheckKind::Mtproxy => mtproxy::check(self.addr, &self.secret, self.timeout).await,
+            CheckKind::Stats | CheckKind::None => CheckResult::pass("", Duration::ZERO),
+        };
+        match self.stats {
+            Some(s) if main.ok => {
+                let r = stats(s, self.timeout).await;
+                if r.ok && self.kind != CheckKind::Stats {
+                    main
+                } else {
+                    r
+                }
+            }
+            _ => main,
+        }
     }
 }
 

@@ -12,14 +12,19 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot read /proc/self/mountinfo: {0}")]
+    #[error("cannot read /proc/self/mountinfo")]
     MountInfo(#[from] procfs::ProcError),
-    #[error("cannot create {path}: {source}")]
-    Mkdir { path: PathBuf, source: io::Error },
-    #[error("cannot mount {fstype} at {path}: {source} (needs CAP_SYS_ADMIN)")]
+    #[error("cannot create {path}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot mount {fstype} at {path} (needs CAP_SYS_ADMIN)")]
     Mount {
         fstype: &'static str,
         path: PathBuf,
+        #[source]
         source: nix::Error,
     },
     #[error("{path} is a {found} mount, not bpffs")]
@@ -82,8 +87,28 @@ pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, MountError> {
         path: path.to_owned(),
         source,
     })?;
-    // Look for the instance in the mount namespace of the parent (the shell
-    // that ran `ip netns exec`), then of PID 1; both may be unreadable.
+    if let Some(there) = other_ns_bpffs(path) {
+        return Ok(Bpffs::Host(there));
+    }
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|source| MountError::Mount {
+        fstype: "bpf",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Bpffs::Mounted)
+}
+
+/// The bpffs mounted at `path` in the mount namespace of the parent (the
+/// shell that ran `ip netns exec`) or of PID 1, when it differs from ours,
+/// as a path through `/proc/<pid>/root`. Either may be unreadable.
+fn other_ns_bpffs(path: &Path) -> Option<PathBuf> {
     let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
     let ppid = nix::unistd::getppid().as_raw();
     for pid in [ppid, 1] {
@@ -100,22 +125,20 @@ pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, MountError> {
             });
         let there = root.join(path.strip_prefix("/").unwrap_or(path));
         if has_it && std::fs::read_dir(&there).is_ok() {
-            return Ok(Bpffs::Host(there));
+            return Some(there);
         }
     }
-    mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("mode=0700"),
-    )
-    .map_err(|source| MountError::Mount {
-        fstype: "bpf",
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(Bpffs::Mounted)
+    None
+}
+
+/// Where to read pins that an agent made under the bpffs `path`: `path`
+/// itself when it is a bpffs here, else the parent's (or PID 1's) instance
+/// through /proc, as [`ensure_bpffs`] would have used; `path` when neither.
+pub fn visible_bpffs(path: &Path) -> PathBuf {
+    match fstype_at(path) {
+        Ok(Some(t)) if t == "bpf" => path.to_owned(),
+        _ => other_ns_bpffs(path).unwrap_or_else(|| path.to_owned()),
+    }
 }
 
 /// Where the cgroup2 hierarchy's root is mounted; mounts it under

@@ -1,0 +1,1501 @@
+//! The agent's decisions, as a pure function: [`step`] takes the state and
+//! one [`Event`] (a signal, a control request, a check result, a listener
+//! registered or closed, an accept-queue sample, a timer, a reloaded
+//! configuration) and returns the [`Effect`]s to carry out (map writes,
+//! checks to launch, log lines, replies). No I/O happens here: the serve
+//! loop (`serve.rs`) reads the kernel and the clock, and carries the effects
+//! out. Everything here is unit-tested without root.
+
+use super::{
+    persist::Saved,
+    reconcile,
+    slot::{CheckSchedule, Slot},
+};
+use crate::{
+    checks::{
+        CheckSpec,
+        health::{Admin, CheckResult, DownCause, Event as HealthEvent, Oper},
+        reason,
+    },
+    config::{Config, ConfigError, replica_name},
+    control::{Request, Response},
+};
+use mtlb_common::{Backend, MAX_REPLICAS, Settings, Status, state::ListenerState};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+use tracing::Level;
+
+/// What the serve loop read just before the step: the clocks and each
+/// slot's connection count (established + handshakes, from the kernel).
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub now: Instant,
+    /// Wall clock, for STATUS (read by other processes).
+    pub unix_ms: u64,
+    /// Indexed by slot; missing slots count as 0.
+    pub conns: &'a [u64],
+}
+
+impl Inputs<'_> {
+    fn conns(&self, slot: usize) -> u64 {
+        self.conns.get(slot).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+    Hangup,
+}
+
+/// Who asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Signal,
+    Control,
+}
+
+/// A listener appearing in or leaving a slot, with how to show it
+/// ("127.0.0.1:10001 (IPv4, via listen hook)").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerChange {
+    Registered { slot: usize, desc: String },
+    Closed { slot: usize, desc: String },
+}
+
+/// One accept-queue sample of a slot's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueReading {
+    pub queued: u32,
+    pub backlog: u32,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// Programs attached, state taken over; `listeners` are the
+    /// registrations found at start.
+    Started {
+        listeners: Vec<ListenerChange>,
+    },
+    Signal(Signal),
+    Control(Request),
+    /// The configuration file was read again (after [`Effect::ReadConfig`]).
+    Reloaded {
+        origin: Origin,
+        result: Result<Config, ConfigError>,
+    },
+    /// The earliest [`State::next_check_due`] has passed.
+    ChecksDue,
+    CheckDone {
+        slot: usize,
+        generation: u64,
+        result: CheckResult,
+    },
+    Listeners(Vec<ListenerChange>),
+    /// Accept-queue samples, indexed by slot (`None`: no listener seen).
+    Queues(Vec<Option<QueueReading>>),
+    /// The periodic tick: removals, slowstart, SYN-cookie watch.
+    Tick,
+    /// Time to expire handshakes that never completed.
+    ExpiryTick,
+    /// Time to look for listeners that did not register themselves.
+    ScanTick,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Log(Level, String),
+    WriteBackend {
+        slot: u32,
+        backend: Backend,
+    },
+    WriteStatus {
+        slot: u32,
+        status: Status,
+    },
+    WriteSettings(Settings),
+    SetAddresses(Vec<[u8; 16]>),
+    Save(Saved),
+    StartCheck {
+        slot: usize,
+        generation: u64,
+        spec: CheckSpec,
+    },
+    /// The answer to the control request being handled.
+    Reply(Response),
+    /// Read the configuration again and step [`Event::Reloaded`].
+    ReadConfig(Origin),
+    /// Adopt listeners on replica ports that are not registered.
+    Adopt,
+    /// Read the registrations now and step [`Event::Listeners`].
+    PollListeners,
+    ExpireHandshakes {
+        older_than: Duration,
+    },
+    WatchCookies,
+    Notify(String),
+    Stop,
+}
+
+fn log(out: &mut Vec<Effect>, level: Level, line: impl Into<String>) {
+    out.push(Effect::Log(level, line.into()));
+}
+
+/// The agent's state: the configuration and one [`Slot`] per replica
+/// (more than configured while scaled-away replicas drain).
+#[derive(Debug)]
+pub struct State {
+    cfg: Config,
+    /// For log lines and `Locate` answers.
+    config_path: PathBuf,
+    pin_dir: PathBuf,
+    netns_cookie: u64,
+    slots: Vec<Slot>,
+    /// Whether some replica took connections at the last write, to say
+    /// "no backend available!" once when the last one goes.
+    any_active: bool,
+    /// Source of check generations, never reused.
+    generations: u64,
+}
+
+impl State {
+    pub fn new(
+        cfg: Config,
+        saved: &Saved,
+        config_path: PathBuf,
+        pin_dir: PathBuf,
+        netns_cookie: u64,
+        inp: &Inputs,
+    ) -> Self {
+        let n = cfg.replicas as usize;
+        let inter = Duration::from_millis(cfg.check.inter_ms);
+        let mut st = Self {
+            cfg,
+            config_path,
+            pin_dir,
+            netns_cookie,
+            slots: Vec::with_capacity(n),
+            any_active: true,
+            generations: 0,
+        };
+        for i in 0..n {
+            // Spread the first checks over one interval.
+            let next = inp.now + inter.mul_f64(i as f64 / n as f64);
+            let mut s = st.new_slot(i, next, inp);
+            saved.apply(&mut s);
+            st.slots.push(s);
+        }
+        st
+    }
+
+    fn new_slot(&mut self, i: usize, next: Instant, inp: &Inputs) -> Slot {
+        let generation = self.next_generation();
+        Slot::new(
+            i,
+            inp.now,
+            inp.unix_ms,
+            CheckSchedule {
+                next,
+                generation,
+                running: None,
+            },
+        )
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// When the next check is due (none while every slot has one running,
+    /// or with `kind = "none"`).
+    pub fn next_check_due(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|s| s.check.running.is_none())
+            .map(|s| s.check.next)
+            .min()
+    }
+
+    /// A map write for `slot` failed: write it again next time.
+    pub fn forget_written(&mut self, slot: u32) {
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.written_backend = None;
+            s.written_status = None;
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        reconcile::settings(&self.cfg, self.netns_cookie, self.slots.len() as u16)
+    }
+
+    fn active_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.active()).count()
+    }
+
+    /// BACKENDS/STATUS writes for what changed, and the "no backend
+    /// available!" line when the last active replica goes.
+    fn apply(&mut self, inp: &Inputs, out: &mut Vec<Effect>) {
+        reconcile::slots(&self.cfg, &mut self.slots, inp.now, out);
+        let active = self.active_count() > 0;
+        if self.any_active && !active {
+            log(out, Level::ERROR, "no backend available!");
+        }
+        self.any_active = active;
+    }
+
+    fn save(&self, out: &mut Vec<Effect>) {
+        out.push(Effect::Save(Saved::from_slots(&self.slots)));
+    }
+
+    /// Logs what a health event did; a state change is written to the
+    /// kernel before its line, so the line is true when read.
+    fn health_event(&mut self, slot: usize, ev: HealthEvent, inp: &Inputs, out: &mut Vec<Effect>) {
+        let t = self.cfg.thresholds();
+        match ev {
+            HealthEvent::Steady => {}
+            HealthEvent::Progress => {
+                let s = &self.slots[slot];
+                log(out, Level::INFO, s.health.progress_line(&s.name, &t));
+            }
+            HealthEvent::Changed(to) => {
+                self.slots[slot].changed(to, inp.now, inp.unix_ms);
+                self.apply(inp, out);
+                let active = self.active_count();
+                let s = &self.slots[slot];
+                let line = s.health.change_line(&s.name, active, inp.conns(slot));
+                let level = match to {
+                    Oper::Down => Level::WARN,
+                    Oper::Up => Level::INFO,
+                };
+                log(out, level, line);
+            }
+        }
+    }
+
+    fn summary(&self) -> String {
+        let cfg = &self.cfg;
+        let addrs = if cfg.addresses.is_empty() {
+            "all local addresses".to_string()
+        } else {
+            cfg.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "steering TCP port {} on {} to {} replicas ({}..={} on {}), leastconn, {:?} checks; pins in {}",
+            cfg.port,
+            addrs,
+            cfg.replicas,
+            replica_name(0),
+            replica_name(cfg.replicas as usize - 1),
+            cfg.replica_address,
+            cfg.check.kind,
+            self.pin_dir.display()
+        )
+    }
+
+    fn started(&mut self, listeners: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
+        log(out, Level::INFO, self.summary());
+        self.listeners(listeners, inp, out);
+        if self
+            .slots
+            .iter()
+            .all(|s| s.listener == ListenerState::Missing)
+        {
+            let c = &self.cfg;
+            log(
+                out,
+                Level::INFO,
+                format!(
+                    "no replica is listening yet; waiting for replicas on {}:{}..={}",
+                    c.replica_address,
+                    c.base_port,
+                    c.base_port + c.replicas - 1
+                ),
+            );
+        }
+        self.apply(inp, out);
+        // Slots an earlier agent may have used beyond ours.
+        reconcile::clear(self.slots.len()..MAX_REPLICAS as usize, out);
+        out.push(Effect::Notify(format!(
+            "READY=1\nSTATUS=steering port {}",
+            self.cfg.port
+        )));
+    }
+
+    fn listeners(&mut self, changes: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
+        for c in changes {
+            match c {
+                ListenerChange::Registered { slot, desc } => {
+                    log(
+                        out,
+                        Level::INFO,
+                        format!("replica {} registered: {desc}", replica_name(slot)),
+                    );
+                    let Some(s) = self.slots.get_mut(slot) else {
+                        continue;
+                    };
+                    s.listener = ListenerState::Registered;
+                    let ev = s.health.listener_back();
+                    self.health_event(slot, ev, inp, out);
+                }
+                ListenerChange::Closed { slot, desc } => {
+                    log(
+                        out,
+                        Level::INFO,
+                        format!(
+                            "replica {} unregistered: {desc}: its listener closed",
+                            replica_name(slot)
+                        ),
+                    );
+                    let Some(s) = self.slots.get_mut(slot) else {
+                        continue;
+                    };
+                    s.listener = ListenerState::Missing;
+                    let ev = s.health.force_down(
+                        DownCause::Listener,
+                        CheckResult::fail(
+                            reason::NO_LISTENER,
+                            Some("listener closed".into()),
+                            Duration::ZERO,
+                        ),
+                    );
+                    self.health_event(slot, ev, inp, out);
+                }
+            }
+        }
+        self.apply(inp, out);
+    }
+
+    fn queues(&mut self, samples: Vec<Option<QueueReading>>, inp: &Inputs, out: &mut Vec<Effect>) {
+        let stall = Duration::from_millis(self.cfg.check.stall_ms);
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            let stalled = match samples.get(slot).copied().flatten() {
+                Some(q) => s.queue.sample(q.queued, q.backlog, inp.now, stall),
+                None => {
+                    s.queue.clear();
+                    false
+                }
+            };
+            let info = format!("{} queued of {}", s.queue.len, s.queue.max);
+            let ev = s.health.set_stalled(stalled, info);
+            self.health_event(slot, ev, inp, out);
+        }
+    }
+
+    fn checks_due(&mut self, inp: &Inputs, out: &mut Vec<Effect>) {
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if s.check.running.is_some() || s.check.next > inp.now {
+                continue;
+            }
+            match CheckSpec::for_slot(&self.cfg, i) {
+                Some(spec) => {
+                    s.check.running = Some(s.check.generation);
+                    out.push(Effect::StartCheck {
+                        slot: i,
+                        generation: s.check.generation,
+                        spec,
+                    });
+                }
+                // No checks: registration alone decides.
+                None => s.check.next = inp.now + Duration::from_secs(3600),
+            }
+        }
+    }
+
+    fn check_done(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        result: CheckResult,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        let t = self.cfg.thresholds();
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.check.running == Some(generation) {
+            s.check.running = None;
+        }
+        if s.check.generation != generation {
+            // Launched before a reload (or for a slot since removed).
+            return;
+        }
+        log(
+            out,
+            Level::DEBUG,
+            format!(
+                "check {}: {}, reason: {}{}, {}ms",
+                s.name,
+                if result.ok { "passed" } else { "failed" },
+                result.reason,
+                result
+                    .info
+                    .as_deref()
+                    .map(|i| format!(", info: \"{i}\""))
+                    .unwrap_or_default(),
+                result.duration.as_millis()
+            ),
+        );
+        if !result.ok {
+            s.check_failures += 1;
+        }
+        let ev = if s.listener == ListenerState::Registered || !result.ok {
+            s.health.on_result(result, &t)
+        } else {
+            // Something answers on the port, but no listener is registered
+            // for it: it cannot get traffic anyway.
+            HealthEvent::Steady
+        };
+        s.check.next = inp.now + s.health.interval(&t);
+        self.health_event(slot, ev, inp, out);
+        self.apply(inp, out);
+    }
+
+    /// Removes trailing slots that a reload scaled away once their last
+    /// connection has closed.
+    fn finish_removals(&mut self, inp: &Inputs, out: &mut Vec<Effect>) {
+        let before = self.slots.len();
+        while let Some(s) = self.slots.last() {
+            let slot = self.slots.len() - 1;
+            if !s.removing || inp.conns(slot) > 0 {
+                break;
+            }
+            log(
+                out,
+                Level::INFO,
+                format!("backend {} removed: drained", s.name),
+            );
+            self.slots.pop();
+        }
+        if self.slots.len() != before {
+            out.push(Effect::WriteSettings(self.settings()));
+            reconcile::clear(self.slots.len()..before, out);
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<usize, Response> {
+        self.slots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                Response::err(format!(
+                    "no backend named {name:?}; backends are {}",
+                    self.slots
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    fn control(&mut self, req: Request, inp: &Inputs, out: &mut Vec<Effect>) {
+        let reply = match req {
+            Request::Admin { name, state } => self.set_admin(&name, &state, inp, out),
+            Request::Weight { name, weight } => self.set_weight(&name, weight, inp, out),
+            Request::Locate { name } => self.find(&name).map(|slot| Response {
+                slot: Some(slot as u32),
+                pin_dir: Some(self.pin_dir.clone()),
+                ..Response::ok("")
+            }),
+            Request::Reload => {
+                // The reply comes with Event::Reloaded.
+                out.push(Effect::ReadConfig(Origin::Control));
+                return;
+            }
+        };
+        out.push(Effect::Reply(reply.unwrap_or_else(|e| e)));
+    }
+
+    fn set_admin(
+        &mut self,
+        name: &str,
+        state: &str,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) -> Result<Response, Response> {
+        let slot = self.find(name)?;
+        let admin = Admin::parse(state).ok_or_else(|| {
+            Response::err(format!(
+                "unknown state {state:?}: use ready, drain or maint"
+            ))
+        })?;
+        self.slots[slot].admin = admin;
+        self.apply(inp, out);
+        self.save(out);
+        let line = match admin {
+            Admin::Maint => format!("backend {name} is going into maintenance (by operator)"),
+            Admin::Drain => format!("backend {name} is set to DRAIN mode (by operator)"),
+            Admin::Ready => format!("backend {name} is READY (by operator)"),
+        };
+        log(
+            out,
+            Level::INFO,
+            format!("{line}. {} active backends.", self.active_count()),
+        );
+        Ok(Response::ok(line))
+    }
+
+    fn set_weight(
+        &mut self,
+        name: &str,
+        weight: u32,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) -> Result<Response, Response> {
+        let slot = self.find(name)?;
+        if !(1..=256).contains(&weight) {
+            return Err(Response::err(format!("weight {weight}: must be 1..=256")));
+        }
+        self.slots[slot].weight_override = Some(weight);
+        self.apply(inp, out);
+        self.save(out);
+        log(
+            out,
+            Level::INFO,
+            format!("backend {name} weight set to {weight} (by operator)"),
+        );
+        Ok(Response::ok(format!("backend {name} weight {weight}")))
+    }
+
+    fn reloaded(
+        &mut self,
+        origin: Origin,
+        result: Result<Config, ConfigError>,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        let result = result
+            .map_err(|e| crate::error::report(&e))
+            .and_then(|new| match self.cfg.reload_blocker(&new) {
+                Some(key) => Err(format!(
+                    "`{key}` cannot change on reload; restart the agent"
+                )),
+                None => Ok(new),
+            })
+            .map(|new| self.apply_config(new, inp, out));
+        match &result {
+            Ok(m) => log(out, Level::INFO, format!("configuration reloaded: {m}")),
+            Err(e) => log(
+                out,
+                Level::ERROR,
+                format!("reload failed, keeping the running configuration: {e}"),
+            ),
+        }
+        match origin {
+            Origin::Control => out.push(Effect::Reply(match result {
+                Ok(m) => Response::ok(m),
+                Err(e) => Response::err(e),
+            })),
+            Origin::Signal => out.push(Effect::Notify("READY=1".into())),
+        }
+    }
+
+    /// Takes a valid configuration that may change on reload. Scale up: new
+    /// slots (and slots that were draining away come back). Scale down: the
+    /// slots beyond drain, then go.
+    fn apply_config(&mut self, new: Config, inp: &Inputs, out: &mut Vec<Effect>) -> String {
+        let old_n = self.slots.len();
+        let new_n = new.replicas as usize;
+        for s in self.slots.iter_mut().take(new_n) {
+            s.removing = false;
+        }
+        for s in self.slots.iter_mut().skip(new_n) {
+            if !s.removing {
+                s.removing = true;
+                log(
+                    out,
+                    Level::INFO,
+                    format!("backend {} is draining before removal", s.name),
+                );
+            }
+        }
+        let port_changed = self.cfg.port != new.port;
+        self.cfg = new;
+        for i in old_n..new_n {
+            let s = self.new_slot(i, inp.now, inp);
+            self.slots.push(s);
+        }
+        // Checks start over under the new settings; results of checks
+        // launched before are dropped.
+        for i in 0..self.slots.len() {
+            let g = self.next_generation();
+            let c = &mut self.slots[i].check;
+            c.generation = g;
+            c.next = inp.now;
+        }
+        out.push(Effect::SetAddresses(reconcile::addresses(&self.cfg)));
+        out.push(Effect::WriteSettings(self.settings()));
+        self.apply(inp, out);
+        // Listeners of new slots may be there already.
+        out.push(Effect::Adopt);
+        out.push(Effect::PollListeners);
+        format!(
+            "{new_n} replicas{}",
+            if port_changed {
+                format!(", balanced port now {}", self.cfg.port)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// Handles one event: updates `state`, returns what to do.
+pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
+    let mut out = Vec::new();
+    match ev {
+        Event::Started { listeners } => state.started(listeners, inp, &mut out),
+        Event::Signal(Signal::Interrupt) => {
+            log(&mut out, Level::INFO, "SIGINT: stopping");
+            out.push(Effect::Stop);
+        }
+        Event::Signal(Signal::Terminate) => {
+            log(&mut out, Level::INFO, "SIGTERM: stopping");
+            out.push(Effect::Stop);
+        }
+        Event::Signal(Signal::Hangup) => {
+            log(
+                &mut out,
+                Level::INFO,
+                format!("SIGHUP: reloading {}", state.config_path.display()),
+            );
+            out.push(Effect::ReadConfig(Origin::Signal));
+        }
+        Event::Control(req) => state.control(req, inp, &mut out),
+        Event::Reloaded { origin, result } => state.reloaded(origin, result, inp, &mut out),
+        Event::ChecksDue => state.checks_due(inp, &mut out),
+        Event::CheckDone {
+            slot,
+            generation,
+            result,
+        } => state.check_done(slot, generation, result, inp, &mut out),
+        Event::Listeners(changes) => state.listeners(changes, inp, &mut out),
+        Event::Queues(samples) => {
+            state.queues(samples, inp, &mut out);
+            state.apply(inp, &mut out);
+        }
+        Event::Tick => {
+            state.finish_removals(inp, &mut out);
+            // Slowstart ramps need rewriting as time passes.
+            state.apply(inp, &mut out);
+            out.push(Effect::WatchCookies);
+        }
+        Event::ExpiryTick => out.push(Effect::ExpireHandshakes {
+            older_than: Duration::from_millis(state.cfg.handshake_timeout_ms),
+        }),
+        Event::ScanTick => out.push(Effect::Adopt),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CheckKind;
+    use mtlb_common::STATE_UP;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// A state at t0 and a clock the test moves.
+    struct H {
+        st: State,
+        now: Instant,
+        conns: Vec<u64>,
+    }
+
+    impl H {
+        fn new(cfg: Config) -> Self {
+            Self::with_saved(cfg, &Saved::default())
+        }
+
+        fn with_saved(cfg: Config, saved: &Saved) -> Self {
+            let now = Instant::now();
+            let inp = Inputs {
+                now,
+                unix_ms: 1,
+                conns: &[],
+            };
+            Self {
+                st: State::new(
+                    cfg,
+                    saved,
+                    "/etc/mtlb/mtlb.toml".into(),
+                    "/pins".into(),
+                    7,
+                    &inp,
+                ),
+                now,
+                conns: vec![0; MAX_REPLICAS as usize],
+            }
+        }
+
+        /// Started, and the replicas in `up` registered.
+        fn running(cfg: Config, up: &[usize]) -> Self {
+            let mut h = Self::new(cfg);
+            let listeners = up.iter().map(|&s| reg(s)).collect();
+            h.step(Event::Started { listeners });
+            h
+        }
+
+        fn step(&mut self, ev: Event) -> Vec<Effect> {
+            let inp = Inputs {
+                now: self.now,
+                unix_ms: 1,
+                conns: &self.conns,
+            };
+            step(&mut self.st, &inp, ev)
+        }
+
+        fn after(&mut self, d: Duration) -> &mut Self {
+            self.now += d;
+            self
+        }
+
+        fn slot(&self, i: usize) -> &Slot {
+            &self.st.slots()[i]
+        }
+
+        fn label(&self, i: usize) -> String {
+            self.slot(i).state(self.st.cfg()).to_string()
+        }
+
+        /// A check result for `slot` under its current generation.
+        fn check(&mut self, slot: usize, ok: bool) -> Vec<Effect> {
+            let generation = self.slot(slot).check.generation;
+            let result = if ok {
+                CheckResult::pass(reason::L4_OK, MS(1))
+            } else {
+                CheckResult::fail(reason::L4_CON, Some("Connection refused".into()), MS(1))
+            };
+            self.step(Event::CheckDone {
+                slot,
+                generation,
+                result,
+            })
+        }
+
+        fn control(&mut self, req: Request) -> (Response, Vec<Effect>) {
+            let fx = self.step(Event::Control(req));
+            (reply(&fx).expect("a reply"), fx)
+        }
+
+        fn reload(&mut self, result: Result<Config, ConfigError>) -> Vec<Effect> {
+            self.step(Event::Reloaded {
+                origin: Origin::Control,
+                result,
+            })
+        }
+    }
+
+    fn reg(slot: usize) -> ListenerChange {
+        ListenerChange::Registered {
+            slot,
+            desc: format!("127.0.0.1:{} (IPv4, via listen hook)", 10000 + slot),
+        }
+    }
+
+    fn closed(slot: usize) -> ListenerChange {
+        ListenerChange::Closed {
+            slot,
+            desc: format!("127.0.0.1:{} (IPv4)", 10000 + slot),
+        }
+    }
+
+    fn logs(fx: &[Effect]) -> Vec<String> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Log(_, l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has_log(fx: &[Effect], needle: &str) -> bool {
+        logs(fx).iter().any(|l| l.contains(needle))
+    }
+
+    /// The last BACKENDS write for `slot` among `fx`.
+    fn backend(fx: &[Effect], slot: u32) -> Option<Backend> {
+        fx.iter().rev().find_map(|e| match e {
+            Effect::WriteBackend { slot: s, backend } if *s == slot => Some(*backend),
+            _ => None,
+        })
+    }
+
+    fn reply(fx: &[Effect]) -> Option<Response> {
+        fx.iter().find_map(|e| match e {
+            Effect::Reply(r) => Some(r.clone()),
+            _ => None,
+        })
+    }
+
+    fn saved(fx: &[Effect]) -> Option<Saved> {
+        fx.iter().find_map(|e| match e {
+            Effect::Save(s) => Some(s.clone()),
+            _ => None,
+        })
+    }
+
+    fn settings(fx: &[Effect]) -> Option<Settings> {
+        fx.iter().find_map(|e| match e {
+            Effect::WriteSettings(s) => Some(*s),
+            _ => None,
+        })
+    }
+
+    fn started_checks(fx: &[Effect]) -> Vec<usize> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::StartCheck { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cfg(replicas: u16) -> Config {
+        Config {
+            replicas,
+            ..Config::default()
+        }
+    }
+
+    // ------------------------------------------------------------ start
+
+    #[test]
+    fn start_with_nothing_listening_says_so_and_clears_other_slots() {
+        let mut h = H::new(cfg(2));
+        let fx = h.step(Event::Started { listeners: vec![] });
+        let l = logs(&fx);
+        assert!(l[0].starts_with("steering TCP port 443 on all local addresses to 2 replicas (mtp1..=mtp2 on 127.0.0.1), leastconn, Tcp checks; pins in /pins"), "{l:?}");
+        assert!(has_log(
+            &fx,
+            "no replica is listening yet; waiting for replicas on 127.0.0.1:10000..=10001"
+        ));
+        // Waiting for their listeners, the slots stay eligible.
+        assert_eq!(backend(&fx, 0).unwrap().enabled, 1);
+        for slot in 2..MAX_REPLICAS {
+            assert_eq!(backend(&fx, slot), Some(Backend::default()), "slot {slot}");
+        }
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Notify(n) if n.starts_with("READY=1")))
+        );
+        assert_eq!(h.label(0), "DOWN");
+    }
+
+    #[test]
+    fn start_with_listeners_brings_them_up_without_the_waiting_line() {
+        let mut h = H::new(cfg(2));
+        let fx = h.step(Event::Started {
+            listeners: vec![reg(0), reg(1)],
+        });
+        assert!(has_log(
+            &fx,
+            "replica mtp1 registered: 127.0.0.1:10000 (IPv4, via listen hook)"
+        ));
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is UP, reason: listener registered"
+        ));
+        assert!(!has_log(&fx, "no replica is listening yet"));
+        assert_eq!(h.label(0), "UP");
+        assert!(h.slot(1).active());
+    }
+
+    // --------------------------------------------------------- listeners
+
+    #[test]
+    fn a_closing_listener_is_down_at_once_and_stays_eligible() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.conns[1] = 4;
+        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        assert!(has_log(
+            &fx,
+            "replica mtp2 unregistered: 127.0.0.1:10001 (IPv4): its listener closed"
+        ));
+        let down = logs(&fx)
+            .into_iter()
+            .find(|l| l.starts_with("backend mtp2 is DOWN"))
+            .unwrap();
+        assert_eq!(
+            down,
+            "backend mtp2 is DOWN, reason: no listener registered, info: \"listener closed\", check duration: 0ms. 1 active backends left. 4 connections active."
+        );
+        // The kernel is told first, then the line.
+        let line_at = fx
+            .iter()
+            .position(|e| matches!(e, Effect::Log(_, l) if l.starts_with("backend mtp2 is DOWN")))
+            .unwrap();
+        let write_at = fx
+            .iter()
+            .position(|e| matches!(e, Effect::WriteStatus { slot: 1, .. }))
+            .unwrap();
+        assert!(write_at < line_at);
+        assert_eq!(h.label(1), "DOWN");
+        assert!(h.slot(1).eligible(), "steered to from its next listen()");
+        assert!(!h.slot(1).active());
+    }
+
+    #[test]
+    fn a_returning_listener_is_up_at_once() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Listeners(vec![closed(1)]));
+        let fx = h.after(MS(500)).step(Event::Listeners(vec![reg(1)]));
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is UP, reason: listener registered, check duration: 0ms. 2 active backends online."
+        ));
+        assert_eq!(h.slot(1).transitions_up, 2);
+        assert_eq!(h.slot(1).transitions_down, 1);
+        assert_eq!(h.slot(1).downtime, MS(500));
+    }
+
+    #[test]
+    fn the_last_replica_going_says_no_backend_available_once() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Listeners(vec![closed(0)]));
+        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        assert_eq!(
+            logs(&fx)
+                .iter()
+                .filter(|l| *l == "no backend available!")
+                .count(),
+            1
+        );
+        let fx = h.step(Event::Tick);
+        assert!(!has_log(&fx, "no backend available!"));
+        h.step(Event::Listeners(vec![reg(0)]));
+        let fx = h.step(Event::Listeners(vec![closed(0)]));
+        assert!(
+            has_log(&fx, "no backend available!"),
+            "said again after one came back"
+        );
+    }
+
+    #[test]
+    fn a_listener_replaced_in_place_stays_up() {
+        let mut h = H::running(cfg(1), &[0]);
+        let fx = h.step(Event::Listeners(vec![closed(0), reg(0)]));
+        assert!(has_log(&fx, "backend mtp1 is DOWN"));
+        assert!(has_log(&fx, "backend mtp1 is UP"));
+        assert!(h.slot(0).active());
+    }
+
+    // ------------------------------------------------------------ checks
+
+    #[test]
+    fn falls_after_fall_failures_with_progress_lines() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.check(1, false);
+        assert!(has_log(
+            &fx,
+            "Health check for backend mtp2 failed, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 1ms, status: UP 1/3."
+        ));
+        assert_eq!(h.label(1), "UP 1/3");
+        assert!(h.slot(1).active(), "still takes connections while falling");
+        h.check(1, false);
+        let fx = h.check(1, false);
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is DOWN, reason: Layer4 connection problem"
+        ));
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        assert_eq!(h.slot(1).check_failures, 3);
+    }
+
+    #[test]
+    fn rises_after_rise_successes() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        for _ in 0..3 {
+            h.check(1, false);
+        }
+        let fx = h.check(1, true);
+        assert!(has_log(
+            &fx,
+            "Health check for backend mtp2 succeeded, reason: Layer4 check passed, check duration: 1ms, status: DOWN 1/2."
+        ));
+        assert_eq!(h.label(1), "DOWN 1/2");
+        assert!(!h.slot(1).eligible());
+        let fx = h.check(1, true);
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online."
+        ));
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
+    }
+
+    #[test]
+    fn fastinter_while_changing_downinter_while_down_inter_when_steady() {
+        let mut c = cfg(1);
+        c.check.inter_ms = 2000;
+        c.check.fastinter_ms = 300;
+        c.check.downinter_ms = 5000;
+        let mut h = H::running(c, &[0]);
+        let t = h.now;
+        h.check(0, true);
+        assert_eq!(h.st.next_check_due(), Some(t + MS(2000)));
+        h.check(0, false);
+        assert_eq!(h.st.next_check_due(), Some(t + MS(300)), "falling");
+        h.check(0, false);
+        h.check(0, false);
+        assert_eq!(h.st.next_check_due(), Some(t + MS(5000)), "down");
+        h.check(0, true);
+        assert_eq!(h.st.next_check_due(), Some(t + MS(300)), "rising");
+    }
+
+    #[test]
+    fn first_checks_are_spread_over_one_interval() {
+        let mut c = cfg(4);
+        c.check.inter_ms = 2000;
+        let h = H::new(c);
+        let t0 = h.slot(0).check.next;
+        let offsets: Vec<Duration> = h.st.slots().iter().map(|s| s.check.next - t0).collect();
+        assert_eq!(offsets, [MS(0), MS(500), MS(1000), MS(1500)]);
+    }
+
+    #[test]
+    fn a_due_check_starts_once_until_its_result() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.after(MS(2000));
+        let fx = h.step(Event::ChecksDue);
+        assert_eq!(started_checks(&fx), [0, 1]);
+        let spec = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::StartCheck { slot: 1, spec, .. } => Some(spec.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(spec.addr, "127.0.0.1:10001".parse().unwrap());
+        assert_eq!(spec.timeout, MS(2000));
+        assert!(started_checks(&h.step(Event::ChecksDue)).is_empty());
+        assert_eq!(h.st.next_check_due(), None, "every slot has one running");
+        h.check(0, true);
+        assert!(h.st.next_check_due().is_some());
+        h.after(MS(2000));
+        assert_eq!(started_checks(&h.step(Event::ChecksDue)), [0]);
+    }
+
+    #[test]
+    fn kind_none_launches_no_checks() {
+        let mut c = cfg(2);
+        c.check.kind = CheckKind::None;
+        let mut h = H::running(c, &[0, 1]);
+        h.after(MS(10_000));
+        assert!(started_checks(&h.step(Event::ChecksDue)).is_empty());
+        assert!(h.st.next_check_due().unwrap() > h.now + Duration::from_secs(3000));
+        assert!(h.slot(0).active(), "registration alone decides");
+    }
+
+    #[test]
+    fn a_passing_check_without_a_listener_does_not_raise() {
+        let mut h = H::running(cfg(2), &[0]);
+        for _ in 0..5 {
+            h.check(1, true);
+        }
+        assert_eq!(h.label(1), "DOWN");
+        assert_eq!(h.slot(1).health().count(), 0);
+    }
+
+    #[test]
+    fn results_of_checks_launched_before_a_reload_are_dropped() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.after(MS(2000));
+        h.step(Event::ChecksDue);
+        let old = h.slot(1).check.generation;
+        h.reload(Ok(cfg(2)));
+        assert_ne!(h.slot(1).check.generation, old);
+        for _ in 0..3 {
+            let fx = h.step(Event::CheckDone {
+                slot: 1,
+                generation: old,
+                result: CheckResult::fail(reason::L4_CON, None, MS(1)),
+            });
+            assert!(logs(&fx).is_empty(), "{fx:?}");
+        }
+        assert_eq!(h.label(1), "UP");
+        // mtp2's old check is over, so its next may start; mtp1's is still
+        // in flight, and two checks of one replica never run at once.
+        assert_eq!(started_checks(&h.step(Event::ChecksDue)), [1]);
+    }
+
+    // ------------------------------------------------------ accept queue
+
+    fn queued(n: u32) -> Vec<Option<QueueReading>> {
+        vec![
+            Some(QueueReading {
+                queued: 0,
+                backlog: 128,
+            }),
+            Some(QueueReading {
+                queued: n,
+                backlog: 128,
+            }),
+        ]
+    }
+
+    #[test]
+    fn a_stalled_queue_downs_the_replica_then_rise_checks_bring_it_back() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Queues(queued(3)));
+        let fx = h.after(MS(1000)).step(Event::Queues(queued(3)));
+        assert!(!has_log(&fx, "DOWN"));
+        let fx = h.after(MS(1100)).step(Event::Queues(queued(4)));
+        let line = logs(&fx)
+            .into_iter()
+            .find(|l| l.starts_with("backend mtp2 is DOWN"))
+            .expect("stalled");
+        assert!(
+            line.contains("reason: accept queue stalled, info: \"4 queued of 128\""),
+            "{line}"
+        );
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        // Checks pass (the kernel completes handshakes) but count as failed.
+        for _ in 0..4 {
+            h.check(1, true);
+        }
+        assert_eq!(h.label(1), "DOWN");
+        // It accepts again: rise passing checks bring it back.
+        h.step(Event::Queues(queued(0)));
+        h.check(1, true);
+        let fx = h.check(1, true);
+        assert!(has_log(&fx, "backend mtp2 is UP"));
+    }
+
+    #[test]
+    fn a_busy_queue_that_drains_is_not_stalled() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        for i in 0..60 {
+            let fx = h
+                .after(MS(100))
+                .step(Event::Queues(queued(if i % 2 == 0 { 9 } else { 5 })));
+            assert!(!has_log(&fx, "DOWN"), "sample {i}");
+        }
+        assert!(h.slot(1).active());
+    }
+
+    #[test]
+    fn a_vanished_listener_clears_its_queue_watch() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Queues(queued(3)));
+        h.after(MS(1500))
+            .step(Event::Queues(vec![queued(0)[0], None]));
+        let fx = h.after(MS(1500)).step(Event::Queues(queued(3)));
+        assert!(!has_log(&fx, "stalled"), "the watch started over");
+    }
+
+    // ---------------------------------------------------- operator control
+
+    #[test]
+    fn drain_stops_new_connections_and_is_saved() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let (r, fx) = h.control(Request::Admin {
+            name: "mtp2".into(),
+            state: "drain".into(),
+        });
+        assert!(r.ok);
+        assert_eq!(r.message, "backend mtp2 is set to DRAIN mode (by operator)");
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is set to DRAIN mode (by operator). 1 active backends."
+        ));
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        assert_eq!(saved(&fx).unwrap().backends["mtp2"].admin, Admin::Drain);
+        assert_eq!(h.label(1), "DRAIN");
+        // wait-drained asks where the counts are.
+        let (r, _) = h.control(Request::Locate {
+            name: "mtp2".into(),
+        });
+        assert_eq!((r.slot, r.pin_dir), (Some(1), Some("/pins".into())));
+        // Ready again.
+        let (r, fx) = h.control(Request::Admin {
+            name: "mtp2".into(),
+            state: "ready".into(),
+        });
+        assert_eq!(r.message, "backend mtp2 is READY (by operator)");
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
+        assert!(saved(&fx).unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn maint_is_shown_as_maintenance() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let (r, fx) = h.control(Request::Admin {
+            name: "mtp1".into(),
+            state: "maint".into(),
+        });
+        assert_eq!(
+            r.message,
+            "backend mtp1 is going into maintenance (by operator)"
+        );
+        assert_eq!(backend(&fx, 0).unwrap().enabled, 0);
+        let st = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::WriteStatus { slot: 0, status } => Some(*status),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(st.state, mtlb_common::STATE_MAINT);
+        assert_eq!(st.oper, STATE_UP, "checks still say UP under MAINT");
+    }
+
+    #[test]
+    fn bad_names_states_and_weights_change_nothing() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        for req in [
+            Request::Admin {
+                name: "mtp9".into(),
+                state: "drain".into(),
+            },
+            Request::Admin {
+                name: "mtp1".into(),
+                state: "sleep".into(),
+            },
+            Request::Weight {
+                name: "mtp1".into(),
+                weight: 0,
+            },
+            Request::Weight {
+                name: "mtp1".into(),
+                weight: 257,
+            },
+        ] {
+            let (r, fx) = h.control(req);
+            assert!(!r.ok);
+            assert_eq!(fx.len(), 1, "only the reply: {fx:?}");
+        }
+        let (r, _) = h.control(Request::Locate {
+            name: "nope".into(),
+        });
+        assert_eq!(
+            r.message,
+            "no backend named \"nope\"; backends are mtp1, mtp2"
+        );
+    }
+
+    #[test]
+    fn weight_is_written_and_saved() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let (r, fx) = h.control(Request::Weight {
+            name: "mtp1".into(),
+            weight: 3,
+        });
+        assert_eq!(r.message, "backend mtp1 weight 3");
+        assert_eq!(backend(&fx, 0).unwrap().weight, 3);
+        assert_eq!(saved(&fx).unwrap().backends["mtp1"].weight, Some(3));
+    }
+
+    #[test]
+    fn operator_state_survives_a_restart() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let (_, fx) = h.control(Request::Admin {
+            name: "mtp2".into(),
+            state: "maint".into(),
+        });
+        let (_, fx2) = h.control(Request::Weight {
+            name: "mtp1".into(),
+            weight: 5,
+        });
+        assert!(saved(&fx).is_some());
+        // A new agent starts from the last saved file.
+        let mut h = H::with_saved(cfg(2), &saved(&fx2).unwrap());
+        let fx = h.step(Event::Started {
+            listeners: vec![reg(0), reg(1)],
+        });
+        assert_eq!(h.label(1), "MAINT");
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        assert_eq!(backend(&fx, 0).unwrap().weight, 5);
+    }
+
+    #[test]
+    fn slowstart_ramps_the_written_weight_over_ticks() {
+        let mut c = cfg(1);
+        c.check.slowstart_ms = 1000;
+        c.weights = vec![10];
+        let mut h = H::new(c);
+        let fx = h.step(Event::Started {
+            listeners: vec![reg(0)],
+        });
+        assert_eq!(backend(&fx, 0).unwrap().weight, 1);
+        let fx = h.after(MS(500)).step(Event::Tick);
+        assert_eq!(backend(&fx, 0).unwrap().weight, 5);
+        let fx = h.after(MS(600)).step(Event::Tick);
+        assert_eq!(backend(&fx, 0).unwrap().weight, 10);
+        assert_eq!(
+            backend(&h.step(Event::Tick), 0),
+            None,
+            "unchanged: no write"
+        );
+    }
+
+    // ------------------------------------------------------------ reload
+
+    #[test]
+    fn scale_up_adds_a_slot_waiting_for_its_listener() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.reload(Ok(cfg(3)));
+        assert_eq!(reply(&fx).unwrap(), Response::ok("3 replicas"));
+        assert!(has_log(&fx, "configuration reloaded: 3 replicas"));
+        assert_eq!(settings(&fx).unwrap().replicas, 3);
+        assert!(fx.contains(&Effect::Adopt) && fx.contains(&Effect::PollListeners));
+        assert_eq!(backend(&fx, 2).unwrap().enabled, 1);
+        assert_eq!(h.label(2), "DOWN");
+        let fx = h.step(Event::Listeners(vec![reg(2)]));
+        assert!(has_log(&fx, "backend mtp3 is UP"));
+    }
+
+    #[test]
+    fn scale_down_drains_then_removes_the_slot() {
+        let mut h = H::running(cfg(3), &[0, 1, 2]);
+        let fx = h.reload(Ok(cfg(2)));
+        assert!(has_log(&fx, "backend mtp3 is draining before removal"));
+        assert_eq!(backend(&fx, 2).unwrap().enabled, 0);
+        assert_eq!(settings(&fx).unwrap().replicas, 3, "its counts stay in use");
+        h.conns[2] = 2;
+        let fx = h.step(Event::Tick);
+        assert!(!has_log(&fx, "removed"));
+        assert_eq!(h.st.slots().len(), 3);
+        h.conns[2] = 0;
+        let fx = h.step(Event::Tick);
+        assert!(has_log(&fx, "backend mtp3 removed: drained"));
+        assert_eq!(settings(&fx).unwrap().replicas, 2);
+        assert_eq!(backend(&fx, 2), Some(Backend::default()));
+        assert_eq!(h.st.slots().len(), 2);
+        // 2 -> 3 again: a fresh slot.
+        h.reload(Ok(cfg(3)));
+        assert_eq!(h.slot(2).transitions_up, 0);
+    }
+
+    #[test]
+    fn scaling_back_up_while_draining_keeps_the_slot() {
+        let mut h = H::running(cfg(3), &[0, 1, 2]);
+        h.reload(Ok(cfg(2)));
+        h.conns[2] = 1;
+        let fx = h.reload(Ok(cfg(3)));
+        assert_eq!(backend(&fx, 2).unwrap().enabled, 1);
+        assert!(h.slot(2).active());
+        h.conns[2] = 0;
+        assert!(!has_log(&h.step(Event::Tick), "removed"));
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_running_state() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let before = h.st.cfg().clone();
+        let err = Config::parse("replicas = 0", "t.toml".as_ref())
+            .and_then(|c| c.validate().map(|()| c))
+            .unwrap_err();
+        let fx = h.reload(Err(err));
+        let r = reply(&fx).unwrap();
+        assert!(!r.ok && r.message.contains("`replicas`: 0"), "{r:?}");
+        assert!(has_log(
+            &fx,
+            "reload failed, keeping the running configuration: invalid value for `replicas`: 0"
+        ));
+        assert_eq!(fx.len(), 2, "a log line and the reply: {fx:?}");
+        assert_eq!(h.st.cfg(), &before);
+        assert_eq!(h.st.slots().len(), 2);
+    }
+
+    #[test]
+    fn a_key_that_needs_a_restart_fails_the_reload() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let mut new = cfg(3);
+        new.base_port = 20000;
+        let fx = h.reload(Ok(new));
+        assert_eq!(
+            reply(&fx).unwrap().message,
+            "`base_port` cannot change on reload; restart the agent"
+        );
+        assert_eq!(h.st.slots().len(), 2);
+        assert_eq!(h.st.cfg().base_port, 10000);
+    }
+
+    #[test]
+    fn a_port_change_is_reported() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let mut new = cfg(2);
+        new.port = 8443;
+        let fx = h.reload(Ok(new));
+        assert_eq!(
+            reply(&fx).unwrap().message,
+            "2 replicas, balanced port now 8443"
+        );
+        assert_eq!(settings(&fx).unwrap().port, 8443);
+    }
+
+    #[test]
+    fn sighup_reads_the_config_and_notifies_ready_after() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.step(Event::Signal(Signal::Hangup));
+        assert!(has_log(&fx, "SIGHUP: reloading /etc/mtlb/mtlb.toml"));
+        assert_eq!(fx.last(), Some(&Effect::ReadConfig(Origin::Signal)));
+        let fx = h.step(Event::Reloaded {
+            origin: Origin::Signal,
+            result: Ok(cfg(2)),
+        });
+        assert!(reply(&fx).is_none());
+        assert_eq!(fx.last(), Some(&Effect::Notify("READY=1".into())));
+        // A reload asked on the control socket is answered after reading.
+        let fx = h.step(Event::Control(Request::Reload));
+        assert_eq!(fx, [Effect::ReadConfig(Origin::Control)]);
+    }
+
+    // ----------------------------------------------------------- the rest
+
+    #[test]
+    fn stop_signals_stop() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        for (s, line) in [
+            (Signal::Interrupt, "SIGINT: stopping"),
+            (Signal::Terminate, "SIGTERM: stopping"),
+        ] {
+            let fx = h.step(Event::Signal(s));
+            assert_eq!(fx, [Effect::Log(Level::INFO, line.into()), Effect::Stop]);
+        }
+    }
+
+    #[test]
+    fn timers_ask_for_expiry_adoption_and_the_cookie_watch() {
+        let mut c = cfg(2);
+        c.handshake_timeout_ms = 1234;
+        let mut h = H::running(c, &[0, 1]);
+        assert_eq!(
+            h.step(Event::ExpiryTick),
+            [Effect::ExpireHandshakes {
+                older_than: MS(1234)
+            }]
+        );
+        assert_eq!(h.step(Event::ScanTick), [Effect::Adopt]);
+        assert!(h.step(Event::Tick).contains(&Effect::WatchCookies));
+    }
+
+    #[test]
+    fn a_failed_write_is_retried() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        assert_eq!(backend(&h.step(Event::Tick), 1), None);
+        h.st.forget_written(1);
+        let fx = h.step(Event::Tick);
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
+    }
+}

@@ -1,0 +1,352 @@
+//! The agent: [`Agent::start`] brings the balancer up (or takes over a
+//! running one's pinned state), [`Agent::serve`] runs it until a stop
+//! signal, and dropping it tears down what it set up.
+//!
+//! * [`core`]: every decision, as a pure `step(state, event) -> effects`.
+//! * [`slot`]: one [`slot::Slot`] per replica, its typed state.
+//! * [`reconcile`]: state → map contents (SETTINGS, BACKENDS, STATUS).
+//! * [`serve`]: the loop that turns events into steps and effects into I/O.
+//! * [`persist`]: operator choices kept across restarts.
+//! * [`locate`]: finding a running agent's pins and control socket.
+
+pub mod core;
+pub mod locate;
+pub mod persist;
+pub mod reconcile;
+pub mod serve;
+pub mod slot;
+
+use crate::{
+    config::{self, Config, ConfigError, Overrides},
+    kernel::{
+        loader::{self, Attached, Compat, LoadError, Loaded},
+        maps::{Maps, MapsError},
+        pins::{self, NetnsLock, PinError},
+        registry::Registry,
+    },
+    system::{mounts, netns},
+};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+/// Where the configuration comes from, to read it again on reload.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    /// Named by the operator: a missing file is an error.
+    pub explicit: bool,
+    pub overrides: Overrides,
+}
+
+impl Source {
+    pub fn new(path: PathBuf, overrides: Overrides) -> Self {
+        Self {
+            explicit: path != Path::new(config::DEFAULT_PATH),
+            path,
+            overrides,
+        }
+    }
+
+    /// The file with the flags over it, validated.
+    pub fn read(&self) -> Result<Config, ConfigError> {
+        let mut cfg = Config::load(&self.path, self.explicit)?;
+        cfg.apply(&self.overrides);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Mount(#[from] mounts::MountError),
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("binding the stats endpoint {addr} (stats_address, stats_port)")]
+    Stats {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding control socket {path}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}")]
+    Fs {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading SO_NETNS_COOKIE (Linux 5.14+)")]
+    NetnsCookie(#[source] std::io::Error),
+    #[error(transparent)]
+    Cookies(#[from] serve::CookieWatchError),
+}
+
+fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError {
+    let path = path.to_owned();
+    move |source| StartError::Fs { what, path, source }
+}
+
+/// A running agent: holds the namespace lock, the attached programs, the
+/// maps and the control socket. Dropping it detaches and unpins (or, with
+/// `keep_pins`, leaves steering running from the pins).
+pub struct Agent {
+    source: Source,
+    state: core::State,
+    loaded: Loaded,
+    registry: Registry,
+    /// `None` once torn down.
+    attached: Option<Attached>,
+    pin_dir: PathBuf,
+    keep_pins: bool,
+    control_path: PathBuf,
+    control: Option<tokio::net::UnixListener>,
+    saved_path: PathBuf,
+    cookies_seen: Option<crate::kernel::cookies::Observed>,
+    _lock: NetnsLock,
+}
+
+/// What start-up has done so far, undone if it fails part way.
+struct Bringup {
+    pin_dir: PathBuf,
+    /// An earlier agent's pins we took over: on failure, leave them (and
+    /// its programs) running.
+    took_over: bool,
+    /// An earlier agent's pins we could not take over, moved aside: put
+    /// back on failure, removed once our programs are attached.
+    stale: Option<PathBuf>,
+    attached: Option<Attached>,
+}
+
+impl Drop for Bringup {
+    fn drop(&mut self) {
+        let Some(attached) = self.attached.take() else {
+            return;
+        };
+        if self.took_over {
+            // The earlier agent's programs are still attached and pinned.
+            drop(attached);
+            return;
+        }
+        attached.detach();
+        let _ = pins::remove(&self.pin_dir);
+        if let Some(old) = &self.stale {
+            let _ = std::fs::rename(old, &self.pin_dir);
+        }
+    }
+}
+
+impl Agent {
+    /// Loads, attaches and pins everything (taking over an earlier agent's
+    /// pinned maps when their shapes match), adopts running replicas, binds
+    /// the stats endpoint and the control socket. Must run on a
+    /// current-thread runtime in the namespace to balance.
+    pub async fn start(cfg: Config, source: Source) -> Result<Self, StartError> {
+        let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
+            mounts::Bpffs::Present => cfg.bpffs.clone(),
+            mounts::Bpffs::Host(p) => {
+                tracing::info!(
+                    "no bpffs at {} in this mount namespace (ip netns exec remounts /sys); using the host's bpffs through {}",
+                    cfg.bpffs.display(),
+                    p.display()
+                );
+                p
+            }
+            mounts::Bpffs::Mounted => {
+                if mounts::in_private_mount_ns() {
+                    tracing::warn!(
+                        "mounted a new bpffs at {}; it is private to this mount namespace, so the pins are not visible from the host and go away with it",
+                        cfg.bpffs.display()
+                    );
+                } else {
+                    tracing::info!("mounted bpffs at {}", cfg.bpffs.display());
+                }
+                cfg.bpffs.clone()
+            }
+        };
+        let (cgroup, mounted) = mounts::ensure_cgroup2()?;
+        if mounted {
+            tracing::info!("mounted cgroup2 at {}", cgroup.display());
+        }
+        let ino = pins::netns_inode()?;
+        let lock = pins::lock(ino)?;
+        // Bind the stats endpoint before attaching anything: a port in use
+        // is a startup error that leaves nothing behind.
+        let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
+        let stats_listener = std::net::TcpListener::bind(stats_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| StartError::Stats {
+                addr: stats_addr,
+                source,
+            })?;
+        let dir = pins::pin_dir(&bpffs, ino);
+        let mut up = Bringup {
+            pin_dir: dir.clone(),
+            took_over: false,
+            stale: None,
+            attached: None,
+        };
+
+        // Pins of an earlier agent (killed, or stopped with keep_pins): take
+        // its maps over when their shapes match this build, so
+        // registrations, counts and socket tags carry on; else move them
+        // aside and drop them once our programs are attached. Either way
+        // steering never stops.
+        if pins::has_pins(&dir) {
+            match loader::pins_compatible(&dir)? {
+                Compat::Compatible => {
+                    up.took_over = true;
+                    tracing::info!(
+                        "taking over the pinned state of an earlier agent in {}",
+                        dir.display()
+                    );
+                }
+                Compat::Incompatible(why) => {
+                    // bpffs refuses names with a dot.
+                    let aside = dir.with_file_name(format!("{ino}-old-{}", std::process::id()));
+                    std::fs::rename(&dir, &aside)
+                        .map_err(fs_err("moving stale pins aside", &dir))?;
+                    tracing::warn!(
+                        "found pins of an earlier agent in {} that this build cannot take over ({why}); replacing them, counts start from zero",
+                        dir.display()
+                    );
+                    up.stale = Some(aside);
+                }
+            }
+        }
+        pins::create_dir(&dir)?;
+        up.attached = Some(Attached::new());
+        let attached = up.attached.as_mut().expect("set above");
+
+        // Accounting first, so connections steered from the first instant
+        // are counted; running replicas adopted before steering starts.
+        let mut loaded = loader::load(&dir)?;
+        let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
+        let saved_path = persist::state_file(&cfg.state_dir, ino);
+        let saved = persist::Saved::load(&saved_path).unwrap_or_else(|e| {
+            tracing::warn!(
+                "ignoring unreadable state file {}",
+                crate::error::report(&e)
+            );
+            persist::Saved::default()
+        });
+        let inp_now = std::time::Instant::now();
+        let counts = loaded.maps.counts(cfg.replicas as usize);
+        let state = core::State::new(
+            cfg.clone(),
+            &saved,
+            source.path.clone(),
+            dir.clone(),
+            cookie,
+            &core::Inputs {
+                now: inp_now,
+                unix_ms: slot::unix_ms(),
+                conns: &counts,
+            },
+        );
+        loaded.maps.set_settings(state.settings())?;
+        loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
+        let mut cookies_seen = None;
+        serve::watch_cookies(&mut loaded.maps, &mut cookies_seen)?;
+        loaded.attach_accounting(&cgroup, &dir, attached)?;
+        let mut registry = Registry::default();
+        serve::adopt(&cfg, &mut registry, &mut loaded.maps);
+        loaded.attach_steering(&dir, attached)?;
+
+        if let Some(old) = up.stale.take() {
+            pins::remove(&old).map_err(fs_err("removing stale pins", &old))?;
+        }
+        pins::restrict(&dir).map_err(fs_err("restricting", &dir))?;
+
+        // The stats endpoint reads the maps through their pins, with
+        // handles of its own.
+        let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
+            Maps::from_pins(&dir)?,
+            dir.clone(),
+        ));
+        let listener = tokio::net::TcpListener::from_std(stats_listener).map_err(|source| {
+            StartError::Stats {
+                addr: stats_addr,
+                source,
+            }
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, crate::stats::http::router(stats_source)).await {
+                tracing::error!("stats endpoint stopped: {e}");
+            }
+        });
+        tracing::info!(
+            "stats on http://{stats_addr}/stats, metrics on http://{stats_addr}/metrics"
+        );
+
+        let control_path = crate::control::socket_path(&cfg.control_dir, ino);
+        let control = serve::bind_control(&control_path).map_err(|source| StartError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
+
+        Ok(Self {
+            source,
+            state,
+            loaded,
+            registry,
+            attached: up.attached.take(),
+            pin_dir: dir,
+            keep_pins: cfg.keep_pins,
+            control_path,
+            control: Some(control),
+            saved_path,
+            cookies_seen,
+            _lock: lock,
+        })
+    }
+
+    pub fn state(&self) -> &core::State {
+        &self.state
+    }
+
+    /// Detaches and unpins, or leaves everything attached with
+    /// `keep_pins`. Also what dropping does; this one reports errors.
+    pub fn shutdown(mut self) -> Result<(), StartError> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), StartError> {
+        let Some(attached) = self.attached.take() else {
+            return Ok(());
+        };
+        crate::system::notify::notify("STOPPING=1");
+        let _ = std::fs::remove_file(&self.control_path);
+        if self.keep_pins {
+            attached.keep();
+            tracing::info!(
+                "keeping programs attached; pins stay in {}",
+                self.pin_dir.display()
+            );
+        } else {
+            attached.detach();
+            pins::remove(&self.pin_dir).map_err(fs_err("removing pins", &self.pin_dir))?;
+            tracing::info!("detached; removed pins in {}", self.pin_dir.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!("{}", crate::error::report(&e));
+        }
+    }
+}

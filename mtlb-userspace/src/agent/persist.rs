@@ -1,0 +1,147 @@
+//! Operator choices (admin state, weight) kept across agent restarts, by
+//! replica name, in `<state_dir>/state-<netns inode>.json`.
+
+use super::slot::Slot;
+use crate::checks::health::Admin;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot read state file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid state file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write state file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    pub backends: BTreeMap<String, SavedBackend>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBackend {
+    #[serde(serialize_with = "admin_out", deserialize_with = "admin_in")]
+    pub admin: Admin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// Admin states are kept as "READY", "DRAIN", "MAINT".
+fn admin_out<S: Serializer>(a: &Admin, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(a.as_str())
+}
+
+fn admin_in<'de, D: Deserializer<'de>>(d: D) -> Result<Admin, D::Error> {
+    let s = String::deserialize(d)?;
+    Admin::parse(&s.to_ascii_lowercase())
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown admin state {s:?}")))
+}
+
+pub fn state_file(dir: &Path, netns_ino: u64) -> PathBuf {
+    dir.join(format!("state-{netns_ino}.json"))
+}
+
+impl Saved {
+    /// Reads the state file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<Self, PersistError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|source| PersistError::Parse {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(PersistError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes atomically (temp file + rename).
+    pub fn store(&self, path: &Path) -> Result<(), PersistError> {
+        let write = |source| PersistError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(write)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(self).expect("the state serializes");
+        std::fs::write(&tmp, text).map_err(write)?;
+        std::fs::rename(tmp, path).map_err(write)
+    }
+
+    /// The choices worth keeping: replicas not READY or with a weight set.
+    pub fn from_slots(slots: &[Slot]) -> Self {
+        Self {
+            backends: slots
+                .iter()
+                .filter(|s| s.admin() != Admin::Ready || s.weight_override().is_some())
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        SavedBackend {
+                            admin: s.admin(),
+                            weight: s.weight_override(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn apply(&self, s: &mut Slot) {
+        if let Some(b) = self.backends.get(&s.name) {
+            s.admin = b.admin;
+            s.weight_override = b.weight;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_round_trips_and_keeps_its_format() {
+        let mut s = Saved::default();
+        s.backends.insert(
+            "mtp2".into(),
+            SavedBackend {
+                admin: Admin::Maint,
+                weight: Some(3),
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = state_file(dir.path(), 7);
+        s.store(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"admin\": \"MAINT\""), "{text}");
+        assert_eq!(Saved::load(&p).unwrap(), s);
+        assert_eq!(
+            Saved::load(&dir.path().join("none.json")).unwrap(),
+            Saved::default()
+        );
+        std::fs::write(&p, "{\"backends\":{\"mtp1\":{\"admin\":\"NOPE\"}}}").unwrap();
+        assert!(matches!(Saved::load(&p), Err(PersistError::Parse { .. })));
+    }
+}

@@ -1,0 +1,99 @@
+//! From the agent's state to map contents: what the kernel programs should
+//! see (SETTINGS, ADDRESSES, and per slot BACKENDS and STATUS), as effects
+//! for what differs from what was written last.
+
+use super::{core::Effect, slot::Slot};
+use crate::config::Config;
+use mtlb_common::{Backend, MAX_REPLICAS, Settings, Status, v4_mapped};
+use std::{net::IpAddr, time::Instant};
+
+/// Writes for each slot whose BACKENDS or STATUS entry changed.
+pub(super) fn slots(cfg: &Config, slots: &mut [Slot], now: Instant, out: &mut Vec<Effect>) {
+    for (i, s) in slots.iter_mut().enumerate() {
+        let b = s.backend(cfg, i, now);
+        if s.written_backend != Some(b) {
+            s.written_backend = Some(b);
+            out.push(Effect::WriteBackend {
+                slot: i as u32,
+                backend: b,
+            });
+        }
+        let st = s.status(cfg, i, now);
+        if s.written_status != Some(st) {
+            s.written_status = Some(st);
+            out.push(Effect::WriteStatus {
+                slot: i as u32,
+                status: st,
+            });
+        }
+    }
+}
+
+/// Writes that empty `range` (slots not configured, or gone after
+/// draining): disabled, and no STATUS row.
+pub(super) fn clear(range: std::ops::Range<usize>, out: &mut Vec<Effect>) {
+    for slot in range.start as u32..(range.end as u32).min(MAX_REPLICAS) {
+        out.push(Effect::WriteBackend {
+            slot,
+            backend: Backend::default(),
+        });
+        out.push(Effect::WriteStatus {
+            slot,
+            status: Status::default(),
+        });
+    }
+}
+
+/// ADDRESSES for `cfg`: the balanced addresses (empty: all, by SETTINGS).
+pub fn addresses(cfg: &Config) -> Vec<[u8; 16]> {
+    cfg.addresses.iter().map(|a| addr16(*a)).collect()
+}
+
+/// IPv4-mapped bytes of an address, the form the programs compare.
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// SETTINGS for `cfg`, with `slots` replica slots (more than configured
+/// while replicas scaled away by a reload are still draining).
+pub fn settings(cfg: &Config, netns_cookie: u64, slots: u16) -> Settings {
+    Settings {
+        netns_cookie,
+        port: cfg.port,
+        base_port: cfg.base_port,
+        replicas: slots,
+        all_addresses: cfg.addresses.is_empty() as u8,
+        accept_wildcard: 1,
+        replica_addr: addr16(cfg.replica_address),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_follow_config() {
+        let cfg = Config {
+            replicas: 3,
+            ..Default::default()
+        };
+        let s = settings(&cfg, 42, cfg.replicas);
+        assert_eq!(s.netns_cookie, 42);
+        assert_eq!((s.port, s.base_port, s.replicas), (443, 10000, 3));
+        assert_eq!(s.all_addresses, 1);
+        assert_eq!(s.replica_addr, v4_mapped([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn addresses_in_mapped_form() {
+        assert_eq!(
+            addr16("10.1.2.3".parse().unwrap())[10..],
+            [0xff, 0xff, 10, 1, 2, 3]
+        );
+        assert_eq!(addr16("::1".parse().unwrap())[15], 1);
+    }
+}

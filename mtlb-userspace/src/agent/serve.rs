@@ -1,0 +1,396 @@
+//! The serve loop: waits for the next event (signal, control request,
+//! check result, timer), reads what the core needs from the kernel, steps
+//! the core, and carries out its effects. Decisions live in `core.rs`.
+
+use super::{
+    Agent,
+    core::{self, Effect, Event, Inputs, ListenerChange, QueueReading, Signal},
+    slot::unix_ms,
+};
+use crate::{
+    checks::health::CheckResult,
+    config::{Config, replica_name},
+    control::{self, Request, Response},
+    error::report,
+    kernel::{
+        cookies,
+        maps::{Maps, MapsError},
+        registry::{self, Change, Registry},
+    },
+    system::notify::notify,
+};
+use std::{collections::VecDeque, net::SocketAddr, path::Path, time::Duration};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+use tracing::Level;
+
+/// The agent's signal handlers. Install them before [`Agent::start`]: a
+/// signal that arrives while starting is then handled (cleanly) once the
+/// loop runs, instead of killing the process with programs attached.
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+type ControlMsg = (Request, oneshot::Sender<Response>);
+
+/// Whether to go on after carrying out a step's effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Agent {
+    /// Runs until SIGINT or SIGTERM. Teardown is up to the caller
+    /// ([`Agent::shutdown`], or dropping the agent).
+    pub async fn serve(&mut self, mut sig: Signals) {
+        let listeners = self.poll_listeners().unwrap_or_default();
+        self.run(Event::Started { listeners }, None, &mut JoinSet::new());
+
+        let (tx, mut rx) = mpsc::channel::<ControlMsg>(16);
+        if let Some(l) = self.control.take() {
+            tokio::spawn(accept_control(l, tx));
+        }
+        // Registration itself happens in the kernel at listen(); this only
+        // notices it, so 100 ms is plenty.
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        let mut scan =
+            tokio::time::interval(Duration::from_millis(self.state.cfg().scan_interval_ms));
+        let mut expire = tokio::time::interval(Duration::from_millis(250));
+        for t in [&mut poll, &mut scan, &mut expire] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mut checks: JoinSet<(usize, u64, CheckResult)> = JoinSet::new();
+        loop {
+            let due = self
+                .state
+                .next_check_due()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let mut reply = None;
+            let ev = tokio::select! {
+                _ = sig.int.recv() => Event::Signal(Signal::Interrupt),
+                _ = sig.term.recv() => Event::Signal(Signal::Terminate),
+                _ = sig.hup.recv() => Event::Signal(Signal::Hangup),
+                Some((req, r)) = rx.recv() => {
+                    reply = Some(r);
+                    Event::Control(req)
+                }
+                _ = tokio::time::sleep_until(due) => Event::ChecksDue,
+                Some(done) = checks.join_next(), if !checks.is_empty() => {
+                    let Ok((slot, generation, result)) = done else { continue };
+                    Event::CheckDone { slot, generation, result }
+                }
+                _ = poll.tick() => {
+                    if let Some(changes) = self.poll_listeners() {
+                        self.run(Event::Listeners(changes), None, &mut checks);
+                    }
+                    if let Some(samples) = self.sample_queues() {
+                        self.run(Event::Queues(samples), None, &mut checks);
+                    }
+                    Event::Tick
+                }
+                _ = expire.tick() => Event::ExpiryTick,
+                _ = scan.tick() => Event::ScanTick,
+            };
+            if self.run(ev, reply, &mut checks) == Flow::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Steps the core with `ev` and carries out the effects, including
+    /// the events some of them produce (a re-read configuration, new
+    /// registrations).
+    fn run(
+        &mut self,
+        ev: Event,
+        mut reply: Option<oneshot::Sender<Response>>,
+        checks: &mut JoinSet<(usize, u64, CheckResult)>,
+    ) -> Flow {
+        let mut flow = Flow::Continue;
+        let mut queue = VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let conns = self.loaded.maps.counts(self.state.slots().len());
+            let inp = Inputs {
+                now: std::time::Instant::now(),
+                unix_ms: unix_ms(),
+                conns: &conns,
+            };
+            for effect in core::step(&mut self.state, &inp, ev) {
+                match effect {
+                    Effect::Log(level, line) => emit(level, &line),
+                    Effect::WriteBackend { slot, backend } => {
+                        if let Err(e) = self.loaded.maps.set_backend(slot, backend) {
+                            tracing::warn!("updating BACKENDS[{slot}]: {}", report(&e));
+                            self.state.forget_written(slot);
+                        }
+                    }
+                    Effect::WriteStatus { slot, status } => {
+                        if let Err(e) = self.loaded.maps.set_status(slot, status) {
+                            tracing::warn!("updating STATUS[{slot}]: {}", report(&e));
+                            self.state.forget_written(slot);
+                        }
+                    }
+                    Effect::WriteSettings(s) => {
+                        if let Err(e) = self.loaded.maps.set_settings(s) {
+                            tracing::warn!("updating SETTINGS: {}", report(&e));
+                        }
+                    }
+                    Effect::SetAddresses(a) => {
+                        if let Err(e) = self.loaded.maps.set_addresses(&a) {
+                            tracing::warn!("updating ADDRESSES: {}", report(&e));
+                        }
+                    }
+                    Effect::Save(saved) => {
+                        if let Err(e) = saved.store(&self.saved_path) {
+                            tracing::warn!("saving state: {}", report(&e));
+                        }
+                    }
+                    Effect::StartCheck {
+                        slot,
+                        generation,
+                        spec,
+                    } => {
+                        checks.spawn(async move { (slot, generation, spec.run().await) });
+                    }
+                    Effect::Reply(r) => {
+                        if let Some(tx) = reply.take() {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Effect::ReadConfig(origin) => queue.push_back(Event::Reloaded {
+                        origin,
+                        result: self.source.read(),
+                    }),
+                    Effect::Adopt => {
+                        let cfg = self.state.cfg().clone();
+                        adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+                    }
+                    Effect::PollListeners => {
+                        if let Some(changes) = self.poll_listeners() {
+                            queue.push_back(Event::Listeners(changes));
+                        }
+                    }
+                    Effect::ExpireHandshakes { older_than } => {
+                        let cutoff = monotonic_ns().saturating_sub(older_than.as_nanos() as u64);
+                        match self.loaded.maps.expire_handshakes(cutoff) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(
+                                "{n} handshakes did not complete within {} ms",
+                                older_than.as_millis()
+                            ),
+                            Err(e) => tracing::warn!("expiring handshakes: {}", report(&e)),
+                        }
+                    }
+                    Effect::WatchCookies => {
+                        if let Err(e) = watch_cookies(&mut self.loaded.maps, &mut self.cookies_seen)
+                        {
+                            tracing::warn!("watching SYN cookies: {}", report(&e));
+                        }
+                    }
+                    Effect::Notify(s) => notify(&s),
+                    Effect::Stop => flow = Flow::Stop,
+                }
+            }
+        }
+        flow
+    }
+
+    /// Registrations and departures since the last look, with how to show
+    /// each listener.
+    fn poll_listeners(&mut self) -> Option<Vec<ListenerChange>> {
+        let cfg = self.state.cfg();
+        let changes = match self
+            .registry
+            .poll(&mut self.loaded.maps, self.state.slots().len())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("reading replica registrations: {}", report(&e));
+                return None;
+            }
+        };
+        Some(
+            changes
+                .into_iter()
+                .map(|c| match c {
+                    Change::Registered { slot, view } => {
+                        let (addr, v6only) = match self.registry.addr_of(view.cookie) {
+                            Some((a, v)) => (Some(a), v),
+                            None => (registry::find_addr(cfg, slot), None),
+                        };
+                        ListenerChange::Registered {
+                            slot: slot as usize,
+                            desc: format!(
+                                "{} ({}, via {})",
+                                show(addr, cfg, slot),
+                                registry::family_name(view.family, v6only),
+                                registry::how_name(view.how),
+                            ),
+                        }
+                    }
+                    Change::Unregistered { slot, view } => {
+                        let known = self.registry.addr_of(view.cookie);
+                        ListenerChange::Closed {
+                            slot: slot as usize,
+                            desc: format!(
+                                "{} ({})",
+                                show(known.map(|k| k.0), cfg, slot),
+                                registry::family_name(view.family, known.and_then(|k| k.1)),
+                            ),
+                        }
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Every slot's accept queue, from /proc/net/tcp{,6}.
+    fn sample_queues(&self) -> Option<Vec<Option<QueueReading>>> {
+        let listeners = registry::proc_listeners().ok()?;
+        let cfg = self.state.cfg();
+        Some(
+            (0..self.state.slots().len() as u32)
+                .map(|slot| {
+                    listeners
+                        .iter()
+                        .find(|l| registry::slot_for(cfg, l.addr) == Some(slot))
+                        .map(|l| QueueReading {
+                            queued: l.queued,
+                            backlog: l.backlog,
+                        })
+                })
+                .collect(),
+        )
+    }
+}
+
+fn emit(level: Level, line: &str) {
+    match level {
+        Level::ERROR => tracing::error!("{line}"),
+        Level::WARN => tracing::warn!("{line}"),
+        Level::INFO => tracing::info!("{line}"),
+        Level::DEBUG => tracing::debug!("{line}"),
+        Level::TRACE => tracing::trace!("{line}"),
+    }
+}
+
+fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_else(|| {
+        SocketAddr::new(cfg.replica_address, cfg.replica_port(slot as usize)).to_string()
+    })
+}
+
+/// Adopts listeners on replica ports that did not register themselves.
+pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) {
+    match registry.adopt_missing(cfg, maps) {
+        Ok(list) => {
+            for (slot, addr, pid) in list {
+                tracing::debug!(
+                    "adopted {} listener {addr} from pid {pid}",
+                    replica_name(slot as usize)
+                );
+            }
+        }
+        Err(e) => tracing::warn!("looking for running replicas: {}", report(&e)),
+    }
+}
+
+/// The control socket, mode 0600 (only root talks to the agent).
+pub(super) fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    // We hold the namespace lock: a socket file left here is a dead agent's.
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Accepts control connections; each sends one request line per answer.
+async fn accept_control(l: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg>) {
+    while let Ok((s, _)) = l.accept().await {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match control::parse(&line) {
+                    Ok(req) => {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send((req, otx)).await.is_err() {
+                            return;
+                        }
+                        match orx.await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(e) => Response::err(report(&e)),
+                };
+                let mut out = serde_json::to_string(&resp).expect("responses serialize");
+                out.push('\n');
+                if w.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CookieWatchError {
+    #[error("reading /proc/net/netstat")]
+    Netstat(#[source] std::io::Error),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// Turns flow tracking on while the namespace sends SYN cookies (see
+/// `kernel::cookies`).
+pub(super) fn watch_cookies(
+    maps: &mut Maps,
+    prev: &mut Option<cookies::Observed>,
+) -> Result<(), CookieWatchError> {
+    let now = cookies::observe().map_err(CookieWatchError::Netstat)?;
+    let mut rt = maps.runtime()?;
+    if let Some(until) = cookies::next_deadline(*prev, now, rt.track_flows_until_ns, monotonic_ns())
+    {
+        if prev.is_some_and(|p| now.sent > p.sent) {
+            tracing::info!(
+                "replicas are sending SYN cookies ({} so far): keeping flows on their replica",
+                now.sent
+            );
+        }
+        rt.track_flows_until_ns = until;
+        maps.set_runtime(rt)?;
+    }
+    *prev = Some(now);
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! Typed handles on the balancer's maps, from a freshly loaded object or
+//! from the pins of a running (or dead) agent.
+//!
+//! [`names::ALL`] is the one list of the object's maps: the loader pins
+//! each under its name, takeover compares their shapes, and [`Maps`] opens
+//! its handles by the same names (a unit test checks the list against the
+//! object the kernel programs build). The handles are private: callers use
+//! domain methods (register a listener, write a backend, read counts).
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
+use mtlb_common::{
+    Backend, Conns, FlowKey, Listener, MAX_REPLICAS, Pending, Runtime, Settings, SlotTotals,
+    SockTag, Status, stat,
+};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot open pinned map {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot mmap CONNS")]
+    Mmap(#[source] std::io::Error),
+    #[error("map {name} has an unexpected type")]
+    WrongType { name: &'static str },
+    #[error("sockmap slot {slot}")]
+    Sockmap {
+        slot: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot tag the listener for slot {slot}")]
+    Tag {
+        slot: u32,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The maps' names, as the kernel programs declare them and as they are
+/// pinned (bpffs refuses names with a dot; these have none).
+pub mod names {
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNS: &str = "CONNS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const ADDRESSES: &str = "ADDRESSES";
+    pub const FLOWS: &str = "FLOWS";
+    pub const RUNTIME: &str = "RUNTIME";
+    pub const LAST: &str = "LAST";
+    pub const LIVE: &str = "LIVE";
+    pub const STATUS: &str = "STATUS";
+    pub const PENDING: &str = "PENDING";
+    pub const STATS: &str = "STATS";
+    pub const SLOT_TOTALS: &str = "SLOT_TOTALS";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const SK_TAGS: &str = "SK_TAGS";
+    /// Every map of the object. FLOWS and LAST are the kernel's alone (no
+    /// userspace handle) but are pinned and taken over like the rest.
+    pub const ALL: &[&str] = &[
+        SETTINGS,
+        BACKENDS,
+        CONNS,
+        LISTENERS,
+        ADDRESSES,
+        FLOWS,
+        RUNTIME,
+        LAST,
+        LIVE,
+        STATUS,
+        PENDING,
+        STATS,
+        SLOT_TOTALS,
+        SOCKETS,
+        SK_TAGS,
+    ];
+}
+
+pub struct Maps {
+    settings: Array<MapData, Settings>,
+    backends: Array<MapData, Backend>,
+    conns: Array<MapData, Conns>,
+    listeners: Array<MapData, Listener>,
+    addresses: HashMap<MapData, [u8; 16], u8>,
+    stats: PerCpuArray<MapData, u64>,
+    slot_totals: PerCpuArray<MapData, SlotTotals>,
+    tags: SkStorage<MapData, SockTag>,
+    /// The 8-byte-value sockmap; see `sys`.
+    sockets: MapData,
+    runtime: Array<MapData, Runtime>,
+    live: HashMap<MapData, u64, u32>,
+    status: Array<MapData, Status>,
+    pending: HashMap<MapData, FlowKey, Pending>,
+    /// CONNS mapped into this process, for atomic reads and subtraction.
+    conns_shared: SharedConns,
+}
+
+/// CONNS (a BPF_F_MMAPABLE array) mapped into the agent. The programs change
+/// the counters with atomic instructions; subtracting here with atomic
+/// operations on the same memory keeps every update, which a
+/// lookup-then-update through bpf(2) would not.
+struct SharedConns {
+    ptr: std::ptr::NonNull<Conns>,
+    len: usize,
+}
+
+impl SharedConns {
+    fn map(m: &MapData) -> Result<Self, MapsError> {
+        use std::os::fd::AsRawFd as _;
+        let size = std::mem::size_of::<Conns>() * MAX_REPLICAS as usize;
+        let page = 4096;
+        let len = size.div_ceil(page) * page;
+        // SAFETY: mapping a BPF array fd; the kernel checks size and flags.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                m.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MapsError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            ptr: std::ptr::NonNull::new(p.cast())
+                .ok_or(MapsError::Mmap(std::io::Error::other("mmap returned null")))?,
+            len,
+        })
+    }
+
+    fn handshakes(&self, slot: u32) -> &std::sync::atomic::AtomicU64 {
+        assert!(slot < MAX_REPLICAS);
+        // SAFETY: in bounds; Conns is repr(C) with u64 fields, 8-aligned in
+        // a page-aligned mapping; the kernel only touches it atomically.
+        unsafe {
+            std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*self.ptr.as_ptr().add(slot as usize)).handshakes
+            ))
+        }
+    }
+
+    fn established(&self, slot: u32) -> &std::sync::atomic::AtomicU64 {
+        assert!(slot < MAX_REPLICAS);
+        // SAFETY: as in `handshakes`.
+        unsafe {
+            std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*self.ptr.as_ptr().add(slot as usize)).established
+            ))
+        }
+    }
+}
+
+// SAFETY: the mapping is process-wide shared memory only touched through
+// atomics; moving the handle to another thread is fine.
+unsafe impl Send for SharedConns {}
+
+impl Drop for SharedConns {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+const ADDRESSES_NAME: &str = names::ADDRESSES;
+
+fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
+    r.map_err(|source| MapsError::Map { name, source })
+}
+
+/// The MapData of one of our maps (the types the object declares).
+pub(crate) fn data(name: &'static str, m: Map) -> Result<MapData, MapsError> {
+    Ok(match m {
+        Map::SockMap(d) | Map::LruHashMap(d) | Map::HashMap(d) => d,
+        Map::SkStorage(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
+        _ => return Err(MapsError::WrongType { name }),
+    })
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        let mut get = |name: &'static str| -> Result<MapData, MapsError> {
+            let m = ebpf.take_map(name).ok_or(MapsError::Missing { name })?;
+            data(name, m)
+        };
+        Self::build(&mut get)
+    }
+
+    /// Opens the maps pinned in `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        let mut get = |name: &'static str| -> Result<MapData, MapsError> {
+            let path = dir.join(name);
+            MapData::from_pin(&path).map_err(|source| MapsError::Pin { path, source })
+        };
+        Self::build(&mut get)
+    }
+
+    fn build(
+        get: &mut dyn FnMut(&'static str) -> Result<MapData, MapsError>,
+    ) -> Result<Self, MapsError> {
+        use names::*;
+        // Each handle typed from its map, by name.
+        macro_rules! open {
+            ($name:expr, $variant:ident, $ty:ident) => {
+                conv($name, $ty::try_from(Map::$variant(get($name)?)))?
+            };
+        }
+        let conns = get(CONNS)?;
+        let conns_shared = SharedConns::map(&conns)?;
+        Ok(Self {
+            settings: open!(SETTINGS, Array, Array),
+            backends: open!(BACKENDS, Array, Array),
+            conns: conv(CONNS, Array::try_from(Map::Array(conns)))?,
+            conns_shared,
+            listeners: open!(LISTENERS, Array, Array),
+            addresses: open!(ADDRESSES, HashMap, HashMap),
+            stats: open!(STATS, PerCpuArray, PerCpuArray),
+            slot_totals: open!(SLOT_TOTALS, PerCpuArray, PerCpuArray),
+            tags: open!(SK_TAGS, SkStorage, SkStorage),
+            sockets: get(SOCKETS)?,
+            runtime: open!(RUNTIME, Array, Array),
+            live: open!(LIVE, HashMap, HashMap),
+            status: open!(STATUS, Array, Array),
+            pending: open!(PENDING, HashMap, HashMap),
+        })
+    }
+
+    /// Connections of each of the first `slots` slots now (established plus
+    /// handshakes in flight), read from the shared mapping without a
+    /// syscall.
+    pub fn counts(&self, slots: usize) -> Vec<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        (0..slots.min(MAX_REPLICAS as usize) as u32)
+            .map(|s| {
+                let c = &self.conns_shared;
+                c.established(s)
+                    .load(Relaxed)
+                    .wrapping_add(c.handshakes(s).load(Relaxed))
+            })
+            .collect()
+    }
+
+    /// Registers `socket`, a replica's listening socket, in `slot`: tag
+    /// first (children accepted from now on carry the slot), then the
+    /// sockmap, then the description sk_lookup selects on.
+    pub fn register_listener(
+        &mut self,
+        slot: u32,
+        socket: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd),
+        l: Listener,
+    ) -> Result<(), MapsError> {
+        self.tags
+            .insert(
+                socket,
+                SockTag {
+                    slot,
+                    state: mtlb_common::TAG_LISTENER,
+                },
+                0,
+            )
+            .map_err(|source| MapsError::Tag { slot, source })?;
+        super::sys::sockmap_set(self.sockets.fd().as_fd(), slot, socket)
+            .map_err(|source| MapsError::Sockmap { slot, source })?;
+        self.set_listener(slot, l)
+    }
+
+    /// Forgets the description of `slot` (its socket has left the sockmap).
+    pub fn clear_listener(&mut self, slot: u32) -> Result<(), MapsError> {
+        self.set_listener(slot, Listener::default())
+    }
+
+    /// Makes ADDRESSES hold exactly `want`, adding before removing so a
+    /// balanced address is never missing in between.
+    pub fn set_addresses(&mut self, want: &[[u8; 16]]) -> Result<(), MapsError> {
+        for a in want {
+            conv(ADDRESSES_NAME, self.addresses.insert(*a, 1, 0))?;
+        }
+        for old in self.addresses()? {
+            if !want.contains(&old) {
+                conv(ADDRESSES_NAME, self.addresses.remove(&old))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn conns(&self, slot: u32) -> Result<Conns, MapsError> {
+        conv(names::CONNS, self.conns.get(&slot, 0))
+    }
+
+    pub fn listener(&self, slot: u32) -> Result<Listener, MapsError> {
+        conv(names::LISTENERS, self.listeners.get(&slot, 0))
+    }
+
+    /// Cookie of the socket the sockmap holds in `slot`.
+    pub fn socket_cookie(&self, slot: u32) -> Result<Option<u64>, MapsError> {
+        super::sys::sockmap_cookie(self.sockets.fd().as_fd(), slot)
+            .map_err(|source| MapsError::Sockmap { slot, source })
+    }
+
+    /// Sum over CPUs of one global counter.
+    pub fn stat(&self, index: u32) -> Result<u64, MapsError> {
+        Ok(conv(names::STATS, self.stats.get(&index, 0))?.iter().sum())
+    }
+
+    /// Every global counter with its name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, MapsError> {
+        (0..stat::COUNT)
+            .map(|i| Ok((stat::NAMES[i as usize], self.stat(i)?)))
+            .collect()
+    }
+
+    /// Per-slot totals summed over CPUs.
+    pub fn slot_totals(&self, slot: u32) -> Result<SlotTotals, MapsError> {
+        let v = conv(names::SLOT_TOTALS, self.slot_totals.get(&slot, 0))?;
+        Ok(v.iter().fold(SlotTotals::default(), |a, b| SlotTotals {
+            assigned: a.assigned + b.assigned,
+            established: a.established + b.established,
+            bytes_in: a.bytes_in + b.bytes_in,
+            bytes_out: a.bytes_out + b.bytes_out,
+        }))
+    }
+
+    fn set_listener(&mut self, slot: u32, l: Listener) -> Result<(), MapsError> {
+        conv(names::LISTENERS, self.listeners.set(slot, l, 0))
+    }
+
+    pub fn set_backend(&mut self, slot: u32, b: Backend) -> Result<(), MapsError> {
+        conv(names::BACKENDS, self.backends.set(slot, b, 0))
+    }
+
+    pub fn set_settings(&mut self, s: Settings) -> Result<(), MapsError> {
+        conv(names::SETTINGS, self.settings.set(0, s, 0))
+    }
+
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        conv(names::SETTINGS, self.settings.get(&0, 0))
+    }
+
+    pub fn status(&self, slot: u32) -> Result<Status, MapsError> {
+        conv(names::STATUS, self.status.get(&slot, 0))
+    }
+
+    pub fn set_status(&mut self, slot: u32, s: Status) -> Result<(), MapsError> {
+        conv(names::STATUS, self.status.set(slot, s, 0))
+    }
+
+    /// Slot of a live steered connection, by socket cookie.
+    pub fn live_slot(&self, cookie: u64) -> Option<u32> {
+        self.live.get(&cookie, 0).ok()
+    }
+
+    pub fn runtime(&self) -> Result<Runtime, MapsError> {
+        conv(names::RUNTIME, self.runtime.get(&0, 0))
+    }
+
+    pub fn set_runtime(&mut self, r: Runtime) -> Result<(), MapsError> {
+        conv(names::RUNTIME, self.runtime.set(0, r, 0))
+    }
+
+    /// Removes handshakes in flight that started before `cutoff_ns`
+    /// (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns) and subtracts each
+    /// from its slot. Returns how many expired.
+    pub fn expire_handshakes(&mut self, cutoff_ns: u64) -> Result<u32, MapsError> {
+        let old: Vec<(FlowKey, Pending)> = self
+            .pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, p)| p.since_ns < cutoff_ns)
+            .collect();
+        let mut n = 0;
+        for (key, p) in old {
+            // The delete is the claim: if establishment deleted it first,
+            // it has subtracted already.
+            if self.pending.remove(&key).is_ok() && p.slot < MAX_REPLICAS {
+                self.conns_shared
+                    .handshakes(p.slot)
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn addresses(&self) -> Result<Vec<[u8; 16]>, MapsError> {
+        self.addresses
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: ADDRESSES_NAME,
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is the object's list: every map the kernel programs
+    /// declare is pinned and taken over, and nothing else is expected.
+    #[test]
+    fn table_matches_the_object() {
+        let obj = aya_obj::Object::parse(crate::kernel::loader::OBJECT).expect("parse the object");
+        let mut theirs: Vec<&str> = obj.maps.keys().map(String::as_str).collect();
+        let mut ours = names::ALL.to_vec();
+        theirs.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(ours, theirs);
+    }
+}

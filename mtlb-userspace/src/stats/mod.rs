@@ -1,0 +1,5 @@
+//! What operators read: one [`snapshot`] of the maps feeds the stats
+//! endpoint ([`http`]: /metrics, /stats, CSV, /healthz) and `mtlb status`.
+
+pub mod http;
+pub mod snapshot;
