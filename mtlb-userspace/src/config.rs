@@ -13,6 +13,11 @@ use std::{
 
 /// Default config path.
 pub const DEFAULT_PATH: &str = "/etc/mtlb/mtlb.toml";
+/// Default bpffs mount: the one place systems mount it.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// mtlb's runtime directory: the default `control_dir`, the namespace
+/// locks, and a cgroup2 mount when the system has none.
+pub const RUN_DIR: &str = "/run/mtlb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -179,12 +184,12 @@ impl Default for Config {
             secret: "dd00000000000000000000000000000000".into(),
             stats_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             stats_port: 8404,
-            bpffs: PathBuf::from("/sys/fs/bpf"),
+            bpffs: PathBuf::from(DEFAULT_BPFFS),
             keep_pins: false,
             scan_interval_ms: 500,
             handshake_timeout_ms: 3000,
             state_dir: PathBuf::from("/var/lib/mtlb"),
-            control_dir: PathBuf::from("/run/mtlb"),
+            control_dir: PathBuf::from(RUN_DIR),
             check: CheckConfig::default(),
         }
     }

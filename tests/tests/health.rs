@@ -201,6 +201,106 @@ fn drain_and_wait_drained() {
     assert!(!ok && out.contains("no backend named"), "{out}");
 }
 
+/// Unmounts a bpffs the agent mounted for a test (lazily: the agent may
+/// still be going away).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `control_dir` and `bpffs` set only in the agent's config file: every
+/// command finds the agent through the same file; without it, they look in
+/// the default places and say so.
+#[test]
+fn commands_find_an_agent_placed_by_its_config_file_alone() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let own = ns.state_dir().join("own");
+    let bpffs = own.join("bpf");
+    let control = own.join("ctl");
+    let _unmount = Unmount(bpffs.clone());
+    let p = config(
+        &ns,
+        &format!("bpffs = {bpffs:?}\ncontrol_dir = {control:?}\n{FAST}"),
+    );
+    let c = p.to_str().unwrap();
+    let mut agent = ns.agent(&["--config", c]);
+    agent.wait_for("replica mtp2 registered");
+    assert!(
+        agent
+            .log()
+            .contains(&format!("mounted bpffs at {}", bpffs.display())),
+        "{}",
+        agent.log()
+    );
+    let pin_dir = bpffs.join("mtlb").join(ns.ino.to_string());
+    assert!(
+        pin_dir.join("BACKENDS").exists(),
+        "pins under the config's bpffs"
+    );
+    assert!(control.join(format!("{}.sock", ns.ino)).exists());
+
+    // Without the file: the default places, named in the error.
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
+    assert!(
+        !ok && out.contains(&format!("/run/mtlb/{}.sock", ns.ino)),
+        "{out}"
+    );
+    let (ok, out) = mtlb_cli(&ns, &["status"]);
+    assert!(!ok && out.contains("/sys/fs/bpf/mtlb/"), "{out}");
+
+    // With it, each command reaches the agent.
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain", "--config", c]);
+    assert!(ok, "{out}");
+    agent.wait_for("backend mtp2 is set to DRAIN mode");
+    let (ok, out) = mtlb_cli(&ns, &["status", "--config", c]);
+    assert!(ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("mtp2 ") && l.contains("DRAIN")),
+        "{out}"
+    );
+    let (ok, out) = mtlb_cli(
+        &ns,
+        &[
+            "backend",
+            "-c",
+            c,
+            "mtp2",
+            "wait-drained",
+            "--timeout",
+            "5s",
+        ],
+    );
+    assert!(ok && out.contains("mtp2 drained"), "{out}");
+    let (ok, out) = mtlb_cli(&ns, &["reload", "--config", c]);
+    assert!(ok && out.contains("reloaded: 2 replicas"), "{out}");
+    // Flags still win over the file.
+    let (ok, out) = mtlb_cli(
+        &ns,
+        &[
+            "backend",
+            "mtp1",
+            "ready",
+            "--config",
+            c,
+            "--control-dir",
+            "/nonexistent",
+        ],
+    );
+    assert!(!ok && out.contains("/nonexistent/"), "{out}");
+
+    assert!(agent.stop().success());
+    assert!(!pin_dir.exists(), "pins removed on exit");
+}
+
 #[test]
 fn weights_split_three_to_one_and_survive_a_restart() {
     let ns = Netns::new();

@@ -7,24 +7,24 @@ use crate::config::Config;
 use mtlb_common::{Backend, MAX_REPLICAS, Settings, Status, v4_mapped};
 use std::{net::IpAddr, time::Instant};
 
+/// Records `want` as written; true when it differs from what was.
+fn changed<T: PartialEq + Copy>(written: &mut Option<T>, want: T) -> bool {
+    let differs = *written != Some(want);
+    *written = Some(want);
+    differs
+}
+
 /// Writes for each slot whose BACKENDS or STATUS entry changed.
 pub(super) fn slots(cfg: &Config, slots: &mut [Slot], now: Instant, out: &mut Vec<Effect>) {
     for (i, s) in slots.iter_mut().enumerate() {
-        let b = s.backend(cfg, i, now);
-        if s.written_backend != Some(b) {
-            s.written_backend = Some(b);
-            out.push(Effect::WriteBackend {
-                slot: i as u32,
-                backend: b,
-            });
+        let slot = i as u32;
+        let backend = s.backend(cfg, i, now);
+        if changed(&mut s.written_backend, backend) {
+            out.push(Effect::WriteBackend { slot, backend });
         }
-        let st = s.status(cfg, i, now);
-        if s.written_status != Some(st) {
-            s.written_status = Some(st);
-            out.push(Effect::WriteStatus {
-                slot: i as u32,
-                status: st,
-            });
+        let status = s.status(cfg, i, now);
+        if changed(&mut s.written_status, status) {
+            out.push(Effect::WriteStatus { slot, status });
         }
     }
 }

@@ -56,7 +56,7 @@ pub mod names {
 /// Where the per-namespace lock files live. Not configurable on purpose:
 /// two agents with different `control_dir` or `bpffs` in one namespace
 /// would still steer the same port, so they must meet on one lock.
-pub const LOCK_DIR: &str = "/run/mtlb";
+pub const LOCK_DIR: &str = crate::config::RUN_DIR;
 
 /// Exclusive right to run in one namespace, held for the agent's life.
 pub struct NetnsLock {

@@ -75,7 +75,7 @@ pub enum Bpffs {
 pub fn ensure_bpffs(path: &Path) -> Result<Bpffs, MountError> {
     match fstype_at(path)? {
         Some(t) if t == "bpf" => return Ok(Bpffs::Present),
-        Some(t) if path != Path::new("/sys/fs/bpf") => {
+        Some(t) if path != Path::new(crate::config::DEFAULT_BPFFS) => {
             return Err(MountError::NotBpffs {
                 path: path.to_owned(),
                 found: t,
@@ -147,7 +147,7 @@ pub fn ensure_cgroup2() -> Result<(PathBuf, bool), MountError> {
     if let Some(p) = mounts_of("cgroup2")?.into_iter().next() {
         return Ok((p, false));
     }
-    let path = PathBuf::from("/run/mtlb/cgroup2");
+    let path = Path::new(crate::config::RUN_DIR).join("cgroup2");
     std::fs::create_dir_all(&path).map_err(|source| MountError::Mkdir {
         path: path.clone(),
         source,
