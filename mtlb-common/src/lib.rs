@@ -49,6 +49,14 @@ pub struct Settings {
     pub accept_wildcard: u8,
     /// Address replicas listen on, IPv4-mapped IPv6 form for IPv4.
     pub replica_addr: [u8; 16],
+    /// 1: only sockets bound by an allowed owner (ALLOWED_UIDS, checked by
+    /// the bind hook) are registered by the listen hook.
+    pub require_owner: u8,
+    /// 1: a slot is steered to only when BACKENDS[slot].listener_cookie is
+    /// the cookie of its listener (the agent verified that listener with a
+    /// check); 0 (checks off): any registered listener.
+    pub require_verified: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Per-slot configuration written only by the agent.
@@ -57,9 +65,13 @@ pub struct Settings {
 pub struct Backend {
     /// Relative weight (1..=256). Load is compared as connections / weight.
     pub weight: u32,
-    /// 1 when the slot may take new connections (configured, and later: UP
-    /// and administratively READY).
+    /// 1 when the slot may take new connections (UP and READY, or waiting
+    /// for its listener to come back).
     pub enabled: u32,
+    /// Cookie of the listener a check has verified (with
+    /// SETTINGS.require_verified): a new listener in the slot gets no
+    /// connection before the agent has checked it. 0: none verified.
+    pub listener_cookie: u64,
 }
 
 /// Per-slot connection counts, changed only with atomic adds by the kernel
@@ -106,6 +118,42 @@ pub const TAG_LISTENER: u32 = 1;
 pub const TAG_COUNTED: u32 = 2;
 pub const TAG_IGNORED: u32 = 3;
 pub const TAG_CLOSED: u32 = 4;
+/// Bound to a replica port by an allowed owner (set by the bind hook): the
+/// listen hook may register it.
+pub const TAG_OWNER_OK: u32 = 5;
+
+/// Most uids ALLOWED_UIDS holds.
+pub const MAX_ALLOWED_UIDS: u32 = 64;
+
+/// What the programs tell the agent at once (the EVENTS ring buffer), so it
+/// reacts to a listener without waiting for its next poll.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenEvent {
+    /// EV_* below.
+    pub kind: u32,
+    /// The replica slot of the port.
+    pub slot: u32,
+    /// Socket cookie of the listener.
+    pub cookie: u64,
+    pub family: u16,
+    /// Port, host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Local address, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+}
+
+/// A listener was registered in its slot.
+pub const EV_REGISTERED: u32 = 1;
+/// A registered listener closed.
+pub const EV_CLOSED: u32 = 2;
+/// A listener on a replica port was not registered: not bound by an allowed
+/// owner.
+pub const EV_REFUSED_OWNER: u32 = 3;
+/// A listener on a replica port was not registered: its slot holds a live
+/// listener already.
+pub const EV_REFUSED_TAKEN: u32 = 4;
 
 /// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
 /// network byte order) and ports in host byte order.
@@ -179,7 +227,12 @@ pub mod stat {
     pub const FLOW_HITS: u32 = 10;
     /// SYN-ACKs carrying a SYN cookie sent by a replica listener.
     pub const COOKIE_SYNACKS: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Listeners on replica ports that were not registered (owner not
+    /// allowed, or the slot taken).
+    pub const REFUSED_LISTENERS: u32 = 12;
+    /// EVENTS was full: the agent finds out on its next poll instead.
+    pub const EVENTS_LOST: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Names as used in logs and metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -195,6 +248,8 @@ pub mod stat {
         "pending_table_full",
         "flow_hits",
         "cookie_synacks",
+        "refused_listeners",
+        "events_lost",
     ];
 }
 
@@ -309,4 +364,5 @@ mod pod {
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for Status {}
     unsafe impl aya::Pod for LastChoice {}
+    unsafe impl aya::Pod for ListenEvent {}
 }

@@ -2,8 +2,11 @@
 //!
 //! * `mtlb_steer` (sk_lookup): hands each new connection to the balanced
 //!   port to the listening socket of the least-loaded enabled replica.
+//! * `mtlb_bind4`/`mtlb_bind6` (cgroup bind hooks): mark sockets bound to a
+//!   replica port by an allowed owner (uid); only those may register.
 //! * `mtlb_sockops` (sock_ops on the cgroup2 root): registers replica
-//!   listeners the moment they call listen(), counts handshakes in flight
+//!   listeners the moment they call listen() (never over a live one), tells
+//!   the agent through EVENTS, counts handshakes in flight
 //!   from the request socket's creation to establishment, and steered
 //!   connections from establishment to TCP_CLOSE. Handshakes that never
 //!   complete leave no event; the agent expires them (see PENDING).
@@ -26,11 +29,11 @@ use aya_ebpf::{
         bpf_sock,
     },
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sk_assign, bpf_sk_release,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_release,
     },
-    macros::{sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use maps::*;
@@ -148,7 +151,9 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     let mut tried: u64 = 0;
     if track {
         if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
-            if slot < MAX_REPLICAS {
+            // A drained or failed replica takes no flow, remembered or not
+            // (a cookie handshake in flight then fails and is retried).
+            if slot < MAX_REPLICAS && BACKENDS.get(slot).is_some_and(|b| b.enabled != 0) {
                 if assign(ctx, slot) {
                     stat(stat::FLOW_HITS);
                     return SK_PASS;
@@ -244,6 +249,11 @@ fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
             continue;
         };
         if lst.cookie == 0 {
+            continue;
+        }
+        // A listener the agent has not verified yet (a replica that just
+        // came back) proves itself with a check before it gets clients.
+        if s.require_verified != 0 && b.listener_cookie != lst.cookie {
             continue;
         }
         // An AF_INET listener cannot take an IPv6 connection.
@@ -347,8 +357,21 @@ fn on_request(ctx: &SockOpsContext) {
         _pad: 0,
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
-    // NOEXIST: a second request socket for a flow already pending (the
-    // first expired in the kernel but not yet here) adds nothing.
+    // A flow already pending (its SYN retransmitted: the first request
+    // socket expired in the kernel but not yet here, or its replica died)
+    // stays charged once: to the slot chosen now. Deleting is the claim,
+    // as everywhere PENDING entries go.
+    if let Some(old) = unsafe { PENDING.get(&key) } {
+        let old_slot = old.slot;
+        if old_slot == slot {
+            return;
+        }
+        if PENDING.remove(&key).is_ok() {
+            if let Some(c) = CONNS.get_ptr_mut(old_slot) {
+                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
+            }
+        }
+    }
     match PENDING.insert(&key, &p, BPF_NOEXIST as u64) {
         Ok(()) => {
             if let Some(c) = CONNS.get_ptr_mut(slot) {
@@ -420,6 +443,15 @@ fn on_listen(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // Only a socket an allowed owner bound (marked by the bind hook).
+    let owner_ok = SK_TAGS
+        .get(sk.cast())
+        .is_some_and(|t| unsafe { (*t).state } == TAG_OWNER_OK);
+    if s.require_owner != 0 && !owner_ok {
+        refuse(EV_REFUSED_OWNER, slot, cookie, family, port, &local);
+        return;
+    }
     let tag = SockTag {
         slot,
         state: TAG_LISTENER,
@@ -427,22 +459,57 @@ fn on_listen(ctx: &SockOpsContext) {
     if SK_TAGS.set(sk.cast(), &tag).is_none() {
         return;
     }
-    if SOCKETS.update(slot, ctx.ops, BPF_ANY as u64).is_err() {
+    // NOEXIST: a live registration is never replaced (the kernel empties
+    // the slot when its socket closes).
+    if SOCKETS.update(slot, ctx.ops, BPF_NOEXIST as u64).is_err() {
+        let _ = SK_TAGS.set(
+            sk.cast(),
+            &SockTag {
+                slot,
+                state: TAG_IGNORED,
+            },
+        );
+        refuse(EV_REFUSED_TAKEN, slot, cookie, family, port, &local);
         return;
     }
     let lst = Listener {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
+        cookie,
         family: family as u16,
         port: port as u16,
         how: REG_LISTEN_HOOK,
     };
     let _ = LISTENERS.set(slot, lst, BPF_ANY as u64);
+    event(EV_REGISTERED, slot, cookie, family, port, &local);
     // Ask for the state callback so the slot is cleared the moment this
     // listener closes (the kernel already drops it from the sockmap), and
     // for the header-option callback on its SYN-ACKs, which tells SYN-cookie
     // SYN-ACKs apart (see on_synack).
     let _ =
         ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+}
+
+/// Tells the agent about a listener (best effort: a full ring is counted,
+/// and the agent's poll finds the change anyway).
+#[inline(always)]
+fn event(kind: u32, slot: u32, cookie: u64, family: u32, port: u32, addr: &[u8; 16]) {
+    let ev = ListenEvent {
+        kind,
+        slot,
+        cookie,
+        family: family as u16,
+        port: port as u16,
+        _pad: 0,
+        addr: *addr,
+    };
+    if EVENTS.output(ev, 0).is_err() {
+        stat(stat::EVENTS_LOST);
+    }
+}
+
+#[inline(always)]
+fn refuse(kind: u32, slot: u32, cookie: u64, family: u32, port: u32, addr: &[u8; 16]) {
+    stat(stat::REFUSED_LISTENERS);
+    event(kind, slot, cookie, family, port, addr);
 }
 
 #[inline(always)]
@@ -479,11 +546,15 @@ fn on_established(ctx: &SockOpsContext) {
     tag.state = TAG_COUNTED;
     // The handshake is over: move it from handshakes to established.
     // Deleting is the claim: the agent's expiry deletes too, and only the
-    // side whose delete succeeds subtracts. The pending entry's slot is this
-    // socket's: the child comes from the listener its SYN was assigned to.
-    if PENDING.remove(&ops_flow_key(ctx)).is_ok() {
-        if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
-            add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
+    // side whose delete succeeds subtracts, from the slot that was charged
+    // (not necessarily this one: a SYN charged to a replica that died may
+    // be retransmitted and accepted here).
+    let key = ops_flow_key(ctx);
+    if let Some(charged) = unsafe { PENDING.get(&key) }.map(|p| p.slot) {
+        if PENDING.remove(&key).is_ok() {
+            if let Some(c) = CONNS.get_ptr_mut(charged) {
+                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
+            }
         }
     }
     if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
@@ -526,6 +597,16 @@ fn on_state(ctx: &SockOpsContext) {
             }
         }
         tag.state = TAG_CLOSED;
+        let family = ctx.family();
+        let local = ctx_addr!(family, ctx.ops, local_ip4, local_ip6);
+        event(
+            EV_CLOSED,
+            tag.slot,
+            cookie,
+            family,
+            ctx.local_port(),
+            &local,
+        );
         return;
     }
     if tag.state == TAG_COUNTED {
@@ -552,6 +633,58 @@ fn on_state(ctx: &SockOpsContext) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- bind
+
+#[cgroup_sock_addr(bind4)]
+pub fn mtlb_bind4(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn mtlb_bind6(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx);
+    1
+}
+
+/// bind() to a replica port in our namespace by an allowed owner: mark the
+/// socket, so the listen hook may register it. sock_ops cannot tell who
+/// owns a socket (no uid helper there); bind runs in the owner's context.
+/// The bind itself is always allowed: mtlb only decides what it steers to.
+#[inline(always)]
+fn on_bind(ctx: &SockAddrContext) {
+    let Some(s) = settings() else { return };
+    if s.require_owner == 0 {
+        return;
+    }
+    let a = unsafe { &*ctx.sock_addr };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(a.user_port as u16) as u32;
+    if port < s.base_port as u32 || port >= s.base_port as u32 + s.replicas as u32 {
+        return;
+    }
+    if unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != s.netns_cookie {
+        return;
+    }
+    // The low 32 bits are the uid.
+    let uid = unsafe { bpf_get_current_uid_gid() } as u32;
+    if unsafe { ALLOWED_UIDS.get(&uid) }.is_none() {
+        // Not marked: its listen() will be refused and reported then.
+        return;
+    }
+    let sk = unsafe { a.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let _ = SK_TAGS.set(
+        sk.cast(),
+        &SockTag {
+            slot: port - s.base_port as u32,
+            state: TAG_OWNER_OK,
+        },
+    );
 }
 
 #[cfg(not(test))]

@@ -2,7 +2,8 @@
 //! `bpftool map dump pinned …` prints named fields.
 //!
 //! Who writes what (so no two writers race on one value):
-//! * SETTINGS, BACKENDS, ADDRESSES: the agent.
+//! * SETTINGS, BACKENDS, ADDRESSES, ALLOWED_UIDS: the agent.
+//! * EVENTS: the programs (the agent consumes).
 //! * RUNTIME: the agent and the programs (plain stores of a deadline).
 //! * STATUS: the agent.
 //! * LIVE: the programs (insert at establishment, delete at close).
@@ -18,7 +19,7 @@ use aya_ebpf::{
         BPF_F_CLONE, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type,
         bpf_sock_ops,
     },
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::generated::{bpf_map_lookup_elem, bpf_sk_storage_get, bpf_sock_map_update},
     macros::btf_map,
 };
@@ -47,6 +48,17 @@ pub static ADDRESSES: HashMap<[u8; 16], u8, 64> = HashMap::new();
 
 #[btf_map]
 pub static RUNTIME: Array<Runtime, 1> = Array::new();
+
+/// uids whose sockets may become replica listeners (with
+/// SETTINGS.require_owner); the value is unused.
+#[btf_map]
+pub static ALLOWED_UIDS: HashMap<u32, u8, { MAX_ALLOWED_UIDS as usize }> = HashMap::new();
+
+/// Listener events for the agent: registered, closed, refused. 64 KiB
+/// holds ~1800 events; they only come with listen() and close() of
+/// listeners on replica ports.
+#[btf_map]
+pub static EVENTS: RingBuf<ListenEvent, { 64 * 1024 }> = RingBuf::new();
 
 #[btf_map]
 pub static LAST: PerCpuArray<LastChoice, 1> = PerCpuArray::new();

@@ -133,6 +133,15 @@ pub struct Config {
     /// listening on the wildcard address (0.0.0.0 or ::) on its port counts
     /// too.
     pub replica_address: IpAddr,
+    /// uids whose sockets may become replicas (the uid that binds the
+    /// replica port, or owns an already listening socket). Default [0]:
+    /// root only, so an unprivileged local user who listens on a replica
+    /// port first gets no slot and no client. At most 64.
+    pub replica_uids: Vec<u32>,
+    /// Let any local user's listener on a replica port become the replica
+    /// (the behaviour before `replica_uids`). Default false; logged as a
+    /// warning when set.
+    pub any_replica_owner: bool,
     /// Per-replica weights, in replica order; missing entries are 1.
     /// Each 1..=256. Default: all 1.
     pub weights: Vec<u32>,
@@ -179,6 +188,8 @@ impl Default for Config {
             replicas: 2,
             base_port: 10000,
             replica_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            replica_uids: vec![0],
+            any_replica_owner: false,
             weights: Vec::new(),
             algorithm: Algorithm::Leastconn,
             secret: "dd00000000000000000000000000000000".into(),
@@ -210,6 +221,14 @@ pub struct Overrides {
     /// Address replicas listen on [config: replica_address, default 127.0.0.1].
     #[arg(long)]
     pub replica_address: Option<IpAddr>,
+    /// uid allowed to run replicas; repeat for several [config:
+    /// replica_uids, default 0 (root)].
+    #[arg(long = "replica-uid")]
+    pub replica_uids: Vec<u32>,
+    /// Any local user's listener on a replica port may become the replica
+    /// [config: any_replica_owner].
+    #[arg(long)]
+    pub any_replica_owner: bool,
     /// Balanced local address; repeat for several [config: addresses, default: all].
     #[arg(long = "address")]
     pub addresses: Vec<IpAddr>,
@@ -285,6 +304,12 @@ impl Config {
         if !o.addresses.is_empty() {
             self.addresses = o.addresses.clone();
         }
+        if !o.replica_uids.is_empty() {
+            self.replica_uids = o.replica_uids.clone();
+        }
+        if o.any_replica_owner {
+            self.any_replica_owner = true;
+        }
         if o.keep_pins {
             self.keep_pins = true;
         }
@@ -348,6 +373,20 @@ impl Config {
                 "list concrete local addresses, or leave it empty for all",
             ));
         }
+        if self.replica_uids.len() > mtlb_common::MAX_ALLOWED_UIDS as usize {
+            return Err(invalid(
+                "replica_uids",
+                self.replica_uids.len(),
+                format!("at most {} uids", mtlb_common::MAX_ALLOWED_UIDS),
+            ));
+        }
+        if self.replica_uids.is_empty() && !self.any_replica_owner {
+            return Err(invalid(
+                "replica_uids",
+                "[]",
+                "no one could run a replica; list the replicas' uids, or set any_replica_owner = true",
+            ));
+        }
         if self.weights.len() > self.replicas as usize {
             return Err(invalid(
                 "weights",
@@ -365,6 +404,20 @@ impl Config {
         validate_secret(&self.secret)?;
         if self.stats_port == 0 {
             return Err(invalid("stats_port", self.stats_port, "must be 1..=65535"));
+        }
+        if self.stats_port == self.port {
+            return Err(invalid(
+                "stats_port",
+                self.stats_port,
+                "is the balanced port",
+            ));
+        }
+        if (self.base_port as u32..=last).contains(&(self.stats_port as u32)) {
+            return Err(invalid(
+                "stats_port",
+                self.stats_port,
+                format!("lies inside the replica ports {}..={last}", self.base_port),
+            ));
         }
         if !self.bpffs.is_absolute() {
             return Err(invalid(
@@ -477,6 +530,11 @@ impl Config {
             return Some("stats_port");
         }
         None
+    }
+
+    /// Whether `uid` may own a replica's listener.
+    pub fn owner_allowed(&self, uid: u32) -> bool {
+        self.any_replica_owner || self.replica_uids.contains(&uid)
     }
 
     pub fn weight(&self, slot: usize) -> u32 {

@@ -109,7 +109,7 @@ fn killed_replica_fails_over_with_a_down_line() {
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let mut b = ReplicaProcess::start(&ns, "mtp2", B);
     let agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let l = Loop::start(&ns, false);
     // Let the loop run on both replicas first.
     wait_counts(&agent.maps(), 2, "traffic on mtp2", |_| {
@@ -129,7 +129,7 @@ fn stopped_replica_is_down_by_its_accept_queue_and_back_after_sigcont() {
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let b = ReplicaProcess::start(&ns, "mtp2", B);
     let agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     b.signal(Signal::SIGSTOP);
     // New connections queue up at the stopped replica (the kernel still
     // completes their handshakes, so TCP checks pass).
@@ -157,7 +157,7 @@ fn drain_and_wait_drained() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let mut held: Vec<(TcpStream, String)> = (0..10).map(|_| connect(BALANCED).unwrap()).collect();
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
     assert!(ok, "{out}");
@@ -232,7 +232,7 @@ fn commands_find_an_agent_placed_by_its_config_file_alone() {
     );
     let c = p.to_str().unwrap();
     let mut agent = ns.agent(&["--config", c]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     assert!(
         agent
             .log()
@@ -307,7 +307,7 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let mut agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "3"]);
     assert!(ok, "{out}");
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
@@ -317,7 +317,7 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     // Operator state survives an agent restart.
     assert!(agent.stop().success());
     let agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     assert_eq!(
         connect(BALANCED).unwrap().1,
         "mtp1",
@@ -343,13 +343,13 @@ fn reload_scales_two_three_two_without_dropping_anything() {
     let c = Replica::start("mtp3", C);
     let path = config(&ns, &format!("replicas = 2\n{FAST}"));
     let agent = ns.agent(&["--config", path.to_str().unwrap()]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let l = Loop::start(&ns, true);
     // 2 → 3: mtp3 joins.
     std::fs::write(&path, format!("replicas = 3\n{FAST}")).unwrap();
     let (ok, out) = mtlb_cli(&ns, &["reload"]);
     assert!(ok, "{out}");
-    agent.wait_for("replica mtp3 registered");
+    agent.wait_for("backend mtp3 is UP");
     wait_counts(&agent.maps(), 3, "traffic on mtp3", |c| {
         c[2].established > 5
     });
@@ -399,7 +399,7 @@ fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let mut agent = agent_with(&ns, FAST);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let l = Loop::start(&ns, true);
     wait_counts(&agent.maps(), 2, "some traffic", |c| {
         c[0].established + c[1].established > 20
@@ -440,7 +440,9 @@ fn flapping_replica_does_not_flip_on_every_check() {
             let Ok(mut s) = s else { continue };
             let mut buf = [0u8; 512];
             let _ = s.read(&mut buf);
-            let n = i % 2;
+            // Ready for the check that proves its listener, then
+            // alternating.
+            let n = if i == 0 { 1 } else { (i + 1) % 2 };
             let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{n}\n");
             s2.fetch_add(1, Ordering::Relaxed);
         }
@@ -457,7 +459,7 @@ fn flapping_replica_does_not_flip_on_every_check() {
         &ns,
         &format!("{FAST}kind = \"stats\"\nstats_base_port = 20000\n"),
     );
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     // Ten failed checks of mtp2, each between successes: with rise 2 and
     // fall 2 it must never change state.
     agent.wait_count("Health check for backend mtp2 failed", 10);

@@ -75,6 +75,7 @@ fn plain_tcp_server_is_down() {
         "{line}"
     );
     // Clients go to the real proxy only.
+    agent.wait_for("backend mtp1 is UP");
     let held: Vec<_> = (0..5)
         .map(|_| std::net::TcpStream::connect(BALANCED).unwrap())
         .collect();

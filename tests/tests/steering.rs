@@ -17,8 +17,8 @@ fn setup() -> (Netns, Agent, Replica, Replica) {
     let a = Replica::start("mtp1", A);
     let b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("replica mtp1 registered");
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
     (ns, agent, a, b)
 }
 
@@ -31,8 +31,8 @@ fn setup_short_handshakes() -> (Netns, Agent, Replica, Replica) {
     let a = Replica::start("mtp1", A);
     let b = Replica::start("mtp2", B);
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("replica mtp1 registered");
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
     (ns, agent, a, b)
 }
 
@@ -194,7 +194,7 @@ fn full_accept_queue_does_not_leak() {
     let mut a = Replica::start_with("mtp1", A, 1, false, None);
     let mut b = Replica::start_with("mtp2", B, 1, false, None);
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let maps = agent.maps();
     let socks = start_connects(BALANCED, 8);
     // Queued (established, never accepted) connections count.
@@ -219,7 +219,7 @@ fn syn_cookies_keep_replica_and_counts() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let held = hold(20);
     let t = tally(held.iter().map(|(_, n)| n));
     assert!(t["mtp1"].abs_diff(10) <= 1, "split {t:?}");
@@ -243,6 +243,8 @@ fn syn_queue_overflow_cookies_reach_the_right_replica() {
     let _a = Replica::start_with("mtp1", A, 1, true, None);
     let _b = Replica::start_with("mtp2", B, 1, true, None);
     agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
     ns.slow_lo("400kbit");
     let socks = start_connects(BALANCED, 24);
     // Every connection completes with its replica: a cookie ACK sent to the
@@ -313,16 +315,15 @@ fn failover_and_restart() {
         "after mtp2 stopped: {:?}",
         tally(&after_stop)
     );
-    agent.wait_for("replica mtp2 unregistered");
+    let (from, _) = agent.wait_for_after(0, "replica mtp2 unregistered");
 
-    // Restart on the same port: mtp1 holds ~350 connections, so the very
-    // first new connection must go to mtp2, which has none.
+    // Restart on the same port: once its first check passes (run the
+    // moment it listens), mtp1 holds ~350 connections, so the very first
+    // new connection must go to mtp2, which has none.
     let b2 = Replica::start("mtp2", B);
-    let t0 = Instant::now();
+    agent.wait_for_after(from, "backend mtp2 is UP");
     let (_s, name) = connect(BALANCED).unwrap();
-    let took = t0.elapsed();
     assert_eq!(name, "mtp2", "first connection after restart");
-    eprintln!("restarted replica took its first connection {took:?} after listen()");
     assert_eq!(b2.steered(), 1);
     assert!(conns(&maps, 0).established >= 300);
     drop(a);
@@ -334,8 +335,10 @@ fn start_order_and_direct_connections() {
     let a = Replica::start("mtp1", A);
     let agent = ns.agent(&[]);
     agent.wait_for("replica mtp1 registered: 127.0.0.1:10000 (IPv4, via adopted)");
+    agent.wait_for("backend mtp1 is UP");
     let b = Replica::start("mtp2", B);
     agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
+    agent.wait_for("backend mtp2 is UP");
     let held = hold(4);
     let t = tally(held.iter().map(|(_, n)| n));
     assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
@@ -362,7 +365,7 @@ fn two_namespaces_stay_independent() {
             let a = Replica::start("mtp1", A);
             let b = Replica::start("mtp2", B);
             let agent = ns2.agent(&[]);
-            agent.wait_for("replica mtp2 registered");
+            agent.wait_for("backend mtp2 is UP");
             (agent, a, b)
         })
         .join()
@@ -437,6 +440,8 @@ fn ipv6_clients_reach_dual_stack_replicas() {
     let _b = Replica::start_with("mtp2", "[::]:10001", 1024, true, Some(false));
     let agent = ns.agent(&[]);
     agent.wait_for("replica mtp2 registered: [::]:10001 (IPv6 dual-stack");
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
     let held6 = hold_at("[::1]:443", 4);
     let t = tally(held6.iter().map(|(_, n)| n));
     assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
@@ -520,14 +525,14 @@ fn kept_pins_keep_steering_and_the_next_agent_replaces_them() {
     agent.wait_for("taking over the pinned state of an earlier agent");
     let m = agent.maps();
     assert_eq!(conns(&m, 0).established + conns(&m, 1).established, 1);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     assert!(agent.stop().success());
     assert!(agent.log().contains("keeping programs attached"));
     assert!(connect(BALANCED).is_ok(), "steering after --keep-pins exit");
 
     // Without it, SIGTERM takes everything down.
     let mut agent = ns.agent(&[]);
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     assert!(agent.stop().success());
     assert!(!ns.pin_dir().exists());
     assert!(TcpStream::connect(BALANCED).is_err());
@@ -544,7 +549,7 @@ fn works_under_ip_netns_exec() {
     cmd.args(["netns", "exec", &ns.name, &bin, "run"]);
     let agent = Agent::command(cmd, ns.pin_dir());
     agent.wait_for("steering TCP port");
-    agent.wait_for("replica mtp2 registered");
+    agent.wait_for("backend mtp2 is UP");
     let log = agent.log();
     assert!(log.contains("mounted cgroup2 at"), "{log}");
     assert!(log.contains("using the host's bpffs"), "{log}");

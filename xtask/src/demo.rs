@@ -167,7 +167,7 @@ pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
             }
         }
     };
-    wait("replica mtp2 registered")?;
+    wait("backend mtp2 is UP")?;
 
     let link = d
         .cmd(&mtlb)

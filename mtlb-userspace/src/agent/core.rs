@@ -58,12 +58,20 @@ pub enum Origin {
     Control,
 }
 
-/// A listener appearing in or leaving a slot, with how to show it
-/// ("127.0.0.1:10001 (IPv4, via listen hook)").
+/// A listener appearing in or leaving a slot (by socket cookie), with how
+/// to show it ("127.0.0.1:10001 (IPv4, via listen hook)").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenerChange {
-    Registered { slot: usize, desc: String },
-    Closed { slot: usize, desc: String },
+    Registered {
+        slot: usize,
+        cookie: u64,
+        desc: String,
+    },
+    Closed {
+        slot: usize,
+        cookie: u64,
+        desc: String,
+    },
 }
 
 /// One accept-queue sample of a slot's listener.
@@ -76,9 +84,11 @@ pub struct QueueReading {
 #[derive(Debug)]
 pub enum Event {
     /// Programs attached, state taken over; `listeners` are the
-    /// registrations found at start.
+    /// registrations found at start, `verified` the listener cookie each
+    /// slot's BACKENDS entry held (an earlier agent's proven listeners).
     Started {
         listeners: Vec<ListenerChange>,
+        verified: Vec<u64>,
     },
     Signal(Signal),
     Control(Request),
@@ -92,6 +102,8 @@ pub enum Event {
     CheckDone {
         slot: usize,
         generation: u64,
+        /// The listener the check was launched for.
+        cookie: u64,
         result: CheckResult,
     },
     Listeners(Vec<ListenerChange>),
@@ -118,10 +130,12 @@ pub enum Effect {
     },
     WriteSettings(Settings),
     SetAddresses(Vec<[u8; 16]>),
+    SetAllowedUids(Vec<u32>),
     Save(Saved),
     StartCheck {
         slot: usize,
         generation: u64,
+        cookie: u64,
         spec: CheckSpec,
     },
     /// The answer to the control request being handled.
@@ -155,7 +169,8 @@ pub struct State {
     netns_cookie: u64,
     slots: Vec<Slot>,
     /// Whether some replica took connections at the last write, to say
-    /// "no backend available!" once when the last one goes.
+    /// "no backend available!" once when the last one goes (not at start:
+    /// replicas found then are checked before they take connections).
     any_active: bool,
     /// Source of check generations, never reused.
     generations: u64,
@@ -178,7 +193,7 @@ impl State {
             pin_dir,
             netns_cookie,
             slots: Vec::with_capacity(n),
-            any_active: true,
+            any_active: false,
             generations: 0,
         };
         for i in 0..n {
@@ -308,8 +323,26 @@ impl State {
         )
     }
 
-    fn started(&mut self, listeners: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
+    fn started(
+        &mut self,
+        listeners: Vec<ListenerChange>,
+        verified: Vec<u64>,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
         log(out, Level::INFO, self.summary());
+        if self.cfg.any_replica_owner {
+            log(
+                out,
+                Level::WARN,
+                "any_replica_owner is set: any local user who listens on a replica port first becomes that replica",
+            );
+        }
+        // Listeners an earlier agent proved keep their clients across the
+        // restart.
+        for (s, v) in self.slots.iter_mut().zip(verified) {
+            s.verified = v;
+        }
         self.listeners(listeners, inp, out);
         if self
             .slots
@@ -338,9 +371,10 @@ impl State {
     }
 
     fn listeners(&mut self, changes: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
+        let verify = reconcile::verifies(&self.cfg);
         for c in changes {
             match c {
-                ListenerChange::Registered { slot, desc } => {
+                ListenerChange::Registered { slot, cookie, desc } => {
                     log(
                         out,
                         Level::INFO,
@@ -350,10 +384,21 @@ impl State {
                         continue;
                     };
                     s.listener = ListenerState::Registered;
-                    let ev = s.health.listener_back();
-                    self.health_event(slot, ev, inp, out);
+                    s.listener_cookie = cookie;
+                    if !verify || s.verified == cookie {
+                        // Checks off (registration alone decides), or a
+                        // listener already proven (taken over).
+                        let ev = s.health.listener_back(CheckResult::pass(
+                            reason::LISTENER_REGISTERED,
+                            Duration::ZERO,
+                        ));
+                        self.health_event(slot, ev, inp, out);
+                    } else {
+                        // It gets clients once a check passes: check now.
+                        self.check_now(slot, out);
+                    }
                 }
-                ListenerChange::Closed { slot, desc } => {
+                ListenerChange::Closed { slot, cookie, desc } => {
                     log(
                         out,
                         Level::INFO,
@@ -365,7 +410,13 @@ impl State {
                     let Some(s) = self.slots.get_mut(slot) else {
                         continue;
                     };
-                    s.listener = ListenerState::Missing;
+                    if s.listener_cookie == cookie {
+                        s.listener = ListenerState::Missing;
+                        s.listener_cookie = 0;
+                    }
+                    if s.verified == cookie {
+                        s.verified = 0;
+                    }
                     let ev = s.health.force_down(
                         DownCause::Listener,
                         CheckResult::fail(
@@ -375,10 +426,33 @@ impl State {
                         ),
                     );
                     self.health_event(slot, ev, inp, out);
+                    // A replica that listened while this one still held the
+                    // slot (a quick restart) may take it now.
+                    out.push(Effect::Adopt);
                 }
             }
         }
         self.apply(inp, out);
+    }
+
+    /// Launches a check of `slot` now, under a new generation: results of
+    /// checks launched before (of an earlier listener) are dropped.
+    fn check_now(&mut self, slot: usize, out: &mut Vec<Effect>) {
+        let g = self.next_generation();
+        let s = &mut self.slots[slot];
+        s.check.generation = g;
+        match CheckSpec::for_slot(&self.cfg, slot) {
+            Some(spec) => {
+                s.check.running = Some(g);
+                out.push(Effect::StartCheck {
+                    slot,
+                    generation: g,
+                    cookie: s.listener_cookie,
+                    spec,
+                });
+            }
+            None => s.check.running = None,
+        }
     }
 
     fn queues(&mut self, samples: Vec<Option<QueueReading>>, inp: &Inputs, out: &mut Vec<Effect>) {
@@ -410,6 +484,7 @@ impl State {
                     out.push(Effect::StartCheck {
                         slot: i,
                         generation: s.check.generation,
+                        cookie: s.listener_cookie,
                         spec,
                     });
                 }
@@ -423,10 +498,12 @@ impl State {
         &mut self,
         slot: usize,
         generation: u64,
+        cookie: u64,
         result: CheckResult,
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) {
+        let verify = reconcile::verifies(&self.cfg);
         let t = self.cfg.thresholds();
         let Some(s) = self.slots.get_mut(slot) else {
             return;
@@ -457,7 +534,31 @@ impl State {
         if !result.ok {
             s.check_failures += 1;
         }
-        let ev = if s.listener == ListenerState::Registered || !result.ok {
+        let registered = s.listener == ListenerState::Registered;
+        let proves = verify
+            && result.ok
+            && registered
+            && cookie != 0
+            && cookie == s.listener_cookie
+            && s.verified != cookie;
+        let fails_proof = verify
+            && !result.ok
+            && registered
+            && cookie == s.listener_cookie
+            && s.verified != cookie
+            && s.health.down_cause() == Some(DownCause::Listener);
+        let ev = if fails_proof {
+            s.health.not_proven(result)
+        } else if proves {
+            // The first passing check of a new listener: from now on the
+            // kernel may steer to it; UP at once if only its listener was
+            // missing.
+            s.verified = cookie;
+            match s.health.down_cause() {
+                Some(DownCause::Listener) => s.health.listener_back(result),
+                _ => s.health.on_result(result, &t),
+            }
+        } else if registered || !result.ok {
             s.health.on_result(result, &t)
         } else {
             // Something answers on the port, but no listener is registered
@@ -629,6 +730,15 @@ impl State {
             }
         }
         let port_changed = self.cfg.port != new.port;
+        if reconcile::verifies(&new) && !reconcile::verifies(&self.cfg) {
+            // Checks turned on: the listeners taking clients now are
+            // trusted as proven, so nothing is cut while they are checked.
+            for s in &mut self.slots {
+                if s.active() {
+                    s.verified = s.listener_cookie;
+                }
+            }
+        }
         self.cfg = new;
         for i in old_n..new_n {
             let s = self.new_slot(i, inp.now, inp);
@@ -643,6 +753,7 @@ impl State {
             c.next = inp.now;
         }
         out.push(Effect::SetAddresses(reconcile::addresses(&self.cfg)));
+        out.push(Effect::SetAllowedUids(self.cfg.replica_uids.clone()));
         out.push(Effect::WriteSettings(self.settings()));
         self.apply(inp, out);
         // Listeners of new slots may be there already.
@@ -663,7 +774,10 @@ impl State {
 pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
     let mut out = Vec::new();
     match ev {
-        Event::Started { listeners } => state.started(listeners, inp, &mut out),
+        Event::Started {
+            listeners,
+            verified,
+        } => state.started(listeners, verified, inp, &mut out),
         Event::Signal(Signal::Interrupt) => {
             log(&mut out, Level::INFO, "SIGINT: stopping");
             out.push(Effect::Stop);
@@ -686,8 +800,9 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
         Event::CheckDone {
             slot,
             generation,
+            cookie,
             result,
-        } => state.check_done(slot, generation, result, inp, &mut out),
+        } => state.check_done(slot, generation, cookie, result, inp, &mut out),
         Event::Listeners(changes) => state.listeners(changes, inp, &mut out),
         Event::Queues(samples) => {
             state.queues(samples, inp, &mut out);
@@ -749,11 +864,26 @@ mod tests {
         }
 
         /// Started, and the replicas in `up` registered.
+        /// Started with the replicas in `up` registered, and (with
+        /// checks on) their first checks passed.
         fn running(cfg: Config, up: &[usize]) -> Self {
             let mut h = Self::new(cfg);
             let listeners = up.iter().map(|&s| reg(s)).collect();
-            h.step(Event::Started { listeners });
+            let fx = h.step(Event::Started {
+                listeners,
+                verified: vec![],
+            });
+            for slot in started_checks(&fx) {
+                h.check(slot, true);
+            }
             h
+        }
+
+        fn start(&mut self, listeners: Vec<ListenerChange>) -> Vec<Effect> {
+            self.step(Event::Started {
+                listeners,
+                verified: vec![],
+            })
         }
 
         fn step(&mut self, ev: Event) -> Vec<Effect> {
@@ -778,9 +908,11 @@ mod tests {
             self.slot(i).state(self.st.cfg()).to_string()
         }
 
-        /// A check result for `slot` under its current generation.
+        /// A check result for `slot` under its current generation and
+        /// listener.
         fn check(&mut self, slot: usize, ok: bool) -> Vec<Effect> {
             let generation = self.slot(slot).check.generation;
+            let cookie = self.slot(slot).listener_cookie;
             let result = if ok {
                 CheckResult::pass(reason::L4_OK, MS(1))
             } else {
@@ -789,6 +921,7 @@ mod tests {
             self.step(Event::CheckDone {
                 slot,
                 generation,
+                cookie,
                 result,
             })
         }
@@ -806,16 +939,31 @@ mod tests {
         }
     }
 
+    /// Listener cookies: slot and incarnation.
+    fn cookie(slot: usize, n: u64) -> u64 {
+        (slot as u64 + 1) * 1000 + n
+    }
+
     fn reg(slot: usize) -> ListenerChange {
+        reg_as(slot, 0)
+    }
+
+    fn reg_as(slot: usize, n: u64) -> ListenerChange {
         ListenerChange::Registered {
             slot,
+            cookie: cookie(slot, n),
             desc: format!("127.0.0.1:{} (IPv4, via listen hook)", 10000 + slot),
         }
     }
 
     fn closed(slot: usize) -> ListenerChange {
+        closed_as(slot, 0)
+    }
+
+    fn closed_as(slot: usize, n: u64) -> ListenerChange {
         ListenerChange::Closed {
             slot,
+            cookie: cookie(slot, n),
             desc: format!("127.0.0.1:{} (IPv4)", 10000 + slot),
         }
     }
@@ -883,7 +1031,7 @@ mod tests {
     #[test]
     fn start_with_nothing_listening_says_so_and_clears_other_slots() {
         let mut h = H::new(cfg(2));
-        let fx = h.step(Event::Started { listeners: vec![] });
+        let fx = h.start(vec![]);
         let l = logs(&fx);
         assert!(l[0].starts_with("steering TCP port 443 on all local addresses to 2 replicas (mtp1..=mtp2 on 127.0.0.1), leastconn, Tcp checks; pins in /pins"), "{l:?}");
         assert!(has_log(
@@ -903,26 +1051,65 @@ mod tests {
     }
 
     #[test]
-    fn start_with_listeners_brings_them_up_without_the_waiting_line() {
+    fn listeners_found_at_start_are_checked_at_once_then_up() {
         let mut h = H::new(cfg(2));
-        let fx = h.step(Event::Started {
-            listeners: vec![reg(0), reg(1)],
-        });
+        let fx = h.start(vec![reg(0), reg(1)]);
         assert!(has_log(
             &fx,
             "replica mtp1 registered: 127.0.0.1:10000 (IPv4, via listen hook)"
         ));
+        assert!(!has_log(&fx, "no replica is listening yet"));
+        assert_eq!(started_checks(&fx), [0, 1], "checked now, not on schedule");
+        assert_eq!(
+            backend(&fx, 1).unwrap().listener_cookie,
+            0,
+            "not proven yet"
+        );
+        let fx = h.check(1, true);
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is UP, reason: Layer4 check passed"
+        ));
+        assert_eq!(backend(&fx, 1).unwrap().listener_cookie, cookie(1, 0));
+        assert!(h.slot(1).active());
+    }
+
+    #[test]
+    fn listeners_an_earlier_agent_proved_keep_their_clients() {
+        let mut h = H::new(cfg(2));
+        let fx = h.step(Event::Started {
+            listeners: vec![reg(0), reg(1)],
+            verified: vec![cookie(0, 0), cookie(1, 7)],
+        });
+        // mtp1's listener is the one proven before: UP at once, unchanged
+        // in BACKENDS. mtp2's is another: checked first.
+        assert!(has_log(
+            &fx,
+            "backend mtp1 is UP, reason: listener registered"
+        ));
+        assert_eq!(backend(&fx, 0).unwrap().listener_cookie, cookie(0, 0));
+        assert_eq!(started_checks(&fx), [1]);
+        assert_eq!(h.label(1), "DOWN");
+    }
+
+    #[test]
+    fn with_checks_off_a_listener_is_up_at_once() {
+        let mut c = cfg(2);
+        c.check.kind = CheckKind::None;
+        let mut h = H::new(c);
+        let fx = h.start(vec![reg(0), reg(1)]);
+        assert!(started_checks(&fx).is_empty());
         assert!(has_log(
             &fx,
             "backend mtp2 is UP, reason: listener registered"
         ));
-        assert!(!has_log(&fx, "no replica is listening yet"));
-        assert_eq!(h.label(0), "UP");
+        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is UP, reason: listener registered"
+        ));
         assert!(h.slot(1).active());
     }
-
-    // --------------------------------------------------------- listeners
-
     #[test]
     fn a_closing_listener_is_down_at_once_and_stays_eligible() {
         let mut h = H::running(cfg(2), &[0, 1]);
@@ -956,52 +1143,132 @@ mod tests {
     }
 
     #[test]
-    fn a_returning_listener_is_up_at_once() {
+    fn a_returning_listener_proves_itself_with_one_check() {
         let mut h = H::running(cfg(2), &[0, 1]);
         h.step(Event::Listeners(vec![closed(1)]));
-        let fx = h.after(MS(500)).step(Event::Listeners(vec![reg(1)]));
+        let fx = h.after(MS(500)).step(Event::Listeners(vec![reg_as(1, 1)]));
+        assert_eq!(started_checks(&fx), [1], "checked at once");
+        assert!(!has_log(&fx, "is UP"));
+        let b = h.slot(1).backend(h.st.cfg(), 1, h.now);
+        assert_eq!(b.enabled, 1, "steerable the moment it is proven");
+        assert_ne!(b.listener_cookie, cookie(1, 1), "not before");
+        let fx = h.after(MS(2)).check(1, true);
         assert!(has_log(
             &fx,
-            "backend mtp2 is UP, reason: listener registered, check duration: 0ms. 2 active backends online."
+            "backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online."
         ));
+        assert_eq!(backend(&fx, 1).unwrap().listener_cookie, cookie(1, 1));
         assert_eq!(h.slot(1).transitions_up, 2);
         assert_eq!(h.slot(1).transitions_down, 1);
-        assert_eq!(h.slot(1).downtime, MS(500));
+        assert_eq!(h.slot(1).downtime, MS(502));
     }
 
+    #[test]
+    fn a_returning_listener_that_fails_its_check_gets_no_clients() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        let fx = h.check(1, false);
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\""
+        ));
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0, "down by its checks now");
+        for _ in 0..4 {
+            let fx = h.check(1, false);
+            assert!(!has_log(&fx, "backend mtp2 is"), "{fx:?}");
+        }
+        assert_eq!(h.label(1), "DOWN");
+        assert_eq!(h.slot(1).verified, 0);
+        // Fixed (same listener): rise passing checks, as after any failure.
+        assert!(!has_log(&h.check(1, true), "backend mtp2 is UP"));
+        assert!(has_log(&h.check(1, true), "backend mtp2 is UP"));
+        assert_eq!(
+            h.slot(1).backend(h.st.cfg(), 1, h.now).listener_cookie,
+            cookie(1, 1)
+        );
+    }
+    #[test]
+    fn a_check_of_an_earlier_listener_proves_nothing() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.after(MS(2000));
+        h.step(Event::ChecksDue);
+        let old = h.slot(1).check.generation;
+        // Restarted while its scheduled check was in flight.
+        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        assert_eq!(started_checks(&fx), [1], "a new check for the new listener");
+        let fx = h.step(Event::CheckDone {
+            slot: 1,
+            generation: old,
+            cookie: cookie(1, 0),
+            result: CheckResult::pass(reason::L4_OK, MS(1)),
+        });
+        assert!(logs(&fx).is_empty(), "{fx:?}");
+        assert_eq!(h.slot(1).verified, 0);
+        assert!(has_log(&h.check(1, true), "backend mtp2 is UP"));
+    }
+
+    #[test]
+    fn a_closing_listener_asks_for_a_scan() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        assert!(
+            fx.contains(&Effect::Adopt),
+            "a replica waiting for the slot"
+        );
+    }
     #[test]
     fn the_last_replica_going_says_no_backend_available_once() {
         let mut h = H::running(cfg(2), &[0, 1]);
         h.step(Event::Listeners(vec![closed(0)]));
         let fx = h.step(Event::Listeners(vec![closed(1)]));
-        assert_eq!(
-            logs(&fx)
+        let said = |fx: &[Effect]| {
+            logs(fx)
                 .iter()
                 .filter(|l| *l == "no backend available!")
-                .count(),
-            1
-        );
-        let fx = h.step(Event::Tick);
-        assert!(!has_log(&fx, "no backend available!"));
-        h.step(Event::Listeners(vec![reg(0)]));
-        let fx = h.step(Event::Listeners(vec![closed(0)]));
-        assert!(
-            has_log(&fx, "no backend available!"),
-            "said again after one came back"
-        );
+                .count()
+        };
+        assert_eq!(said(&fx), 1);
+        assert_eq!(said(&h.step(Event::Tick)), 0);
+        h.step(Event::Listeners(vec![reg_as(0, 1)]));
+        h.check(0, true);
+        let fx = h.step(Event::Listeners(vec![closed_as(0, 1)]));
+        assert_eq!(said(&fx), 1, "said again after one came back");
     }
-
     #[test]
-    fn a_listener_replaced_in_place_stays_up() {
+    fn a_listener_replaced_in_place_is_checked_before_clients() {
         let mut h = H::running(cfg(1), &[0]);
-        let fx = h.step(Event::Listeners(vec![closed(0), reg(0)]));
+        let fx = h.step(Event::Listeners(vec![closed(0), reg_as(0, 1)]));
         assert!(has_log(&fx, "backend mtp1 is DOWN"));
-        assert!(has_log(&fx, "backend mtp1 is UP"));
+        assert!(!has_log(&fx, "backend mtp1 is UP"));
+        assert_eq!(backend(&fx, 0).unwrap().listener_cookie, 0);
+        h.check(0, true);
         assert!(h.slot(0).active());
     }
 
-    // ------------------------------------------------------------ checks
+    #[test]
+    fn turning_checks_on_trusts_the_listeners_taking_clients() {
+        let mut c = cfg(2);
+        c.check.kind = CheckKind::None;
+        let mut h = H::running(c, &[0, 1]);
+        let fx = h.reload(Ok(cfg(2)));
+        assert_eq!(settings(&fx).unwrap().require_verified, 1);
+        assert_eq!(backend(&fx, 0).unwrap().listener_cookie, cookie(0, 0));
+        assert_eq!(backend(&fx, 1).unwrap().listener_cookie, cookie(1, 0));
+    }
 
+    #[test]
+    fn replica_owners_are_sent_to_the_kernel_on_reload() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let mut c = cfg(2);
+        c.replica_uids = vec![0, 995];
+        let fx = h.reload(Ok(c));
+        assert!(fx.contains(&Effect::SetAllowedUids(vec![0, 995])));
+        assert_eq!(settings(&fx).unwrap().require_owner, 1);
+        let mut c = cfg(2);
+        c.any_replica_owner = true;
+        let fx = h.reload(Ok(c));
+        assert_eq!(settings(&fx).unwrap().require_owner, 0);
+    }
     #[test]
     fn falls_after_fall_failures_with_progress_lines() {
         let mut h = H::running(cfg(2), &[0, 1]);
@@ -1128,6 +1395,7 @@ mod tests {
             let fx = h.step(Event::CheckDone {
                 slot: 1,
                 generation: old,
+                cookie: cookie(1, 0),
                 result: CheckResult::fail(reason::L4_CON, None, MS(1)),
             });
             assert!(logs(&fx).is_empty(), "{fx:?}");
@@ -1319,9 +1587,7 @@ mod tests {
         assert!(saved(&fx).is_some());
         // A new agent starts from the last saved file.
         let mut h = H::with_saved(cfg(2), &saved(&fx2).unwrap());
-        let fx = h.step(Event::Started {
-            listeners: vec![reg(0), reg(1)],
-        });
+        let fx = h.start(vec![reg(0), reg(1)]);
         assert_eq!(h.label(1), "MAINT");
         assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
         assert_eq!(backend(&fx, 0).unwrap().weight, 5);
@@ -1333,9 +1599,8 @@ mod tests {
         c.check.slowstart_ms = 1000;
         c.weights = vec![10];
         let mut h = H::new(c);
-        let fx = h.step(Event::Started {
-            listeners: vec![reg(0)],
-        });
+        h.start(vec![reg(0)]);
+        let fx = h.check(0, true);
         assert_eq!(backend(&fx, 0).unwrap().weight, 1);
         let fx = h.after(MS(500)).step(Event::Tick);
         assert_eq!(backend(&fx, 0).unwrap().weight, 5);
@@ -1361,6 +1626,8 @@ mod tests {
         assert_eq!(backend(&fx, 2).unwrap().enabled, 1);
         assert_eq!(h.label(2), "DOWN");
         let fx = h.step(Event::Listeners(vec![reg(2)]));
+        assert_eq!(started_checks(&fx), [2]);
+        let fx = h.check(2, true);
         assert!(has_log(&fx, "backend mtp3 is UP"));
     }
 

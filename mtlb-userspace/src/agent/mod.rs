@@ -256,6 +256,7 @@ impl Agent {
             },
         );
         loaded.maps.set_settings(state.settings())?;
+        loaded.maps.set_allowed_uids(&cfg.replica_uids)?;
         loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
         let mut cookies_seen = None;
         serve::watch_cookies(&mut loaded.maps, &mut cookies_seen)?;

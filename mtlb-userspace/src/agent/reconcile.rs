@@ -44,6 +44,12 @@ pub(super) fn clear(range: std::ops::Range<usize>, out: &mut Vec<Effect>) {
     }
 }
 
+/// Whether new listeners must pass a check before they get clients: with
+/// any check at all.
+pub fn verifies(cfg: &Config) -> bool {
+    cfg.check.kind != crate::config::CheckKind::None
+}
+
 /// ADDRESSES for `cfg`: the balanced addresses (empty: all, by SETTINGS).
 pub fn addresses(cfg: &Config) -> Vec<[u8; 16]> {
     cfg.addresses.iter().map(|a| addr16(*a)).collect()
@@ -68,6 +74,9 @@ pub fn settings(cfg: &Config, netns_cookie: u64, slots: u16) -> Settings {
         all_addresses: cfg.addresses.is_empty() as u8,
         accept_wildcard: 1,
         replica_addr: addr16(cfg.replica_address),
+        require_owner: !cfg.any_replica_owner as u8,
+        require_verified: verifies(cfg) as u8,
+        _pad: [0; 6],
     }
 }
 

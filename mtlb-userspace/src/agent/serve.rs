@@ -15,10 +15,11 @@ use crate::{
     kernel::{
         cookies,
         maps::{Maps, MapsError},
-        registry::{self, Change, Registry},
+        registry::{self, Change, Refusal, RefuseWhy, Registry},
     },
     system::notify::notify,
 };
+use mtlb_common::{EV_CLOSED, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent};
 use std::{collections::VecDeque, net::SocketAddr, path::Path, time::Duration};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -48,6 +49,8 @@ impl Signals {
 }
 
 type ControlMsg = (Request, oneshot::Sender<Response>);
+/// A finished check: slot, generation, listener cookie, result.
+type CheckDone = (usize, u64, u64, CheckResult);
 
 /// Whether to go on after carrying out a step's effects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +64,33 @@ impl Agent {
     /// ([`Agent::shutdown`], or dropping the agent).
     pub async fn serve(&mut self, mut sig: Signals) {
         let listeners = self.poll_listeners().unwrap_or_default();
-        self.run(Event::Started { listeners }, None, &mut JoinSet::new());
+        let verified = (0..self.state.slots().len() as u32)
+            .map(|s| self.loaded.maps.backend(s).map_or(0, |b| b.listener_cookie))
+            .collect();
+        let mut checks: JoinSet<CheckDone> = JoinSet::new();
+        self.run(
+            Event::Started {
+                listeners,
+                verified,
+            },
+            None,
+            &mut checks,
+        );
+        // Listener events from the kernel wake the loop at once (a
+        // returning replica is checked the moment it listens); without the
+        // ring buffer the 100 ms poll still finds every change.
+        let mut events = self
+            .loaded
+            .maps
+            .take_events()
+            // SAFETY: the ring buffer owns its fd, and the AsyncFd owns
+            // the ring buffer: the fd outlives its registration.
+            .and_then(|rb| unsafe { tokio::io::unix::AsyncFd::register(rb) }.ok());
+        if events.is_none() {
+            tracing::warn!(
+                "cannot read listener events; registrations are noticed on the 100 ms poll"
+            );
+        }
 
         let (tx, mut rx) = mpsc::channel::<ControlMsg>(16);
         if let Some(l) = self.control.take() {
@@ -76,7 +105,6 @@ impl Agent {
         for t in [&mut poll, &mut scan, &mut expire] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
-        let mut checks: JoinSet<(usize, u64, CheckResult)> = JoinSet::new();
         loop {
             let due = self
                 .state
@@ -94,8 +122,24 @@ impl Agent {
                 }
                 _ = tokio::time::sleep_until(due) => Event::ChecksDue,
                 Some(done) = checks.join_next(), if !checks.is_empty() => {
-                    let Ok((slot, generation, result)) = done else { continue };
-                    Event::CheckDone { slot, generation, result }
+                    let Ok((slot, generation, cookie, result)) = done else { continue };
+                    Event::CheckDone { slot, generation, cookie, result }
+                }
+                Ok(mut guard) = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
+                    let mut kinds = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if item.len() >= std::mem::size_of::<ListenEvent>() {
+                            // SAFETY: the programs write whole ListenEvents;
+                            // read unaligned from the ring's bytes.
+                            kinds.push(unsafe {
+                                std::ptr::read_unaligned(item.as_ptr().cast::<ListenEvent>())
+                            });
+                        }
+                    }
+                    guard.clear_ready();
+                    drop(guard);
+                    self.on_listen_events(kinds, &mut checks);
+                    continue;
                 }
                 _ = poll.tick() => {
                     if let Some(changes) = self.poll_listeners() {
@@ -122,7 +166,7 @@ impl Agent {
         &mut self,
         ev: Event,
         mut reply: Option<oneshot::Sender<Response>>,
-        checks: &mut JoinSet<(usize, u64, CheckResult)>,
+        checks: &mut JoinSet<CheckDone>,
     ) -> Flow {
         let mut flow = Flow::Continue;
         let mut queue = VecDeque::from([ev]);
@@ -166,9 +210,15 @@ impl Agent {
                     Effect::StartCheck {
                         slot,
                         generation,
+                        cookie,
                         spec,
                     } => {
-                        checks.spawn(async move { (slot, generation, spec.run().await) });
+                        checks.spawn(async move { (slot, generation, cookie, spec.run().await) });
+                    }
+                    Effect::SetAllowedUids(uids) => {
+                        if let Err(e) = self.loaded.maps.set_allowed_uids(&uids) {
+                            tracing::warn!("updating ALLOWED_UIDS: {}", report(&e));
+                        }
                     }
                     Effect::Reply(r) => {
                         if let Some(tx) = reply.take() {
@@ -181,7 +231,13 @@ impl Agent {
                     }),
                     Effect::Adopt => {
                         let cfg = self.state.cfg().clone();
-                        adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+                        if adopt(&cfg, &mut self.registry, &mut self.loaded.maps) {
+                            // Adopted listeners are noticed (and checked)
+                            // now, not on the next poll.
+                            if let Some(changes) = self.poll_listeners() {
+                                queue.push_back(Event::Listeners(changes));
+                            }
+                        }
                     }
                     Effect::PollListeners => {
                         if let Some(changes) = self.poll_listeners() {
@@ -238,6 +294,7 @@ impl Agent {
                         };
                         ListenerChange::Registered {
                             slot: slot as usize,
+                            cookie: view.cookie,
                             desc: format!(
                                 "{} ({}, via {})",
                                 show(addr, cfg, slot),
@@ -250,6 +307,7 @@ impl Agent {
                         let known = self.registry.addr_of(view.cookie);
                         ListenerChange::Closed {
                             slot: slot as usize,
+                            cookie: view.cookie,
                             desc: format!(
                                 "{} ({})",
                                 show(known.map(|k| k.0), cfg, slot),
@@ -260,6 +318,38 @@ impl Agent {
                 })
                 .collect(),
         )
+    }
+
+    /// Listener events from the kernel: registrations and closes are read
+    /// from the maps at once; refusals are explained (owner, pid) in the
+    /// log.
+    fn on_listen_events(&mut self, evs: Vec<ListenEvent>, checks: &mut JoinSet<CheckDone>) {
+        let mut changed = false;
+        for ev in evs {
+            let why = match ev.kind {
+                EV_REGISTERED | EV_CLOSED => {
+                    changed = true;
+                    continue;
+                }
+                EV_REFUSED_OWNER => RefuseWhy::Owner,
+                EV_REFUSED_TAKEN => RefuseWhy::Taken,
+                _ => continue,
+            };
+            let ip = std::net::Ipv6Addr::from(ev.addr);
+            let ip = ip
+                .to_ipv4_mapped()
+                .filter(|_| ev.family == mtlb_common::AF_INET)
+                .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+            let addr = SocketAddr::new(ip, ev.port);
+            match self.registry.explain(ev.slot, addr, why) {
+                Ok(Some(r)) => log_refusal(self.state.cfg(), &r),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("looking up a refused listener: {}", report(&e)),
+            }
+        }
+        if changed && let Some(changes) = self.poll_listeners() {
+            self.run(Event::Listeners(changes), None, checks);
+        }
     }
 
     /// Every slot's accept queue, from /proc/net/tcp{,6}.
@@ -298,19 +388,46 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
     })
 }
 
-/// Adopts listeners on replica ports that did not register themselves.
-pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) {
+/// Adopts listeners on replica ports that did not register themselves and
+/// whose owner may run replicas; logs the others. True when one was
+/// adopted.
+pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) -> bool {
     match registry.adopt_missing(cfg, maps) {
-        Ok(list) => {
-            for (slot, addr, pid) in list {
+        Ok((adopted, refused)) => {
+            for a in &adopted {
                 tracing::debug!(
-                    "adopted {} listener {addr} from pid {pid}",
-                    replica_name(slot as usize)
+                    "adopted {} listener {} from pid {}",
+                    replica_name(a.slot as usize),
+                    a.addr,
+                    a.pid
                 );
             }
+            for r in &refused {
+                log_refusal(cfg, r);
+            }
+            !adopted.is_empty()
         }
-        Err(e) => tracing::warn!("looking for running replicas: {}", report(&e)),
+        Err(e) => {
+            tracing::warn!("looking for running replicas: {}", report(&e));
+            false
+        }
     }
+}
+
+/// One warning per refused listener, with who owns it.
+fn log_refusal(cfg: &Config, r: &Refusal) {
+    let who = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    let why = match r.why {
+        RefuseWhy::Owner => format!("its owner is not in replica_uids {:?}", cfg.replica_uids),
+        RefuseWhy::Taken => "the slot holds a live listener".to_string(),
+    };
+    tracing::warn!(
+        "refused a listener for {} on {} (pid {}, uid {}): {why}; it gets no clients",
+        replica_name(r.slot as usize),
+        r.addr,
+        who(r.pid.map(|p| p.to_string())),
+        who(r.uid.map(|u| u.to_string())),
+    );
 }
 
 /// The control socket, mode 0600 (only root talks to the agent).

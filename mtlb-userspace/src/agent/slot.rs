@@ -21,6 +21,11 @@ pub struct Slot {
     pub(super) health: Health,
     pub(super) admin: Admin,
     pub(super) listener: ListenerState,
+    /// Cookie of the registered listener (0: none).
+    pub(super) listener_cookie: u64,
+    /// Cookie of the listener a check has proven (0: none): the kernel
+    /// steers to this slot only while it is the registered one.
+    pub(super) verified: u64,
     /// Operator's weight (`mtlb backend NAME weight N`), over the config's.
     pub(super) weight_override: Option<u32>,
     /// Scaled away by a reload: draining until its connections close.
@@ -61,6 +66,8 @@ impl Slot {
             health: Health::waiting_for_listener(),
             admin: Admin::Ready,
             listener: ListenerState::Missing,
+            listener_cookie: 0,
+            verified: 0,
             weight_override: None,
             removing: false,
             queue: QueueWatch::default(),
@@ -158,6 +165,7 @@ impl Slot {
         Backend {
             weight: w,
             enabled: self.eligible() as u32,
+            listener_cookie: self.verified,
         }
     }
 
@@ -227,7 +235,8 @@ mod tests {
     fn registered_up(now: Instant) -> Slot {
         let mut s = slot(now);
         s.listener = ListenerState::Registered;
-        s.health.listener_back();
+        s.health
+            .listener_back(CheckResult::pass("", Duration::ZERO));
         s
     }
 
@@ -253,7 +262,8 @@ mod tests {
             r.backend(&cfg, 0, now),
             Backend {
                 weight: 1,
-                enabled: 1
+                enabled: 1,
+                listener_cookie: 0,
             }
         );
         r.admin = Admin::Drain;

@@ -213,18 +213,30 @@ impl Health {
         }
     }
 
-    /// A listener registered. A replica DOWN only because its listener was
-    /// gone is UP again at once (the kernel steers to it from listen() on;
-    /// checks keep watching it).
-    pub fn listener_back(&mut self) -> Event {
+    /// Its listener is back and proven (by `why`: a passing check, or its
+    /// registration when checks are off). A replica DOWN only because its
+    /// listener was gone is UP again at once; one DOWN by its checks needs
+    /// `rise` of them.
+    pub fn listener_back(&mut self, why: CheckResult) -> Event {
         if self.oper == Oper::Down && self.cause == DownCause::Listener {
             self.oper = Oper::Up;
             self.count = 0;
-            self.last = Some(CheckResult::pass(
-                crate::checks::reason::LISTENER_REGISTERED,
-                Duration::ZERO,
-            ));
+            self.last = Some(why);
             Event::Changed(Oper::Up)
+        } else {
+            Event::Steady
+        }
+    }
+
+    /// A new listener failed the check that would have proven it: it is
+    /// DOWN by its checks now, not waiting for a listener (so it needs
+    /// `rise` passing checks, and is reported as DOWN with the reason).
+    pub fn not_proven(&mut self, r: CheckResult) -> Event {
+        if self.oper == Oper::Down && self.cause == DownCause::Listener {
+            self.cause = DownCause::Checks;
+            self.count = 0;
+            self.last = Some(r);
+            Event::Changed(Oper::Down)
         } else {
             Event::Steady
         }
@@ -370,7 +382,7 @@ mod tests {
             assert!(!matches!(h.on_result(ok(), &T), Event::Changed(_)));
         }
         // A new listener does not bring a stalled replica back.
-        assert_eq!(h.listener_back(), Event::Steady);
+        assert_eq!(h.listener_back(ok()), Event::Steady);
         assert_eq!(h.set_stalled(false, String::new()), Event::Steady);
         h.on_result(ok(), &T);
         assert_eq!(h.on_result(ok(), &T), Event::Changed(Oper::Up));
@@ -380,7 +392,7 @@ mod tests {
     fn a_lost_listener_comes_back_at_once_even_after_failed_checks() {
         let mut h = down_by_checks();
         assert_eq!(
-            h.listener_back(),
+            h.listener_back(ok()),
             Event::Steady,
             "down by checks stays down"
         );
@@ -389,10 +401,10 @@ mod tests {
             h.force_down(DownCause::Listener, gone.clone()),
             Event::Steady
         );
-        assert_eq!(h.listener_back(), Event::Changed(Oper::Up));
-        assert_eq!(h.last().unwrap().reason, "listener registered");
+        assert_eq!(h.listener_back(ok()), Event::Changed(Oper::Up));
+        assert_eq!(h.last().unwrap().reason, "Layer4 check passed");
         let mut h = Health::waiting_for_listener();
-        assert_eq!(h.listener_back(), Event::Changed(Oper::Up));
+        assert_eq!(h.listener_back(ok()), Event::Changed(Oper::Up));
         let mut h = Health::up();
         assert_eq!(
             h.force_down(DownCause::Listener, gone),

@@ -7,7 +7,7 @@ use super::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -55,6 +55,11 @@ pub enum LoadError {
     Maps(#[from] maps::MapsError),
 }
 
+/// The bind hooks and their link pins: they mark sockets an allowed owner
+/// binds to a replica port.
+const BIND_PROGRAMS: [&str; 2] = ["mtlb_bind4", "mtlb_bind6"];
+const BIND_LINKS: [&str; 2] = [names::LINK_BIND4, names::LINK_BIND6];
+
 /// A loaded, not yet attached balancer.
 pub struct Loaded {
     ebpf: Ebpf,
@@ -96,6 +101,15 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
             what: "sock_ops",
             source,
         })?;
+    for name in BIND_PROGRAMS {
+        prog::<CgroupSockAddr>(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoadError::Program {
+                name,
+                what: "cgroup bind hook",
+                source,
+            })?;
+    }
     let maps = Maps::take(&mut ebpf)?;
     Ok(Loaded { ebpf, maps })
 }
@@ -193,7 +207,24 @@ impl Loaded {
             source: aya::programs::ProgramError::AlreadyAttached,
         })?;
         out.pin(fd, pin_dir.join(names::LINK_SOCK_OPS))?;
-
+        // The bind hooks, on the same cgroup: before any listener can
+        // register, so none is missed.
+        for (name, pin) in BIND_PROGRAMS.into_iter().zip(BIND_LINKS) {
+            let p = prog::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let err = |source| LoadError::Attach {
+                name,
+                target: format!("cgroup {}", cgroup.display()),
+                source,
+            };
+            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(err)?;
+            let link = p.take_link(id).map_err(err)?;
+            let fd = FdLink::try_from(link).map_err(|e| LoadError::Attach {
+                name,
+                target: format!("a bpf_link ({e})"),
+                source: aya::programs::ProgramError::AlreadyAttached,
+            })?;
+            out.pin(fd, pin_dir.join(pin))?;
+        }
         Ok(())
     }
 

@@ -69,6 +69,8 @@ pub mod names {
     pub const SLOT_TOTALS: &str = "SLOT_TOTALS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const SK_TAGS: &str = "SK_TAGS";
+    pub const ALLOWED_UIDS: &str = "ALLOWED_UIDS";
+    pub const EVENTS: &str = "EVENTS";
     /// Every map of the object. FLOWS and LAST are the kernel's alone (no
     /// userspace handle) but are pinned and taken over like the rest.
     pub const ALL: &[&str] = &[
@@ -87,6 +89,8 @@ pub mod names {
         SLOT_TOTALS,
         SOCKETS,
         SK_TAGS,
+        ALLOWED_UIDS,
+        EVENTS,
     ];
 }
 
@@ -105,6 +109,9 @@ pub struct Maps {
     live: HashMap<MapData, u64, u32>,
     status: Array<MapData, Status>,
     pending: HashMap<MapData, FlowKey, Pending>,
+    allowed_uids: HashMap<MapData, u32, u8>,
+    /// The EVENTS ring buffer, until the agent takes it to read.
+    events: Option<MapData>,
     /// CONNS mapped into this process, for atomic reads and subtraction.
     conns_shared: SharedConns,
 }
@@ -187,7 +194,7 @@ fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
 /// The MapData of one of our maps (the types the object declares).
 pub(crate) fn data(name: &'static str, m: Map) -> Result<MapData, MapsError> {
     Ok(match m {
-        Map::SockMap(d) | Map::LruHashMap(d) | Map::HashMap(d) => d,
+        Map::SockMap(d) | Map::LruHashMap(d) | Map::HashMap(d) | Map::RingBuf(d) => d,
         Map::SkStorage(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
         _ => return Err(MapsError::WrongType { name }),
     })
@@ -239,6 +246,8 @@ impl Maps {
             live: open!(LIVE, HashMap, HashMap),
             status: open!(STATUS, Array, Array),
             pending: open!(PENDING, HashMap, HashMap),
+            allowed_uids: open!(ALLOWED_UIDS, HashMap, HashMap),
+            events: Some(get(EVENTS)?),
         })
     }
 
@@ -257,15 +266,23 @@ impl Maps {
             .collect()
     }
 
-    /// Registers `socket`, a replica's listening socket, in `slot`: tag
-    /// first (children accepted from now on carry the slot), then the
-    /// sockmap, then the description sk_lookup selects on.
+    /// Registers `socket`, a replica's listening socket, in `slot` unless
+    /// the slot holds a live listener (then `Ok(false)`): the sockmap
+    /// first (NOEXIST, so a live registration is never replaced), then the
+    /// tag (children accepted from now on carry the slot), then the
+    /// description sk_lookup selects on: no steered connection can reach
+    /// the socket before it is tagged.
     pub fn register_listener(
         &mut self,
         slot: u32,
         socket: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd),
         l: Listener,
-    ) -> Result<(), MapsError> {
+    ) -> Result<bool, MapsError> {
+        match super::sys::sockmap_insert(self.sockets.fd().as_fd(), slot, socket) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
+            Err(source) => return Err(MapsError::Sockmap { slot, source }),
+        }
         self.tags
             .insert(
                 socket,
@@ -276,9 +293,40 @@ impl Maps {
                 0,
             )
             .map_err(|source| MapsError::Tag { slot, source })?;
-        super::sys::sockmap_set(self.sockets.fd().as_fd(), slot, socket)
-            .map_err(|source| MapsError::Sockmap { slot, source })?;
-        self.set_listener(slot, l)
+        self.set_listener(slot, l)?;
+        Ok(true)
+    }
+
+    /// Makes ALLOWED_UIDS hold exactly `uids`, adding before removing.
+    pub fn set_allowed_uids(&mut self, uids: &[u32]) -> Result<(), MapsError> {
+        for u in uids {
+            conv(names::ALLOWED_UIDS, self.allowed_uids.insert(*u, 1, 0))?;
+        }
+        let old: Vec<u32> =
+            self.allowed_uids
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|source| MapsError::Map {
+                    name: names::ALLOWED_UIDS,
+                    source,
+                })?;
+        for u in old {
+            if !uids.contains(&u) {
+                conv(names::ALLOWED_UIDS, self.allowed_uids.remove(&u))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The EVENTS ring buffer, to read; once.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        let m = self.events.take()?;
+        aya::maps::RingBuf::try_from(Map::RingBuf(m)).ok()
+    }
+
+    /// What BACKENDS holds for `slot` (an earlier agent's, at takeover).
+    pub fn backend(&self, slot: u32) -> Result<Backend, MapsError> {
+        conv(names::BACKENDS, self.backends.get(&slot, 0))
     }
 
     /// Forgets the description of `slot` (its socket has left the sockmap).

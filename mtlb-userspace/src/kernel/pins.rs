@@ -50,7 +50,9 @@ pub fn pin_dir(root: &Path, ino: u64) -> PathBuf {
 pub mod names {
     pub const LINK_SK_LOOKUP: &str = "link_sk_lookup";
     pub const LINK_SOCK_OPS: &str = "link_sock_ops";
-    pub const LINKS: &[&str] = &[LINK_SK_LOOKUP, LINK_SOCK_OPS];
+    pub const LINK_BIND4: &str = "link_bind4";
+    pub const LINK_BIND6: &str = "link_bind6";
+    pub const LINKS: &[&str] = &[LINK_SK_LOOKUP, LINK_SOCK_OPS, LINK_BIND4, LINK_BIND6];
 }
 
 /// Where the per-namespace lock files live. Not configurable on purpose:

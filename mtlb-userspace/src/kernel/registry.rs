@@ -80,6 +80,8 @@ pub fn diff(prev: &[Option<SlotView>], now: &[Option<SlotView>]) -> Vec<Change> 
 pub struct ProcListener {
     pub addr: SocketAddr,
     pub inode: u64,
+    /// Owner (the uid that created the socket).
+    pub uid: u32,
     /// Accept queue length and limit (rx_queue/tx_queue of a listener).
     pub queued: u32,
     pub backlog: u32,
@@ -117,11 +119,40 @@ pub fn family_name(family: u16, v6only: Option<bool>) -> &'static str {
     }
 }
 
+/// Why a listener on a replica port got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseWhy {
+    /// Its owner is not in `replica_uids`.
+    Owner,
+    /// Its slot holds a live listener.
+    Taken,
+}
+
+/// A listener on a replica port that was not registered, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub slot: u32,
+    pub addr: SocketAddr,
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    pub why: RefuseWhy,
+}
+
+/// A listener adopted by the scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    pub slot: u32,
+    pub addr: SocketAddr,
+    pub pid: i32,
+}
+
 #[derive(Default)]
 pub struct Registry {
     known: Vec<Option<SlotView>>,
     /// Listener address and IPV6_V6ONLY (when known) by cookie, for logs.
     addrs: HashMap<u64, (SocketAddr, Option<bool>)>,
+    /// Socket inodes already reported as refused: each is logged once.
+    reported: std::collections::HashSet<u64>,
 }
 
 impl Registry {
@@ -174,57 +205,93 @@ impl Registry {
 
     /// Finds listeners on replica ports that are not registered (started
     /// before the agent, or registered while their slot was being cleared)
-    /// and adopts them. Returns (slot, address, pid) for each adoption.
+    /// and adopts those whose owner may run replicas. Returns the
+    /// adoptions, and the listeners refused for their owner (each once).
     pub fn adopt_missing(
         &mut self,
         cfg: &Config,
         maps: &mut Maps,
-    ) -> Result<Vec<(u32, SocketAddr, i32)>, RegistryError> {
+    ) -> Result<(Vec<Adopted>, Vec<Refusal>), RegistryError> {
         let current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
             .iter()
             .map(Self::view)
             .collect();
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
+        let mut refused: HashMap<u64, Refusal> = HashMap::new();
         for l in proc_listeners()? {
-            if let Some(slot) = slot_for(cfg, l.addr)
-                && current.get(slot as usize).is_some_and(|v| v.is_none())
-            {
-                wanted.insert(l.inode, (slot, l.addr));
-            }
-        }
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut adopted = Vec::new();
-        let me = std::process::id() as i32;
-        let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
-            what: "/proc",
-            source,
-        })?;
-        for p in procs.flatten() {
-            if wanted.is_empty() {
-                break;
-            }
-            if p.pid == me {
+            let Some(slot) = slot_for(cfg, l.addr) else {
+                continue;
+            };
+            if !current.get(slot as usize).is_some_and(|v| v.is_none()) {
                 continue;
             }
-            // Processes can exit while we look: skip what cannot be read.
-            let Ok(fds) = p.fd() else { continue };
-            for fd in fds.flatten() {
-                let procfs::process::FDTarget::Socket(inode) = fd.target else {
-                    continue;
-                };
-                let Some((slot, addr)) = wanted.remove(&inode) else {
-                    continue;
-                };
-                match self.adopt(maps, p.pid, fd.fd, slot, addr) {
-                    Ok(true) => adopted.push((slot, addr, p.pid)),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("{}", crate::error::report(&e)),
-                }
+            if cfg.owner_allowed(l.uid) {
+                wanted.insert(l.inode, (slot, l.addr));
+            } else if self.reported.insert(l.inode) {
+                refused.insert(
+                    l.inode,
+                    Refusal {
+                        slot,
+                        addr: l.addr,
+                        uid: Some(l.uid),
+                        pid: None,
+                        why: RefuseWhy::Owner,
+                    },
+                );
             }
         }
-        Ok(adopted)
+        if wanted.is_empty() && refused.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut adopted = Vec::new();
+        let inodes: std::collections::HashSet<u64> =
+            wanted.keys().chain(refused.keys()).copied().collect();
+        for (inode, (pid, fd)) in owners(&inodes)? {
+            if let Some(r) = refused.get_mut(&inode) {
+                r.pid = Some(pid);
+                continue;
+            }
+            let Some((slot, addr)) = wanted.remove(&inode) else {
+                continue;
+            };
+            match self.adopt(maps, pid, fd, slot, addr) {
+                Ok(true) => adopted.push(Adopted { slot, addr, pid }),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("{}", crate::error::report(&e)),
+            }
+        }
+        Ok((adopted, refused.into_values().collect()))
+    }
+
+    /// Describes listeners the listen hook refused (from its event): who
+    /// owns them, found in /proc. Each socket is reported once; `None`
+    /// when it is gone already or was reported.
+    pub fn explain(
+        &mut self,
+        slot: u32,
+        addr: SocketAddr,
+        why: RefuseWhy,
+    ) -> Result<Option<Refusal>, RegistryError> {
+        // /proc shows no cookies: the listener is found by its address
+        // (two listeners share one only through SO_REUSEPORT, which needs
+        // the same owner).
+        let Some(l) = proc_listeners()?
+            .into_iter()
+            .find(|l| l.addr == addr && !self.reported.contains(&l.inode))
+        else {
+            return Ok(None);
+        };
+        self.reported.insert(l.inode);
+        let pid = owners(&[l.inode].into())?
+            .get(&l.inode)
+            .map(|(pid, _)| *pid);
+        Ok(Some(Refusal {
+            slot,
+            addr,
+            uid: Some(l.uid),
+            pid,
+            why,
+        }))
     }
 
     fn adopt(
@@ -247,7 +314,9 @@ impl Registry {
             return Ok(false);
         }
         let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
-        maps.register_listener(
+        // Not over a live registration (another listener may have taken
+        // the slot since the scan looked).
+        let registered = maps.register_listener(
             slot,
             &dup,
             Listener {
@@ -257,6 +326,9 @@ impl Registry {
                 how: REG_ADOPTED,
             },
         )?;
+        if !registered {
+            return Ok(false);
+        }
         let v6only = addr
             .is_ipv6()
             .then(|| rustix::net::sockopt::ipv6_v6only(&dup).ok())
@@ -275,6 +347,37 @@ pub fn how_name(how: u32) -> &'static str {
         REG_ADOPTED => "adopted",
         _ => "unknown",
     }
+}
+
+/// The process (and its fd) holding each socket inode in `inodes`, from
+/// /proc/<pid>/fd. Processes can exit while we look: what cannot be read
+/// is skipped.
+fn owners(
+    inodes: &std::collections::HashSet<u64>,
+) -> Result<HashMap<u64, (i32, i32)>, RegistryError> {
+    let mut found = HashMap::new();
+    let me = std::process::id() as i32;
+    let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
+        what: "/proc",
+        source,
+    })?;
+    for p in procs.flatten() {
+        if found.len() == inodes.len() {
+            break;
+        }
+        if p.pid == me {
+            continue;
+        }
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target
+                && inodes.contains(&inode)
+            {
+                found.entry(inode).or_insert((p.pid, fd.fd));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Duplicates `fd` of process `pid` into this process.
@@ -309,6 +412,7 @@ pub fn proc_listeners() -> Result<Vec<ProcListener>, RegistryError> {
                 .map(|e| ProcListener {
                     addr: e.local_address,
                     inode: e.inode,
+                    uid: e.uid,
                     queued: e.rx_queue,
                     backlog: e.tx_queue,
                 }),

@@ -57,14 +57,15 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u64>>
     }
 }
 
-/// Puts `socket` (a listening TCP socket) in `slot`.
-pub fn sockmap_set(map: BorrowedFd<'_>, slot: u32, socket: impl AsFd) -> io::Result<()> {
+/// Puts `socket` (a listening TCP socket) in `slot` if the slot is empty;
+/// EEXIST when it holds a socket.
+pub fn sockmap_insert(map: BorrowedFd<'_>, slot: u32, socket: impl AsFd) -> io::Result<()> {
     let fd: u64 = socket.as_fd().as_raw_fd() as u64;
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
         key: &slot as *const u32 as u64,
         value: &fd as *const u64 as u64,
-        flags: 0, // BPF_ANY
+        flags: 1, // BPF_NOEXIST
         ..Default::default()
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
