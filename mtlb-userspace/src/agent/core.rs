@@ -95,7 +95,7 @@ pub enum Event {
     /// The configuration file was read again (after [`Effect::ReadConfig`]).
     Reloaded {
         origin: Origin,
-        result: Result<Config, ConfigError>,
+        result: Box<Result<Config, ConfigError>>,
     },
     /// The earliest [`State::next_check_due`] has passed.
     ChecksDue,
@@ -795,7 +795,7 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
             out.push(Effect::ReadConfig(Origin::Signal));
         }
         Event::Control(req) => state.control(req, inp, &mut out),
-        Event::Reloaded { origin, result } => state.reloaded(origin, result, inp, &mut out),
+        Event::Reloaded { origin, result } => state.reloaded(origin, *result, inp, &mut out),
         Event::ChecksDue => state.checks_due(inp, &mut out),
         Event::CheckDone {
             slot,
@@ -934,7 +934,7 @@ mod tests {
         fn reload(&mut self, result: Result<Config, ConfigError>) -> Vec<Effect> {
             self.step(Event::Reloaded {
                 origin: Origin::Control,
-                result,
+                result: Box::new(result),
             })
         }
     }
@@ -1172,7 +1172,11 @@ mod tests {
             &fx,
             "backend mtp2 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\""
         ));
-        assert_eq!(backend(&fx, 1).unwrap().enabled, 0, "down by its checks now");
+        assert_eq!(
+            backend(&fx, 1).unwrap().enabled,
+            0,
+            "down by its checks now"
+        );
         for _ in 0..4 {
             let fx = h.check(1, false);
             assert!(!has_log(&fx, "backend mtp2 is"), "{fx:?}");
@@ -1719,7 +1723,7 @@ mod tests {
         assert_eq!(fx.last(), Some(&Effect::ReadConfig(Origin::Signal)));
         let fx = h.step(Event::Reloaded {
             origin: Origin::Signal,
-            result: Ok(cfg(2)),
+            result: Box::new(Ok(cfg(2))),
         });
         assert!(reply(&fx).is_none());
         assert_eq!(fx.last(), Some(&Effect::Notify("READY=1".into())));

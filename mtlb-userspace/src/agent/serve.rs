@@ -227,7 +227,7 @@ impl Agent {
                     }
                     Effect::ReadConfig(origin) => queue.push_back(Event::Reloaded {
                         origin,
-                        result: self.source.read(),
+                        result: Box::new(self.source.read()),
                     }),
                     Effect::Adopt => {
                         let cfg = self.state.cfg().clone();
