@@ -154,6 +154,9 @@ pub const EV_REFUSED_OWNER: u32 = 3;
 /// A listener on a replica port was not registered: its slot holds a live
 /// listener already.
 pub const EV_REFUSED_TAKEN: u32 = 4;
+/// A bind() to a replica port by a uid not allowed to run replicas was
+/// refused (EPERM); `cookie` holds that uid.
+pub const EV_REFUSED_BIND: u32 = 5;
 
 /// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
 /// network byte order) and ports in host byte order.

@@ -3,7 +3,8 @@
 //! * `mtlb_steer` (sk_lookup): hands each new connection to the balanced
 //!   port to the listening socket of the least-loaded enabled replica.
 //! * `mtlb_bind4`/`mtlb_bind6` (cgroup bind hooks): mark sockets bound to a
-//!   replica port by an allowed owner (uid); only those may register.
+//!   replica port by an allowed owner (uid), the only ones that may
+//!   register, and refuse everyone else's bind to those ports.
 //! * `mtlb_sockops` (sock_ops on the cgroup2 root): registers replica
 //!   listeners the moment they call listen() (never over a live one), tells
 //!   the agent through EVENTS, counts handshakes in flight
@@ -26,7 +27,7 @@ use aya_ebpf::{
         BPF_ANY, BPF_NOEXIST, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
-        bpf_sock,
+        bpf_sock, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -637,54 +638,67 @@ fn on_state(ctx: &SockOpsContext) {
 
 // ---------------------------------------------------------------- bind
 
+// Each hook reads only its own family's address field: the verifier
+// refuses user_ip6 in bind4 and user_ip4 in bind6.
 #[cgroup_sock_addr(bind4)]
 pub fn mtlb_bind4(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx);
-    1
+    on_bind(&ctx, |c| {
+        v4_mapped(unsafe { core::ptr::read_volatile(&raw const (*c).user_ip4) }.to_ne_bytes())
+    })
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn mtlb_bind6(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx);
-    1
+    on_bind(&ctx, |c| {
+        let w = |i: usize| unsafe { core::ptr::read_volatile(&raw const (*c).user_ip6[i]) };
+        let words = [w(0), w(1), w(2), w(3)];
+        unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+    })
 }
 
-/// bind() to a replica port in our namespace by an allowed owner: mark the
-/// socket, so the listen hook may register it. sock_ops cannot tell who
-/// owns a socket (no uid helper there); bind runs in the owner's context.
-/// The bind itself is always allowed: mtlb only decides what it steers to.
+/// bind() to a replica port in our namespace: an allowed owner's socket is
+/// marked, so the listen hook may register it; anyone else's bind is
+/// refused (EPERM), so nobody else can squat a replica's port while it is
+/// down. sock_ops cannot tell who owns a socket (no uid helper there); bind
+/// runs in the owner's context. Returns 1 to allow, 0 to refuse.
 #[inline(always)]
-fn on_bind(ctx: &SockAddrContext) {
-    let Some(s) = settings() else { return };
+fn on_bind(ctx: &SockAddrContext, addr: impl Fn(*mut bpf_sock_addr) -> [u8; 16]) -> i32 {
+    let Some(s) = settings() else { return 1 };
     if s.require_owner == 0 {
-        return;
+        return 1;
     }
     let a = unsafe { &*ctx.sock_addr };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(a.user_port as u16) as u32;
     if port < s.base_port as u32 || port >= s.base_port as u32 + s.replicas as u32 {
-        return;
+        return 1;
     }
     if unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != s.netns_cookie {
-        return;
+        return 1;
     }
+    let slot = port - s.base_port as u32;
     // The low 32 bits are the uid.
     let uid = unsafe { bpf_get_current_uid_gid() } as u32;
     if unsafe { ALLOWED_UIDS.get(&uid) }.is_none() {
-        // Not marked: its listen() will be refused and reported then.
-        return;
+        let family = a.user_family;
+        let addr = addr(ctx.sock_addr);
+        stat(stat::REFUSED_LISTENERS);
+        // The uid travels in the cookie field: a socket that was never
+        // bound has no cookie worth reporting.
+        event(EV_REFUSED_BIND, slot, uid as u64, family, port, &addr);
+        return 0;
     }
     let sk = unsafe { a.__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return;
+    if !sk.is_null() {
+        let _ = SK_TAGS.set(
+            sk.cast(),
+            &SockTag {
+                slot,
+                state: TAG_OWNER_OK,
+            },
+        );
     }
-    let _ = SK_TAGS.set(
-        sk.cast(),
-        &SockTag {
-            slot: port - s.base_port as u32,
-            state: TAG_OWNER_OK,
-        },
-    );
+    1
 }
 
 #[cfg(not(test))]

@@ -535,6 +535,24 @@ pub struct ReplicaProcess {
 impl ReplicaProcess {
     /// Starts it inside `ns` and waits until it listens.
     pub fn start(ns: &Netns, name: &str, addr: &str) -> Self {
+        Self::start_as(ns, name, addr, None, false)
+    }
+
+    /// Like `start`, as `uid` (through setpriv, after entering the
+    /// namespace as root) and with IPV6_V6ONLY on an IPv6 address.
+    pub fn start_as(ns: &Netns, name: &str, addr: &str, uid: Option<u32>, v6only: bool) -> Self {
+        Self::try_start_as(ns, name, addr, uid, v6only).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Like `start_as`; `Err` with what the replica said when it could not
+    /// listen (e.g. "bind failed: Operation not permitted (os error 1)").
+    pub fn try_start_as(
+        ns: &Netns,
+        name: &str,
+        addr: &str,
+        uid: Option<u32>,
+        v6only: bool,
+    ) -> Result<Self, String> {
         let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
             // Next to the test binary's deps directory.
             let exe = std::env::current_exe().unwrap();
@@ -545,16 +563,30 @@ impl ReplicaProcess {
                 .to_string_lossy()
                 .into_owned()
         });
-        let mut cmd = Command::new(&bin);
-        cmd.args([name, addr]).stdout(Stdio::piped());
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={u}"))
+                    .arg(format!("--regid={u}"))
+                    .arg("--clear-groups")
+                    .arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args([name, addr, "1024", if v6only { "v6only" } else { "dual" }])
+            .stdout(Stdio::piped());
         ns.run_inside(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert_eq!(line.trim(), "listening", "{name} did not start");
-        Self { child }
+        if line.trim() != "listening" {
+            let _ = child.wait();
+            return Err(line.trim().to_string());
+        }
+        Ok(Self { child })
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

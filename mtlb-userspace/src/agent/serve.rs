@@ -19,7 +19,9 @@ use crate::{
     },
     system::notify::notify,
 };
-use mtlb_common::{EV_CLOSED, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent};
+use mtlb_common::{
+    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent,
+};
 use std::{collections::VecDeque, net::SocketAddr, path::Path, time::Duration};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -333,14 +335,20 @@ impl Agent {
                 }
                 EV_REFUSED_OWNER => RefuseWhy::Owner,
                 EV_REFUSED_TAKEN => RefuseWhy::Taken,
+                EV_REFUSED_BIND => {
+                    // The socket never got its port: nothing to look up.
+                    tracing::warn!(
+                        "refused a bind to {} ({}'s port) by uid {}: its owner is not in replica_uids {:?}",
+                        event_addr(&ev),
+                        replica_name(ev.slot as usize),
+                        ev.cookie,
+                        self.state.cfg().replica_uids
+                    );
+                    continue;
+                }
                 _ => continue,
             };
-            let ip = std::net::Ipv6Addr::from(ev.addr);
-            let ip = ip
-                .to_ipv4_mapped()
-                .filter(|_| ev.family == mtlb_common::AF_INET)
-                .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
-            let addr = SocketAddr::new(ip, ev.port);
+            let addr = event_addr(&ev);
             match self.registry.explain(ev.slot, addr, why) {
                 Ok(Some(r)) => log_refusal(self.state.cfg(), &r),
                 Ok(None) => {}
@@ -370,6 +378,16 @@ impl Agent {
                 .collect(),
         )
     }
+}
+
+/// The local address of a listener event.
+fn event_addr(ev: &ListenEvent) -> SocketAddr {
+    let ip = std::net::Ipv6Addr::from(ev.addr);
+    let ip = ip
+        .to_ipv4_mapped()
+        .filter(|_| ev.family == mtlb_common::AF_INET)
+        .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+    SocketAddr::new(ip, ev.port)
 }
 
 fn emit(level: Level, line: &str) {

@@ -3,7 +3,7 @@
 //! receives, closes when the client does. Prints "listening" once it
 //! listens.
 //!
-//! usage: mtlb-test-replica NAME ADDR [BACKLOG]
+//! usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only]
 
 use std::{
     io::{Read as _, Write as _},
@@ -13,10 +13,11 @@ use std::{
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(name), Some(addr)) = (args.next(), args.next()) else {
-        eprintln!("usage: mtlb-test-replica NAME ADDR [BACKLOG]");
+        eprintln!("usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only]");
         std::process::exit(2);
     };
     let backlog: i32 = args.next().map_or(1024, |b| b.parse().expect("BACKLOG"));
+    let v6only = args.next().is_some_and(|a| a == "v6only");
     let addr: std::net::SocketAddr = addr.parse().expect("ADDR");
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -25,8 +26,13 @@ fn main() {
     )
     .expect("socket");
     sock.set_reuse_address(true).expect("SO_REUSEADDR");
-    sock.bind(&addr.into())
-        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    if addr.is_ipv6() {
+        sock.set_only_v6(v6only).expect("IPV6_V6ONLY");
+    }
+    if let Err(e) = sock.bind(&addr.into()) {
+        println!("bind failed: {e}");
+        std::process::exit(3);
+    }
     sock.listen(backlog).expect("listen");
     let l: TcpListener = sock.into();
     println!("listening");

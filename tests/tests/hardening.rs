@@ -1,0 +1,428 @@
+//! Safe on a public host: what an unprivileged local user, a returning
+//! replica with a wrong secret, bursts and restarts can and cannot do. Each
+//! test runs in its own network namespace with its own agent. Run as root
+//! through `cargo xtask test`.
+
+use mtlb_tests::*;
+use std::{net::TcpStream, time::Duration};
+
+const A: &str = "127.0.0.1:10000";
+const B: &str = "127.0.0.1:10001";
+/// uid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// `n` connections to `addr`: the replica names that greeted them, and how
+/// many failed.
+fn names(addr: &str, n: usize) -> (Vec<String>, usize) {
+    let mut seen = Vec::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match connect(addr) {
+            Ok((_, name)) => seen.push(name),
+            Err(_) => failed += 1,
+        }
+    }
+    (seen, failed)
+}
+
+#[test]
+fn unprivileged_listeners_get_no_slot_and_no_client() {
+    let ns = Netns::new();
+    // Listening before the agent starts, on a slot nobody holds yet: not
+    // adopted.
+    let _early = ReplicaProcess::start_as(&ns, "evil", "0.0.0.0:10002", Some(NOBODY), false);
+    let a = Replica::start("mtp1", A);
+    let mut b = Replica::start("mtp2", B);
+    let agent = ns.agent(&["--replicas", "3"]);
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
+    let line = agent.wait_for("refused a listener for mtp3 on 0.0.0.0:10002");
+    assert!(
+        line.contains(&format!("uid {NOBODY}"))
+            && line.contains("pid ")
+            && line.contains("replica_uids [0]"),
+        "{line}"
+    );
+    let (seen, failed) = names(BALANCED, 9);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp1" || n == "mtp2"), "{seen:?}");
+
+    // IPv6-only listeners beside the real (IPv4) replicas: their binds
+    // are refused.
+    for port in [10000, 10001] {
+        let addr = format!("[::]:{port}");
+        let e = ReplicaProcess::try_start_as(&ns, "evil", &addr, Some(NOBODY), true)
+            .err()
+            .expect("bound a replica port as nobody");
+        assert!(e.contains("Operation not permitted"), "{e}");
+        let line = agent.wait_for(&format!("refused a bind to {addr}"));
+        assert!(line.contains(&format!("by uid {NOBODY}")), "{line}");
+    }
+    // IPv6 clients: no replica can take them, refused at once.
+    let (seen6, failed6) = names("[::1]:443", 10);
+    assert!(seen6.is_empty(), "IPv6 clients reached {seen6:?}");
+    assert_eq!(failed6, 10);
+    // IPv4 clients: the real replicas.
+    let (seen4, failed4) = names(BALANCED, 10);
+    assert_eq!(failed4, 0);
+    assert!(
+        seen4.iter().all(|n| n == "mtp1" || n == "mtp2"),
+        "{seen4:?}"
+    );
+
+    // mtp2 goes away; nobody cannot take the IPv4 wildcard of its port.
+    let from = agent.log_len();
+    b.stop_listening();
+    agent.wait_for_after(from, "backend mtp2 is DOWN");
+    let e = ReplicaProcess::try_start_as(&ns, "evil", "0.0.0.0:10001", Some(NOBODY), false)
+        .err()
+        .expect("squatted mtp2's port");
+    assert!(e.contains("Operation not permitted"), "{e}");
+    let (seen, failed) = names(BALANCED, 10);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
+
+    // The real mtp2 comes back: its slot and clients again.
+    let from = agent.log_len();
+    let _b2 = Replica::start("mtp2", B);
+    agent.wait_for_after(from, "backend mtp2 is UP");
+    let (seen, _) = names(BALANCED, 4);
+    assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
+    drop(a);
+}
+
+/// `any_replica_owner` restores the old behaviour, with a warning.
+#[test]
+fn any_replica_owner_lets_anyone_register() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let agent = ns.agent(&["--any-replica-owner"]);
+    agent.wait_for("any_replica_owner is set");
+    let _b = ReplicaProcess::start_as(&ns, "mtp2", B, Some(NOBODY), false);
+    agent.wait_for("backend mtp2 is UP");
+}
+
+#[test]
+fn a_live_registration_is_never_replaced() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("backend mtp2 is UP");
+    // Even an allowed owner's second listener on the port (here IPv6-only
+    // beside the registered IPv4 one) does not take the slot.
+    let _twin = Replica::start_with("twin", "[::]:10001", 1024, true, Some(true));
+    let line = agent.wait_for("refused a listener for mtp2 on [::]:10001");
+    assert!(line.contains("the slot holds a live listener"), "{line}");
+    let (seen, failed) = names(BALANCED, 10);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp1" || n == "mtp2"), "{seen:?}");
+    let (seen6, _) = names("[::1]:443", 4);
+    assert!(seen6.is_empty(), "{seen6:?}");
+}
+
+/// A restarted replica that answers checks wrongly gets no client; one that
+/// answers right gets clients as soon as its first check passes.
+#[test]
+fn a_returning_replica_proves_itself_before_clients() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    const OTHER: &str = "fedcba9876543210fedcba9876543210";
+    let ns = Netns::new();
+    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
+    let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
+    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let agent = ns.agent_debug(&["--config", &cfg]);
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
+
+    // Restarted with a wrong secret: no client reaches it.
+    let from = agent.log_len();
+    drop(mtp2);
+    agent.wait_for_after(from, "backend mtp2 is DOWN");
+    let wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, false);
+    agent.wait_for_after(from, "replica mtp2 registered");
+    let (_, line) = agent.wait_for_after(from, "check mtp2: failed");
+    assert!(line.contains("no answer through proxy"), "{line}");
+    for _ in 0..10 {
+        let (mut c, line) = py_first_line(
+            &ns,
+            "telethon_client.py",
+            &[
+                "443",
+                &format!("dd{SECRET}"),
+                "--hold",
+                "0",
+                "--timeout",
+                "8",
+            ],
+        );
+        let _ = c.wait();
+        let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(r["verdict"], "UP", "a client failed: {r}");
+    }
+    let (_, text) = http_get("/metrics");
+    assert_eq!(
+        metric(&text, "mtlb_backend_connections_total{backend=\"mtp2\"}"),
+        Some(0.0),
+        "{text}"
+    );
+
+    // Restarted with the right secret: its first check runs the moment it
+    // listens, and clients follow.
+    drop(wrong);
+    let from = agent.log_len();
+    let _right = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
+    let (_, up) = agent.wait_for_after(from, "backend mtp2 is UP");
+    assert!(
+        up.contains("reason: MTProxy answered through upstream"),
+        "{up}"
+    );
+    // Checked the moment it listens (not on the next scheduled check):
+    // UP within its check's duration and 100 ms of registering.
+    let (_, reg) = agent.wait_for_after(from, "replica mtp2 registered");
+    let gap = log_time(&up) - log_time(&reg);
+    let took: u64 = up
+        .split("check duration: ")
+        .nth(1)
+        .and_then(|r| r.split("ms").next())
+        .and_then(|n| n.parse().ok())
+        .expect("check duration");
+    assert!(
+        gap <= Duration::from_millis(took + 100),
+        "UP {gap:?} after registering, check took {took} ms"
+    );
+    // mtp1 holds nothing now either, so a held client may go to either;
+    // two held clients cover both.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(py_first_line(
+            &ns,
+            "telethon_client.py",
+            &[
+                "443",
+                &format!("dd{SECRET}"),
+                "--hold",
+                "5",
+                "--timeout",
+                "8",
+            ],
+        ));
+    }
+    let (_, text) = http_get("/metrics");
+    assert!(
+        metric(&text, "mtlb_backend_connections_total{backend=\"mtp2\"}").unwrap() >= 1.0,
+        "{text}"
+    );
+    for (mut c, _) in held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// The time stamp at the start of an agent log line.
+fn log_time(line: &str) -> Duration {
+    let ts = line.split_whitespace().next().unwrap();
+    // 2026-11-29T16:41:53.937869Z: seconds of the day are enough here.
+    let t = ts.split('T').nth(1).unwrap().trim_end_matches('Z');
+    let mut it = t.split(':');
+    let h: f64 = it.next().unwrap().parse().unwrap();
+    let m: f64 = it.next().unwrap().parse().unwrap();
+    let s: f64 = it.next().unwrap().parse().unwrap();
+    Duration::from_secs_f64(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A client's SYN charged to a replica that then dies, retransmitted and
+/// accepted by the other: each slot ends at what its replica holds, none
+/// wraps below zero.
+#[test]
+fn a_retransmitted_syn_after_replica_death_is_charged_once() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let mut b = ReplicaProcess::start(&ns, "mtp2", B);
+    // Expiry far away: only the kernel's bookkeeping is under test.
+    let agent = ns.agent(&["--handshake-timeout-ms", "60000"]);
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
+    let maps = agent.maps();
+    // Three held on mtp1, so the next SYN goes to mtp2.
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
+    assert!(ok, "{out}");
+    let held: Vec<TcpStream> = (0..3).map(|_| connect(BALANCED).unwrap().0).collect();
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "ready"]);
+    assert!(ok, "{out}");
+    // SYN-ACKs do not get out: the handshake stays open on mtp2.
+    ns.nft("add table inet mtlbtest");
+    ns.nft("add chain inet mtlbtest out { type filter hook output priority 0; }");
+    ns.nft("add rule inet mtlbtest out tcp sport 443 tcp flags & (syn | ack) == syn | ack drop");
+    let client = start_connects(BALANCED, 1);
+    wait_counts(&maps, 2, "the SYN charged to mtp2", |c| {
+        c[1].handshakes == 1 && c[0].established == 3
+    });
+    // mtp2 dies with the handshake in its queue; the client's SYN
+    // retransmit (1 s later) finds mtp1.
+    b.kill();
+    ns.nft("delete table inet mtlbtest");
+    let s: TcpStream = {
+        let s = client.into_iter().next().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.into()
+    };
+    assert_eq!(greeting(&s).unwrap(), "mtp1");
+    wait_counts(&maps, 2, "each slot at what its replica holds", |c| {
+        c[0].established == 4 && c[0].handshakes == 0 && c[1].handshakes == 0
+    });
+    let c = conns(&maps, 1);
+    assert_eq!((c.established, c.handshakes), (0, 0));
+    drop(held);
+    drop(s);
+    wait_counts(&maps, 2, "all closed", |c| {
+        c.iter().all(|c| c.established == 0 && c.handshakes == 0)
+    });
+}
+
+/// Established connections from the balanced port held by each process
+/// in `pids`, from `ss -tnp` in the namespace.
+fn held_by(ns: &Netns, pids: &[u32]) -> Vec<u64> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "ss",
+            "-Htnp",
+            "state",
+            "established",
+        ])
+        .arg("( sport = :443 )")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    pids.iter()
+        .map(|p| {
+            let tag = format!("pid={p},");
+            text.lines().filter(|l| l.contains(&tag)).count() as u64
+        })
+        .collect()
+}
+
+/// xorshift64*: a reproducible sequence from a seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// Random sequences of opens, FIN and RST closes, abandoned handshakes,
+/// replica deaths (with clients retrying) and agent restarts: whenever the
+/// dust settles, every slot's count is what its replica holds.
+#[test]
+fn counts_match_what_replicas_hold_after_any_sequence() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_synack_retries", "1");
+    let addrs = [A, B];
+    let mut reps: Vec<ReplicaProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ReplicaProcess::start(&ns, &format!("mtp{}", i + 1), a))
+        .collect();
+    let args = ["--handshake-timeout-ms", "500"];
+    let mut agent = ns.agent(&args);
+    agent.wait_for("backend mtp2 is UP");
+    let mut held: Vec<TcpStream> = Vec::new();
+    for seed in [0x9e37_79b9_7f4a_7c15u64, 0xdead_beef_cafe_f00d] {
+        let mut rng = Rng(seed);
+        let mut log = Vec::new();
+        for step in 0..30 {
+            let op = rng.below(10);
+            log.push(op);
+            match op {
+                // Open (held).
+                0..=3 => {
+                    if let Ok((s, _)) = connect(BALANCED) {
+                        held.push(s);
+                    }
+                }
+                // FIN close.
+                4 if !held.is_empty() => {
+                    let i = rng.below(held.len());
+                    drop(held.swap_remove(i));
+                }
+                // RST close.
+                5 if !held.is_empty() => {
+                    let i = rng.below(held.len());
+                    let s = socket2::Socket::from(held.swap_remove(i));
+                    s.set_linger(Some(Duration::ZERO)).unwrap();
+                    drop(s);
+                }
+                // Abandoned handshakes: final ACKs dropped, clients gone.
+                6 => {
+                    ns.nft("add table inet mtlbtest");
+                    ns.nft("add chain inet mtlbtest out { type filter hook output priority 0; }");
+                    ns.nft("add rule inet mtlbtest out tcp dport 443 tcp flags == ack drop");
+                    drop(start_connects(BALANCED, 3));
+                    ns.nft("delete table inet mtlbtest");
+                }
+                // A replica dies with a client's SYN in flight, and comes
+                // back; the client retries.
+                7 => {
+                    let r = rng.below(2);
+                    let pending = start_connects(BALANCED, 1);
+                    reps[r].kill();
+                    reps[r] = ReplicaProcess::start(&ns, &format!("mtp{}", r + 1), addrs[r]);
+                    drop(pending);
+                    // The dead replica's connections are gone with it.
+                    held.retain(|s| {
+                        s.set_nonblocking(true).unwrap();
+                        let mut b = [0u8; 1];
+                        let alive = !matches!(s.peek(&mut b), Ok(0) | Err(_))
+                            || matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                        s.set_nonblocking(false).unwrap();
+                        alive
+                    });
+                }
+                // The agent dies and a new one takes over.
+                8 => {
+                    agent.kill9();
+                    agent = ns.agent(&args);
+                }
+                _ => {}
+            }
+            if step % 6 == 5 {
+                settle(&ns, &agent, &reps, &format!("seed {seed:x} ops {log:?}"));
+            }
+        }
+        settle(&ns, &agent, &reps, &format!("seed {seed:x} ops {log:?}"));
+    }
+    drop(held);
+    settle(&ns, &agent, &reps, "all closed");
+}
+
+/// Waits until each slot's count (handshakes expired) equals what `ss`
+/// says its replica holds.
+fn settle(ns: &Netns, agent: &Agent, reps: &[ReplicaProcess], what: &str) {
+    let pids: Vec<u32> = reps.iter().map(|r| r.child.id()).collect();
+    let maps = agent.maps();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let want = held_by(ns, &pids);
+        let got: Vec<Conns> = (0..2).map(|s| conns(&maps, s)).collect();
+        if got
+            .iter()
+            .zip(&want)
+            .all(|(c, w)| c.established == *w && c.handshakes == 0)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: counts {got:?}, replicas hold {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
