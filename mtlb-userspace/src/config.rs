@@ -158,8 +158,11 @@ pub struct Config {
     /// bpffs mount point under which pins live. Default /sys/fs/bpf
     /// (mounted there if nothing is).
     pub bpffs: PathBuf,
-    /// Keep the programs attached and maps pinned when the agent exits.
-    /// Default false.
+    /// Keep the programs attached and maps pinned when the agent exits
+    /// (SIGTERM, SIGINT), so steering and counts go on and the next agent
+    /// takes them over: a restart (`systemctl restart mtlb`) never refuses
+    /// a connection. Default true. `mtlb remove` takes mtlb off for good;
+    /// false makes every exit do that.
     pub keep_pins: bool,
     /// How often the agent looks for replica listeners it has not seen
     /// register (e.g. started before it), in milliseconds. Default 500.
@@ -196,7 +199,7 @@ impl Default for Config {
             stats_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             stats_port: 8404,
             bpffs: PathBuf::from(DEFAULT_BPFFS),
-            keep_pins: false,
+            keep_pins: true,
             scan_interval_ms: 500,
             handshake_timeout_ms: 3000,
             state_dir: PathBuf::from("/var/lib/mtlb"),
@@ -235,9 +238,10 @@ pub struct Overrides {
     /// bpffs mount point [config: bpffs, default /sys/fs/bpf].
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
-    /// Keep programs attached and maps pinned on exit [config: keep_pins].
-    #[arg(long)]
-    pub keep_pins: bool,
+    /// Keep programs attached and maps pinned on exit: true or false
+    /// [config: keep_pins, default true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_pins: Option<bool>,
     /// Milliseconds after which an incomplete handshake stops counting
     /// [config: handshake_timeout_ms, default 3000].
     #[arg(long)]
@@ -310,8 +314,8 @@ impl Config {
         if o.any_replica_owner {
             self.any_replica_owner = true;
         }
-        if o.keep_pins {
-            self.keep_pins = true;
+        if let Some(k) = o.keep_pins {
+            self.keep_pins = k;
         }
     }
 
@@ -694,5 +698,42 @@ mod tests {
         let p = Path::new("/nonexistent/mtlb.toml");
         assert_eq!(Config::load(p, false).unwrap(), Config::default());
         assert!(Config::load(p, true).is_err());
+    }
+
+    #[test]
+    fn stats_port_must_not_be_a_balanced_or_replica_port() {
+        for (text, why) in [
+            ("stats_port = 443", "is the balanced port"),
+            ("stats_port = 10001", "inside the replica ports"),
+            ("port = 8404", "is the balanced port"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("`stats_port`") && e.contains(why), "{text}: {e}");
+        }
+        assert!(parse("stats_port = 10002").is_ok());
+    }
+
+    #[test]
+    fn replica_owners() {
+        let c = parse("").unwrap();
+        assert_eq!(c.replica_uids, [0]);
+        assert!(c.owner_allowed(0) && !c.owner_allowed(65534));
+        let e = parse("replica_uids = []").unwrap_err().to_string();
+        assert!(e.contains("`replica_uids`"), "{e}");
+        let c = parse("replica_uids = []\nany_replica_owner = true").unwrap();
+        assert!(c.owner_allowed(65534));
+        let many: Vec<String> = (0..65).map(|u| u.to_string()).collect();
+        let e = parse(&format!("replica_uids = [{}]", many.join(",")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 64"), "{e}");
+        let mut c = Config::default();
+        c.apply(&Overrides {
+            replica_uids: vec![995],
+            keep_pins: Some(false),
+            ..Overrides::default()
+        });
+        assert_eq!(c.replica_uids, [995]);
+        assert!(!c.keep_pins);
     }
 }

@@ -24,6 +24,9 @@ pub enum Request {
     Locate { name: String },
     /// Re-read the configuration file.
     Reload,
+    /// Detach everything, remove the pins and stop: mtlb off this
+    /// namespace for good.
+    Remove,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +133,7 @@ mod tests {
                 name: "mtp1".into(),
             },
             Request::Reload,
+            Request::Remove,
         ] {
             let line = serde_json::to_string(&r).unwrap();
             assert_eq!(parse(&line).unwrap(), r);

@@ -426,3 +426,254 @@ fn settle(ns: &Netns, agent: &Agent, reps: &[ReplicaProcess], what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Connects in a loop from a thread inside `ns` until `stop`: (connects
+/// that succeeded, errors).
+fn connect_loop(
+    ns: &Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    let file = ns.file.try_clone().unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let (mut ok, mut failed) = (0, Vec::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            match connect(BALANCED) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (ok, failed)
+    })
+}
+
+/// `systemctl restart mtlb` is SIGTERM then a new start with the same
+/// config: no connection is refused in between, and every count goes on.
+#[test]
+fn a_restart_keeps_steering_and_counts() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let mut agent = ns.agent(&[]);
+    agent.wait_for("backend mtp2 is UP");
+    let held: Vec<(TcpStream, String)> = (0..20).map(|_| connect(BALANCED).unwrap()).collect();
+    let on_b = held.iter().filter(|(_, n)| n == "mtp2").count() as u64;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = connect_loop(&ns, stop.clone());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(agent.stop().success());
+    let agent = ns.agent(&[]);
+    agent.wait_for("taking over the pinned state of an earlier agent");
+    agent.wait_for("backend mtp2 is UP");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = looping.join().unwrap();
+    assert!(failed.is_empty(), "refused across the restart: {failed:?}");
+    assert!(ok > 10, "{ok}");
+    // The held connections are still counted.
+    let maps = agent.maps();
+    wait_counts(&maps, 2, "20 held across the restart", |c| {
+        c[0].established + c[1].established == 20 && c[1].established == on_b
+    });
+    // So a drain is not over while they last.
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
+    assert!(ok, "{out}");
+    let (ok, out) = mtlb_cli(
+        &ns,
+        &["backend", "mtp2", "wait-drained", "--timeout", "300ms"],
+    );
+    assert!(!ok && out.contains(&format!("still has {on_b}")), "{out}");
+    drop(held);
+    let (ok, out) = mtlb_cli(
+        &ns,
+        &["backend", "mtp2", "wait-drained", "--timeout", "10s"],
+    );
+    assert!(ok, "{out}");
+    // A replica that is not configured has nothing to drain (the playbook
+    // waits on replicas a reload already removed).
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp5", "wait-drained"]);
+    assert!(ok && out.contains("not configured"), "{out}");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "nope", "wait-drained"]);
+    assert!(!ok && out.contains("no backend named"), "{out}");
+}
+
+/// `mtlb remove` with an agent running: it detaches, removes the pins and
+/// exits; nothing steers afterwards.
+#[test]
+fn remove_takes_mtlb_off_for_good() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let mut agent = ns.agent(&[]);
+    agent.wait_for("backend mtp1 is UP");
+    let (ok, out) = mtlb_cli(&ns, &["remove"]);
+    assert!(ok, "{out}");
+    assert!(agent.wait_exit().success());
+    assert!(
+        agent
+            .log()
+            .contains("removing mtlb from this namespace (by operator)")
+    );
+    assert!(!ns.pin_dir().exists());
+    assert!(TcpStream::connect(BALANCED).is_err(), "still steering");
+}
+
+/// Unmounts what a test mounted, lazily.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Starts `mtlb run ARGS` in `ns` with `state_dir` of the test's choosing.
+fn agent_with_state_dir(ns: &Netns, state_dir: &std::path::Path, args: &[&str]) -> Agent {
+    let mut cmd = std::process::Command::new(std::env::var("MTLB_BIN").unwrap());
+    cmd.arg("run").args(args).arg("--state-dir").arg(state_dir);
+    ns.run_inside(&mut cmd);
+    Agent::command(cmd, ns.pin_dir())
+}
+
+#[test]
+fn operator_state_is_durable_and_errors_are_loud() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    // A state_dir nobody can write to, root included: a read-only mount.
+    let ro = ns.state_dir().join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _unmount = Unmount(ro.clone());
+    let mut agent = agent_with_state_dir(&ns, &ro, &["--keep-pins", "false"]);
+    agent.wait_for("backend mtp2 is UP");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
+    assert!(!ok, "maint reported saved: {out}");
+    assert!(out.contains("could not be saved"), "{out}");
+    assert!(agent.log().contains("saving operator state"));
+    assert!(agent.stop().success());
+
+    // A saved MAINT, then a truncated file: the agent refuses to start
+    // (MAINT must not come back READY), attaching nothing.
+    let dir = ns.state_dir().join("state");
+    let mut agent = agent_with_state_dir(&ns, &dir, &["--keep-pins", "false"]);
+    agent.wait_for("backend mtp2 is UP");
+    let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
+    assert!(ok, "{out}");
+    assert!(agent.stop().success());
+    let path = dir.join(format!("state-{}.json", ns.ino));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("MAINT"), "{text}");
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    let mut agent = agent_with_state_dir(&ns, &dir, &[]);
+    assert!(!agent.wait_exit().success());
+    let log = agent.log();
+    assert!(
+        log.contains("invalid state file") && log.contains("fix or remove it"),
+        "{log}"
+    );
+    assert!(!ns.pin_dir().exists(), "attached with a broken state file");
+    assert!(TcpStream::connect(BALANCED).is_err());
+}
+
+/// Namespace inode numbers are reused: pins left by a dead namespace under
+/// the inode a new one gets are not taken over.
+#[test]
+fn pins_of_a_dead_namespace_are_not_taken_over() {
+    let old = Netns::create();
+    let new = Netns::new();
+    // An agent in `old` keeps its pins (counts included) when it stops.
+    let mut cmd = std::process::Command::new(std::env::var("MTLB_BIN").unwrap());
+    cmd.arg("run").arg("--state-dir").arg(old.state_dir());
+    old.run_inside(&mut cmd);
+    let mut agent = Agent::command(cmd, old.pin_dir());
+    agent.wait_for("no replica is listening yet");
+    assert!(agent.stop().success());
+    assert!(old.pin_dir().exists());
+    // As if `new` had got the dead namespace's inode number.
+    std::fs::rename(old.pin_dir(), new.pin_dir()).unwrap();
+    let _a = Replica::start("mtp1", A);
+    let agent = new.agent(&[]);
+    let line = agent.wait_for("cannot take over");
+    assert!(line.contains("another network namespace"), "{line}");
+    agent.wait_for("backend mtp1 is UP");
+    assert_eq!(connect(BALANCED).unwrap().1, "mtp1");
+}
+
+/// With SYN cookies always on, every flow is remembered; a remembered flow
+/// must not lead to a drained replica.
+#[test]
+fn remembered_flows_respect_drain() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syncookies", "2");
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("backend mtp2 is UP");
+    // The same 4-tuple again and again: close with RST so neither side
+    // keeps it in TIME_WAIT.
+    let from = |port: u16| -> String {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(
+            &"127.0.0.1:40000"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        s.connect_timeout(&dst.into(), Duration::from_secs(5))
+            .unwrap();
+        let t: TcpStream = s.into();
+        let name = greeting(&t).unwrap();
+        let s = socket2::Socket::from(t);
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        name
+    };
+    let first = from(443);
+    assert_eq!(from(443), first, "the remembered flow");
+    let (ok, out) = mtlb_cli(&ns, &["backend", &first, "drain"]);
+    assert!(ok, "{out}");
+    for _ in 0..5 {
+        assert_ne!(
+            from(443),
+            first,
+            "a remembered flow reached the drained replica"
+        );
+    }
+}
+
+/// A changed `scan_interval_ms` takes effect on reload.
+#[test]
+fn scan_interval_changes_on_reload() {
+    let ns = Netns::new();
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("mtlb.toml");
+    std::fs::write(&cfg, "scan_interval_ms = 60000\n").unwrap();
+    let agent = ns.agent_debug(&["--config", cfg.to_str().unwrap()]);
+    agent.wait_for("scanning for replica listeners");
+    let scans = || {
+        agent
+            .log()
+            .matches("scanning for replica listeners")
+            .count()
+    };
+    let before = scans();
+    std::fs::write(&cfg, "scan_interval_ms = 20\n").unwrap();
+    let (ok, out) = mtlb_cli(&ns, &["reload", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    agent.wait_count("scanning for replica listeners", before + 10);
+}

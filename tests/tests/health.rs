@@ -297,8 +297,11 @@ fn commands_find_an_agent_placed_by_its_config_file_alone() {
     );
     assert!(!ok && out.contains("/nonexistent/"), "{out}");
 
-    assert!(agent.stop().success());
-    assert!(!pin_dir.exists(), "pins removed on exit");
+    // Taken off for good through the same file.
+    let (ok, out) = mtlb_cli(&ns, &["remove", "--config", c]);
+    assert!(ok, "{out}");
+    assert!(agent.wait_exit().success());
+    assert!(!pin_dir.exists(), "pins left after mtlb remove");
 }
 
 #[test]

@@ -475,7 +475,7 @@ fn ipv6_client_refused_cleanly_by_ipv4_only_replicas() {
 }
 
 #[test]
-fn no_replica_refuses_at_once_and_stop_removes_pins() {
+fn no_replica_refuses_at_once_and_remove_takes_the_pins() {
     let ns = Netns::new();
     let mut agent = ns.agent(&[]);
     agent.wait_for("no replica is listening yet");
@@ -497,9 +497,15 @@ fn no_replica_refuses_at_once_and_stop_removes_pins() {
             e.path().display()
         );
     }
+    // SIGTERM keeps the pins (a restart must not stop steering); `mtlb
+    // remove` takes them away.
     assert!(agent.stop().success());
-    assert!(!dir.exists(), "pins left after SIGTERM");
-    // Steering is gone with the agent: nothing listens on 443.
+    assert!(dir.exists(), "pins removed by SIGTERM");
+    let (ok, out) = mtlb_cli(&ns, &["remove"]);
+    assert!(ok, "{out}");
+    assert!(!dir.exists(), "pins left after mtlb remove");
+    let (ok, out) = mtlb_cli(&ns, &["remove"]);
+    assert!(ok && out.contains("nothing to remove"), "{out}");
     assert!(TcpStream::connect(BALANCED).is_err());
 }
 
@@ -519,19 +525,20 @@ fn kept_pins_keep_steering_and_the_next_agent_replaces_them() {
     assert!(name.starts_with("mtp"));
     assert!(ns.pin_dir().exists());
 
-    // --keep-pins on SIGTERM: same. The new agent takes the pinned state
-    // over: the connection held across the restart is still counted.
-    agent = ns.agent(&["--keep-pins"]);
+    // SIGTERM (keep_pins, the default): same. The new agent takes the
+    // pinned state over: the connection held across the restart is still
+    // counted.
+    agent = ns.agent(&[]);
     agent.wait_for("taking over the pinned state of an earlier agent");
     let m = agent.maps();
     assert_eq!(conns(&m, 0).established + conns(&m, 1).established, 1);
     agent.wait_for("backend mtp2 is UP");
     assert!(agent.stop().success());
     assert!(agent.log().contains("keeping programs attached"));
-    assert!(connect(BALANCED).is_ok(), "steering after --keep-pins exit");
+    assert!(connect(BALANCED).is_ok(), "steering after a kept-pins exit");
 
-    // Without it, SIGTERM takes everything down.
-    let mut agent = ns.agent(&[]);
+    // With keep_pins false, SIGTERM takes everything down.
+    let mut agent = ns.agent(&["--keep-pins", "false"]);
     agent.wait_for("backend mtp2 is UP");
     assert!(agent.stop().success());
     assert!(!ns.pin_dir().exists());

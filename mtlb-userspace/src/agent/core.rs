@@ -142,6 +142,8 @@ pub enum Effect {
     Reply(Response),
     /// Read the configuration again and step [`Event::Reloaded`].
     ReadConfig(Origin),
+    /// Detach and unpin on the way out, whatever `keep_pins` says.
+    Remove,
     /// Adopt listeners on replica ports that are not registered.
     Adopt,
     /// Read the registrations now and step [`Event::Listeners`].
@@ -608,18 +610,46 @@ impl State {
             })
     }
 
+    /// Whether `name` is `mtp<N>` for a slot past the ones in use.
+    fn beyond_slots(&self, name: &str) -> bool {
+        name.strip_prefix("mtp")
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n > self.slots.len() && n <= MAX_REPLICAS as usize)
+    }
+
     fn control(&mut self, req: Request, inp: &Inputs, out: &mut Vec<Effect>) {
         let reply = match req {
             Request::Admin { name, state } => self.set_admin(&name, &state, inp, out),
             Request::Weight { name, weight } => self.set_weight(&name, weight, inp, out),
-            Request::Locate { name } => self.find(&name).map(|slot| Response {
-                slot: Some(slot as u32),
-                pin_dir: Some(self.pin_dir.clone()),
-                ..Response::ok("")
-            }),
+            Request::Locate { name } => match self.find(&name) {
+                Ok(slot) => Ok(Response {
+                    slot: Some(slot as u32),
+                    pin_dir: Some(self.pin_dir.clone()),
+                    ..Response::ok("")
+                }),
+                // A replica a reload scaled away is gone once drained.
+                Err(_) if self.beyond_slots(&name) => Ok(Response::ok(format!(
+                    "{name} is not configured (scaled away, or never was): nothing to drain"
+                ))),
+                Err(e) => Err(e),
+            },
             Request::Reload => {
                 // The reply comes with Event::Reloaded.
                 out.push(Effect::ReadConfig(Origin::Control));
+                return;
+            }
+            Request::Remove => {
+                log(
+                    out,
+                    Level::WARN,
+                    "removing mtlb from this namespace (by operator): steering stops",
+                );
+                out.push(Effect::Reply(Response::ok(format!(
+                    "detaching and removing {}",
+                    self.pin_dir.display()
+                ))));
+                out.push(Effect::Remove);
+                out.push(Effect::Stop);
                 return;
             }
         };

@@ -41,10 +41,13 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn new(path: PathBuf, overrides: Overrides) -> Self {
+    /// `path` as given on the command line: `None` is the default path,
+    /// which may be missing; a path given is an error when missing, even
+    /// the default one.
+    pub fn new(path: Option<PathBuf>, overrides: Overrides) -> Self {
         Self {
-            explicit: path != Path::new(config::DEFAULT_PATH),
-            path,
+            explicit: path.is_some(),
+            path: path.unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH)),
             overrides,
         }
     }
@@ -91,6 +94,8 @@ pub enum StartError {
     NetnsCookie(#[source] std::io::Error),
     #[error(transparent)]
     Cookies(#[from] serve::CookieWatchError),
+    #[error(transparent)]
+    State(#[from] persist::PersistError),
 }
 
 fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError {
@@ -181,6 +186,11 @@ impl Agent {
         }
         let ino = pins::netns_inode()?;
         let lock = pins::lock(ino)?;
+        // Operator choices must not be lost silently: a replica in MAINT
+        // coming back READY would take traffic. Unreadable means stop,
+        // before anything is attached.
+        let saved_path = persist::state_file(&cfg.state_dir, ino);
+        let saved = persist::Saved::load(&saved_path)?;
         // Bind the stats endpoint before attaching anything: a port in use
         // is a startup error that leaves nothing behind.
         let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
@@ -203,8 +213,23 @@ impl Agent {
         // registrations, counts and socket tags carry on; else move them
         // aside and drop them once our programs are attached. Either way
         // steering never stops.
+        let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
         if pins::has_pins(&dir) {
-            match loader::pins_compatible(&dir)? {
+            // Inode numbers of namespaces are reused: pins under ours may
+            // be a dead namespace's. The cookie in their SETTINGS is not
+            // reused (for the boot).
+            let compat = match loader::pins_compatible(&dir)? {
+                Compat::Compatible => match Maps::from_pins(&dir).and_then(|m| m.settings()) {
+                    Ok(s) if s.netns_cookie == cookie => Compat::Compatible,
+                    Ok(_) => Compat::Incompatible(
+                        "they belong to another network namespace that had this inode number"
+                            .into(),
+                    ),
+                    Err(e) => Compat::Incompatible(crate::error::report(&e)),
+                },
+                other => other,
+            };
+            match compat {
                 Compat::Compatible => {
                     up.took_over = true;
                     tracing::info!(
@@ -232,15 +257,6 @@ impl Agent {
         // Accounting first, so connections steered from the first instant
         // are counted; running replicas adopted before steering starts.
         let mut loaded = loader::load(&dir)?;
-        let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
-        let saved_path = persist::state_file(&cfg.state_dir, ino);
-        let saved = persist::Saved::load(&saved_path).unwrap_or_else(|e| {
-            tracing::warn!(
-                "ignoring unreadable state file {}",
-                crate::error::report(&e)
-            );
-            persist::Saved::default()
-        });
         let inp_now = std::time::Instant::now();
         let counts = loaded.maps.counts(cfg.replicas as usize);
         let state = core::State::new(

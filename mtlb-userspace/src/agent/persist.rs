@@ -17,7 +17,9 @@ pub enum PersistError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid state file {path}")]
+    #[error(
+        "invalid state file {path} (operator choices: drain, maint, weights); fix or remove it"
+    )]
     Parse {
         path: PathBuf,
         #[source]
@@ -75,19 +77,27 @@ impl Saved {
         }
     }
 
-    /// Writes atomically (temp file + rename).
+    /// Writes durably: a temp file, fsynced, renamed over the old one, and
+    /// the directory fsynced, so a crash leaves the old file or the new
+    /// one, never a torn one.
     pub fn store(&self, path: &Path) -> Result<(), PersistError> {
+        use std::io::Write as _;
         let write = |source| PersistError::Write {
             path: path.to_owned(),
             source,
         };
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(write)?;
-        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(write)?;
         let tmp = path.with_extension("tmp");
         let text = serde_json::to_vec_pretty(self).expect("the state serializes");
-        std::fs::write(&tmp, text).map_err(write)?;
-        std::fs::rename(tmp, path).map_err(write)
+        let mut f = std::fs::File::create(&tmp).map_err(write)?;
+        f.write_all(&text).map_err(write)?;
+        f.sync_all().map_err(write)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(write)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write)
     }
 
     /// The choices worth keeping: replicas not READY or with a weight set.
@@ -142,6 +152,9 @@ mod tests {
             Saved::default()
         );
         std::fs::write(&p, "{\"backends\":{\"mtp1\":{\"admin\":\"NOPE\"}}}").unwrap();
+        assert!(matches!(Saved::load(&p), Err(PersistError::Parse { .. })));
+        // Truncated.
+        std::fs::write(&p, "{\"backends\":{\"mtp1\":{\"adm").unwrap();
         assert!(matches!(Saved::load(&p), Err(PersistError::Parse { .. })));
     }
 }

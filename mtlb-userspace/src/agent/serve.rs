@@ -50,7 +50,9 @@ impl Signals {
     }
 }
 
-type ControlMsg = (Request, oneshot::Sender<Response>);
+/// A control request, where to answer, and (from the connection's task)
+/// word that the answer was written, so the agent can stop after answering.
+type ControlMsg = (Request, oneshot::Sender<Response>, oneshot::Receiver<()>);
 /// A finished check: slot, generation, listener cookie, result.
 type CheckDone = (usize, u64, u64, CheckResult);
 
@@ -101,8 +103,8 @@ impl Agent {
         // Registration itself happens in the kernel at listen(); this only
         // notices it, so 100 ms is plenty.
         let mut poll = tokio::time::interval(Duration::from_millis(100));
-        let mut scan =
-            tokio::time::interval(Duration::from_millis(self.state.cfg().scan_interval_ms));
+        let mut scan_ms = self.state.cfg().scan_interval_ms;
+        let mut scan = tokio::time::interval(Duration::from_millis(scan_ms));
         let mut expire = tokio::time::interval(Duration::from_millis(250));
         for t in [&mut poll, &mut scan, &mut expire] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -114,12 +116,14 @@ impl Agent {
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             let mut reply = None;
+            let mut written = None;
             let ev = tokio::select! {
                 _ = sig.int.recv() => Event::Signal(Signal::Interrupt),
                 _ = sig.term.recv() => Event::Signal(Signal::Terminate),
                 _ = sig.hup.recv() => Event::Signal(Signal::Hangup),
-                Some((req, r)) = rx.recv() => {
+                Some((req, r, w)) = rx.recv() => {
                     reply = Some(r);
+                    written = Some(w);
                     Event::Control(req)
                 }
                 _ = tokio::time::sleep_until(due) => Event::ChecksDue,
@@ -153,10 +157,24 @@ impl Agent {
                     Event::Tick
                 }
                 _ = expire.tick() => Event::ExpiryTick,
-                _ = scan.tick() => Event::ScanTick,
+                _ = scan.tick() => {
+                    tracing::debug!("scanning for replica listeners that did not register");
+                    Event::ScanTick
+                }
             };
             if self.run(ev, reply, &mut checks) == Flow::Stop {
+                // Stopped by a control request (`mtlb remove`): its answer
+                // goes out first.
+                if let Some(w) = written {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+                }
                 return;
+            }
+            // A reload may have changed the scan interval.
+            if self.state.cfg().scan_interval_ms != scan_ms {
+                scan_ms = self.state.cfg().scan_interval_ms;
+                scan = tokio::time::interval(Duration::from_millis(scan_ms));
+                scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
         }
     }
@@ -171,6 +189,8 @@ impl Agent {
         checks: &mut JoinSet<CheckDone>,
     ) -> Flow {
         let mut flow = Flow::Continue;
+        // A failed save fails the operator's command that asked for it.
+        let mut save_failed: Option<String> = None;
         let mut queue = VecDeque::from([ev]);
         while let Some(ev) = queue.pop_front() {
             let conns = self.loaded.maps.counts(self.state.slots().len());
@@ -206,7 +226,9 @@ impl Agent {
                     }
                     Effect::Save(saved) => {
                         if let Err(e) = saved.store(&self.saved_path) {
-                            tracing::warn!("saving state: {}", report(&e));
+                            let e = report(&e);
+                            tracing::error!("saving operator state: {e}");
+                            save_failed = Some(e);
                         }
                     }
                     Effect::StartCheck {
@@ -223,6 +245,13 @@ impl Agent {
                         }
                     }
                     Effect::Reply(r) => {
+                        let r = match save_failed.take() {
+                            Some(e) if r.ok => Response::err(format!(
+                                "{}, but it could not be saved ({e}): it holds until the agent restarts",
+                                r.message
+                            )),
+                            _ => r,
+                        };
                         if let Some(tx) = reply.take() {
                             let _ = tx.send(r);
                         }
@@ -264,6 +293,7 @@ impl Agent {
                         }
                     }
                     Effect::Notify(s) => notify(&s),
+                    Effect::Remove => self.keep_pins = false,
                     Effect::Stop => flow = Flow::Stop,
                 }
             }
@@ -333,7 +363,15 @@ impl Agent {
                     changed = true;
                     continue;
                 }
-                EV_REFUSED_OWNER => RefuseWhy::Owner,
+                EV_REFUSED_OWNER => {
+                    // Not marked at bind: bound before the agent ran, or by
+                    // someone else. The scan tells which (it reads the
+                    // owner), adopting the first kind and reporting the
+                    // other.
+                    let cfg = self.state.cfg().clone();
+                    changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+                    continue;
+                }
                 EV_REFUSED_TAKEN => RefuseWhy::Taken,
                 EV_REFUSED_BIND => {
                     // The socket never got its port: nothing to look up.
@@ -469,10 +507,11 @@ async fn accept_control(l: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg
             let (r, mut w) = s.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let (wtx, wrx) = oneshot::channel();
                 let resp = match control::parse(&line) {
                     Ok(req) => {
                         let (otx, orx) = oneshot::channel();
-                        if tx.send((req, otx)).await.is_err() {
+                        if tx.send((req, otx, wrx)).await.is_err() {
                             return;
                         }
                         match orx.await {
@@ -487,6 +526,7 @@ async fn accept_control(l: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg
                 if w.write_all(out.as_bytes()).await.is_err() {
                     return;
                 }
+                let _ = wtx.send(());
             }
         });
     }

@@ -65,7 +65,9 @@ pub fn run(a: BackendArgs) -> anyhow::Result<()> {
                 name: a.name.clone(),
             })?;
             let (Some(slot), Some(dir)) = (r.slot, r.pin_dir) else {
-                bail!("the agent did not say where {} is", a.name);
+                // Not configured (scaled away and removed): drained.
+                println!("{}", r.message);
+                return Ok(());
             };
             return wait_drained(&a.name, slot, &dir, timeout);
         }

@@ -1,8 +1,7 @@
 //! `mtlb link`: the links users add the proxy with.
 
 use anyhow::{Context as _, bail};
-use mtlb::config::{self, Config};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct LinkArgs {
@@ -10,14 +9,15 @@ pub struct LinkArgs {
     /// its default route.
     #[arg(long)]
     server: Option<String>,
-    /// Config file whose port and secret to use.
-    #[arg(long, short, default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// Config file whose port and secret to use [default:
+    /// /etc/mtlb/mtlb.toml; when that is missing and not named here,
+    /// built-in defaults].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 pub fn run(a: LinkArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&a.config, a.config != Path::new(config::DEFAULT_PATH))?;
-    cfg.validate()?;
+    let cfg = mtlb::agent::Source::new(a.config, Default::default()).read()?;
     let server = match a.server {
         Some(s) if s.is_empty() || s.contains(['&', '?', '#', ' ', '/']) => {
             bail!("--server {s:?}: give a host name or an address")

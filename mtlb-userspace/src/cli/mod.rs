@@ -4,13 +4,14 @@ mod backend;
 mod check_config;
 mod link;
 mod reload;
+mod remove;
 mod run;
 mod status;
 
 use clap::{Parser, Subcommand};
 use mtlb::{
     agent::{Source, locate::Location},
-    config::{self, Config, Overrides},
+    config::{Config, Overrides},
 };
 use std::path::PathBuf;
 
@@ -35,6 +36,10 @@ pub enum Command {
     /// Make the running agent re-read its configuration (as SIGHUP does);
     /// an invalid one is rejected and the running one stays.
     Reload(reload::ReloadArgs),
+    /// Take mtlb off this network namespace for good: detach the programs
+    /// and remove the pins (a running agent is asked to, and stops).
+    /// Stopping the agent alone leaves steering running.
+    Remove(remove::RemoveArgs),
     /// Show the replicas: state, connections, last check, traffic. Reads
     /// the pinned maps, so it works after the agent has died too.
     Status(status::StatusArgs),
@@ -49,6 +54,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Backend(a) => backend::run(a),
         Command::Reload(a) => reload::run(a),
+        Command::Remove(a) => remove::run(a),
         Command::Status(a) => status::run(a),
         Command::Link(a) => link::run(a),
         Command::CheckConfig(a) => check_config::run(a),
@@ -59,10 +65,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
 /// found as `mtlb run` with the same config file and flags would place it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The agent's config file, for `control_dir` and `bpffs`. Missing
-    /// default file: built-in defaults.
-    #[arg(long, short, default_value = config::DEFAULT_PATH, global = true)]
-    config: PathBuf,
+    /// The agent's config file, for `control_dir` and `bpffs` [default:
+    /// /etc/mtlb/mtlb.toml; when that is missing and not named here,
+    /// built-in defaults].
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     /// Directory of the agent's control socket [config: control_dir,
     /// default /run/mtlb].
     #[arg(long, global = true)]

@@ -3,16 +3,17 @@
 use anyhow::{Context as _, bail};
 use mtlb::{
     agent::{Agent, Source, serve::Signals},
-    config::{self, Overrides},
+    config::Overrides,
     system::caps,
 };
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Config file (TOML). Missing default file: built-in defaults.
-    #[arg(long, short, default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// Config file (TOML) [default: /etc/mtlb/mtlb.toml; when that is
+    /// missing and not named here, built-in defaults].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     overrides: Overrides,
 }

@@ -31,6 +31,10 @@ use std::{
 pub struct Source {
     maps: Mutex<Maps>,
     pin_dir: PathBuf,
+    /// Byte counters last served, by replica: a connection that closes
+    /// while a snapshot is read can be missed by both the live and the
+    /// closed totals for one reading, and a counter must never go back.
+    served_bytes: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl Source {
@@ -38,14 +42,30 @@ impl Source {
         Self {
             maps: Mutex::new(maps),
             pin_dir,
+            served_bytes: Mutex::new(HashMap::new()),
         }
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapsError> {
         // A panic elsewhere while holding the lock leaves the handles as
         // they were: reading through them is still sound.
-        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        snapshot::collect(&maps, &self.pin_dir)
+        let mut s = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            snapshot::collect(&maps, &self.pin_dir)?
+        };
+        let mut served = self.served_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        monotonic_bytes(&mut s, &mut served);
+        Ok(s)
+    }
+}
+
+/// Never less than served before, per replica and direction.
+fn monotonic_bytes(s: &mut Snapshot, served: &mut HashMap<String, (u64, u64)>) {
+    for b in &mut s.backends {
+        let last = served.entry(b.name.clone()).or_default();
+        b.bytes_in = b.bytes_in.max(last.0);
+        b.bytes_out = b.bytes_out.max(last.1);
+        *last = (b.bytes_in, b.bytes_out);
     }
 }
 
@@ -486,6 +506,21 @@ mod tests {
             }
         }
         assert!(seen >= 10);
+    }
+
+    #[test]
+    fn byte_counters_never_go_back() {
+        let mut served = HashMap::new();
+        let mut s = snap();
+        monotonic_bytes(&mut s, &mut served);
+        let mut dip = snap();
+        dip.backends[0].bytes_in = 50;
+        dip.backends[0].bytes_out = 250;
+        monotonic_bytes(&mut dip, &mut served);
+        assert_eq!(
+            (dip.backends[0].bytes_in, dip.backends[0].bytes_out),
+            (100, 250)
+        );
     }
 
     #[test]

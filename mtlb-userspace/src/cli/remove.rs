@@ -1,0 +1,60 @@
+//! `mtlb remove`: take mtlb off this network namespace for good: the
+//! programs detached, the pins removed. A running agent is asked to do it
+//! and stop; without one, the pins an earlier agent kept are removed here.
+
+use super::AgentArgs;
+use anyhow::{Context as _, bail};
+use mtlb::{
+    control::{self, ControlError, Request},
+    kernel::pins,
+};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
+    let at = a.agent.locate()?;
+    match control::call(
+        &at.control_socket,
+        &Request::Remove,
+        Duration::from_secs(30),
+    ) {
+        Ok(r) if r.ok => {
+            // The agent detaches on its way out: wait for its lock.
+            let lock = wait_for_lock(at.netns_ino)?;
+            drop(lock);
+            println!("{}", r.message);
+            return Ok(());
+        }
+        Ok(r) => bail!("the agent refused: {}", r.message),
+        Err(ControlError::Connect { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // No agent answers: it must not be running (its lock says).
+    let _lock = pins::lock(at.netns_ino)
+        .context("an agent holds this namespace but does not answer on its control socket")?;
+    if !at.pin_dir.exists() {
+        println!("nothing to remove: no pins in {}", at.pin_dir.display());
+        return Ok(());
+    }
+    pins::remove(&at.pin_dir).with_context(|| format!("removing {}", at.pin_dir.display()))?;
+    println!("detached; removed {}", at.pin_dir.display());
+    Ok(())
+}
+
+fn wait_for_lock(ino: u64) -> anyhow::Result<pins::NetnsLock> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match pins::lock(ino) {
+            Ok(l) => return Ok(l),
+            Err(pins::PinError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("waiting for the agent to exit"),
+        }
+    }
+}
