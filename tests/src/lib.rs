@@ -553,6 +553,22 @@ impl ReplicaProcess {
         uid: Option<u32>,
         v6only: bool,
     ) -> Result<Self, String> {
+        Self::spawn(ns, name, addr, uid, v6only, 0)
+    }
+
+    /// A busy replica: it accepts at most `rate` connections a second.
+    pub fn start_busy(ns: &Netns, name: &str, addr: &str, rate: u32) -> Self {
+        Self::spawn(ns, name, addr, None, false, rate).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn spawn(
+        ns: &Netns,
+        name: &str,
+        addr: &str,
+        uid: Option<u32>,
+        v6only: bool,
+        rate: u32,
+    ) -> Result<Self, String> {
         let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
             // Next to the test binary's deps directory.
             let exe = std::env::current_exe().unwrap();
@@ -574,7 +590,8 @@ impl ReplicaProcess {
             }
             None => Command::new(&bin),
         };
-        cmd.args([name, addr, "1024", if v6only { "v6only" } else { "dual" }])
+        cmd.args([name, addr, "4096", if v6only { "v6only" } else { "dual" }])
+            .arg(rate.to_string())
             .stdout(Stdio::piped());
         ns.run_inside(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));

@@ -677,3 +677,69 @@ fn scan_interval_changes_on_reload() {
     assert!(ok, "{out}");
     agent.wait_count("scanning for replica listeners", before + 10);
 }
+
+/// Two replicas that each accept ~100 connections a second take a 4 s
+/// burst at 1.5 times that: queues grow, but they accept, so neither is
+/// taken for hung and no client is refused.
+#[test]
+fn a_burst_does_not_down_busy_replicas() {
+    let ns = Netns::new();
+    let _a = ReplicaProcess::start_busy(&ns, "mtp1", A, 100);
+    let _b = ReplicaProcess::start_busy(&ns, "mtp2", B, 100);
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("mtlb.toml");
+    // Stalls show within a second; checks are frequent.
+    std::fs::write(
+        &cfg,
+        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n",
+    )
+    .unwrap();
+    let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
+    let from = agent.log_len();
+    let (mut ok, mut failed) = (0usize, Vec::new());
+    let t0 = std::time::Instant::now();
+    let mut queued_max = 0u32;
+    for i in 0..1200u32 {
+        // 300 a second, paced against the clock.
+        let due = t0 + Duration::from_micros(3333 * i as u64);
+        if let Some(d) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(d);
+        }
+        match TcpStream::connect_timeout(&BALANCED.parse().unwrap(), Duration::from_secs(5)) {
+            Ok(_) => ok += 1,
+            Err(e) => failed.push(e.to_string()),
+        }
+        if i % 100 == 0 {
+            let (_, text) = http_get("/metrics");
+            for b in ["mtp1", "mtp2"] {
+                let q = metric(
+                    &text,
+                    &format!("mtlb_backend_accept_queue{{backend=\"{b}\"}}"),
+                )
+                .unwrap_or(0.0);
+                queued_max = queued_max.max(q as u32);
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} refused: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(ok, 1200);
+    // The burst did build queues (or the test proves nothing).
+    assert!(queued_max >= 50, "queues peaked at {queued_max}");
+    let log = agent.log();
+    let after: Vec<&str> = log.lines().skip(from).collect();
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains(" is DOWN") || l.contains("no backend available")),
+        "{}",
+        after.join("\n")
+    );
+}

@@ -79,6 +79,9 @@ pub enum ListenerChange {
 pub struct QueueReading {
     pub queued: u32,
     pub backlog: u32,
+    /// Connections steered to it that reached its queue, so far (the
+    /// kernel's count).
+    pub entered: u64,
 }
 
 #[derive(Debug)]
@@ -459,17 +462,52 @@ impl State {
 
     fn queues(&mut self, samples: Vec<Option<QueueReading>>, inp: &Inputs, out: &mut Vec<Effect>) {
         let stall = Duration::from_millis(self.cfg.check.stall_ms);
+        let mut newly = Vec::new();
         for slot in 0..self.slots.len() {
             let s = &mut self.slots[slot];
             let stalled = match samples.get(slot).copied().flatten() {
-                Some(q) => s.queue.sample(q.queued, q.backlog, inp.now, stall),
+                Some(q) => s
+                    .queue
+                    .sample(q.queued, q.backlog, q.entered, inp.now, stall),
                 None => {
                     s.queue.clear();
                     false
                 }
             };
+            if !stalled {
+                s.health.set_stalled(false, String::new());
+                s.stall_kept = false;
+            } else if !s.health.stalled() {
+                newly.push(slot);
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        // Queue evidence alone never takes the last replicas taking
+        // connections down: when all are slow, steering to the least
+        // loaded beats refusing everyone.
+        let others = (0..self.slots.len())
+            .filter(|i| !newly.contains(i) && self.slots[*i].active())
+            .count();
+        for slot in newly {
+            let s = &mut self.slots[slot];
             let info = format!("{} queued of {}", s.queue.len, s.queue.max);
-            let ev = s.health.set_stalled(stalled, info);
+            if others == 0 && s.active() {
+                if !s.stall_kept {
+                    s.stall_kept = true;
+                    log(
+                        out,
+                        Level::WARN,
+                        format!(
+                            "backend {}: accept queue stalled ({info}), but no other backend takes connections: keeping it",
+                            s.name
+                        ),
+                    );
+                }
+                continue;
+            }
+            let ev = s.health.set_stalled(true, info);
             self.health_event(slot, ev, inp, out);
         }
     }
@@ -1442,15 +1480,18 @@ mod tests {
 
     // ------------------------------------------------------ accept queue
 
-    fn queued(n: u32) -> Vec<Option<QueueReading>> {
+    /// mtp1 idle; mtp2 with `n` queued and `entered` steered to it so far.
+    fn queued(n: u32, entered: u64) -> Vec<Option<QueueReading>> {
         vec![
             Some(QueueReading {
                 queued: 0,
                 backlog: 128,
+                entered: 0,
             }),
             Some(QueueReading {
                 queued: n,
                 backlog: 128,
+                entered,
             }),
         ]
     }
@@ -1458,10 +1499,10 @@ mod tests {
     #[test]
     fn a_stalled_queue_downs_the_replica_then_rise_checks_bring_it_back() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Queues(queued(3)));
-        let fx = h.after(MS(1000)).step(Event::Queues(queued(3)));
+        h.step(Event::Queues(queued(3, 3)));
+        let fx = h.after(MS(1000)).step(Event::Queues(queued(3, 3)));
         assert!(!has_log(&fx, "DOWN"));
-        let fx = h.after(MS(1100)).step(Event::Queues(queued(4)));
+        let fx = h.after(MS(1100)).step(Event::Queues(queued(4, 3)));
         let line = logs(&fx)
             .into_iter()
             .find(|l| l.starts_with("backend mtp2 is DOWN"))
@@ -1477,31 +1518,56 @@ mod tests {
         }
         assert_eq!(h.label(1), "DOWN");
         // It accepts again: rise passing checks bring it back.
-        h.step(Event::Queues(queued(0)));
+        h.step(Event::Queues(queued(0, 3)));
         h.check(1, true);
         let fx = h.check(1, true);
         assert!(has_log(&fx, "backend mtp2 is UP"));
     }
 
     #[test]
-    fn a_busy_queue_that_drains_is_not_stalled() {
+    fn a_busy_replica_whose_queue_grows_stays_up() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        for i in 0..60 {
+        // Three arrive for each one accepted, for 6 s.
+        for i in 1..=60u64 {
             let fx = h
                 .after(MS(100))
-                .step(Event::Queues(queued(if i % 2 == 0 { 9 } else { 5 })));
+                .step(Event::Queues(queued((20 * i) as u32, 30 * i)));
             assert!(!has_log(&fx, "DOWN"), "sample {i}");
         }
         assert!(h.slot(1).active());
     }
 
     #[test]
+    fn the_last_replica_taking_connections_is_kept_when_it_stalls() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(Event::Listeners(vec![closed(0)]));
+        h.step(Event::Queues(queued(3, 3)));
+        let fx = h.after(MS(2100)).step(Event::Queues(queued(3, 3)));
+        assert!(!has_log(&fx, "backend mtp2 is DOWN"), "{fx:?}");
+        assert!(has_log(
+            &fx,
+            "backend mtp2: accept queue stalled (3 queued of 128), but no other backend takes connections: keeping it"
+        ));
+        let fx = h.after(MS(100)).step(Event::Queues(queued(3, 3)));
+        assert!(logs(&fx).is_empty(), "said once: {fx:?}");
+        assert!(h.slot(1).active());
+        // Once another takes connections, the stalled one goes.
+        h.step(Event::Listeners(vec![reg_as(0, 1)]));
+        h.check(0, true);
+        let fx = h.after(MS(100)).step(Event::Queues(queued(3, 3)));
+        assert!(has_log(
+            &fx,
+            "backend mtp2 is DOWN, reason: accept queue stalled"
+        ));
+    }
+
+    #[test]
     fn a_vanished_listener_clears_its_queue_watch() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Queues(queued(3)));
+        h.step(Event::Queues(queued(3, 3)));
         h.after(MS(1500))
-            .step(Event::Queues(vec![queued(0)[0], None]));
-        let fx = h.after(MS(1500)).step(Event::Queues(queued(3)));
+            .step(Event::Queues(vec![queued(0, 0)[0], None]));
+        let fx = h.after(MS(1500)).step(Event::Queues(queued(3, 3)));
         assert!(!has_log(&fx, "stalled"), "the watch started over");
     }
 

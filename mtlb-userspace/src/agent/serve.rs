@@ -398,9 +398,10 @@ impl Agent {
         }
     }
 
-    /// Every slot's accept queue, from /proc/net/tcp{,6}.
+    /// Every slot's accept queue (sock_diag) and what entered it (the
+    /// kernel's count).
     fn sample_queues(&self) -> Option<Vec<Option<QueueReading>>> {
-        let listeners = registry::proc_listeners().ok()?;
+        let listeners = registry::listeners().ok()?;
         let cfg = self.state.cfg();
         Some(
             (0..self.state.slots().len() as u32)
@@ -411,6 +412,11 @@ impl Agent {
                         .map(|l| QueueReading {
                             queued: l.queued,
                             backlog: l.backlog,
+                            entered: self
+                                .loaded
+                                .maps
+                                .slot_totals(slot)
+                                .map_or(0, |t| t.established),
                         })
                 })
                 .collect(),

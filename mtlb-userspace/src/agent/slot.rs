@@ -31,6 +31,9 @@ pub struct Slot {
     /// Scaled away by a reload: draining until its connections close.
     pub(super) removing: bool,
     pub(super) queue: QueueWatch,
+    /// Stalled, but kept UP as the last replica taking connections (said
+    /// once).
+    pub(super) stall_kept: bool,
     /// When it last came UP, for slowstart.
     pub(super) up_since: Option<Instant>,
     pub(super) last_change: Instant,
@@ -71,6 +74,7 @@ impl Slot {
             weight_override: None,
             removing: false,
             queue: QueueWatch::default(),
+            stall_kept: false,
             up_since: None,
             last_change: now,
             last_change_unix_ms: unix_ms,

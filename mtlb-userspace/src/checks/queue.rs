@@ -2,39 +2,50 @@
 //!
 //! A replica whose process is alive but not accepting still completes TCP
 //! handshakes in the kernel, so connect checks pass while its accept queue
-//! grows. For a listening socket /proc/net/tcp{,6} shows the accept queue
-//! length as rx_queue and its limit as tx_queue (what `ss -lt` shows as
-//! Recv-Q/Send-Q).
+//! grows. A busy replica's queue grows too, under a burst: what tells them
+//! apart is whether it accepts at all. Connections that entered the queue
+//! are counted by the kernel programs (established on the slot); those
+//! accepted are that count less the queue's length (from sock_diag). No
+//! accept for `stall_ms` while connections wait: stalled.
 
 use std::time::{Duration, Instant};
 
 /// Accept-queue watch of one replica.
 #[derive(Debug, Default, Clone)]
 pub struct QueueWatch {
-    /// Since when the queue has been non-empty without draining.
-    busy_since: Option<Instant>,
-    last_len: u32,
+    /// Since when connections have waited with no accept seen.
+    waiting_since: Option<Instant>,
+    /// Accepted so far, by the last sample's reckoning.
+    last_accepted: Option<i64>,
     pub len: u32,
     pub max: u32,
 }
 
 impl QueueWatch {
-    /// Takes a sample; returns true when the queue is stalled: full, or
-    /// non-empty and not shrinking for `stall`.
-    pub fn sample(&mut self, len: u32, max: u32, now: Instant, stall: Duration) -> bool {
+    /// Takes a sample: `len` queued of `max`, `entered` connections steered
+    /// to it so far. True when stalled: connections have waited `stall`
+    /// without one accept.
+    pub fn sample(
+        &mut self,
+        len: u32,
+        max: u32,
+        entered: u64,
+        now: Instant,
+        stall: Duration,
+    ) -> bool {
         self.len = len;
         self.max = max;
-        if len == 0 || len < self.last_len {
-            // Empty, or the replica accepted since the last sample.
-            self.busy_since = if len == 0 { None } else { Some(now) };
-        } else if self.busy_since.is_none() {
-            self.busy_since = Some(now);
+        // Direct connections (health checks) enter uncounted: while they
+        // wait, this reckoning drops; it rises only with accepts.
+        let accepted = entered as i64 - len as i64;
+        let progress = self.last_accepted.is_some_and(|a| accepted > a);
+        self.last_accepted = Some(accepted);
+        if len == 0 {
+            self.waiting_since = None;
+        } else if progress || self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
         }
-        self.last_len = len;
-        // The kernel's queue is full when it holds more than the backlog.
-        let full = max > 0 && len > max;
-        full || self
-            .busy_since
+        self.waiting_since
             .is_some_and(|t| now.duration_since(t) >= stall)
     }
 
@@ -48,29 +59,53 @@ impl QueueWatch {
 mod tests {
     use super::*;
 
+    const STALL: Duration = Duration::from_secs(2);
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
     #[test]
-    fn stalls_only_when_not_draining() {
-        let stall = Duration::from_secs(2);
+    fn a_queue_nobody_drains_stalls() {
         let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
         let mut q = QueueWatch::default();
-        assert!(!q.sample(0, 128, at(0), stall));
-        assert!(!q.sample(3, 128, at(100), stall));
-        assert!(!q.sample(3, 128, at(1500), stall));
-        assert!(q.sample(4, 128, at(2200), stall));
-        // Draining resets.
-        assert!(!q.sample(2, 128, at(2300), stall));
-        assert!(!q.sample(0, 128, at(5000), stall));
-        // A busy but accepting replica never stalls.
-        for i in 0..50 {
-            assert!(!q.sample(
-                if i % 2 == 0 { 5 } else { 4 },
-                128,
-                at(6000 + i * 100),
-                stall
-            ));
+        assert!(!q.sample(0, 128, 10, at(t0, 0), STALL));
+        assert!(!q.sample(3, 128, 13, at(t0, 100), STALL));
+        assert!(!q.sample(3, 128, 13, at(t0, 1500), STALL));
+        // A health check's connection joins the queue: still no accept.
+        assert!(q.sample(4, 128, 13, at(t0, 2200), STALL));
+        // Accepting again clears it.
+        assert!(!q.sample(2, 128, 13, at(t0, 2300), STALL));
+        assert!(!q.sample(0, 128, 13, at(t0, 5000), STALL));
+    }
+
+    #[test]
+    fn a_busy_replica_whose_queue_grows_is_not_stalled() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::default();
+        // 300/s arrive, 100/s accepted: the queue grows 20 per 100 ms.
+        for i in 0..100u64 {
+            let entered = 30 * i;
+            let accepted = 10 * i;
+            let len = (entered - accepted) as u32;
+            assert!(
+                !q.sample(len, 4096, entered, at(t0, 100 * i), STALL),
+                "sample {i}"
+            );
         }
-        // Full is stalled at once.
-        assert!(q.sample(129, 128, at(20000), stall));
+    }
+
+    #[test]
+    fn a_full_queue_that_drains_is_not_stalled() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::default();
+        for i in 0..50u64 {
+            assert!(!q.sample(129, 128, 1000 + i, at(t0, 100 * i), STALL));
+        }
+        // Full and not draining: stalled after `stall`.
+        for i in 50..69u64 {
+            assert!(!q.sample(129, 128, 1049, at(t0, 100 * i), STALL), "{i}");
+        }
+        assert!(q.sample(129, 128, 1049, at(t0, 100 * 70), STALL));
     }
 }

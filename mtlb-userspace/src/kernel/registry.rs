@@ -9,7 +9,10 @@
 //! * noticing registrations and departures, for the logs.
 
 use super::maps::{Maps, MapsError};
-use crate::config::Config;
+use crate::{
+    config::Config,
+    system::diag::{self, Listening},
+};
 use mtlb_common::{AF_INET, AF_INET6, Listener, REG_ADOPTED, REG_LISTEN_HOOK};
 use std::{
     collections::HashMap,
@@ -21,6 +24,8 @@ use std::{
 pub enum RegistryError {
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error("cannot list listening sockets (sock_diag)")]
+    Diag(#[source] std::io::Error),
     #[error("cannot read {what}")]
     Proc {
         what: &'static str,
@@ -73,18 +78,6 @@ pub fn diff(prev: &[Option<SlotView>], now: &[Option<SlotView>]) -> Vec<Change> 
         }
     }
     out
-}
-
-/// A listening socket on a replica port, as /proc/net/tcp{,6} shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcListener {
-    pub addr: SocketAddr,
-    pub inode: u64,
-    /// Owner (the uid that created the socket).
-    pub uid: u32,
-    /// Accept queue length and limit (rx_queue/tx_queue of a listener).
-    pub queued: u32,
-    pub backlog: u32,
 }
 
 /// The slot a listener on `addr` belongs to, if any: its port is a replica
@@ -218,7 +211,7 @@ impl Registry {
             .collect();
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         let mut refused: HashMap<u64, Refusal> = HashMap::new();
-        for l in proc_listeners()? {
+        for l in listeners()? {
             let Some(slot) = slot_for(cfg, l.addr) else {
                 continue;
             };
@@ -275,7 +268,7 @@ impl Registry {
         // /proc shows no cookies: the listener is found by its address
         // (two listeners share one only through SO_REUSEPORT, which needs
         // the same owner).
-        let Some(l) = proc_listeners()?
+        let Some(l) = listeners()?
             .into_iter()
             .find(|l| l.addr == addr && !self.reported.contains(&l.inode))
         else {
@@ -392,39 +385,16 @@ fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     )?)
 }
 
-/// Listening TCP sockets of this network namespace.
-pub fn proc_listeners() -> Result<Vec<ProcListener>, RegistryError> {
-    let mut out = Vec::new();
-    for (what, entries) in [
-        ("/proc/net/tcp", procfs::net::tcp()),
-        ("/proc/net/tcp6", procfs::net::tcp6()),
-    ] {
-        let entries = match entries {
-            Ok(e) => e,
-            // No IPv6 in this kernel/namespace.
-            Err(procfs::ProcError::NotFound(_)) if what.ends_with('6') => continue,
-            Err(source) => return Err(RegistryError::Proc { what, source }),
-        };
-        out.extend(
-            entries
-                .into_iter()
-                .filter(|e| e.state == procfs::net::TcpState::Listen)
-                .map(|e| ProcListener {
-                    addr: e.local_address,
-                    inode: e.inode,
-                    uid: e.uid,
-                    queued: e.rx_queue,
-                    backlog: e.tx_queue,
-                }),
-        );
-    }
-    Ok(out)
+/// Listening TCP sockets of this network namespace, from sock_diag (the
+/// kernel walks only its listeners, never the connections).
+pub fn listeners() -> Result<Vec<Listening>, RegistryError> {
+    diag::listeners().map_err(RegistryError::Diag)
 }
 
 /// Address of a listener in `slot`, from /proc/net (the listen hook does
 /// not tell userspace the address it saw).
 pub fn find_addr(cfg: &Config, slot: u32) -> Option<SocketAddr> {
-    proc_listeners()
+    listeners()
         .ok()?
         .into_iter()
         .map(|l| l.addr)

@@ -13,7 +13,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -31,13 +31,74 @@ pub struct Conn {
 /// Every non-listening TCP socket whose local port is `port`.
 pub fn connections(port: u16) -> std::io::Result<Vec<Conn>> {
     let mut out = Vec::new();
+    let states = StateFlags::all() & !StateFlags::LISTEN & !StateFlags::TIME_WAIT;
     for family in [AF_INET, AF_INET6] {
-        dump(family, port, &mut out)?;
+        query(family, states.clone(), ExtensionFlags::INFO, |r| {
+            if r.header.socket_id.source_port != port {
+                return;
+            }
+            let mut c = Conn {
+                cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
+                local_port: port,
+                bytes_received: 0,
+                bytes_acked: 0,
+            };
+            for nla in &r.nlas {
+                if let Nla::TcpInfo(t) = nla {
+                    c.bytes_received = t.bytes_received;
+                    c.bytes_acked = t.bytes_acked;
+                }
+            }
+            out.push(c);
+        })?;
     }
     Ok(out)
 }
 
-fn dump(family: u8, port: u16, out: &mut Vec<Conn>) -> std::io::Result<()> {
+/// A listening TCP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    pub addr: std::net::SocketAddr,
+    pub cookie: u64,
+    pub inode: u64,
+    /// Owner: the uid that created the socket.
+    pub uid: u32,
+    /// Accept queue length now, and its limit (the listen() backlog, as
+    /// the kernel caps it).
+    pub queued: u32,
+    pub backlog: u32,
+}
+
+/// Every listening TCP socket of this network namespace. The kernel walks
+/// only its table of listeners for this, never the connections.
+pub fn listeners() -> std::io::Result<Vec<Listening>> {
+    let mut out = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        query(family, StateFlags::LISTEN, ExtensionFlags::empty(), |r| {
+            let h = &r.header;
+            out.push(Listening {
+                addr: std::net::SocketAddr::new(
+                    h.socket_id.source_address,
+                    h.socket_id.source_port,
+                ),
+                cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                inode: h.inode as u64,
+                uid: h.uid,
+                queued: h.recv_queue,
+                backlog: h.send_queue,
+            });
+        })?;
+    }
+    Ok(out)
+}
+
+/// One sock_diag dump of TCP sockets of `family` in `states`.
+fn query(
+    family: u8,
+    states: StateFlags,
+    extensions: ExtensionFlags,
+    mut each: impl FnMut(&InetResponse),
+) -> std::io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -48,8 +109,8 @@ fn dump(family: u8, port: u16, out: &mut Vec<Conn>) -> std::io::Result<()> {
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            states: StateFlags::all() & !StateFlags::LISTEN & !StateFlags::TIME_WAIT,
+            extensions,
+            states,
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -75,23 +136,7 @@ fn dump(family: u8, port: u16, out: &mut Vec<Conn>) -> std::io::Result<()> {
                 .map_err(|e| std::io::Error::other(format!("sock_diag: {e}")))?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
-                    if r.header.socket_id.source_port == port =>
-                {
-                    let mut c = Conn {
-                        cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
-                        local_port: port,
-                        bytes_received: 0,
-                        bytes_acked: 0,
-                    };
-                    for nla in &r.nlas {
-                        if let Nla::TcpInfo(t) = nla {
-                            c.bytes_received = t.bytes_received;
-                            c.bytes_acked = t.bytes_acked;
-                        }
-                    }
-                    out.push(c);
-                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(&r),
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {
                     return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
@@ -127,5 +172,28 @@ mod tests {
             .unwrap_or_else(|| panic!("{conns:?}"));
         assert_eq!(server.local_port, port);
         assert_ne!(server.cookie, 0);
+    }
+
+    #[test]
+    fn sees_a_listener_its_queue_and_backlog() {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        s.listen(7).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let l = listeners().unwrap();
+        let me = l
+            .iter()
+            .find(|l| l.addr == addr)
+            .unwrap_or_else(|| panic!("{l:?}"));
+        assert_eq!((me.queued, me.backlog), (1, 7));
+        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
+        assert_ne!(me.inode, 0);
     }
 }

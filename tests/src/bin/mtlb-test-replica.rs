@@ -3,7 +3,8 @@
 //! receives, closes when the client does. Prints "listening" once it
 //! listens.
 //!
-//! usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only]
+//! usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only|dual] [ACCEPTS_PER_SEC]
+//! (a rate makes a busy replica: it accepts no faster than that).
 
 use std::{
     io::{Read as _, Write as _},
@@ -13,11 +14,15 @@ use std::{
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(name), Some(addr)) = (args.next(), args.next()) else {
-        eprintln!("usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only]");
+        eprintln!("usage: mtlb-test-replica NAME ADDR [BACKLOG] [v6only|dual] [ACCEPTS_PER_SEC]");
         std::process::exit(2);
     };
     let backlog: i32 = args.next().map_or(1024, |b| b.parse().expect("BACKLOG"));
     let v6only = args.next().is_some_and(|a| a == "v6only");
+    let rate: u32 = args
+        .next()
+        .map_or(0, |r| r.parse().expect("ACCEPTS_PER_SEC"));
+    let pause = (rate > 0).then(|| std::time::Duration::from_secs(1) / rate);
     let addr: std::net::SocketAddr = addr.parse().expect("ADDR");
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -38,6 +43,9 @@ fn main() {
     println!("listening");
     let greeting = format!("{name}\n");
     for s in l.incoming() {
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
         let Ok(mut s) = s else { continue };
         let g = greeting.clone();
         std::thread::spawn(move || {
