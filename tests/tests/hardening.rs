@@ -141,8 +141,8 @@ fn a_returning_replica_proves_itself_before_clients() {
     drop(mtp2);
     agent.wait_for_after(from, "backend mtp2 is DOWN");
     let wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, false);
-    agent.wait_for_after(from, "replica mtp2 registered");
-    let (_, line) = agent.wait_for_after(from, "check mtp2: failed");
+    let (reg, _) = agent.wait_for_after(from, "replica mtp2 registered");
+    let (_, line) = agent.wait_for_after(reg, "check mtp2: failed");
     assert!(line.contains("no answer through proxy"), "{line}");
     for _ in 0..10 {
         let (mut c, line) = py_first_line(
@@ -742,4 +742,201 @@ fn a_burst_does_not_down_busy_replicas() {
         "{}",
         after.join("\n")
     );
+}
+
+/// Kilobytes of resident memory of process `pid`.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// 2000 idle and 300 slow-header connections to the stats port from an
+/// unprivileged user, against an agent allowed 1024 open files: checks
+/// keep passing, no replica changes state, clients are served, control
+/// commands answer at once, memory stays small.
+#[test]
+fn nothing_on_the_stats_port_starves_the_agent() {
+    use std::os::unix::process::CommandExt as _;
+    let nofile = |n: u64| {
+        move || {
+            let r = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit on a local value, in the child.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+    };
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("mtlb.toml");
+    std::fs::write(
+        &cfg,
+        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(std::env::var("MTLB_BIN").unwrap());
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&dir);
+    ns.run_inside(&mut cmd);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe { cmd.pre_exec(nofile(1024)) };
+    let agent = Agent::command(cmd, ns.pin_dir());
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
+    let from = agent.log_len();
+
+    let exe = std::env::current_exe().unwrap();
+    let flood_bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("mtlb-test-flood");
+    let mut flood = std::process::Command::new("setpriv");
+    flood
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&flood_bin)
+        .args(["127.0.0.1:8404", "2000", "300", "6"])
+        .stdout(std::process::Stdio::piped());
+    ns.run_inside(&mut flood);
+    // SAFETY: as above.
+    unsafe { flood.pre_exec(nofile(8192)) };
+    let mut flood = flood.spawn().unwrap();
+    let mut out = std::io::BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let mut slowest = Duration::ZERO;
+    let mut max_rss = 0;
+    for _ in 0..20 {
+        let (seen, failed) = names(BALANCED, 2);
+        assert_eq!(failed, 0, "a client was refused during the flood");
+        assert_eq!(seen.len(), 2);
+        let t0 = std::time::Instant::now();
+        let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "1"]);
+        slowest = slowest.max(t0.elapsed());
+        assert!(ok, "{out}");
+        max_rss = max_rss.max(rss_kib(agent.pid()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = flood.wait();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    eprintln!("flood: {line}");
+    let opened: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(opened >= 2300, "the flood opened only {opened}: {line}");
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a control command took {slowest:?}"
+    );
+    assert!(max_rss < 64 * 1024, "agent RSS {max_rss} KiB");
+    let log = agent.log();
+    let during: Vec<&str> = log.lines().skip(from).collect();
+    assert!(
+        !during.iter().any(|l| l.contains("Health check for backend")
+            || l.contains(" is DOWN")
+            || l.contains("no backend available")),
+        "{}",
+        during.join("\n")
+    );
+    // Served again once it is over.
+    let (code, _) = http_get("/metrics");
+    assert_eq!(code, 200);
+}
+
+/// Per-replica byte counters never go backwards while connections with
+/// traffic open and close between scrapes.
+#[test]
+fn byte_counters_never_go_back_under_churn() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("backend mtp2 is UP");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let file = ns.file.try_clone().unwrap();
+    let s2 = stop.clone();
+    let churn = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut n = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+            if let Ok((mut s, _)) = connect(BALANCED) {
+                use std::io::{Read as _, Write as _};
+                let _ = s.write_all(&[7u8; 2048]);
+                let mut b = [0u8; 2048];
+                let _ = s.read_exact(&mut b);
+            }
+            n += 1;
+        }
+        n
+    });
+    let mut last: std::collections::HashMap<String, f64> = Default::default();
+    let mut decreases = Vec::new();
+    for i in 0..400 {
+        let (_, text) = http_get("/metrics");
+        for b in ["mtp1", "mtp2"] {
+            for dir in ["received", "sent"] {
+                let key = format!("mtlb_backend_bytes_{dir}_total{{backend=\"{b}\"}}");
+                let v = metric(&text, &key).unwrap();
+                if let Some(prev) = last.insert(key.clone(), v)
+                    && v < prev
+                {
+                    decreases.push(format!("scrape {i}: {key} {prev} -> {v}"));
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = churn.join().unwrap();
+    assert!(n > 50, "only {n} connections churned");
+    assert!(decreases.is_empty(), "{decreases:?}");
+}
+
+/// Configuration mistakes that would fight mtlb's own ports, and a named
+/// config file that is missing, are errors before anything is attached.
+#[test]
+fn conflicting_ports_and_a_missing_named_config_are_refused() {
+    let ns = Netns::new();
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, why) in [
+        ("stats_port = 443\n", "is the balanced port"),
+        ("stats_port = 10001\n", "inside the replica ports"),
+    ] {
+        let cfg = dir.join("bad.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let mut agent = ns.spawn_agent(&["--config", cfg.to_str().unwrap()]);
+        assert!(!agent.wait_exit().success());
+        let log = agent.log();
+        assert!(log.contains("`stats_port`") && log.contains(why), "{log}");
+        assert!(!ns.pin_dir().exists());
+    }
+    // Naming the default path makes it required like any other.
+    if !std::path::Path::new("/etc/mtlb/mtlb.toml").exists() {
+        let mut agent = ns.spawn_agent(&["--config", "/etc/mtlb/mtlb.toml"]);
+        assert!(!agent.wait_exit().success());
+        assert!(
+            agent
+                .log()
+                .contains("cannot read config file /etc/mtlb/mtlb.toml")
+        );
+    }
 }

@@ -292,17 +292,15 @@ impl Agent {
             Maps::from_pins(&dir)?,
             dir.clone(),
         ));
-        let listener = tokio::net::TcpListener::from_std(stats_listener).map_err(|source| {
-            StartError::Stats {
-                addr: stats_addr,
-                source,
-            }
+        crate::stats::server::spawn(
+            stats_listener,
+            stats_source,
+            crate::stats::server::Limits::default(),
+        )
+        .map_err(|source| StartError::Stats {
+            addr: stats_addr,
+            source,
         })?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, crate::stats::http::router(stats_source)).await {
-                tracing::error!("stats endpoint stopped: {e}");
-            }
-        });
         tracing::info!(
             "stats on http://{stats_addr}/stats, metrics on http://{stats_addr}/metrics"
         );

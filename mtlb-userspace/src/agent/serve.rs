@@ -506,8 +506,18 @@ pub(super) fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListe
 }
 
 /// Accepts control connections; each sends one request line per answer.
+/// An accept error (out of file descriptors) is logged and waited out: the
+/// socket keeps accepting.
 async fn accept_control(l: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg>) {
-    while let Ok((s, _)) = l.accept().await {
+    loop {
+        let s = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("control socket: accepting: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();

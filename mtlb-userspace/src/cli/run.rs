@@ -22,6 +22,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = Source::new(args.config, args.overrides);
     // Validate before touching the kernel: a bad config attaches nothing.
     let cfg = source.read()?;
+    if let Err(e) = mtlb::system::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     let missing = caps::check();
     if !missing.is_empty() {
         bail!("missing capabilities: {}; run as root", missing.join(", "));

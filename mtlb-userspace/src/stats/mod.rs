@@ -2,4 +2,5 @@
 //! endpoint ([`http`]: /metrics, /stats, CSV, /healthz) and `mtlb status`.
 
 pub mod http;
+pub mod server;
 pub mod snapshot;
