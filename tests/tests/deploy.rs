@@ -111,6 +111,8 @@ fn config_template_for_two_and_three_replicas() {
     );
     assert!(two.contains("stats_port = 8404\n"), "{two}");
     assert!(two.contains("kind = \"mtproxy\"\n"), "{two}");
+    // mtproto-proxy -u nobody binds its port as nobody.
+    assert!(two.contains("replica_uids = [0, 65534]\n"), "{two}");
     let three = render("three", &["mtproxy_replicas=3"], true);
     assert!(three.contains("replicas = 3\n"), "{three}");
 }
