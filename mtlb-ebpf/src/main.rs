@@ -154,7 +154,7 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
         if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
             // A drained or failed replica takes no flow, remembered or not
             // (a cookie handshake in flight then fails and is retried).
-            if slot < MAX_REPLICAS && BACKENDS.get(slot).is_some_and(|b| b.enabled != 0) {
+            if slot < MAX_REPLICAS && steerable(s, slot) {
                 if assign(ctx, slot) {
                     stat(stat::FLOW_HITS);
                     return SK_PASS;
@@ -190,6 +190,22 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     // Refuse at once: the client gets a RST instead of waiting for a SYN
     // retransmit timeout.
     SK_DROP
+}
+
+/// Whether a remembered flow may still go to `slot`: enabled, and its
+/// listener the one the agent verified (as `pick` requires).
+#[inline(always)]
+fn steerable(s: &Settings, slot: u32) -> bool {
+    let Some(b) = BACKENDS.get(slot) else {
+        return false;
+    };
+    if b.enabled == 0 {
+        return false;
+    }
+    s.require_verified == 0
+        || LISTENERS
+            .get(slot)
+            .is_some_and(|l| l.cookie == b.listener_cookie)
 }
 
 #[inline(always)]
@@ -668,6 +684,10 @@ fn on_bind(ctx: &SockAddrContext, addr: impl Fn(*mut bpf_sock_addr) -> [u8; 16])
         return 1;
     }
     let a = unsafe { &*ctx.sock_addr };
+    // TCP only: UDP and other sockets on these ports are none of ours.
+    if a.protocol != IPPROTO_TCP {
+        return 1;
+    }
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(a.user_port as u16) as u32;
     if port < s.base_port as u32 || port >= s.base_port as u32 + s.replicas as u32 {
@@ -680,16 +700,28 @@ fn on_bind(ctx: &SockAddrContext, addr: impl Fn(*mut bpf_sock_addr) -> [u8; 16])
     // The low 32 bits are the uid.
     let uid = unsafe { bpf_get_current_uid_gid() } as u32;
     if unsafe { ALLOWED_UIDS.get(&uid) }.is_none() {
+        stat(stat::REFUSED_LISTENERS);
+        // One event a second per slot at most: a loop of refused binds
+        // must not flood the agent (or its log, or the ring).
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(last) = REFUSED_AT.get_ptr_mut(slot) {
+            if now.saturating_sub(unsafe { *last }) < 1_000_000_000 {
+                return 0;
+            }
+            unsafe { *last = now };
+        }
         let family = a.user_family;
         let addr = addr(ctx.sock_addr);
-        stat(stat::REFUSED_LISTENERS);
         // The uid travels in the cookie field: a socket that was never
         // bound has no cookie worth reporting.
         event(EV_REFUSED_BIND, slot, uid as u64, family, port, &addr);
         return 0;
     }
     let sk = unsafe { a.__bindgen_anon_1.sk };
-    if !sk.is_null() {
+    // Only a socket with no tag yet: bind() runs this hook before the
+    // kernel refuses a second bind, and a listener's or a counted
+    // connection's tag must not be overwritten.
+    if !sk.is_null() && SK_TAGS.get(sk.cast()).is_none() {
         let _ = SK_TAGS.set(
             sk.cast(),
             &SockTag {

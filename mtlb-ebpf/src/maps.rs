@@ -54,6 +54,11 @@ pub static RUNTIME: Array<Runtime, 1> = Array::new();
 #[btf_map]
 pub static ALLOWED_UIDS: HashMap<u32, u8, { MAX_ALLOWED_UIDS as usize }> = HashMap::new();
 
+/// When the bind hook last reported a refused bind, per slot (ns): at most
+/// one event a second per slot.
+#[btf_map]
+pub static REFUSED_AT: Array<u64, { MAX_REPLICAS as usize }> = Array::new();
+
 /// Listener events for the agent: registered, closed, refused. 64 KiB
 /// holds ~1800 events; they only come with listen() and close() of
 /// listeners on replica ports.

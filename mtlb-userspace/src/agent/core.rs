@@ -820,10 +820,12 @@ impl State {
             c.generation = g;
             c.next = inp.now;
         }
+        // BACKENDS first (new slots, verified cookies), then what reads
+        // them: SETTINGS must not require a cookie not written yet.
+        self.apply(inp, out);
         out.push(Effect::SetAddresses(reconcile::addresses(&self.cfg)));
         out.push(Effect::SetAllowedUids(self.cfg.replica_uids.clone()));
         out.push(Effect::WriteSettings(self.settings()));
-        self.apply(inp, out);
         // Listeners of new slots may be there already.
         out.push(Effect::Adopt);
         out.push(Effect::PollListeners);

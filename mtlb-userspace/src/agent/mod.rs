@@ -119,7 +119,36 @@ pub struct Agent {
     control: Option<tokio::net::UnixListener>,
     saved_path: PathBuf,
     cookies_seen: Option<crate::kernel::cookies::Observed>,
+    /// Per slot, the listener an earlier agent had proven (0: none).
+    seeded: Vec<u64>,
+    /// Refused binds per slot: when last logged, and how many since.
+    refusals_logged: std::collections::HashMap<u32, (std::time::Instant, u64)>,
     _lock: NetnsLock,
+}
+
+/// At takeover: per slot, the listener the earlier agent let take clients
+/// (enabled, UP by its checks, its cookie verified, or any listener when it
+/// verified none), written into BACKENDS so the kernel keeps steering to it
+/// under this agent's settings. A replica it had DOWN is not trusted.
+fn seed_verified(maps: &mut Maps, slots: usize) -> Result<Vec<u64>, MapsError> {
+    let verifying = maps.settings()?.require_verified != 0;
+    let mut out = Vec::with_capacity(slots);
+    for slot in 0..slots as u32 {
+        let mut b = maps.backend(slot)?;
+        let st = maps.status(slot)?;
+        let l = maps.listener(slot)?;
+        let trusted = b.enabled != 0
+            && st.oper == mtlb_common::STATE_UP
+            && l.cookie != 0
+            && (!verifying || b.listener_cookie == l.cookie);
+        let cookie = if trusted { l.cookie } else { 0 };
+        if b.listener_cookie != cookie {
+            b.listener_cookie = cookie;
+            maps.set_backend(slot, b)?;
+        }
+        out.push(cookie);
+    }
+    Ok(out)
 }
 
 /// What start-up has done so far, undone if it fails part way.
@@ -271,6 +300,13 @@ impl Agent {
                 conns: &counts,
             },
         );
+        // Listeners the earlier agent trusted keep their clients: their
+        // cookies go into BACKENDS before SETTINGS may require them.
+        let seeded = if up.took_over {
+            seed_verified(&mut loaded.maps, cfg.replicas as usize)?
+        } else {
+            Vec::new()
+        };
         loaded.maps.set_settings(state.settings())?;
         loaded.maps.set_allowed_uids(&cfg.replica_uids)?;
         loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
@@ -323,6 +359,8 @@ impl Agent {
             control: Some(control),
             saved_path,
             cookies_seen,
+            seeded,
+            refusals_logged: Default::default(),
             _lock: lock,
         })
     }

@@ -68,9 +68,7 @@ impl Agent {
     /// ([`Agent::shutdown`], or dropping the agent).
     pub async fn serve(&mut self, mut sig: Signals) {
         let listeners = self.poll_listeners().unwrap_or_default();
-        let verified = (0..self.state.slots().len() as u32)
-            .map(|s| self.loaded.maps.backend(s).map_or(0, |b| b.listener_cookie))
-            .collect();
+        let verified = std::mem::take(&mut self.seeded);
         let mut checks: JoinSet<CheckDone> = JoinSet::new();
         self.run(
             Event::Started {
@@ -237,7 +235,18 @@ impl Agent {
                         cookie,
                         spec,
                     } => {
-                        checks.spawn(async move { (slot, generation, cookie, spec.run().await) });
+                        checks.spawn(async move {
+                            // Its own task: a check that panics is a
+                            // failed check, and the slot is checked again.
+                            let result = tokio::spawn(spec.run()).await.unwrap_or_else(|e| {
+                                CheckResult::fail(
+                                    "check crashed",
+                                    Some(e.to_string()),
+                                    Duration::ZERO,
+                                )
+                            });
+                            (slot, generation, cookie, result)
+                        });
                     }
                     Effect::SetAllowedUids(uids) => {
                         if let Err(e) = self.loaded.maps.set_allowed_uids(&uids) {
@@ -375,12 +384,30 @@ impl Agent {
                 EV_REFUSED_TAKEN => RefuseWhy::Taken,
                 EV_REFUSED_BIND => {
                     // The socket never got its port: nothing to look up.
+                    // Logged once a minute per slot at most (the kernel
+                    // sends one a second at most).
+                    let now = std::time::Instant::now();
+                    let e = self
+                        .refusals_logged
+                        .entry(ev.slot)
+                        .or_insert((now - Duration::from_secs(3600), 0));
+                    if now.duration_since(e.0) < Duration::from_secs(60) {
+                        e.1 += 1;
+                        continue;
+                    }
+                    let more = std::mem::take(&mut e.1);
+                    e.0 = now;
                     tracing::warn!(
-                        "refused a bind to {} ({}'s port) by uid {}: its owner is not in replica_uids {:?}",
+                        "refused a bind to {} ({}'s port) by uid {}: its owner is not in replica_uids {:?}{}",
                         event_addr(&ev),
                         replica_name(ev.slot as usize),
                         ev.cookie,
-                        self.state.cfg().replica_uids
+                        self.state.cfg().replica_uids,
+                        if more > 0 {
+                            format!(" ({more} more refusals reported since the last line)")
+                        } else {
+                            String::new()
+                        }
                     );
                     continue;
                 }
@@ -402,20 +429,23 @@ impl Agent {
     /// kernel's count).
     fn sample_queues(&self) -> Option<Vec<Option<QueueReading>>> {
         let listeners = registry::listeners().ok()?;
-        let cfg = self.state.cfg();
+        let known = self.registry.known();
         Some(
-            (0..self.state.slots().len() as u32)
+            (0..self.state.slots().len())
                 .map(|slot| {
+                    // The registered socket's queue (by cookie): another
+                    // listener on the same port says nothing about it.
+                    let cookie = known.get(slot).copied().flatten()?.cookie;
                     listeners
                         .iter()
-                        .find(|l| registry::slot_for(cfg, l.addr) == Some(slot))
+                        .find(|l| l.cookie == cookie)
                         .map(|l| QueueReading {
                             queued: l.queued,
                             backlog: l.backlog,
                             entered: self
                                 .loaded
                                 .maps
-                                .slot_totals(slot)
+                                .slot_totals(slot as u32)
                                 .map_or(0, |t| t.established),
                         })
                 })

@@ -71,6 +71,7 @@ pub mod names {
     pub const SK_TAGS: &str = "SK_TAGS";
     pub const ALLOWED_UIDS: &str = "ALLOWED_UIDS";
     pub const EVENTS: &str = "EVENTS";
+    pub const REFUSED_AT: &str = "REFUSED_AT";
     /// Every map of the object. FLOWS and LAST are the kernel's alone (no
     /// userspace handle) but are pinned and taken over like the rest.
     pub const ALL: &[&str] = &[
@@ -91,6 +92,7 @@ pub mod names {
         SK_TAGS,
         ALLOWED_UIDS,
         EVENTS,
+        REFUSED_AT,
     ];
 }
 
@@ -329,6 +331,15 @@ impl Maps {
         conv(names::BACKENDS, self.backends.get(&slot, 0))
     }
 
+    /// Takes the listener out of `slot` (its owner may no longer run
+    /// replicas): the sockmap first, so nothing is steered to it, then its
+    /// description.
+    pub fn evict_listener(&mut self, slot: u32) -> Result<(), MapsError> {
+        super::sys::sockmap_delete(self.sockets.fd().as_fd(), slot)
+            .map_err(|source| MapsError::Sockmap { slot, source })?;
+        self.clear_listener(slot)
+    }
+
     /// Forgets the description of `slot` (its socket has left the sockmap).
     pub fn clear_listener(&mut self, slot: u32) -> Result<(), MapsError> {
         self.set_listener(slot, Listener::default())
@@ -433,14 +444,42 @@ impl Maps {
             .filter(|(_, p)| p.since_ns < cutoff_ns)
             .collect();
         let mut n = 0;
-        for (key, p) in old {
-            // The delete is the claim: if establishment deleted it first,
-            // it has subtracted already.
-            if self.pending.remove(&key).is_ok() && p.slot < MAX_REPLICAS {
-                self.conns_shared
-                    .handshakes(p.slot)
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                n += 1;
+        for (key, _) in old {
+            use aya::maps::IterableMap as _;
+            let fd = self.pending.map().fd();
+            // Taking the entry is the claim: if establishment took it
+            // first, it has subtracted already. The slot subtracted from is
+            // the one in the entry taken, not the one listed above: the
+            // flow may have been charged again (to another slot) since.
+            let mut taken = Pending::default();
+            match super::sys::hash_take(fd.as_fd(), &key, &mut taken) {
+                Ok(true) if taken.slot < MAX_REPLICAS && taken.since_ns < cutoff_ns => {
+                    self.conns_shared
+                        .handshakes(taken.slot)
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    n += 1;
+                }
+                // Charged again just now, and young: put it back (and
+                // its charge stays).
+                Ok(true) if taken.slot < MAX_REPLICAS => {
+                    if self.pending.insert(key, taken, 1 /* NOEXIST */).is_err() {
+                        // Established meanwhile can't happen without the
+                        // entry; a newer entry holds its own charge.
+                        self.conns_shared
+                            .handshakes(taken.slot)
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(MapsError::Map {
+                        name: names::PENDING,
+                        source: MapError::SyscallError(aya::sys::SyscallError {
+                            call: "bpf_map_lookup_and_delete_elem",
+                            io_error: source,
+                        }),
+                    });
+                }
             }
         }
         Ok(n)

@@ -205,13 +205,40 @@ impl Registry {
         cfg: &Config,
         maps: &mut Maps,
     ) -> Result<(Vec<Adopted>, Vec<Refusal>), RegistryError> {
-        let current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
+        let mut current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
             .iter()
             .map(Self::view)
             .collect();
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         let mut refused: HashMap<u64, Refusal> = HashMap::new();
-        for l in listeners()? {
+        let all = listeners()?;
+        // Who may run replicas can change (a reload, a restart with other
+        // replica_uids): a registered listener whose owner is no longer
+        // allowed loses its slot.
+        for (slot, view) in current.iter_mut().enumerate() {
+            let Some(v) = *view else { continue };
+            let Some(l) = all.iter().find(|l| l.cookie == v.cookie) else {
+                continue;
+            };
+            if cfg.owner_allowed(l.uid) {
+                continue;
+            }
+            maps.evict_listener(slot as u32)?;
+            *view = None;
+            if self.reported.insert(l.inode) {
+                refused.insert(
+                    l.inode,
+                    Refusal {
+                        slot: slot as u32,
+                        addr: l.addr,
+                        uid: Some(l.uid),
+                        pid: None,
+                        why: RefuseWhy::Owner,
+                    },
+                );
+            }
+        }
+        for l in all {
             let Some(slot) = slot_for(cfg, l.addr) else {
                 continue;
             };
