@@ -18,7 +18,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let dir = a.agent.locate()?.pin_dir;
     let maps = Maps::from_pins(&dir).with_context(|| {
         format!(
-            "no mtlb pins for this network namespace in {} (is `mtlb run` running, or did it run with keep_pins?)",
+            "no mtlb pins for this network namespace in {} (has `mtlb run` run in this namespace, and was it not removed with `mtlb remove`?)",
             dir.display()
         )
     })?;
