@@ -31,8 +31,26 @@ pub use mtlb_common::Conns;
 /// The balanced address tests connect to.
 pub const BALANCED: &str = "127.0.0.1:443";
 
+/// How much slower than this machine the tests run: `cargo xtask test
+/// --kernel` sets MTLB_TEST_TIME_SCALE under emulation. Time limits scale
+/// by it; what is asserted does not change.
+pub fn time_scale() -> u32 {
+    std::env::var("MTLB_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d`, scaled for a slower machine (see [`time_scale`]).
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// Generous bound for anything awaited in a test.
-pub const WAIT: Duration = Duration::from_secs(15);
+pub fn wait_limit() -> Duration {
+    scaled(Duration::from_secs(15))
+}
 
 // ------------------------------------------------------------------ netns
 
@@ -252,7 +270,7 @@ impl Agent {
     /// Like `wait_for`, but only lines from index `from` on count. Returns
     /// (index, line).
     pub fn wait_for_after(&self, from: usize, needle: &str) -> (usize, String) {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait_limit();
         let (lock, cv) = &*self.log;
         let mut lines = lock.lock().unwrap();
         loop {
@@ -323,7 +341,7 @@ impl Agent {
     /// Waits for the agent to exit by itself (e.g. on a bad config).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + wait_limit();
         loop {
             if let Some(s) = child.try_wait().unwrap() {
                 if let Some(r) = self.reader.take() {
@@ -362,9 +380,9 @@ pub fn conns(maps: &Maps, slot: u32) -> Conns {
 }
 
 /// Polls the maps until `pred` holds (the kernel gives no event to wait
-/// on); panics with the last counts after WAIT.
+/// on); panics with the last counts after wait_limit().
 pub fn wait_counts(maps: &Maps, slots: u32, what: &str, pred: impl Fn(&[Conns]) -> bool) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + wait_limit();
     loop {
         let c: Vec<Conns> = (0..slots).map(|s| conns(maps, s)).collect();
         if pred(&c) {
@@ -768,7 +786,7 @@ impl Drop for PyProcess {
 /// and the replica's name.
 pub fn connect(addr: &str) -> std::io::Result<(TcpStream, String)> {
     let addr: SocketAddr = addr.parse().unwrap();
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))?;
     let name = greeting(&s)?;
     Ok((s, name))
 }
@@ -797,7 +815,7 @@ pub fn start_connects(addr: &str, n: usize) -> Vec<socket2::Socket> {
 
 /// Reads one greeting line.
 pub fn greeting(s: &TcpStream) -> std::io::Result<String> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
     let mut name = Vec::new();
     let mut b = [0u8; 1];
     loop {

@@ -12,10 +12,11 @@ const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 /// `hold` seconds after it; returns the client and its JSON result.
 fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) {
     let secret = format!("dd{SECRET}");
+    let timeout = (8 * time_scale()).to_string();
     let (child, line) = py_first_line(
         ns,
         "telethon_client.py",
-        &["443", &secret, "--hold", hold, "--timeout", "8"],
+        &["443", &secret, "--hold", hold, "--timeout", &timeout],
     );
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("telethon said {line:?}: {e}"));

@@ -145,6 +145,7 @@ fn a_returning_replica_proves_itself_before_clients() {
     agent.wait_for("backend mtp1 is UP");
     agent.wait_for("backend mtp2 is UP");
 
+    let timeout = (8 * time_scale()).to_string();
     // Restarted with a wrong secret: no client reaches it.
     let from = agent.log_len();
     drop(mtp2);
@@ -163,7 +164,7 @@ fn a_returning_replica_proves_itself_before_clients() {
                 "--hold",
                 "0",
                 "--timeout",
-                "8",
+                &timeout,
             ],
         );
         let _ = c.wait();
@@ -198,12 +199,13 @@ fn a_returning_replica_proves_itself_before_clients() {
         .and_then(|n| n.parse().ok())
         .expect("check duration");
     assert!(
-        gap <= Duration::from_millis(took + 100),
+        gap <= Duration::from_millis(took) + scaled(Duration::from_millis(100)),
         "UP {gap:?} after registering, check took {took} ms"
     );
     // mtp1 holds nothing now either, so a held client may go to either;
     // two held clients cover both.
     let mut held = Vec::new();
+    let hold = (5 * time_scale()).to_string();
     for _ in 0..2 {
         held.push(py_first_line(
             &ns,
@@ -212,9 +214,9 @@ fn a_returning_replica_proves_itself_before_clients() {
                 "443",
                 &format!("dd{SECRET}"),
                 "--hold",
-                "5",
+                &hold,
                 "--timeout",
-                "8",
+                &timeout,
             ],
         ));
     }
@@ -388,7 +390,7 @@ fn counts_match_what_replicas_hold_after_any_sequence() {
                     );
                     let maps = agent.maps();
                     let pending = start_connects(BALANCED, 1);
-                    let deadline = std::time::Instant::now() + WAIT;
+                    let deadline = std::time::Instant::now() + wait_limit();
                     let r = loop {
                         if let Some(r) = (0..2).find(|s| conns(&maps, *s as u32).handshakes > 0) {
                             break r;
@@ -438,7 +440,7 @@ fn counts_match_what_replicas_hold_after_any_sequence() {
 fn settle(ns: &Netns, agent: &Agent, reps: &[ReplicaProcess], what: &str) {
     let pids: Vec<u32> = reps.iter().map(|r| r.child.id()).collect();
     let maps = agent.maps();
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = std::time::Instant::now() + wait_limit();
     loop {
         let want = held_by(ns, &pids);
         let got: Vec<Conns> = (0..2).map(|s| conns(&maps, s)).collect();
@@ -742,7 +744,8 @@ fn a_burst_does_not_down_busy_replicas() {
         if let Some(d) = due.checked_duration_since(std::time::Instant::now()) {
             std::thread::sleep(d);
         }
-        match TcpStream::connect_timeout(&BALANCED.parse().unwrap(), Duration::from_secs(5)) {
+        match TcpStream::connect_timeout(&BALANCED.parse().unwrap(), scaled(Duration::from_secs(5)))
+        {
             Ok(_) => ok += 1,
             Err(e) => failed.push(e.to_string()),
         }
@@ -878,7 +881,7 @@ fn nothing_on_the_stats_port_starves_the_agent() {
         .unwrap_or(0);
     assert!(opened >= 2300, "the flood opened only {opened}: {line}");
     assert!(
-        slowest < Duration::from_millis(100),
+        slowest < scaled(Duration::from_millis(100)),
         "a control command took {slowest:?}"
     );
     assert!(max_rss < 64 * 1024, "agent RSS {max_rss} KiB");

@@ -159,7 +159,7 @@ fn bytes_are_attributed_to_the_replica_that_holds_the_connection() {
     let mib = (1u64 << 20) as f64;
     // Sent bytes count once acknowledged, and the client may delay its last
     // ACK: wait for the counters (no event to wait on).
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + wait_limit();
     let after = loop {
         let (_, t) = http_get("/metrics");
         let d_tx = m(&t, "mtlb_backend_bytes_sent_total{backend=\"mtp1\"}") - tx1;

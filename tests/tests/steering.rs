@@ -284,7 +284,7 @@ fn failover_and_restart() {
     let mut connect_errors = Vec::new();
     let mut lost = 0;
     let mut after_stop = Vec::new();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + wait_limit();
     for i in 0..400 {
         assert!(Instant::now() < deadline, "connect loop too slow");
         if i == 100 {
@@ -565,4 +565,27 @@ fn works_under_ip_netns_exec() {
     let maps = agent.maps();
     assert_eq!(conns(&maps, 0).established + conns(&maps, 1).established, 2);
     drop(held);
+}
+
+/// The feature probe runs before anything is loaded: a kernel too old (here
+/// one the agent is told it runs on, through the UNAME26 personality) is
+/// named, and nothing is attached or pinned.
+#[test]
+fn an_old_kernel_is_named_before_anything_is_loaded() {
+    let ns = Netns::new();
+    let mut cmd = std::process::Command::new("setarch");
+    cmd.args(["x86_64", "--uname-2.6"])
+        .arg(std::env::var("MTLB_BIN").unwrap())
+        .arg("run")
+        .arg("--state-dir")
+        .arg(ns.state_dir());
+    ns.run_inside(&mut cmd);
+    let mut agent = Agent::command(cmd, ns.pin_dir());
+    assert!(!agent.wait_exit().success());
+    let log = agent.log();
+    assert!(
+        log.contains("this kernel (2.6.") && log.contains("is older than Linux 5.15"),
+        "{log}"
+    );
+    assert!(!ns.pin_dir().exists(), "pinned on a refused kernel");
 }

@@ -4,7 +4,8 @@
 //!   `mtlb run ARGS` (defaults: balanced port 443, replicas on
 //!   127.0.0.1:10000 and :10001).
 //! * `cargo xtask test`: install prerequisites, build, run the unit tests
-//!   and the privileged integration tests.
+//!   and the privileged integration tests. `--kernel 6.1|6.12` runs the
+//!   integration tests on that Debian kernel in QEMU instead.
 //! * `cargo xtask build`: install prerequisites and build.
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
 //! * `cargo xtask bench`: mtlb against direct connections and HAProxy.
@@ -12,6 +13,7 @@
 mod bench;
 mod demo;
 mod prereqs;
+mod vm;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -40,6 +42,11 @@ enum Cmd {
     Test {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
+        /// Run the integration tests on this kernel, booted in QEMU with
+        /// virtme-ng: `6.1` (Debian 12), `6.12` (Debian 13 / 12 backports),
+        /// or `host` (this machine's, the default).
+        #[arg(long, default_value = "host")]
+        kernel: String,
     },
     /// Install prerequisites and build (release).
     Build,
@@ -64,7 +71,13 @@ fn main() -> anyhow::Result<()> {
             let bin = root.join("target/release/mtlb");
             exec(&bin, std::iter::once("run".to_string()).chain(args))
         }
-        Cmd::Test { filter } => {
+        Cmd::Test { filter, kernel } if kernel != "host" => {
+            prereqs::ensure()?;
+            cargo(&["build", "-p", "mtlb-userspace"])?;
+            let python = prereqs::ensure_python_env(&root.join("target"))?;
+            vm::run(&root, &python, &kernel, filter.as_deref())
+        }
+        Cmd::Test { filter, .. } => {
             prereqs::ensure()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
             cargo(&[

@@ -90,6 +90,16 @@ impl Apt {
     }
 }
 
+/// Installs one Debian package (apt-get update first).
+pub fn apt_install(pkg: &str, why: &str) -> anyhow::Result<()> {
+    Apt::default().install(pkg, why)
+}
+
+/// Refreshes the package lists.
+pub fn apt_update() -> anyhow::Result<()> {
+    quiet(Command::new("apt-get").args(["update", "-q"]))
+}
+
 /// Runs a command with its output hidden unless it fails.
 fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

@@ -29,6 +29,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if !missing.is_empty() {
         bail!("missing capabilities: {}; run as root", missing.join(", "));
     }
+    // Before loading anything: a missing kernel feature is named.
+    mtlb::kernel::probe::check()?;
     // Single-threaded runtime: the namespace is per thread, and everything
     // the agent does (attach to "this" namespace, read /proc/net, connect
     // to replicas for checks) must happen in the namespace it started in.

@@ -10,5 +10,6 @@ pub mod cookies;
 pub mod loader;
 pub mod maps;
 pub mod pins;
+pub mod probe;
 pub mod registry;
 pub mod sys;
