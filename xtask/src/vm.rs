@@ -93,7 +93,11 @@ pub fn run(root: &Path, python: &Path, kernel: &str, filter: Option<&str>) -> an
         series.name,
         t0.elapsed().as_secs_f64()
     );
-    match text.lines().find_map(|l| l.strip_prefix("mtlb-vm: exit ")) {
+    // The serial console ends lines with CR LF.
+    match text
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("mtlb-vm: exit "))
+    {
         Some("0") => Ok(()),
         Some(code) => bail!("tests failed inside the {} VM (exit {code})", series.name),
         None => bail!("the {} VM did not report (status {status})", series.name),
