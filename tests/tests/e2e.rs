@@ -13,6 +13,9 @@ const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) {
     let secret = format!("dd{SECRET}");
     let timeout = (8 * time_scale()).to_string();
+    // Held long enough for the next client to start, however slow.
+    let hold = (hold.parse::<u32>().unwrap() * time_scale()).to_string();
+    let hold = hold.as_str();
     let (child, line) = py_first_line(
         ns,
         "telethon_client.py",

@@ -111,9 +111,12 @@ fn killed_replica_fails_over_with_a_down_line() {
     let agent = agent_with(&ns, FAST);
     agent.wait_for("backend mtp2 is UP");
     let l = Loop::start(&ns, false);
-    // Let the loop run on both replicas first.
-    wait_counts(&agent.maps(), 2, "traffic on mtp2", |_| {
-        agent.maps().slot_totals(1).unwrap().established > 5
+    // Let the loop run on both replicas first, long enough to mean
+    // something however slow the machine.
+    wait_counts(&agent.maps(), 2, "traffic on both", |_| {
+        let m = agent.maps();
+        let (a, b) = (m.slot_totals(0).unwrap(), m.slot_totals(1).unwrap());
+        b.established > 5 && a.established + b.established > 20
     });
     b.kill();
     agent.wait_for("backend mtp2 is DOWN");
