@@ -70,22 +70,42 @@ pub fn run(root: &Path, python: &Path, kernel: &str, filter: Option<&str>) -> an
         .arg(&script)
         // virtme-ng runs its helpers from the same environment.
         .env("PATH", path_with(python.parent().expect("venv bin")));
-    // The guest's console, as it comes; the kernel's own lines (time
-    // stamped) are left out.
+    // The guest's console, as it comes (QEMU writes it to stdout or
+    // stderr, depending), the kernel's own lines (time stamped) left out.
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {cmd:?}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("piped")),
+    ]
+    .into_iter()
+    .map(|r| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(r)) {
+                let Ok(line) = line else { continue };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        })
+    })
+    .collect();
+    drop(tx);
     let mut text = String::new();
-    let out = child.stdout.take().expect("piped");
-    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
-        let Ok(line) = line else { continue };
+    for line in rx {
         if !line.starts_with('[') {
             println!("{line}");
         }
         text.push_str(&line);
         text.push('\n');
+    }
+    for r in readers {
+        let _ = r.join();
     }
     let status = child.wait()?;
     eprintln!(
@@ -295,15 +315,15 @@ fn write_script(
     let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let mut text = String::from("#!/bin/bash\n# Written by cargo xtask test --kernel.\n");
     text.push_str("mount -t bpf bpf /sys/fs/bpf 2>/dev/null\n");
-    // The guest's own /tmp: the tests put unix sockets there, which the
-    // host file system shared over 9p cannot hold.
-    text.push_str("mount -t tmpfs tmpfs /tmp\n");
-    text.push_str("mkdir -p /run/netns /tmp/mtlb-vm-home/.ansible/tmp\n");
-    text.push_str("export HOME=/tmp/mtlb-vm-home\n");
+    // Temporary files and HOME on the guest's own tmpfs (/run): the tests
+    // put unix sockets in them, which the host's file system shared over 9p
+    // cannot hold, and the checkout itself may live under /tmp.
+    text.push_str("mkdir -p /run/netns /run/mtlb-vm/tmp /run/mtlb-vm/home/.ansible/tmp\n");
+    text.push_str("export TMPDIR=/run/mtlb-vm/tmp HOME=/run/mtlb-vm/home\n");
     // Ansible takes its temporary directories from the password database's
     // home (read-only here) unless told.
     text.push_str(
-        "export ANSIBLE_REMOTE_TMP=/tmp/mtlb-vm-home/.ansible/tmp ANSIBLE_LOCAL_TEMP=/tmp/mtlb-vm-home/.ansible/tmp\n",
+        "export ANSIBLE_REMOTE_TMP=/run/mtlb-vm/home/.ansible/tmp ANSIBLE_LOCAL_TEMP=/run/mtlb-vm/home/.ansible/tmp\n",
     );
     // The failover tests hold hundreds of connections per process.
     text.push_str("ulimit -n 65536\n");
