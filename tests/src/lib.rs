@@ -834,6 +834,49 @@ pub fn greeting(s: &TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&name).into_owned())
 }
 
+/// `ss -Htnp` of the established connections from the balanced port inside
+/// `ns`: one line per connection, with the owning process (`pid=N`).
+pub fn ss_balanced(ns: &Netns) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "ss",
+            "-Htnp",
+            "state",
+            "established",
+        ])
+        .arg("( sport = :443 )")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A stand-in for an MTProxy HTTP stats endpoint on `listener`: answer `i`
+/// reports `ready(i)` as `total_ready_targets`.
+pub fn stats_endpoint(
+    listener: TcpListener,
+    ready: impl Fn(usize) -> u32 + Send + 'static,
+) -> Arc<AtomicU32> {
+    let served = Arc::new(AtomicU32::new(0));
+    let s2 = served.clone();
+    std::thread::spawn(move || {
+        for (i, s) in listener.incoming().enumerate().take(100_000) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{}\n",
+                ready(i)
+            );
+            s2.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    served
+}
+
 /// HTTP/1.0 GET of `path` on the stats endpoint (127.0.0.1:8404 in the
 /// calling thread's namespace): (status code, body).
 pub fn http_get(path: &str) -> (u16, String) {

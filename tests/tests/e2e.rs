@@ -29,20 +29,7 @@ fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) 
 /// PIDs of processes holding an established socket on :443 whose peer is
 /// `client` (from `ss -tnp` in the namespace).
 fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ss",
-            "-Htnp",
-            "state",
-            "established",
-            "( sport = :443 )",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ss_balanced(ns);
     text.lines()
         .filter(|l| l.split_whitespace().any(|w| w == client))
         .flat_map(|l| {

@@ -295,20 +295,7 @@ fn a_retransmitted_syn_after_replica_death_is_charged_once() {
 /// Established connections from the balanced port held by each process
 /// in `pids`, from `ss -tnp` in the namespace.
 fn held_by(ns: &Netns, pids: &[u32]) -> Vec<u64> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ss",
-            "-Htnp",
-            "state",
-            "established",
-        ])
-        .arg("( sport = :443 )")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ss_balanced(ns);
     pids.iter()
         .map(|p| {
             let tag = format!("pid={p},");
@@ -1026,19 +1013,14 @@ fn a_restart_does_not_revive_a_replica_down_by_checks() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     // mtp2's stats say no upstream is ready: DOWN by checks.
-    let ok_stats = std::net::TcpListener::bind("127.0.0.1:20000").unwrap();
-    let bad_stats = std::net::TcpListener::bind("127.0.0.1:20001").unwrap();
-    for (l, n) in [(ok_stats, 1), (bad_stats, 0)] {
-        std::thread::spawn(move || {
-            for s in l.incoming().take(100_000) {
-                let Ok(mut s) = s else { continue };
-                use std::io::{Read as _, Write as _};
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
-                let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{n}\n");
-            }
-        });
-    }
+    let _ok = stats_endpoint(
+        std::net::TcpListener::bind("127.0.0.1:20000").unwrap(),
+        |_| 1,
+    );
+    let _bad = stats_endpoint(
+        std::net::TcpListener::bind("127.0.0.1:20001").unwrap(),
+        |_| 0,
+    );
     let cfg = write_config(
         &ns,
         "[check]\nkind = \"stats\"\nstats_base_port = 20000\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",

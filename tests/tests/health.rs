@@ -436,31 +436,18 @@ fn flapping_replica_does_not_flip_on_every_check() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    // A stats endpoint for mtp2 that alternates ready / not ready.
-    let stats = std::net::TcpListener::bind("127.0.0.1:20001").unwrap();
-    let ok_stats = std::net::TcpListener::bind("127.0.0.1:20000").unwrap();
-    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let s2 = served.clone();
-    std::thread::spawn(move || {
-        for (i, s) in stats.incoming().enumerate().take(10_000) {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 512];
-            let _ = s.read(&mut buf);
-            // Ready for the check that proves its listener, then
-            // alternating.
-            let n = if i == 0 { 1 } else { (i + 1) % 2 };
-            let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{n}\n");
-            s2.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    std::thread::spawn(move || {
-        for s in ok_stats.incoming().take(10_000) {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 512];
-            let _ = s.read(&mut buf);
-            let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t1\n");
-        }
-    });
+    // A stats endpoint for mtp2 that alternates ready / not ready: ready
+    // for the check that proves its listener, then alternating.
+    let served = stats_endpoint(
+        std::net::TcpListener::bind("127.0.0.1:20001").unwrap(),
+        |i| {
+            if i == 0 { 1 } else { ((i + 1) % 2) as u32 }
+        },
+    );
+    let _ok = stats_endpoint(
+        std::net::TcpListener::bind("127.0.0.1:20000").unwrap(),
+        |_| 1,
+    );
     let agent = agent_with(
         &ns,
         &format!("{FAST}kind = \"stats\"\nstats_base_port = 20000\n"),

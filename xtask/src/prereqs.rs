@@ -227,8 +227,15 @@ pub fn ensure_python_env(target: &std::path::Path) -> anyhow::Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(&venv);
     quiet(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    pip_install(&python, PYTHON_REQUIREMENTS)?;
+    std::fs::write(&marker, want)?;
+    Ok(python)
+}
+
+/// Installs `packages` from PyPI into the environment of `python`.
+pub fn pip_install(python: &std::path::Path, packages: &[&str]) -> anyhow::Result<()> {
     quiet(
-        Command::new(&python)
+        Command::new(python)
             .args([
                 "-m",
                 "pip",
@@ -236,10 +243,8 @@ pub fn ensure_python_env(target: &std::path::Path) -> anyhow::Result<PathBuf> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(PYTHON_REQUIREMENTS),
-    )?;
-    std::fs::write(&marker, want)?;
-    Ok(python)
+            .args(packages),
+    )
 }
 
 /// Debian's HAProxy, for the benchmark's comparison.

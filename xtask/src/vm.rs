@@ -144,19 +144,7 @@ fn ensure_tools(python: &Path) -> anyhow::Result<()> {
     }
     if !python.with_file_name("vng").exists() {
         eprintln!("xtask: installing {VNG} (PyPI, to boot test kernels)");
-        let status = Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                VNG,
-            ])
-            .status()?;
-        if !status.success() {
-            bail!("pip install {VNG} failed: {status}");
-        }
+        crate::prereqs::pip_install(python, &[VNG])?;
     }
     Ok(())
 }
