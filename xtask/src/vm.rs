@@ -350,6 +350,9 @@ fn kvm_works(vng: &Path, vmlinuz: &Path) -> bool {
     if !Path::new("/dev/kvm").exists() {
         return false;
     }
+    use std::os::unix::process::CommandExt as _;
+    // Its own process group: vng starts QEMU through other processes, and a
+    // hung guest must go with all of them.
     let mut child = match Command::new(vng)
         .arg("-r")
         .arg(vmlinuz)
@@ -357,6 +360,7 @@ fn kvm_works(vng: &Path, vmlinuz: &Path) -> bool {
         .env("PATH", path_with(vng.parent().expect("venv bin")))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
     {
         Ok(c) => c,
@@ -374,7 +378,8 @@ fn kvm_works(vng: &Path, vmlinuz: &Path) -> bool {
             }
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             _ => {
-                let _ = child.kill();
+                // SAFETY: signals the group this function created.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 return false;
             }
