@@ -352,7 +352,7 @@ impl State {
         if self
             .slots
             .iter()
-            .all(|s| s.listener == ListenerState::Missing)
+            .all(|s| s.listener() == ListenerState::Missing)
         {
             let c = &self.cfg;
             log(
@@ -388,7 +388,6 @@ impl State {
                     let Some(s) = self.slots.get_mut(slot) else {
                         continue;
                     };
-                    s.listener = ListenerState::Registered;
                     s.listener_cookie = cookie;
                     if !verify || s.verified == cookie {
                         // Checks off (registration alone decides), or a
@@ -416,7 +415,6 @@ impl State {
                         continue;
                     };
                     if s.listener_cookie == cookie {
-                        s.listener = ListenerState::Missing;
                         s.listener_cookie = 0;
                     }
                     if s.verified == cookie {
@@ -574,19 +572,13 @@ impl State {
         if !result.ok {
             s.check_failures += 1;
         }
-        let registered = s.listener == ListenerState::Registered;
-        let proves = verify
-            && result.ok
-            && registered
-            && cookie != 0
-            && cookie == s.listener_cookie
-            && s.verified != cookie;
-        let fails_proof = verify
-            && !result.ok
-            && registered
-            && cookie == s.listener_cookie
-            && s.verified != cookie
-            && s.health.down_cause() == Some(DownCause::Listener);
+        let registered = s.listener() == ListenerState::Registered;
+        // A check of the registered listener, which no check has proven yet.
+        let of_unproven =
+            verify && registered && cookie == s.listener_cookie && s.verified != cookie;
+        let proves = of_unproven && result.ok;
+        let fails_proof =
+            of_unproven && !result.ok && s.health.down_cause() == Some(DownCause::Listener);
         let ev = if fails_proof {
             s.health.not_proven(result)
         } else if proves {

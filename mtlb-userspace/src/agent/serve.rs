@@ -366,6 +366,7 @@ impl Agent {
     /// log.
     fn on_listen_events(&mut self, evs: Vec<ListenEvent>, checks: &mut JoinSet<CheckDone>) {
         let mut changed = false;
+        let mut scan = false;
         for ev in evs {
             let why = match ev.kind {
                 EV_REGISTERED | EV_CLOSED => {
@@ -377,8 +378,7 @@ impl Agent {
                     // someone else. The scan tells which (it reads the
                     // owner), adopting the first kind and reporting the
                     // other.
-                    let cfg = self.state.cfg().clone();
-                    changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+                    scan = true;
                     continue;
                 }
                 EV_REFUSED_TAKEN => RefuseWhy::Taken,
@@ -419,6 +419,11 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => tracing::warn!("looking up a refused listener: {}", report(&e)),
             }
+        }
+        // One scan for however many refusals came in this batch.
+        if scan {
+            let cfg = self.state.cfg().clone();
+            changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
         }
         if changed && let Some(changes) = self.poll_listeners() {
             self.run(Event::Listeners(changes), None, checks);

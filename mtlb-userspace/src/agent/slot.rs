@@ -20,8 +20,8 @@ pub struct Slot {
     pub name: String,
     pub(super) health: Health,
     pub(super) admin: Admin,
-    pub(super) listener: ListenerState,
-    /// Cookie of the registered listener (0: none).
+    /// Cookie of the registered listener (0: none; sockets' cookies never
+    /// are 0).
     pub(super) listener_cookie: u64,
     /// Cookie of the listener a check has proven (0: none): the kernel
     /// steers to this slot only while it is the registered one.
@@ -68,7 +68,6 @@ impl Slot {
             name: replica_name(slot),
             health: Health::waiting_for_listener(),
             admin: Admin::Ready,
-            listener: ListenerState::Missing,
             listener_cookie: 0,
             verified: 0,
             weight_override: None,
@@ -108,12 +107,21 @@ impl Slot {
         self.check
     }
 
+    /// Whether a listener is registered in the slot.
+    pub fn listener(&self) -> ListenerState {
+        if self.listener_cookie != 0 {
+            ListenerState::Registered
+        } else {
+            ListenerState::Missing
+        }
+    }
+
     /// The typed state: what the label, STATUS and the metrics show.
     pub fn state(&self, cfg: &Config) -> ReplicaState {
         ReplicaState {
             oper: self.health.state(&cfg.thresholds()),
             admin: self.admin,
-            listener: self.listener,
+            listener: self.listener(),
         }
     }
 
@@ -145,7 +153,7 @@ impl Slot {
 
     /// Takes new connections now.
     pub fn active(&self) -> bool {
-        self.listener == ListenerState::Registered
+        self.listener() == ListenerState::Registered
             && self.health.oper() == Oper::Up
             && self.eligible()
     }
@@ -238,7 +246,7 @@ mod tests {
 
     fn registered_up(now: Instant) -> Slot {
         let mut s = slot(now);
-        s.listener = ListenerState::Registered;
+        s.listener_cookie = 1;
         s.health
             .listener_back(CheckResult::pass("", Duration::ZERO));
         s
