@@ -16,9 +16,6 @@ pub const MAX_REPLICAS: u32 = 64;
 /// comes back through `sk_lookup` and must reach the same listener).
 pub const MAX_FLOWS: u32 = 65_536;
 
-/// Request sockets (handshakes in flight) tracked at once.
-pub const MAX_PENDING: u32 = 65_536;
-
 /// How many replicas one `sk_lookup` run tries before it refuses the
 /// connection.
 pub const MAX_ATTEMPTS: u32 = 4;
@@ -74,15 +71,36 @@ pub struct Backend {
     pub listener_cookie: u64,
 }
 
-/// Per-slot connection counts, changed only with atomic adds by the kernel
-/// programs. `handshakes` counts request sockets (SYN received, handshake not
-/// complete); `established` counts steered connections from establishment
-/// until they reach TCP_CLOSE.
+/// Per-slot connection counts, changed only with atomic adds (by the kernel
+/// programs, and by the agent when it heals `handshakes`).
+///
+/// `handshakes` counts connections handed to the slot that have not
+/// established yet: +1 when sk_lookup assigns one, -1 when a child of the
+/// slot's listener establishes. No per-flow state is kept, so a handshake
+/// that never completes leaves its +1 behind, and a child whose +1 was
+/// cleared already takes a -1 it no longer has: the word is read as an
+/// `i64`, below zero counts as zero, and the agent clamps it into [0,
+/// connections assigned to the slot within the handshake timeout] (see
+/// `agent::heal`). `established` counts steered connections from
+/// establishment until they reach TCP_CLOSE.
+///
+/// 64 bytes, one cache line per slot (the mmapable array starts on a page
+/// and has no gaps): CPUs counting for different replicas do not bounce one
+/// line between them. Padded by hand rather than `align(64)`: the BPF stack
+/// is 8-byte aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conns {
     pub handshakes: u64,
     pub established: u64,
+    pub _pad: [u64; 6],
+}
+
+impl Conns {
+    /// Handshakes in flight, never below zero (see above).
+    pub fn handshakes_now(&self) -> u64 {
+        (self.handshakes as i64).max(0) as u64
+    }
 }
 
 /// The listening socket registered in a slot; kept beside the sockmap because
@@ -197,17 +215,6 @@ pub struct LastChoice {
     pub slot: u32,
 }
 
-/// A handshake in flight (value of the PENDING map).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pending {
-    pub slot: u32,
-    pub _pad: u32,
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the request socket was
-    /// created.
-    pub since_ns: u64,
-}
-
 /// Indices into the per-CPU `STATS` array.
 pub mod stat {
     /// `sk_lookup` runs for the balanced port/addresses.
@@ -222,20 +229,18 @@ pub mod stat {
     pub const ERR_OTHER: u32 = 6;
     /// The chosen slot's socket was gone from the sockmap.
     pub const ERR_NO_SOCKET: u32 = 7;
-    /// Flow table or handshake table full: the connection is steered but
-    /// that bookkeeping is skipped.
+    /// Flow table full: the connection is steered but not remembered.
     pub const FLOW_TABLE_FULL: u32 = 8;
-    pub const PENDING_TABLE_FULL: u32 = 9;
     /// Flows that came back to sk_lookup and were kept on their replica.
-    pub const FLOW_HITS: u32 = 10;
+    pub const FLOW_HITS: u32 = 9;
     /// SYN-ACKs carrying a SYN cookie sent by a replica listener.
-    pub const COOKIE_SYNACKS: u32 = 11;
+    pub const COOKIE_SYNACKS: u32 = 10;
     /// Listeners on replica ports that were not registered (owner not
     /// allowed, or the slot taken).
-    pub const REFUSED_LISTENERS: u32 = 12;
+    pub const REFUSED_LISTENERS: u32 = 11;
     /// EVENTS was full: the agent finds out on its next poll instead.
-    pub const EVENTS_LOST: u32 = 13;
-    pub const COUNT: u32 = 14;
+    pub const EVENTS_LOST: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Names as used in logs and metrics (`reason` label).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -248,7 +253,6 @@ pub mod stat {
         "other",
         "no_socket",
         "flow_table_full",
-        "pending_table_full",
         "flow_hits",
         "cookie_synacks",
         "refused_listeners",
@@ -270,9 +274,6 @@ pub struct SlotTotals {
     /// Bytes sent to clients and acknowledged (tcpi_bytes_acked), likewise.
     pub bytes_out: u64,
 }
-
-/// Most live steered connections tracked for traffic attribution.
-pub const MAX_LIVE: u32 = 262_144;
 
 /// A replica's state as the agent last saw it (the STATUS array, written by
 /// the agent only), so that `mtlb status` and bpftool can show it from the
@@ -363,7 +364,6 @@ mod pod {
     unsafe impl aya::Pod for SockTag {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for SlotTotals {}
-    unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for Status {}
     unsafe impl aya::Pod for LastChoice {}

@@ -7,10 +7,12 @@
 //!   register, and refuse everyone else's bind to those ports.
 //! * `mtlb_sockops` (sock_ops on the cgroup2 root): registers replica
 //!   listeners the moment they call listen() (never over a live one), tells
-//!   the agent through EVENTS, counts handshakes in flight
-//!   from the request socket's creation to establishment, and steered
-//!   connections from establishment to TCP_CLOSE. Handshakes that never
-//!   complete leave no event; the agent expires them (see PENDING).
+//!   the agent through EVENTS, ends the handshake count sk_lookup started
+//!   when a connection establishes, and counts steered connections from
+//!   establishment to TCP_CLOSE. Handshakes that never complete leave no
+//!   event; the agent bounds them (see Conns).
+//!   Attached to the replicas' cgroup (`replica_cgroup`, default the
+//!   root): sockets outside it never run it.
 //!
 //! fentry/fexit would see request sockets die, but BPF_PROG_TYPE_TRACING is
 //! not available on the kernels mtlb targets, so everything here runs from
@@ -26,8 +28,7 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
-        bpf_sock, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -156,6 +157,8 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
             // (a cookie handshake in flight then fails and is retried).
             if slot < MAX_REPLICAS && steerable(s, slot) {
                 if assign(ctx, slot) {
+                    // Not charged: its SYN was, when it was assigned (the
+                    // usual hit is a cookie ACK completing that handshake).
                     stat(stat::FLOW_HITS);
                     return SK_PASS;
                 }
@@ -179,9 +182,7 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
             if let Some(last) = LAST.get_ptr_mut(0) {
                 unsafe { *last = LastChoice { key, slot } };
             }
-            if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
-                unsafe { (*t).assigned += 1 };
-            }
+            charge(slot);
             return SK_PASS;
         }
         attempt += 1;
@@ -190,6 +191,25 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     // Refuse at once: the client gets a RST instead of waiting for a SYN
     // retransmit timeout.
     SK_DROP
+}
+
+/// A connection handed to `slot`: it counts toward the slot's load as a
+/// handshake from this moment, so the next SYN's lookup already sees it (a
+/// burst spreads before any handshake completes). The child that
+/// establishes takes the -1 (on_established). What never establishes (a
+/// SYN the full queue drops, a client gone, a SYN flood, a stray segment
+/// that matched no socket) leaves its +1: the agent keeps the count within
+/// the slot's assignments of the last handshake_timeout_ms, which is what
+/// `assigned` counts. One atomic add: no per-flow state.
+#[inline(always)]
+fn charge(slot: u32) {
+    if let Some(c) = CONNS.get_ptr_mut(slot) {
+        add(unsafe { &raw mut (*c).handshakes }, 1);
+    }
+    if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { (*t).assigned += 1 };
+    }
 }
 
 /// Whether a remembered flow may still go to `slot`: enabled, and its
@@ -280,8 +300,11 @@ fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
         let Some(c) = CONNS.get_ptr(i) else { continue };
         // Plain reads of counters other CPUs add to atomically: a stale
         // value only makes this choice slightly less exact.
+        // handshakes may dip below zero for a moment (see Conns): as i64,
+        // clamped.
         let load = unsafe {
-            core::ptr::read_volatile(&(*c).handshakes) + core::ptr::read_volatile(&(*c).established)
+            let h = core::ptr::read_volatile(&(*c).handshakes) as i64;
+            (if h > 0 { h as u64 } else { 0 }) + core::ptr::read_volatile(&(*c).established)
         };
         let w = b.weight as u64;
         // load/w < best_load/best_weight without division.
@@ -327,7 +350,6 @@ pub fn mtlb_sockops(ctx: SockOpsContext) -> u32 {
     // Runs for every TCP socket in the cgroup, for every callback: leave
     // as early as possible for everything we do not handle.
     match ctx.op() {
-        BPF_SOCK_OPS_TIMEOUT_INIT => on_request(&ctx),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_synack(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
@@ -348,55 +370,6 @@ fn ops_flow_key(ctx: &SockOpsContext) -> FlowKey {
         // on little-endian hosts (it is loaded, then shifted left by 16).
         remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
         local_port: ctx.local_port() as u16,
-    }
-}
-
-/// TIMEOUT_INIT runs for the request socket tcp_conn_request creates for a
-/// SYN, right before it enters the listener's queue (not for SYN-cookie
-/// SYNs, which get no request socket). That is where a handshake starts to
-/// count for its replica, so the next SYN's lookup already sees it.
-#[inline(always)]
-fn on_request(ctx: &SockOpsContext) {
-    let Some(s) = settings() else { return };
-    if ctx.local_port() != s.port as u32 {
-        return;
-    }
-    if unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != s.netns_cookie {
-        return;
-    }
-    let key = ops_flow_key(ctx);
-    // The slot sk_lookup chose for this SYN moments ago on this CPU.
-    let Some(slot) = last_choice(&key) else {
-        return;
-    };
-    let p = Pending {
-        slot,
-        _pad: 0,
-        since_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    // A flow already pending (its SYN retransmitted: the first request
-    // socket expired in the kernel but not yet here, or its replica died)
-    // stays charged once: to the slot chosen now. Deleting is the claim,
-    // as everywhere PENDING entries go.
-    if let Some(old) = unsafe { PENDING.get(&key) } {
-        let old_slot = old.slot;
-        if old_slot == slot {
-            return;
-        }
-        if PENDING.remove(&key).is_ok() {
-            if let Some(c) = CONNS.get_ptr_mut(old_slot) {
-                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
-            }
-        }
-    }
-    match PENDING.insert(&key, &p, BPF_NOEXIST as u64) {
-        Ok(()) => {
-            if let Some(c) = CONNS.get_ptr_mut(slot) {
-                add(unsafe { &raw mut (*c).handshakes }, 1);
-            }
-        }
-        Err(e) if -(e as i64) == EEXIST => {}
-        Err(_) => stat(stat::PENDING_TABLE_FULL),
     }
 }
 
@@ -561,29 +534,18 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     tag.state = TAG_COUNTED;
-    // The handshake is over: move it from handshakes to established.
-    // Deleting is the claim: the agent's expiry deletes too, and only the
-    // side whose delete succeeds subtracts, from the slot that was charged
-    // (not necessarily this one: a SYN charged to a replica that died may
-    // be retransmitted and accepted here).
-    let key = ops_flow_key(ctx);
-    if let Some(charged) = unsafe { PENDING.get(&key) }.map(|p| p.slot) {
-        if PENDING.remove(&key).is_ok() {
-            if let Some(c) = CONNS.get_ptr_mut(charged) {
-                add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
-            }
-        }
-    }
+    // The handshake is over: move it from handshakes to established, on
+    // the slot whose listener made this child (the slot sk_lookup charged:
+    // it assigned that listener). The tag, cloned from the listener, is also how the
+    // agent attributes this connection's bytes at scrape time (sock_diag
+    // reads socket storage): nothing else is kept per connection.
     if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+        add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
         add(unsafe { &raw mut (*c).established }, 1);
     }
     if let Some(t) = SLOT_TOTALS.get_ptr_mut(tag.slot) {
         unsafe { (*t).established += 1 };
     }
-    // Traffic of live connections is read at scrape time (sock_diag's
-    // tcp_info) and attributed through this map: nothing runs per packet.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let _ = LIVE.insert(&cookie, &tag.slot, BPF_ANY as u64);
     // Only steered sockets pay for state callbacks; this also drops the
     // header-option flag inherited from the listener, which would otherwise
     // run us for every segment sent.
@@ -611,6 +573,13 @@ fn on_state(ctx: &SockOpsContext) {
         if let Some(l) = LISTENERS.get_ptr_mut(tag.slot) {
             if unsafe { (*l).cookie } == cookie {
                 let _ = LISTENERS.set(tag.slot, Listener::default(), BPF_ANY as u64);
+                // Its request sockets die with it (the kernel drops them
+                // at their next segment): none of them will establish.
+                // A plain store: a SYN charged on another CPU meanwhile
+                // is lost with it, which the agent's clamp tolerates.
+                if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+                    unsafe { core::ptr::write_volatile(&raw mut (*c).handshakes, 0) };
+                }
             }
         }
         tag.state = TAG_CLOSED;
@@ -635,8 +604,6 @@ fn on_state(ctx: &SockOpsContext) {
         }
         // The connection's final byte counts move into its replica's
         // totals (per-CPU: no other CPU writes this slot's copy).
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let _ = LIVE.remove(&cookie);
         let (rx, acked) = unsafe {
             (
                 core::ptr::read_volatile(&raw const (*ctx.ops).bytes_received),

@@ -6,12 +6,11 @@
 //! * EVENTS: the programs (the agent consumes).
 //! * RUNTIME: the agent and the programs (plain stores of a deadline).
 //! * STATUS: the agent.
-//! * LIVE: the programs (insert at establishment, delete at close).
 //! * LAST: per-CPU, sk_lookup writes, sock_ops reads.
 //! * LISTENERS, SOCKETS: the listen hook, and the agent when it adopts a
 //!   replica that was listening before it started.
-//! * CONNS: atomic adds only, by the programs and (expiry) the agent.
-//! * PENDING: inserted by the programs, deleted by either side.
+//! * CONNS: atomic adds only, by the programs, and the agent's clamp of
+//!   handshakes (compare-and-swap).
 //! * STATS, SLOT_TOTALS: per-CPU, the programs only.
 
 use aya_ebpf::{
@@ -32,8 +31,8 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_REPLICAS as usize }> = Array::new();
 
-/// Mmapable: the agent subtracts expired handshakes with atomic operations
-/// on the shared page, as the programs add with atomic instructions.
+/// Mmapable: the agent clamps handshakes with atomic operations on the
+/// shared page, as the programs add with atomic instructions.
 #[btf_map]
 pub static CONNS: Array<Conns, { MAX_REPLICAS as usize }, { BPF_F_MMAPABLE as usize }> =
     Array::new();
@@ -71,22 +70,11 @@ pub static LAST: PerCpuArray<LastChoice, 1> = PerCpuArray::new();
 #[btf_map]
 pub static FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
 
-/// Handshakes in flight: flow -> slot and start time. Removed by the
-/// establishment callback, or by the agent once older than the handshake
-/// timeout (a handshake that never completes leaves no event).
-#[btf_map]
-pub static PENDING: HashMap<FlowKey, Pending, { MAX_PENDING as usize }> = HashMap::new();
-
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static SLOT_TOTALS: PerCpuArray<SlotTotals, { MAX_REPLICAS as usize }> = PerCpuArray::new();
-
-/// Live steered connections: socket cookie -> slot, so the agent can add
-/// their bytes (from sock_diag) to their replica at scrape time.
-#[btf_map]
-pub static LIVE: HashMap<u64, u32, { MAX_LIVE as usize }> = HashMap::new();
 
 /// Replica states as the agent last saw them; the programs do not read it.
 #[btf_map]

@@ -164,6 +164,14 @@ pub struct Config {
     /// a connection. Default true. `mtlb remove` takes mtlb off for good;
     /// false makes every exit do that.
     pub keep_pins: bool,
+    /// The replicas' cgroup (v2), relative to the cgroup2 mount (or a full
+    /// path under it). Connection accounting and the listen hook run for
+    /// sockets created in it (or below it) only, so no other socket of the
+    /// host pays for them, and only listeners created there become
+    /// replicas. For Docker, a parent of the containers' cgroups (e.g.
+    /// `system.slice` with the systemd cgroup driver); for systemd units,
+    /// a slice they run in. Default "": the root, every process.
+    pub replica_cgroup: PathBuf,
     /// How often the agent looks for replica listeners it has not seen
     /// register (e.g. started before it), in milliseconds. Default 500.
     pub scan_interval_ms: u64,
@@ -200,6 +208,7 @@ impl Default for Config {
             stats_port: 8404,
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             keep_pins: true,
+            replica_cgroup: PathBuf::new(),
             scan_interval_ms: 500,
             handshake_timeout_ms: 3000,
             state_dir: PathBuf::from("/var/lib/mtlb"),
@@ -242,6 +251,10 @@ pub struct Overrides {
     /// [config: keep_pins, default true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub keep_pins: Option<bool>,
+    /// The replicas' cgroup, relative to the cgroup2 mount [config:
+    /// replica_cgroup, default: the root, every process].
+    #[arg(long)]
+    pub replica_cgroup: Option<PathBuf>,
     /// Milliseconds after which an incomplete handshake stops counting
     /// [config: handshake_timeout_ms, default 3000].
     #[arg(long)]
@@ -299,6 +312,7 @@ impl Config {
             base_port,
             replica_address,
             bpffs,
+            replica_cgroup,
             handshake_timeout_ms,
             state_dir,
             control_dir,
@@ -404,6 +418,17 @@ impl Config {
         }
         if let Some(w) = self.weights.iter().find(|w| !(1..=256).contains(*w)) {
             return Err(invalid("weights", w, "each weight must be 1..=256"));
+        }
+        if self
+            .replica_cgroup
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(invalid(
+                "replica_cgroup",
+                self.replica_cgroup.display(),
+                "must name a cgroup under the cgroup2 mount, without ..",
+            ));
         }
         validate_secret(&self.secret)?;
         if self.stats_port == 0 {
@@ -521,6 +546,9 @@ impl Config {
         if self.bpffs != new.bpffs {
             return Some("bpffs");
         }
+        if self.replica_cgroup != new.replica_cgroup {
+            return Some("replica_cgroup");
+        }
         if self.control_dir != new.control_dir {
             return Some("control_dir");
         }
@@ -534,6 +562,18 @@ impl Config {
             return Some("stats_port");
         }
         None
+    }
+
+    /// The replicas' cgroup directory, given where cgroup2 is mounted.
+    pub fn replica_cgroup_in(&self, mount: &Path) -> PathBuf {
+        if self.replica_cgroup.starts_with(mount) {
+            return self.replica_cgroup.clone();
+        }
+        let rel = self
+            .replica_cgroup
+            .strip_prefix("/")
+            .unwrap_or(&self.replica_cgroup);
+        mount.join(rel)
     }
 
     /// Whether `uid` may own a replica's listener.
@@ -636,6 +676,34 @@ mod tests {
         );
         let e = err("addresses = [\"::\"]");
         assert!(e.contains("`addresses`"), "{e}");
+        let e = err("replica_cgroup = \"../escape\"");
+        assert!(
+            e.contains("`replica_cgroup`") && e.contains("../escape"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_replica_cgroup_is_found_under_the_mount_and_needs_a_restart() {
+        let mount = Path::new("/sys/fs/cgroup");
+        let mut c = Config::default();
+        assert_eq!(c.replica_cgroup_in(mount), mount, "default: the root");
+        for given in [
+            "system.slice",
+            "/system.slice",
+            "/sys/fs/cgroup/system.slice",
+        ] {
+            c.replica_cgroup = PathBuf::from(given);
+            assert_eq!(
+                c.replica_cgroup_in(mount),
+                Path::new("/sys/fs/cgroup/system.slice"),
+                "{given}"
+            );
+        }
+        let old = Config::default();
+        assert_eq!(old.reload_blocker(&c), Some("replica_cgroup"));
+        let cfg = Config::parse("replica_cgroup = \"mtproxy.slice\"", Path::new("x")).unwrap();
+        assert_eq!(cfg.replica_cgroup, Path::new("mtproxy.slice"));
     }
 
     #[test]

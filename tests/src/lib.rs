@@ -571,12 +571,28 @@ impl ReplicaProcess {
         uid: Option<u32>,
         v6only: bool,
     ) -> Result<Self, String> {
-        Self::spawn(ns, name, addr, uid, v6only, 0)
+        Self::spawn(ns, name, addr, uid, v6only, 0, None)
     }
 
     /// A busy replica: it accepts at most `rate` connections a second.
     pub fn start_busy(ns: &Netns, name: &str, addr: &str, rate: u32) -> Self {
-        Self::spawn(ns, name, addr, None, false, rate).unwrap_or_else(|e| panic!("{name}: {e}"))
+        Self::spawn(ns, name, addr, None, false, rate, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Like `start`, in cgroup `cg` (it moves itself there before it
+    /// binds, so its sockets are created there).
+    pub fn start_in(ns: &Netns, name: &str, addr: &str, cg: &Cgroup) -> Self {
+        Self::spawn(
+            ns,
+            name,
+            addr,
+            None,
+            false,
+            0,
+            Some(cg.path.join("cgroup.procs")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     fn spawn(
@@ -586,6 +602,7 @@ impl ReplicaProcess {
         uid: Option<u32>,
         v6only: bool,
         rate: u32,
+        cgroup_procs: Option<PathBuf>,
     ) -> Result<Self, String> {
         let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
             // Next to the test binary's deps directory.
@@ -612,6 +629,22 @@ impl ReplicaProcess {
             .arg(rate.to_string())
             .stdout(Stdio::piped());
         ns.run_inside(&mut cmd);
+        if let Some(procs) = cgroup_procs {
+            let procs =
+                std::ffi::CString::new(procs.into_os_string().into_encoded_bytes()).unwrap();
+            // SAFETY: open/write/close are async-signal-safe; writing "0"
+            // moves the writing process.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
@@ -631,6 +664,65 @@ impl ReplicaProcess {
     pub fn kill(&mut self) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+/// A cgroup (v2) of a test's own, under the cgroup2 mount; removed when
+/// dropped (after the processes in it: drop those first).
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// Relative to the cgroup2 mount, as `replica_cgroup` takes it.
+    pub rel: String,
+}
+
+impl Cgroup {
+    pub fn new() -> Self {
+        let find = || {
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            // "... mount_point ... - cgroup2 ...": field 5 is the mount point.
+            info.lines()
+                .find(|l| {
+                    l.split(" - ")
+                        .nth(1)
+                        .is_some_and(|t| t.starts_with("cgroup2 "))
+                })
+                .and_then(|l| l.split_whitespace().nth(4))
+                .map(PathBuf::from)
+        };
+        let mount = find().unwrap_or_else(|| {
+            // Where mtlb itself mounts one when there is none (a bare VM).
+            std::fs::create_dir_all("/run/mtlb/cgroup2").unwrap();
+            sh(Command::new("mount").args(["-t", "cgroup2", "cgroup2", "/run/mtlb/cgroup2"]));
+            find().expect("cgroup2 mounted")
+        });
+        let rel = format!(
+            "mtlb-t{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = mount.join(&rel);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path, rel }
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // A killed process leaves its cgroup a moment after wait()
+        // returns: bounded retries.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove cgroup {}", self.path.display());
     }
 }
 

@@ -1065,3 +1065,73 @@ fn turning_checks_on_with_a_restart_refuses_nothing() {
     assert!(failed.is_empty(), "refused: {failed:?}");
     assert!(ok > 10);
 }
+
+/// With `replica_cgroup`, only listeners created in that cgroup become
+/// replicas (registered by the listen hook, or adopted), their connections
+/// are counted, and a listener of an allowed owner outside it gets no slot
+/// and no client.
+#[test]
+fn only_listeners_of_the_replica_cgroup_become_replicas() {
+    let ns = Netns::new();
+    let cg = Cgroup::new();
+    // mtp1 in the cgroup before the agent (adopted); an outsider on mtp2's
+    // port, root like the replicas, also before the agent.
+    let mut a = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
+    let mut outsider = ReplicaProcess::start(&ns, "outsider", B);
+    let agent = ns.agent(&["--replica-cgroup", &cg.rel]);
+    agent.wait_for("backend mtp1 is UP");
+    let line = agent.wait_for("refused a listener for mtp2 on 127.0.0.1:10001");
+    assert!(line.contains("replica_cgroup"), "{line}");
+    let held: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let (s, name) = connect(BALANCED).unwrap();
+            assert_eq!(name, "mtp1");
+            s
+        })
+        .collect();
+    let maps = agent.maps();
+    wait_counts(&maps, 2, "mtp1's connections counted", |c| {
+        c[0].established == 6 && c[1].established == 0
+    });
+    // An outsider that starts after the agent: its listen() runs no hook
+    // (sock_ops is attached to the cgroup only); the scan refuses it.
+    outsider.kill();
+    let from = agent.log_len();
+    let _late = ReplicaProcess::start(&ns, "outsider", B);
+    agent.wait_for_after(from, "refused a listener for mtp2 on 127.0.0.1:10001");
+    let (seen, failed) = names(BALANCED, 6);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
+    drop(_late);
+    // The real mtp2, in the cgroup: the listen hook registers it.
+    let from = agent.log_len();
+    let mut b = ReplicaProcess::start_in(&ns, "mtp2", B, &cg);
+    let (_, line) = agent.wait_for_after(from, "replica mtp2 registered");
+    assert!(line.contains("listen hook"), "{line}");
+    agent.wait_for_after(from, "backend mtp2 is UP");
+    let (seen, _) = names(BALANCED, 8);
+    assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
+    drop(held);
+    wait_counts(&maps, 2, "all closed", |c| {
+        c.iter().all(|c| c.established == 0 && c.handshakes == 0)
+    });
+    drop(agent);
+    a.kill();
+    b.kill();
+}
+
+/// A replica_cgroup that does not exist stops the agent before anything is
+/// attached.
+#[test]
+fn a_missing_replica_cgroup_is_a_clear_error() {
+    let ns = Netns::new();
+    let mut agent = ns.spawn_agent(&["--replica-cgroup", "no-such-mtlb-cgroup"]);
+    let status = agent.wait_exit();
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("replica_cgroup") && log.contains("no-such-mtlb-cgroup"),
+        "{log}"
+    );
+    assert!(!ns.pin_dir().exists(), "pins left behind");
+}

@@ -6,10 +6,12 @@
 //! * [`slot`]: one [`slot::Slot`] per replica, its typed state.
 //! * [`reconcile`]: state → map contents (SETTINGS, BACKENDS, STATUS).
 //! * [`serve`]: the loop that turns events into steps and effects into I/O.
+//! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
 
 pub mod core;
+pub mod heal;
 pub mod locate;
 pub mod persist;
 pub mod reconcile;
@@ -71,6 +73,8 @@ pub enum StartError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error(transparent)]
+    StatsSource(#[from] crate::stats::http::SourceError),
     #[error("binding the stats endpoint {addr} (stats_address, stats_port)")]
     Stats {
         addr: SocketAddr,
@@ -90,6 +94,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "replica_cgroup {0} is not a cgroup directory (create it and start the replicas in it, or leave the key out)"
+    )]
+    ReplicaCgroup(PathBuf),
     #[error("reading SO_NETNS_COOKIE (Linux 5.14+)")]
     NetnsCookie(#[source] std::io::Error),
     #[error(transparent)]
@@ -123,6 +131,8 @@ pub struct Agent {
     seeded: Vec<u64>,
     /// Refused binds per slot: when last logged, and how many since.
     refusals_logged: std::collections::HashMap<u32, (std::time::Instant, u64)>,
+    /// Assignments over time: the upper bound of handshakes in flight.
+    assignments: heal::Assignments,
     _lock: NetnsLock,
 }
 
@@ -212,6 +222,12 @@ impl Agent {
         let (cgroup, mounted) = mounts::ensure_cgroup2()?;
         if mounted {
             tracing::info!("mounted cgroup2 at {}", cgroup.display());
+        }
+        // Before anything is touched: a cgroup that is not there is a
+        // configuration error.
+        let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
+        if !replica_cgroup.is_dir() {
+            return Err(StartError::ReplicaCgroup(replica_cgroup));
         }
         let ino = pins::netns_inode()?;
         let lock = pins::lock(ino)?;
@@ -312,7 +328,7 @@ impl Agent {
         loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
         let mut cookies_seen = None;
         serve::watch_cookies(&mut loaded.maps, &mut cookies_seen)?;
-        loaded.attach_accounting(&cgroup, &dir, attached)?;
+        loaded.attach_accounting(&cgroup, &replica_cgroup, &dir, attached)?;
         let mut registry = Registry::default();
         serve::adopt(&cfg, &mut registry, &mut loaded.maps);
         loaded.attach_steering(&dir, attached)?;
@@ -327,7 +343,7 @@ impl Agent {
         let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
             Maps::from_pins(&dir)?,
             dir.clone(),
-        ));
+        )?);
         crate::stats::server::spawn(
             stats_listener,
             stats_source,
@@ -361,6 +377,7 @@ impl Agent {
             cookies_seen,
             seeded,
             refusals_logged: Default::default(),
+            assignments: Default::default(),
             _lock: lock,
         })
     }

@@ -284,17 +284,7 @@ impl Agent {
                             queue.push_back(Event::Listeners(changes));
                         }
                     }
-                    Effect::ExpireHandshakes { older_than } => {
-                        let cutoff = monotonic_ns().saturating_sub(older_than.as_nanos() as u64);
-                        match self.loaded.maps.expire_handshakes(cutoff) {
-                            Ok(0) => {}
-                            Ok(n) => tracing::debug!(
-                                "{n} handshakes did not complete within {} ms",
-                                older_than.as_millis()
-                            ),
-                            Err(e) => tracing::warn!("expiring handshakes: {}", report(&e)),
-                        }
-                    }
+                    Effect::ExpireHandshakes { older_than } => self.heal_handshakes(older_than),
                     Effect::WatchCookies => {
                         if let Err(e) = watch_cookies(&mut self.loaded.maps, &mut self.cookies_seen)
                         {
@@ -430,6 +420,41 @@ impl Agent {
         }
     }
 
+    /// Keeps each slot's handshake count within what can still be in
+    /// flight (see `heal`): handshakes older than `window` stop counting.
+    fn heal_handshakes(&mut self, window: Duration) {
+        let slots = self.state.slots().len();
+        let totals = (0..slots as u32)
+            .map(|s| self.loaded.maps.slot_totals(s).map_or(0, |t| t.assigned))
+            .collect();
+        // Two samples a window apart and one tick to spare.
+        self.assignments.record(
+            std::time::Instant::now(),
+            totals,
+            window + Duration::from_secs(1),
+        );
+        let known = self.registry.known();
+        for slot in 0..slots {
+            let most = if known.get(slot).copied().flatten().is_some() {
+                self.assignments.within(slot, window)
+            } else {
+                // No listener, no handshake in flight.
+                Some(0)
+            };
+            if let Some((was, now)) = self
+                .loaded
+                .maps
+                .fix_handshakes(slot as u32, |raw| super::heal::clamp(raw, most))
+            {
+                tracing::debug!(
+                    "{}: {was} handshakes counted, {now} can still be in flight (assigned within {} ms)",
+                    replica_name(slot),
+                    window.as_millis()
+                );
+            }
+        }
+    }
+
     /// Every slot's accept queue (sock_diag) and what entered it (the
     /// kernel's count).
     fn sample_queues(&self) -> Option<Vec<Option<QueueReading>>> {
@@ -517,6 +542,10 @@ fn log_refusal(cfg: &Config, r: &Refusal) {
     let why = match r.why {
         RefuseWhy::Owner => format!("its owner is not in replica_uids {:?}", cfg.replica_uids),
         RefuseWhy::Taken => "the slot holds a live listener".to_string(),
+        RefuseWhy::Cgroup => format!(
+            "it was not created in replica_cgroup {}",
+            cfg.replica_cgroup.display()
+        ),
     };
     tracing::warn!(
         "refused a listener for {} on {} (pid {}, uid {}): {why}; it gets no clients",

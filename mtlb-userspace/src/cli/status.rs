@@ -22,7 +22,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
             dir.display()
         )
     })?;
-    let s = snapshot::collect(&maps, &dir)?;
+    let s = snapshot::collect(&maps, &dir, &snapshot::bytes(&maps)?)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

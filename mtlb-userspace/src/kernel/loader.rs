@@ -173,19 +173,26 @@ where
 }
 
 impl Loaded {
-    /// Attaches the accounting and registration program (sock_ops on the
-    /// cgroup2 root). Steering is attached separately, last,
-    /// once replicas already running have been adopted.
+    /// Attaches the accounting and registration program (sock_ops) to the
+    /// replicas' cgroup `replicas`, and the bind hooks to the cgroup2 root
+    /// `root` (nobody anywhere may bind a replica port unless allowed).
+    /// Steering is attached separately, last, once replicas already
+    /// running have been adopted.
     pub fn attach_accounting(
         &mut self,
-        cgroup: &Path,
+        root: &Path,
+        replicas: &Path,
         pin_dir: &Path,
         out: &mut Attached,
     ) -> Result<(), LoadError> {
-        let cg = File::open(cgroup).map_err(|source| LoadError::Open {
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        let open = |path: &Path| {
+            File::open(path).map_err(|source| LoadError::Open {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let (root_cg, cgroup) = (open(root)?, replicas);
+        let cg = open(cgroup)?;
         let p = prog::<SockOps>(&mut self.ebpf, "mtlb_sockops")?;
         let id = p
             // With bpf_link (Linux 5.7+) every link on a cgroup runs, like
@@ -207,16 +214,17 @@ impl Loaded {
             source: aya::programs::ProgramError::AlreadyAttached,
         })?;
         out.pin(fd, pin_dir.join(names::LINK_SOCK_OPS))?;
-        // The bind hooks, on the same cgroup: before any listener can
-        // register, so none is missed.
+        // The bind hooks, before any listener can register, so none is
+        // missed; on the root: they run only on bind(), and must refuse
+        // every other process's bind to a replica port.
         for (name, pin) in BIND_PROGRAMS.into_iter().zip(BIND_LINKS) {
             let p = prog::<CgroupSockAddr>(&mut self.ebpf, name)?;
             let err = |source| LoadError::Attach {
                 name,
-                target: format!("cgroup {}", cgroup.display()),
+                target: format!("cgroup {}", root.display()),
                 source,
             };
-            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(err)?;
+            let id = p.attach(&root_cg, CgroupAttachMode::Single).map_err(err)?;
             let link = p.take_link(id).map_err(err)?;
             let fd = FdLink::try_from(link).map_err(|e| LoadError::Attach {
                 name,

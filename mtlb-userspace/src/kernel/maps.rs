@@ -9,8 +9,7 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
 use mtlb_common::{
-    Backend, Conns, FlowKey, Listener, MAX_REPLICAS, Pending, Runtime, Settings, SlotTotals,
-    SockTag, Status, stat,
+    Backend, Conns, Listener, MAX_REPLICAS, Runtime, Settings, SlotTotals, SockTag, Status, stat,
 };
 use std::{
     os::fd::AsFd,
@@ -62,9 +61,7 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const RUNTIME: &str = "RUNTIME";
     pub const LAST: &str = "LAST";
-    pub const LIVE: &str = "LIVE";
     pub const STATUS: &str = "STATUS";
-    pub const PENDING: &str = "PENDING";
     pub const STATS: &str = "STATS";
     pub const SLOT_TOTALS: &str = "SLOT_TOTALS";
     pub const SOCKETS: &str = "SOCKETS";
@@ -83,9 +80,7 @@ pub mod names {
         FLOWS,
         RUNTIME,
         LAST,
-        LIVE,
         STATUS,
-        PENDING,
         STATS,
         SLOT_TOTALS,
         SOCKETS,
@@ -105,12 +100,11 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     slot_totals: PerCpuArray<MapData, SlotTotals>,
     tags: SkStorage<MapData, SockTag>,
+    tags_fd: std::os::fd::OwnedFd,
     /// The 8-byte-value sockmap; see `sys`.
     sockets: MapData,
     runtime: Array<MapData, Runtime>,
-    live: HashMap<MapData, u64, u32>,
     status: Array<MapData, Status>,
-    pending: HashMap<MapData, FlowKey, Pending>,
     allowed_uids: HashMap<MapData, u32, u8>,
     /// The EVENTS ring buffer, until the agent takes it to read.
     events: Option<MapData>,
@@ -233,6 +227,20 @@ impl Maps {
         }
         let conns = get(CONNS)?;
         let conns_shared = SharedConns::map(&conns)?;
+        // SkStorage keeps its MapData to itself: a second fd of the map for
+        // sock_diag's storage requests.
+        let tags = get(SK_TAGS)?;
+        let tags_fd = tags
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| MapsError::Map {
+                name: SK_TAGS,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }),
+            })?;
         Ok(Self {
             settings: open!(SETTINGS, Array, Array),
             backends: open!(BACKENDS, Array, Array),
@@ -242,12 +250,11 @@ impl Maps {
             addresses: open!(ADDRESSES, HashMap, HashMap),
             stats: open!(STATS, PerCpuArray, PerCpuArray),
             slot_totals: open!(SLOT_TOTALS, PerCpuArray, PerCpuArray),
-            tags: open!(SK_TAGS, SkStorage, SkStorage),
+            tags: conv(SK_TAGS, SkStorage::try_from(Map::SkStorage(tags)))?,
+            tags_fd,
             sockets: get(SOCKETS)?,
             runtime: open!(RUNTIME, Array, Array),
-            live: open!(LIVE, HashMap, HashMap),
             status: open!(STATUS, Array, Array),
-            pending: open!(PENDING, HashMap, HashMap),
             allowed_uids: open!(ALLOWED_UIDS, HashMap, HashMap),
             events: Some(get(EVENTS)?),
         })
@@ -261,9 +268,8 @@ impl Maps {
         (0..slots.min(MAX_REPLICAS as usize) as u32)
             .map(|s| {
                 let c = &self.conns_shared;
-                c.established(s)
-                    .load(Relaxed)
-                    .wrapping_add(c.handshakes(s).load(Relaxed))
+                let h = (c.handshakes(s).load(Relaxed) as i64).max(0) as u64;
+                c.established(s).load(Relaxed).wrapping_add(h)
             })
             .collect()
     }
@@ -359,8 +365,17 @@ impl Maps {
         Ok(())
     }
 
+    /// A slot's counts, handshakes never below zero (see [`Conns`]).
     pub fn conns(&self, slot: u32) -> Result<Conns, MapsError> {
-        conv(names::CONNS, self.conns.get(&slot, 0))
+        let mut c = conv(names::CONNS, self.conns.get(&slot, 0))?;
+        c.handshakes = c.handshakes_now();
+        Ok(c)
+    }
+
+    /// The SK_TAGS socket storage, for sock_diag to report each socket's
+    /// tag (slot and state).
+    pub fn tags_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.tags_fd.as_fd()
     }
 
     pub fn listener(&self, slot: u32) -> Result<Listener, MapsError> {
@@ -420,11 +435,6 @@ impl Maps {
         conv(names::STATUS, self.status.set(slot, s, 0))
     }
 
-    /// Slot of a live steered connection, by socket cookie.
-    pub fn live_slot(&self, cookie: u64) -> Option<u32> {
-        self.live.get(&cookie, 0).ok()
-    }
-
     pub fn runtime(&self) -> Result<Runtime, MapsError> {
         conv(names::RUNTIME, self.runtime.get(&0, 0))
     }
@@ -433,56 +443,28 @@ impl Maps {
         conv(names::RUNTIME, self.runtime.set(0, r, 0))
     }
 
-    /// Removes handshakes in flight that started before `cutoff_ns`
-    /// (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns) and subtracts each
-    /// from its slot. Returns how many expired.
-    pub fn expire_handshakes(&mut self, cutoff_ns: u64) -> Result<u32, MapsError> {
-        let old: Vec<(FlowKey, Pending)> = self
-            .pending
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, p)| p.since_ns < cutoff_ns)
-            .collect();
-        let mut n = 0;
-        for (key, _) in old {
-            use aya::maps::IterableMap as _;
-            let fd = self.pending.map().fd();
-            // Taking the entry is the claim: if establishment took it
-            // first, it has subtracted already. The slot subtracted from is
-            // the one in the entry taken, not the one listed above: the
-            // flow may have been charged again (to another slot) since.
-            let mut taken = Pending::default();
-            match super::sys::hash_take(fd.as_fd(), &key, &mut taken) {
-                Ok(true) if taken.slot < MAX_REPLICAS && taken.since_ns < cutoff_ns => {
-                    self.conns_shared
-                        .handshakes(taken.slot)
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    n += 1;
-                }
-                // Charged again just now, and young: put it back (and
-                // its charge stays).
-                Ok(true) if taken.slot < MAX_REPLICAS => {
-                    if self.pending.insert(key, taken, 1 /* NOEXIST */).is_err() {
-                        // Established meanwhile can't happen without the
-                        // entry; a newer entry holds its own charge.
-                        self.conns_shared
-                            .handshakes(taken.slot)
-                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                Ok(_) => {}
-                Err(source) => {
-                    return Err(MapsError::Map {
-                        name: names::PENDING,
-                        source: MapError::SyscallError(aya::sys::SyscallError {
-                            call: "bpf_map_lookup_and_delete_elem",
-                            io_error: source,
-                        }),
-                    });
-                }
+    /// Replaces a slot's handshake count (the raw word, as i64) with what
+    /// `fix` says (`None`: leave it), with compare-and-swap on the shared
+    /// page, so an add or subtract by the programs meanwhile is never
+    /// lost. Returns the raw value and the value stored when it changed.
+    pub fn fix_handshakes(
+        &self,
+        slot: u32,
+        fix: impl Fn(i64) -> Option<u64>,
+    ) -> Option<(i64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = self.conns_shared.handshakes(slot);
+        let mut cur = a.load(Relaxed);
+        // Bounded: each failure means the programs changed the word just
+        // now; the next tick tries again.
+        for _ in 0..8 {
+            let want = fix(cur as i64)?;
+            match a.compare_exchange(cur, want, Relaxed, Relaxed) {
+                Ok(_) => return Some((cur as i64, want)),
+                Err(now) => cur = now,
             }
         }
-        Ok(n)
+        None
     }
 
     pub fn addresses(&self) -> Result<Vec<[u8; 16]>, MapsError> {

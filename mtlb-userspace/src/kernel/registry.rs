@@ -26,6 +26,12 @@ pub enum RegistryError {
     Maps(#[from] MapsError),
     #[error("cannot list listening sockets (sock_diag)")]
     Diag(#[source] std::io::Error),
+    #[error("cannot read the cgroups under replica_cgroup {path}")]
+    Cgroups {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {what}")]
     Proc {
         what: &'static str,
@@ -119,6 +125,9 @@ pub enum RefuseWhy {
     Owner,
     /// Its slot holds a live listener.
     Taken,
+    /// Created outside `replica_cgroup`: its connections would not be
+    /// counted.
+    Cgroup,
 }
 
 /// A listener on a replica port that was not registered, for the log.
@@ -129,6 +138,53 @@ pub struct Refusal {
     pub uid: Option<u32>,
     pub pid: Option<i32>,
     pub why: RefuseWhy,
+}
+
+impl Refusal {
+    fn of(slot: u32, l: &Listening, why: RefuseWhy) -> Self {
+        Self {
+            slot,
+            addr: l.addr,
+            uid: Some(l.uid),
+            pid: None,
+            why,
+        }
+    }
+}
+
+/// Who may hold a replica's slot: an allowed owner's listener, created in
+/// the replicas' cgroup when one is configured.
+struct Judge {
+    /// Cgroup ids of `replica_cgroup` and below; `None`: any cgroup.
+    cgroups: Option<std::collections::HashSet<u64>>,
+}
+
+impl Judge {
+    fn new(cfg: &Config) -> Result<Self, RegistryError> {
+        if cfg.replica_cgroup.as_os_str().is_empty() {
+            return Ok(Self { cgroups: None });
+        }
+        let mount = crate::system::mounts::cgroup2_mount().unwrap_or_default();
+        let dir = cfg.replica_cgroup_in(&mount);
+        let ids =
+            crate::system::mounts::cgroup_ids(&dir).map_err(|source| RegistryError::Cgroups {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(Self { cgroups: Some(ids) })
+    }
+
+    fn refuses(&self, cfg: &Config, l: &Listening) -> Option<RefuseWhy> {
+        if !cfg.owner_allowed(l.uid) {
+            return Some(RefuseWhy::Owner);
+        }
+        // 0: a kernel that does not say; the listen hook (which runs only
+        // in the cgroup) is then the only judge.
+        match &self.cgroups {
+            Some(ids) if l.cgroup != 0 && !ids.contains(&l.cgroup) => Some(RefuseWhy::Cgroup),
+            _ => None,
+        }
+    }
 }
 
 /// A listener adopted by the scan.
@@ -212,6 +268,7 @@ impl Registry {
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         let mut refused: HashMap<u64, Refusal> = HashMap::new();
         let all = listeners()?;
+        let judge = Judge::new(cfg)?;
         // Who may run replicas can change (a reload, a restart with other
         // replica_uids): a registered listener whose owner is no longer
         // allowed loses its slot.
@@ -220,22 +277,13 @@ impl Registry {
             let Some(l) = all.iter().find(|l| l.cookie == v.cookie) else {
                 continue;
             };
-            if cfg.owner_allowed(l.uid) {
+            let Some(why) = judge.refuses(cfg, l) else {
                 continue;
-            }
+            };
             maps.evict_listener(slot as u32)?;
             *view = None;
             if self.reported.insert(l.inode) {
-                refused.insert(
-                    l.inode,
-                    Refusal {
-                        slot: slot as u32,
-                        addr: l.addr,
-                        uid: Some(l.uid),
-                        pid: None,
-                        why: RefuseWhy::Owner,
-                    },
-                );
+                refused.insert(l.inode, Refusal::of(slot as u32, l, why));
             }
         }
         for l in all {
@@ -245,19 +293,15 @@ impl Registry {
             if !current.get(slot as usize).is_some_and(|v| v.is_none()) {
                 continue;
             }
-            if cfg.owner_allowed(l.uid) {
-                wanted.insert(l.inode, (slot, l.addr));
-            } else if self.reported.insert(l.inode) {
-                refused.insert(
-                    l.inode,
-                    Refusal {
-                        slot,
-                        addr: l.addr,
-                        uid: Some(l.uid),
-                        pid: None,
-                        why: RefuseWhy::Owner,
-                    },
-                );
+            match judge.refuses(cfg, &l) {
+                None => {
+                    wanted.insert(l.inode, (slot, l.addr));
+                }
+                Some(why) => {
+                    if self.reported.insert(l.inode) {
+                        refused.insert(l.inode, Refusal::of(slot, &l, why));
+                    }
+                }
             }
         }
         if wanted.is_empty() && refused.is_empty() {

@@ -71,24 +71,6 @@ pub fn sockmap_insert(map: BorrowedFd<'_>, slot: u32, socket: impl AsFd) -> io::
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
 }
 
-/// BPF_MAP_LOOKUP_AND_DELETE_ELEM: removes `key` from a hash map and
-/// returns the value it held, in one step (Linux 5.14+ for hash maps).
-/// `Ok(false)` when the key was not there.
-pub fn hash_take<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<bool> {
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-    let mut attr = ElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        key: key as *const K as u64,
-        value: value as *mut V as u64,
-        ..Default::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Empties `slot` of a sockmap.
 pub fn sockmap_delete(map: BorrowedFd<'_>, slot: u32) -> io::Result<()> {
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;

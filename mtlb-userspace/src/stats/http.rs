@@ -3,10 +3,14 @@
 //! `/stats;csv` or `/stats?format=csv`, `/healthz`.
 //!
 //! Every request reads the kernel's maps at that moment (per-CPU values
-//! summed); nothing here is on the data path, so a scrape never blocks
-//! steering.
+//! summed), except the byte counters, which scrapes within a second
+//! share; nothing here is on the data path, so a scrape
+//! never blocks steering.
 
-use super::snapshot::{self, Snapshot};
+use super::{
+    bytes::Shared,
+    snapshot::{self, Bytes, Snapshot},
+};
 use crate::kernel::maps::{Maps, MapsError};
 use axum::{
     Router,
@@ -26,37 +30,74 @@ use std::{
     fmt::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
+    time::Duration,
 };
 
 pub struct Source {
     maps: Mutex<Maps>,
     pin_dir: PathBuf,
     /// Byte counters last served, by replica: a connection that closes
-    /// while a snapshot is read can be missed by both the live and the
-    /// closed totals for one reading, and a counter must never go back.
+    /// while a reading is made can be missed by it, and a counter must
+    /// never go back.
     served_bytes: Mutex<HashMap<String, (u64, u64)>>,
+    /// The replicas' byte counters: the one part of a snapshot whose cost
+    /// grows with connections (a sock_diag message each), so readings are
+    /// shared and made off the request path (see `stats::bytes`).
+    bytes: Shared<Bytes>,
 }
 
+/// Scrapes within this share one reading of the byte counters. Everything
+/// else (states, counts, checks) is read fresh for each.
+pub const BYTES_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long a scrape waits for a fresh reading before it serves the last
+/// one: readings of a few thousand connections take less, of a hundred
+/// thousand more.
+pub const BYTES_WAIT: Duration = Duration::from_millis(20);
+
 impl Source {
-    pub fn new(maps: Maps, pin_dir: PathBuf) -> Self {
-        Self {
+    /// `maps` serves the requests; the byte readings get a handle of their
+    /// own from the pins in `pin_dir`.
+    pub fn new(maps: Maps, pin_dir: PathBuf) -> Result<Self, SourceError> {
+        let reader = Maps::from_pins(&pin_dir)?;
+        let bytes = Shared::start(BYTES_MAX_AGE, BYTES_WAIT, move || {
+            match snapshot::bytes(&reader) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!("reading byte counters: {}", crate::error::report(&e));
+                    None
+                }
+            }
+        })
+        .map_err(SourceError::Thread)?;
+        Ok(Self {
             maps: Mutex::new(maps),
             pin_dir,
             served_bytes: Mutex::new(HashMap::new()),
-        }
+            bytes,
+        })
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapsError> {
+        // Before the maps' lock: a slow first reading holds no one else.
+        let bytes = self.bytes.get(Duration::from_secs(5)).unwrap_or_default();
         // A panic elsewhere while holding the lock leaves the handles as
         // they were: reading through them is still sound.
         let mut s = {
             let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            snapshot::collect(&maps, &self.pin_dir)?
+            snapshot::collect(&maps, &self.pin_dir, &bytes)?
         };
         let mut served = self.served_bytes.lock().unwrap_or_else(|p| p.into_inner());
         monotonic_bytes(&mut s, &mut served);
         Ok(s)
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("starting the byte counter thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Never less than served before, per replica and direction.

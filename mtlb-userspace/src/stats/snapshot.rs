@@ -8,7 +8,7 @@ use crate::{
     },
     system::diag,
 };
-use mtlb_common::{stat, state::ReplicaState};
+use mtlb_common::{MAX_REPLICAS, stat, state::ReplicaState};
 use serde::{Serialize, Serializer};
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
@@ -70,25 +70,49 @@ fn as_label<S: Serializer>(s: &ReplicaState, ser: S) -> Result<S::Ok, S::Error> 
     ser.collect_str(s)
 }
 
-/// Reads the snapshot. `pin_dir` locates the program links (for run
-/// statistics).
-pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, MapsError> {
+/// Bytes received and sent by each slot's steered connections, open and
+/// closed, in one reading (see [`bytes`]).
+pub type Bytes = BTreeMap<u32, (u64, u64)>;
+
+/// Each slot's bytes: the totals of closed connections (per-CPU, kept by
+/// sock_ops at TCP_CLOSE), then the open ones' tcp_info from one sock_diag
+/// dump of the balanced port, each socket's replica from its tag. Totals
+/// first: a connection that closes in between is missed by both for this
+/// reading (the server never shows less than it showed), where the other
+/// order would count it twice. The dump costs a message per connection:
+/// callers share readings (see `http::Source`).
+pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
+    let settings = maps.settings()?;
+    let mut out = Bytes::new();
+    for slot in 0..settings.replicas as u32 {
+        let t = maps.slot_totals(slot)?;
+        out.insert(slot, (t.bytes_in, t.bytes_out));
+    }
+    match diag::connections(settings.port, maps.tags_fd()) {
+        Ok(conns) => {
+            for c in conns {
+                // Direct connections to a replica port carry a tag too
+                // (ignored); a closed one's bytes are in the totals.
+                if c.tag.state == mtlb_common::TAG_COUNTED && c.tag.slot < MAX_REPLICAS {
+                    let e = out.entry(c.tag.slot).or_default();
+                    e.0 += c.bytes_received;
+                    e.1 += c.bytes_acked;
+                }
+            }
+        }
+        Err(e) => tracing::warn!("reading live connections' bytes (sock_diag): {e}"),
+    }
+    Ok(out)
+}
+
+/// Reads the snapshot from the maps, with `bytes` (see [`bytes`]) for
+/// the traffic. `pin_dir` locates the program links (for run statistics).
+pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, MapsError> {
     let settings = maps.settings()?;
     let replica_ip: IpAddr = {
         let a = std::net::Ipv6Addr::from(settings.replica_addr);
         a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
     };
-    // Live connections' bytes, by slot.
-    let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-    if let Ok(conns) = diag::connections(settings.port) {
-        for c in conns {
-            if let Some(slot) = maps.live_slot(c.cookie) {
-                let e = live.entry(slot).or_default();
-                e.0 += c.bytes_received;
-                e.1 += c.bytes_acked;
-            }
-        }
-    }
     let now_ms = crate::agent::slot::unix_ms();
     let mut backends = Vec::new();
     for slot in 0..settings.replicas as u32 {
@@ -100,7 +124,7 @@ pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, MapsError> {
         };
         let c = maps.conns(slot)?;
         let t = maps.slot_totals(slot)?;
-        let (lin, lout) = live.get(&slot).copied().unwrap_or_default();
+        let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
         let reason_len = s
             .reason
             .iter()
@@ -130,8 +154,8 @@ pub fn collect(maps: &Maps, pin_dir: &Path) -> Result<Snapshot, MapsError> {
             since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
             downtime_s: s.downtime_ms as f64 / 1000.0,
             accept_queue: s.accept_queue,
-            bytes_in: t.bytes_in + lin,
-            bytes_out: t.bytes_out + lout,
+            bytes_in,
+            bytes_out,
         });
     }
     let stats = maps.stats()?;

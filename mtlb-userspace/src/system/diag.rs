@@ -1,55 +1,134 @@
-//! Live TCP sockets of this network namespace through sock_diag (what `ss`
-//! uses), with their tcp_info byte counters.
+//! TCP sockets of this network namespace through sock_diag (what `ss`
+//! uses): listeners with their accept queues, and steered connections with
+//! their byte counters and replica.
 //!
-//! Per-replica traffic is attributed without any per-packet program: a
-//! steered connection's socket cookie maps to its replica (the LIVE map,
-//! kept by sock_ops), its bytes so far come from tcp_info here at scrape
-//! time, and a closed connection's final counts are added to its replica's
-//! totals by sock_ops at TCP_CLOSE.
+//! Per-replica traffic is attributed without any per-packet program and
+//! without a map entry per connection: the kernel filters the dump to the
+//! balanced port (a bytecode filter, so other sockets cost it a comparison
+//! and us nothing), and reports each socket's tag from the SK_TAGS socket
+//! storage (`INET_DIAG_REQ_SK_BPF_STORAGES`) beside its tcp_info. A
+//! closed connection's final counts are added to its replica's totals by
+//! sock_ops at TCP_CLOSE.
+//!
+//! The request carries attributes (the filter, the storage map) that
+//! netlink-packet-sock-diag cannot express, and the dump of a busy server
+//! has one message per connection, so requests are built and answers
+//! parsed here, by the layouts of linux/inet_diag.h and sock_diag.h.
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
-use netlink_packet_sock_diag::{
-    SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
-};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use std::os::fd::{AsRawFd as _, BorrowedFd};
 
-/// One connected TCP socket.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
+const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
+const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
+
+/// Kernel TCP states (include/net/tcp_states.h) as `idiag_states` bits.
+const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_NEW_SYN_RECV: u32 = 12;
+
+/// Request attributes (enum in inet_diag.h).
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+/// Bytecode: source (local) port equal to the next op's `no` field.
+const INET_DIAG_BC_S_EQ: u8 = 11;
+/// Answer attributes.
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `idiag_ext` bit of INET_DIAG_INFO (bit `type - 1`).
+const EXT_INFO: u8 = 1 << (INET_DIAG_INFO - 1);
+/// sock_diag.h: the map fd inside INET_DIAG_REQ_SK_BPF_STORAGES, and the
+/// nesting of the answer.
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+
+/// sizeof(struct nlmsghdr), sizeof(struct inet_diag_req_v2),
+/// sizeof(struct inet_diag_msg).
+const NLMSG_HDR: usize = 16;
+const REQ_V2: usize = 56;
+const DIAG_MSG: usize = 72;
+/// Offsets in struct tcp_info.
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+
+/// One steered connection (a socket of the balanced port that carries a
+/// tag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conn {
     pub cookie: u64,
-    pub local_port: u16,
+    /// The raw SK_TAGS value: slot and state.
+    pub tag: mtlb_common::SockTag,
     /// tcpi_bytes_received: bytes received from the peer.
     pub bytes_received: u64,
     /// tcpi_bytes_acked: bytes sent and acknowledged by the peer.
     pub bytes_acked: u64,
 }
 
-/// Every non-listening TCP socket whose local port is `port`.
-pub fn connections(port: u16) -> std::io::Result<Vec<Conn>> {
+/// Every connected TCP socket whose local port is `port` and that has a
+/// value in the socket storage map `tags` (SK_TAGS): steered connections
+/// and direct ones to replica listeners (the caller tells them apart by the
+/// tag's state). Needs CAP_SYS_ADMIN (storage) like the agent has.
+pub fn connections(port: u16, tags: BorrowedFd<'_>) -> std::io::Result<Vec<Conn>> {
+    let mut attrs = Vec::new();
+    // Bytecode: one S_EQ op; `yes` jumps to the end (accept), `no` past it
+    // (reject); the port rides in the second op's `no` field.
+    let mut bc = Vec::with_capacity(8);
+    bc.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
+    bc.extend_from_slice(&12u16.to_ne_bytes());
+    bc.extend_from_slice(&[0, 0]);
+    bc.extend_from_slice(&port.to_ne_bytes());
+    put_attr(&mut attrs, INET_DIAG_REQ_BYTECODE, &bc);
+    let mut nested = Vec::new();
+    put_attr(
+        &mut nested,
+        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
+        &(tags.as_raw_fd() as u32).to_ne_bytes(),
+    );
+    put_attr(
+        &mut attrs,
+        INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
+        &nested,
+    );
+    // Every state but listening, time-wait and request sockets (none has
+    // storage or counts).
+    let states = !(1 << TCP_LISTEN | 1 << TCP_TIME_WAIT | 1 << TCP_NEW_SYN_RECV) & 0xfff;
     let mut out = Vec::new();
-    let states = StateFlags::all() & !StateFlags::LISTEN & !StateFlags::TIME_WAIT;
     for family in [AF_INET, AF_INET6] {
-        query(family, states.clone(), ExtensionFlags::INFO, |r| {
-            if r.header.socket_id.source_port != port {
-                return;
-            }
+        dump(family, states, EXT_INFO, &attrs, |m| {
             let mut c = Conn {
-                cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
-                local_port: port,
+                cookie: m.cookie,
+                tag: mtlb_common::SockTag::default(),
                 bytes_received: 0,
                 bytes_acked: 0,
             };
-            for nla in &r.nlas {
-                if let Nla::TcpInfo(t) = nla {
-                    c.bytes_received = t.bytes_received;
-                    c.bytes_acked = t.bytes_acked;
+            let mut tagged = false;
+            for (ty, v) in attrs_of(m.attrs) {
+                match ty {
+                    INET_DIAG_INFO => {
+                        c.bytes_acked = u64_at(v, TCPI_BYTES_ACKED);
+                        c.bytes_received = u64_at(v, TCPI_BYTES_RECEIVED);
+                    }
+                    INET_DIAG_SK_BPF_STORAGES => {
+                        if let Some(t) = storage_value(v) {
+                            c.tag = t;
+                            tagged = true;
+                        }
+                    }
+                    _ => {}
                 }
             }
-            out.push(c);
+            if tagged {
+                out.push(c);
+            }
         })?;
     }
     Ok(out)
@@ -67,6 +146,9 @@ pub struct Listening {
     /// the kernel caps it).
     pub queued: u32,
     pub backlog: u32,
+    /// The cgroup (v2 id: the inode of its directory) the socket was
+    /// created in; 0 when the kernel did not say.
+    pub cgroup: u64,
 }
 
 /// Every listening TCP socket of this network namespace. The kernel walks
@@ -74,108 +156,181 @@ pub struct Listening {
 pub fn listeners() -> std::io::Result<Vec<Listening>> {
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        query(family, StateFlags::LISTEN, ExtensionFlags::empty(), |r| {
-            let h = &r.header;
+        dump(family, 1 << TCP_LISTEN, 0, &[], |m| {
+            let cgroup = attrs_of(m.attrs)
+                .find(|(t, _)| *t == INET_DIAG_CGROUP_ID)
+                .map_or(0, |(_, v)| u64_at(v, 0));
             out.push(Listening {
-                addr: std::net::SocketAddr::new(
-                    h.socket_id.source_address,
-                    h.socket_id.source_port,
-                ),
-                cookie: u64::from_ne_bytes(h.socket_id.cookie),
-                inode: h.inode as u64,
-                uid: h.uid,
-                queued: h.recv_queue,
-                backlog: h.send_queue,
+                addr: m.local,
+                cookie: m.cookie,
+                inode: m.inode as u64,
+                uid: m.uid,
+                queued: m.rqueue,
+                backlog: m.wqueue,
+                cgroup,
             });
         })?;
     }
     Ok(out)
 }
 
-/// One sock_diag dump of TCP sockets of `family` in `states`.
-fn query(
+/// One answer of a dump: struct inet_diag_msg and its attributes.
+struct Msg<'a> {
+    local: std::net::SocketAddr,
+    cookie: u64,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+    attrs: &'a [u8],
+}
+
+fn parse_msg(b: &[u8]) -> Option<Msg<'_>> {
+    if b.len() < DIAG_MSG {
+        return None;
+    }
+    let family = b[0];
+    // inet_diag_sockid: sport, dport (network order), src[4], dst[4]
+    // (network order words), if, cookie[2].
+    let sport = u16::from_be_bytes([b[4], b[5]]);
+    let src: [u8; 16] = b[8..24].try_into().ok()?;
+    let ip = if family == AF_INET {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+    } else {
+        std::net::IpAddr::V6(std::net::Ipv6Addr::from(src))
+    };
+    Some(Msg {
+        local: std::net::SocketAddr::new(ip, sport),
+        cookie: u64_at(b, 44),
+        rqueue: u32_at(b, 56),
+        wqueue: u32_at(b, 60),
+        uid: u32_at(b, 64),
+        inode: u32_at(b, 68),
+        attrs: &b[DIAG_MSG..],
+    })
+}
+
+/// One sock_diag dump of TCP sockets of `family` in `states`, with
+/// request attributes `attrs`.
+fn dump(
     family: u8,
-    states: StateFlags,
-    extensions: ExtensionFlags,
-    mut each: impl FnMut(&InetResponse),
+    states: u32,
+    ext: u8,
+    attrs: &[u8],
+    mut each: impl FnMut(&Msg),
 ) -> std::io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut req = NetlinkMessage::new(
-        hdr,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions,
-            states,
-            socket_id: if family == AF_INET {
-                SocketId::new_v4()
-            } else {
-                SocketId::new_v6()
-            },
-        })
-        .into(),
-    );
-    req.finalize();
-    let mut buf = vec![0; req.header.length as usize];
-    req.serialize(&mut buf[..]);
-    socket.send(&buf[..], 0)?;
+    let len = NLMSG_HDR + REQ_V2 + attrs.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&[0; 8]); // seq, pid
+    // inet_diag_req_v2: family, protocol, ext, pad, states, then a zero
+    // inet_diag_sockid (48 bytes) and its cookie "no cookie" (all ones is
+    // INET_DIAG_NOCOOKIE, but a dump ignores it).
+    req.extend_from_slice(&[family, IPPROTO_TCP, ext, 0]);
+    req.extend_from_slice(&states.to_ne_bytes());
+    req.extend_from_slice(&[0; 48]);
+    req.extend_from_slice(attrs);
+    socket.send(&req, 0)?;
 
-    let mut rx = vec![0u8; 1 << 16];
+    let mut rx = vec![0u8; 1 << 17];
     loop {
         let n = socket.recv(&mut &mut rx[..], 0)?;
         if n == 0 {
             return Ok(());
         }
         let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[off..n])
-                .map_err(|e| std::io::Error::other(format!("sock_diag: {e}")))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(&r),
-                NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) => {
-                    return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
+        while off + NLMSG_HDR <= n {
+            let mlen = u32_at(&rx, off) as usize;
+            let ty = u16::from_ne_bytes([rx[off + 4], rx[off + 5]]);
+            if mlen < NLMSG_HDR || off + mlen > n {
+                return Err(std::io::Error::other("sock_diag: truncated message"));
+            }
+            let body = &rx[off + NLMSG_HDR..off + mlen];
+            match ty {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = body
+                        .get(..4)
+                        .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
+                    if errno != 0 {
+                        return Err(std::io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    if let Some(m) = parse_msg(body) {
+                        each(&m);
+                    }
                 }
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            off += len;
+            off += align4(mlen);
         }
     }
+}
+
+/// The netlink attributes in `b`: (type without flags, value).
+fn attrs_of(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let v = &b[4..len];
+        b = &b[align4(len).min(b.len())..];
+        Some((ty, v))
+    })
+}
+
+/// The SK_TAGS value inside INET_DIAG_SK_BPF_STORAGES (one map asked for,
+/// so the first storage is ours).
+fn storage_value(v: &[u8]) -> Option<mtlb_common::SockTag> {
+    let (_, storage) = attrs_of(v).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = attrs_of(storage).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    Some(mtlb_common::SockTag {
+        slot: u32_at(value, 0),
+        state: u32_at(value, 4),
+    })
+}
+
+fn put_attr(out: &mut Vec<u8>, ty: u16, v: &[u8]) {
+    let len = 4 + v.len();
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(v);
+    out.resize(out.len() + align4(len) - len, 0);
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Native-endian words at `off`; 0 past the end (an older kernel's shorter
+/// struct).
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    b.get(off..off + 4)
+        .map_or(0, |x| u32::from_ne_bytes(x.try_into().unwrap()))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    b.get(off..off + 8)
+        .map_or(0, |x| u64::from_ne_bytes(x.try_into().unwrap()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read as _, Write as _};
 
     #[test]
-    fn sees_a_loopback_connection_and_its_bytes() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        c.write_all(&[7u8; 1000]).unwrap();
-        let mut b = [0u8; 1000];
-        s.read_exact(&mut b).unwrap();
-        let conns = connections(port).unwrap();
-        let server = conns
-            .iter()
-            .find(|x| x.bytes_received == 1000)
-            .unwrap_or_else(|| panic!("{conns:?}"));
-        assert_eq!(server.local_port, port);
-        assert_ne!(server.cookie, 0);
-    }
-
-    #[test]
-    fn sees_a_listener_its_queue_and_backlog() {
+    fn sees_a_listener_its_queue_backlog_and_cgroup() {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.bind(
             &"127.0.0.1:0"
@@ -195,5 +350,29 @@ mod tests {
         assert_eq!((me.queued, me.backlog), (1, 7));
         assert_eq!(me.uid, nix::unistd::getuid().as_raw());
         assert_ne!(me.inode, 0);
+        assert_ne!(me.cookie, 0);
+        assert_ne!(me.cgroup, 0, "kernels since 5.7 report the cgroup");
+    }
+
+    #[test]
+    fn attributes_round_trip() {
+        let mut b = Vec::new();
+        put_attr(&mut b, 7, &[1, 2, 3]);
+        put_attr(&mut b, 9 | NLA_F_NESTED, &[4; 8]);
+        let got: Vec<_> = attrs_of(&b).collect();
+        assert_eq!(got, vec![(7, &[1u8, 2, 3][..]), (9, &[4u8; 8][..])]);
+        // A storage answer as the kernel nests it.
+        let mut value = Vec::new();
+        value.extend_from_slice(&5u32.to_ne_bytes());
+        value.extend_from_slice(&2u32.to_ne_bytes());
+        let mut inner = Vec::new();
+        put_attr(&mut inner, 2, &42u32.to_ne_bytes());
+        put_attr(&mut inner, SK_DIAG_BPF_STORAGE_MAP_VALUE, &value);
+        let mut outer = Vec::new();
+        put_attr(&mut outer, SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &inner);
+        assert_eq!(
+            storage_value(&outer),
+            Some(mtlb_common::SockTag { slot: 5, state: 2 })
+        );
     }
 }

@@ -167,6 +167,33 @@ pub fn ensure_cgroup2() -> Result<(PathBuf, bool), MountError> {
     Ok((path, true))
 }
 
+/// The cgroup ids (v2: inode numbers of the directories) of `dir` and
+/// every cgroup below it: the sockets created there are the replicas'.
+pub fn cgroup_ids(dir: &Path) -> std::io::Result<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut ids = std::collections::HashSet::new();
+    let mut todo = vec![dir.to_owned()];
+    // Bounded: a cgroup tree has no cycles, but stop at a sane size.
+    while let Some(d) = todo.pop() {
+        if ids.len() >= 65_536 {
+            break;
+        }
+        ids.insert(std::fs::metadata(&d)?.ino());
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Where cgroup2 is mounted in this mount namespace, if anywhere.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    mounts_of("cgroup2").ok()?.into_iter().next()
+}
+
 /// Whether this process is in another mount namespace than its parent's
 /// (as under `ip netns exec`). Unknown counts as no.
 pub fn in_private_mount_ns() -> bool {
