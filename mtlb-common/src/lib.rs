@@ -74,13 +74,14 @@ pub struct Backend {
 /// Per-slot connection counts, changed only with atomic adds (by the kernel
 /// programs, and by the agent when it heals `handshakes`).
 ///
-/// `handshakes` counts connections handed to the slot that have not
-/// established yet: +1 when sk_lookup assigns one, -1 when a child of the
+/// `handshakes` counts handshakes in flight: +1 when a request socket is
+/// created for a SYN sk_lookup steered to the slot (or when the ACK of a
+/// SYN-cookie handshake is steered back to it), -1 when a child of the
 /// slot's listener establishes. No per-flow state is kept, so a handshake
 /// that never completes leaves its +1 behind, and a child whose +1 was
 /// cleared already takes a -1 it no longer has: the word is read as an
 /// `i64`, below zero counts as zero, and the agent clamps it into [0,
-/// connections assigned to the slot within the handshake timeout] (see
+/// assignments to the slot within the handshake timeout] (see
 /// `agent::heal`). `established` counts steered connections from
 /// establishment until they reach TCP_CLOSE.
 ///
@@ -264,7 +265,9 @@ pub mod stat {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotTotals {
-    /// New flows assigned to this slot by `sk_lookup`.
+    /// Lookups `sk_lookup` assigned to this slot: new flows (SYNs), the
+    /// ACKs of SYN-cookie handshakes, and stray segments that matched no
+    /// socket (an ACK or RST after a close).
     pub assigned: u64,
     /// Steered connections that reached ESTABLISHED on this slot.
     pub established: u64,

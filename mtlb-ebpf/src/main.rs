@@ -7,8 +7,8 @@
 //!   register, and refuse everyone else's bind to those ports.
 //! * `mtlb_sockops` (sock_ops on the cgroup2 root): registers replica
 //!   listeners the moment they call listen() (never over a live one), tells
-//!   the agent through EVENTS, ends the handshake count sk_lookup started
-//!   when a connection establishes, and counts steered connections from
+//!   the agent through EVENTS, counts handshakes in flight from the request
+//!   socket's creation to establishment, and steered connections from
 //!   establishment to TCP_CLOSE. Handshakes that never complete leave no
 //!   event; the agent bounds them (see Conns).
 //!   Attached to the replicas' cgroup (`replica_cgroup`, default the
@@ -28,7 +28,8 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        bpf_sock, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -135,6 +136,20 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     if s.all_addresses == 0 && unsafe { ADDRESSES.get(&local) }.is_none() {
         return SK_PASS;
     }
+    // An mtlb program that runs before this one in the namespace (the
+    // previous agent's, while a restart attaches ours before detaching
+    // its) has chosen a replica already: its choice stands, and it has
+    // counted it. (Another program's choice of some other socket does not
+    // stop us: the last assignment wins.)
+    let prior = unsafe {
+        core::ptr::read_volatile(&raw const (*ctx.lookup).__bindgen_anon_1.__bindgen_anon_1.sk)
+    };
+    if !prior.is_null() {
+        let p = unsafe { core::ptr::read_volatile(&raw const (*prior).src_port) };
+        if p >= s.base_port as u32 && p < s.base_port as u32 + s.replicas as u32 {
+            return SK_PASS;
+        }
+    }
     stat(stat::LOOKUPS);
 
     let key = FlowKey {
@@ -157,9 +172,14 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
             // (a cookie handshake in flight then fails and is retried).
             if slot < MAX_REPLICAS && steerable(s, slot) {
                 if assign(ctx, slot) {
-                    // Not charged: its SYN was, when it was assigned (the
-                    // usual hit is a cookie ACK completing that handshake).
                     stat(stat::FLOW_HITS);
+                    // The usual hit is the ACK of a SYN-cookie handshake:
+                    // no request socket was created for its SYN, so its
+                    // handshake counts from here (its child takes the -1).
+                    assigned(slot);
+                    if let Some(c) = CONNS.get_ptr_mut(slot) {
+                        add(unsafe { &raw mut (*c).handshakes }, 1);
+                    }
                     return SK_PASS;
                 }
                 tried |= 1u64 << slot;
@@ -182,7 +202,7 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
             if let Some(last) = LAST.get_ptr_mut(0) {
                 unsafe { *last = LastChoice { key, slot } };
             }
-            charge(slot);
+            assigned(slot);
             return SK_PASS;
         }
         attempt += 1;
@@ -193,19 +213,13 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     SK_DROP
 }
 
-/// A connection handed to `slot`: it counts toward the slot's load as a
-/// handshake from this moment, so the next SYN's lookup already sees it (a
-/// burst spreads before any handshake completes). The child that
-/// establishes takes the -1 (on_established). What never establishes (a
-/// SYN the full queue drops, a client gone, a SYN flood, a stray segment
-/// that matched no socket) leaves its +1: the agent keeps the count within
-/// the slot's assignments of the last handshake_timeout_ms, which is what
-/// `assigned` counts. One atomic add: no per-flow state.
+/// Counts a connection handed to `slot` (SLOT_TOTALS.assigned). Its
+/// handshake is not counted here: sk_lookup also runs for stray segments
+/// that match no socket (an ACK or RST after a close), and only a SYN makes
+/// a request socket (see on_request). Every handshake counted follows an
+/// assignment counted, which bounds what can be in flight (agent::heal).
 #[inline(always)]
-fn charge(slot: u32) {
-    if let Some(c) = CONNS.get_ptr_mut(slot) {
-        add(unsafe { &raw mut (*c).handshakes }, 1);
-    }
+fn assigned(slot: u32) {
     if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
         // Per-CPU slot: no other CPU writes it.
         unsafe { (*t).assigned += 1 };
@@ -350,6 +364,7 @@ pub fn mtlb_sockops(ctx: SockOpsContext) -> u32 {
     // Runs for every TCP socket in the cgroup, for every callback: leave
     // as early as possible for everything we do not handle.
     match ctx.op() {
+        BPF_SOCK_OPS_TIMEOUT_INIT => on_request(&ctx),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_synack(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
@@ -370,6 +385,41 @@ fn ops_flow_key(ctx: &SockOpsContext) -> FlowKey {
         // on little-endian hosts (it is loaded, then shifted left by 16).
         remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
         local_port: ctx.local_port() as u16,
+    }
+}
+
+/// TIMEOUT_INIT runs for the request socket tcp_conn_request creates for a
+/// SYN, right before it enters the listener's queue (not for SYN-cookie
+/// SYNs, which get no request socket; not for stray segments). That is
+/// where a handshake starts to count for its replica, so the next SYN's
+/// lookup already sees it: one atomic add, no per-flow state. The child
+/// that establishes takes the -1 from its listener's slot, which is the
+/// slot charged here (the request socket belongs to the listener sk_lookup
+/// assigned). A request socket that dies without a child (SYN flood,
+/// client gone, full accept queue) leaves its +1: the agent bounds it
+/// (agent::heal).
+#[inline(always)]
+fn on_request(ctx: &SockOpsContext) {
+    let Some(s) = settings() else { return };
+    if ctx.local_port() != s.port as u32 {
+        return;
+    }
+    if unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != s.netns_cookie {
+        return;
+    }
+    let key = ops_flow_key(ctx);
+    // The slot sk_lookup chose for this SYN moments ago on this CPU.
+    let Some(slot) = last_choice(&key) else {
+        return;
+    };
+    // Taken: a second sock_ops program of ours (the previous agent's,
+    // attached beside this one for a moment during a restart) runs for
+    // the same request socket next and must not count it again.
+    if let Some(last) = LAST.get_ptr_mut(0) {
+        unsafe { (*last).slot = u32::MAX };
+    }
+    if let Some(c) = CONNS.get_ptr_mut(slot) {
+        add(unsafe { &raw mut (*c).handshakes }, 1);
     }
 }
 
@@ -452,6 +502,11 @@ fn on_listen(ctx: &SockOpsContext) {
     // NOEXIST: a live registration is never replaced (the kernel empties
     // the slot when its socket closes).
     if SOCKETS.update(slot, ctx.ops, BPF_NOEXIST as u64).is_err() {
+        // Registered already by the other agent's program running beside
+        // ours during a restart: nothing to refuse.
+        if LISTENERS.get(slot).is_some_and(|l| l.cookie == cookie) {
+            return;
+        }
         let _ = SK_TAGS.set(
             sk.cast(),
             &SockTag {
@@ -535,8 +590,8 @@ fn on_established(ctx: &SockOpsContext) {
     }
     tag.state = TAG_COUNTED;
     // The handshake is over: move it from handshakes to established, on
-    // the slot whose listener made this child (the slot sk_lookup charged:
-    // it assigned that listener). The tag, cloned from the listener, is also how the
+    // the slot whose listener made this child (and whose request socket
+    // was charged). The tag, cloned from the listener, is also how the
     // agent attributes this connection's bytes at scrape time (sock_diag
     // reads socket storage): nothing else is kept per connection.
     if let Some(c) = CONNS.get_ptr_mut(tag.slot) {

@@ -505,7 +505,14 @@ fn a_restart_keeps_steering_and_counts() {
         &ns,
         &["backend", "mtp2", "wait-drained", "--timeout", "300ms"],
     );
-    assert!(!ok && out.contains(&format!("still has {on_b}")), "{out}");
+    assert!(
+        !ok && out.contains(&format!("still has {on_b}")),
+        "{out} (mtp2 holds {on_b}; counts {:?} {:?}; totals {:?} {:?})",
+        conns(&maps, 0),
+        conns(&maps, 1),
+        maps.slot_totals(0).unwrap(),
+        maps.slot_totals(1).unwrap()
+    );
     drop(held);
     let (ok, out) = mtlb_cli(
         &ns,

@@ -1,15 +1,15 @@
 //! Bounds on the kernel's handshake counts.
 //!
-//! sk_lookup counts a connection +1 toward its slot when it assigns it, and
-//! the child that establishes takes the -1, with no per-flow state (a hash
-//! insert and delete per connection cost more than everything else the
-//! programs do). The kernel says nothing when a handshake never completes
-//! (SYN flood, client gone, a SYN the full queue drops, a stray segment), so
+//! The programs count a handshake +1 toward its slot when its request
+//! socket is created, and the child that establishes takes the -1, with no
+//! per-flow state (a hash insert and delete per connection cost more than
+//! everything else they do). The kernel says nothing when a request socket
+//! dies without a child (SYN flood, client gone, full accept queue), so
 //! such a +1 stays; and a child whose +1 was cleared already takes a -1 it
 //! no longer has. What bounds the count: a handshake older than the
-//! handshake timeout no longer counts, so the handshakes in flight are at
-//! most the connections assigned to the slot within that time
-//! (SLOT_TOTALS.assigned counts exactly the +1s), and never below zero. A
+//! handshake timeout no longer counts, and every +1 follows an assignment
+//! by sk_lookup (SLOT_TOTALS.assigned), so the handshakes in flight are at
+//! most the slot's assignments within that time, and never below zero. A
 //! slot without a registered listener has none in flight.
 
 use std::{
