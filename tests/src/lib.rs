@@ -1071,15 +1071,16 @@ impl Drop for TempDir {
 /// Runs `cmd` to its end within `limit` (killed, and the test failed,
 /// past it), stdout and stderr collected through files so that a large
 /// output never blocks it. Returns (status, stdout, stderr).
-pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (std::process::ExitStatus, Vec<u8>, String) {
+pub fn run_bounded(
+    cmd: &mut Command,
+    limit: Duration,
+) -> (std::process::ExitStatus, Vec<u8>, String) {
     let dir = TempDir::new("out");
     let (out_path, err_path) = (dir.path.join("stdout"), dir.path.join("stderr"));
     cmd.stdin(Stdio::null())
         .stdout(File::create(&out_path).unwrap())
         .stderr(File::create(&err_path).unwrap());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

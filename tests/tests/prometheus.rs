@@ -203,7 +203,10 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_series() {
         text.head
     );
     let (ok, out) = promtool(&["check", "metrics"], Some(&text.body));
-    assert!(ok && out.trim().is_empty(), "promtool check metrics:\n{out}");
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}"
+    );
     // What Prometheus asks for: OpenMetrics.
     let om = http_request(
         "127.0.0.1:8404",

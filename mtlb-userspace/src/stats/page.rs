@@ -93,7 +93,7 @@ tr.UP td{background:#c7f0c7}tr.DOWN td{background:#f6b8b8}tr.DRAIN td{background
 tr.MAINT td{background:#d2d2d2}tr.UP.going td{background:#f4e49a}tr.DOWN.going td{background:#f8cf9a}\
 tfoot td{background:#eee;font-weight:bold;border-top:2px solid #888}\
 tfoot td.state.all{background:#c7f0c7}tfoot td.state.some{background:#f4e49a}tfoot td.state.none{background:#f6b8b8}\
-td.spark{padding:0 4px}svg.spark{display:block}\
+td.spark{padding:0 4px}tr td.spark{background:#fff}svg.spark{display:block}\
 svg.spark polyline{fill:none;stroke:#2a5db0;stroke-width:1.5}\
 svg.spark path.area{fill:#2a5db0;fill-opacity:.15;stroke:none}\
 svg.spark circle{fill:#2a5db0}\
