@@ -304,7 +304,10 @@ pub struct Status {
     /// Operational state from checks alone (STATE_UP or STATE_DOWN), also
     /// under DRAIN/MAINT, so the typed state round-trips.
     pub oper: u32,
-    pub _pad: u32,
+    /// STATUS_* flags below: what the agent knows that the state word does
+    /// not say (an alert needs to tell a hung replica kept UP from a busy
+    /// one).
+    pub flags: u32,
     /// Unix time (ms) of the last state change.
     pub last_change_ms: u64,
     /// Time spent DOWN so far, ms (the current DOWN period included).
@@ -330,7 +333,7 @@ impl Default for Status {
             accept_queue: 0,
             accept_backlog: 0,
             oper: 0,
-            _pad: 0,
+            flags: 0,
             last_change_ms: 0,
             downtime_ms: 0,
             transitions_up: 0,
@@ -340,6 +343,13 @@ impl Default for Status {
         }
     }
 }
+
+/// Status::flags: its accept queue is stalled (connections wait, none is
+/// accepted) and it was taken DOWN for it.
+pub const STATUS_STALLED: u32 = 1;
+/// Status::flags: its accept queue is stalled, but it is kept taking
+/// connections as the last replica that does.
+pub const STATUS_STALL_KEPT: u32 = 2;
 
 pub const STATE_UP: u32 = 1;
 pub const STATE_DOWN: u32 = 2;

@@ -155,6 +155,10 @@ pub struct Config {
     pub stats_address: IpAddr,
     /// Stats/metrics HTTP port. Default 8404.
     pub stats_port: u16,
+    /// How often the stats page samples each replica's active connections
+    /// for its sparkline, in milliseconds; the last 60 samples are kept
+    /// (10 minutes at the default 10000).
+    pub stats_sample_ms: u64,
     /// bpffs mount point under which pins live. Default /sys/fs/bpf
     /// (mounted there if nothing is).
     pub bpffs: PathBuf,
@@ -206,6 +210,7 @@ impl Default for Config {
             secret: "dd00000000000000000000000000000000".into(),
             stats_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             stats_port: 8404,
+            stats_sample_ms: 10_000,
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             keep_pins: true,
             replica_cgroup: PathBuf::new(),
@@ -513,6 +518,13 @@ impl Config {
                 return Err(invalid(key, p.display(), "must be an absolute path"));
             }
         }
+        if !(100..=60_000).contains(&self.stats_sample_ms) {
+            return Err(invalid(
+                "stats_sample_ms",
+                self.stats_sample_ms,
+                "must be 100..=60000",
+            ));
+        }
         if !(100..=600_000).contains(&self.handshake_timeout_ms) {
             return Err(invalid(
                 "handshake_timeout_ms",
@@ -560,6 +572,9 @@ impl Config {
         }
         if self.stats_port != new.stats_port {
             return Some("stats_port");
+        }
+        if self.stats_sample_ms != new.stats_sample_ms {
+            return Some("stats_sample_ms");
         }
         None
     }
@@ -779,6 +794,18 @@ mod tests {
             assert!(e.contains("`stats_port`") && e.contains(why), "{text}: {e}");
         }
         assert!(parse("stats_port = 10002").is_ok());
+    }
+
+    #[test]
+    fn stats_sample_ms_is_bounded_and_needs_a_restart() {
+        assert_eq!(parse("").unwrap().stats_sample_ms, 10_000);
+        for text in ["stats_sample_ms = 99", "stats_sample_ms = 60001"] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("`stats_sample_ms`"), "{text}: {e}");
+        }
+        let a = parse("stats_sample_ms = 100").unwrap();
+        let b = parse("stats_sample_ms = 200").unwrap();
+        assert_eq!(a.reload_blocker(&b), Some("stats_sample_ms"));
     }
 
     #[test]

@@ -972,9 +972,40 @@ pub fn stats_endpoint(
 /// HTTP/1.0 GET of `path` on the stats endpoint (127.0.0.1:8404 in the
 /// calling thread's namespace): (status code, body).
 pub fn http_get(path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect("127.0.0.1:8404").expect("stats endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let r = http_request("127.0.0.1:8404", path, &[]);
+    (r.code, r.body)
+}
+
+/// An HTTP response: status code, head (status line and headers), body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub code: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// HTTP/1.0 GET of `path` on `addr` (in the calling thread's namespace)
+/// with extra request `headers`; panics when it cannot connect.
+pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(scaled(Duration::from_secs(10))))
+        .unwrap();
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out
@@ -982,12 +1013,94 @@ pub fn http_get(path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (code, body)
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    HttpResponse {
+        code,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A free TCP port on 127.0.0.1 in the calling thread's namespace (a
+/// test's own namespace: nobody else takes it before the test does).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A directory of a test's own under the temp dir, removed when dropped.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "mtlb-{what}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Runs `cmd` to its end within `limit` (killed, and the test failed,
+/// past it), stdout and stderr collected through files so that a large
+/// output never blocks it. Returns (status, stdout, stderr).
+pub fn run_bounded(
+    cmd: &mut Command,
+    limit: Duration,
+) -> (std::process::ExitStatus, Vec<u8>, String) {
+    let dir = TempDir::new("out");
+    let (out_path, err_path) = (dir.path.join("stdout"), dir.path.join("stderr"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status,
+        std::fs::read(&out_path).unwrap(),
+        std::fs::read_to_string(&err_path).unwrap_or_default(),
+    )
 }
 
 /// Value of the sample `name{labels}` in Prometheus text.

@@ -193,3 +193,58 @@ fn link_output() {
     assert!(!bad.status.success());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs the prometheus_rules role on this machine (connection local) with
+/// `extra` variables; returns ansible-playbook's output.
+fn rules_role(dir: &std::path::Path, extra: &[String]) -> String {
+    let play = dir.join("play.yml");
+    std::fs::write(
+        &play,
+        "- name: Alert rules\n  hosts: localhost\n  gather_facts: false\n  roles:\n    - prometheus_rules\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(venv_bin("ansible-playbook"));
+    cmd.env("ANSIBLE_ROLES_PATH", deploy_dir().join("roles"))
+        .env("ANSIBLE_LOCALHOST_WARNING", "false")
+        .env("ANSIBLE_INVENTORY_UNPARSED_WARNING", "false")
+        .env("NO_COLOR", "1")
+        .args(["-i", "localhost,", "-c", "local"])
+        .arg(&play)
+        .arg("-e")
+        .arg(format!(
+            "ansible_python_interpreter={}",
+            mtlb_tests::python()
+        ))
+        // No Prometheus service to reload here.
+        .args(["-e", "prometheus_rules_service="]);
+    for e in extra {
+        cmd.args(["-e", e]);
+    }
+    run(&mut cmd)
+}
+
+/// The role installs the rules file (checked by promtool) where
+/// `prometheus_rules_dir` says, and nothing when it is unset.
+#[test]
+fn alert_rules_role_installs_the_rules_where_prometheus_reads_them() {
+    let dir = mtlb_tests::TempDir::new("rules-role");
+    let rules = dir.path.join("etc/prometheus/rules");
+    let out = rules_role(&dir.path, &[]);
+    assert!(out.contains("prometheus_rules_dir is not set"), "{out}");
+    assert!(!rules.exists());
+    let out = rules_role(
+        &dir.path,
+        &[format!("prometheus_rules_dir={}", rules.display())],
+    );
+    assert!(out.contains("failed=0"), "{out}");
+    assert_eq!(
+        std::fs::read(rules.join("mtlb.rules.yml")).unwrap(),
+        std::fs::read(deploy_dir().join("roles/prometheus_rules/files/mtlb.rules.yml")).unwrap()
+    );
+    // Again: nothing changes.
+    let out = rules_role(
+        &dir.path,
+        &[format!("prometheus_rules_dir={}", rules.display())],
+    );
+    assert!(out.contains("changed=0"), "{out}");
+}

@@ -73,12 +73,14 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { filter, kernel } if kernel != "host" => {
             prereqs::ensure()?;
+            prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             vm::run(&root, &python, &kernel, filter.as_deref())
         }
         Cmd::Test { filter, .. } => {
             prereqs::ensure()?;
+            prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
             cargo(&[
                 "test",

@@ -247,6 +247,28 @@ pub fn pip_install(python: &std::path::Path, packages: &[&str]) -> anyhow::Resul
     )
 }
 
+/// Debian packages only the tests use, and a file each provides: a real
+/// Prometheus (and promtool) scrapes an agent and unit-tests the alert
+/// rules; headless Chromium renders the stats page.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("prometheus", "/usr/bin/promtool"),
+    ("prometheus", "/usr/bin/prometheus"),
+    ("chromium", "/usr/bin/chromium"),
+];
+
+/// What `cargo xtask test` needs beyond [`ensure`].
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    let mut done = Vec::new();
+    for (pkg, file) in TEST_PACKAGES {
+        if !std::path::Path::new(file).exists() && !done.contains(pkg) {
+            apt.install(pkg, "the tests use it")?;
+            done.push(*pkg);
+        }
+    }
+    Ok(())
+}
+
 /// Debian's HAProxy, for the benchmark's comparison.
 pub fn ensure_haproxy() -> anyhow::Result<()> {
     if !std::path::Path::new("/usr/sbin/haproxy").exists() {

@@ -1490,6 +1490,14 @@ mod tests {
         ]
     }
 
+    /// STATUS flags written for `slot` by these effects, if written.
+    fn status_flags(fx: &[Effect], slot: u32) -> Option<u32> {
+        fx.iter().rev().find_map(|e| match e {
+            Effect::WriteStatus { slot: s, status } if *s == slot => Some(status.flags),
+            _ => None,
+        })
+    }
+
     #[test]
     fn a_stalled_queue_downs_the_replica_then_rise_checks_bring_it_back() {
         let mut h = H::running(cfg(2), &[0, 1]);
@@ -1506,13 +1514,15 @@ mod tests {
             "{line}"
         );
         assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        assert_eq!(status_flags(&fx, 1), Some(mtlb_common::STATUS_STALLED));
         // Checks pass (the kernel completes handshakes) but count as failed.
         for _ in 0..4 {
             h.check(1, true);
         }
         assert_eq!(h.label(1), "DOWN");
         // It accepts again: rise passing checks bring it back.
-        h.step(Event::Queues(queued(0, 3)));
+        let fx = h.step(Event::Queues(queued(0, 3)));
+        assert_eq!(status_flags(&fx, 1), Some(0), "no longer stalled");
         h.check(1, true);
         let fx = h.check(1, true);
         assert!(has_log(&fx, "backend mtp2 is UP"));
@@ -1542,6 +1552,7 @@ mod tests {
             &fx,
             "backend mtp2: accept queue stalled (3 queued of 128), but no other backend takes connections: keeping it"
         ));
+        assert_eq!(status_flags(&fx, 1), Some(mtlb_common::STATUS_STALL_KEPT));
         let fx = h.after(MS(100)).step(Event::Queues(queued(3, 3)));
         assert!(logs(&fx).is_empty(), "said once: {fx:?}");
         assert!(h.slot(1).active());

@@ -343,6 +343,7 @@ impl Agent {
         let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
             Maps::from_pins(&dir)?,
             dir.clone(),
+            std::time::Duration::from_millis(cfg.stats_sample_ms),
         )?);
         crate::stats::server::spawn(
             stats_listener,

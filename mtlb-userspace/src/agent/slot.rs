@@ -211,6 +211,13 @@ impl Slot {
             transitions_down: self.transitions_down,
             check_failures: self.check_failures,
             reason,
+            flags: if self.health.stalled() {
+                mtlb_common::STATUS_STALLED
+            } else if self.stall_kept {
+                mtlb_common::STATUS_STALL_KEPT
+            } else {
+                0
+            },
             ..Status::default()
         };
         self.state(cfg).write(&mut s);

@@ -9,13 +9,16 @@
 
 use super::{
     bytes::Shared,
+    history::{self, History},
+    page,
     snapshot::{self, Bytes, Snapshot},
+    textfmt,
 };
 use crate::kernel::maps::{Maps, MapsError};
 use axum::{
     Router,
     extract::{Query, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
@@ -27,10 +30,9 @@ use prometheus_client::{
 };
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 pub struct Source {
@@ -44,6 +46,11 @@ pub struct Source {
     /// grows with connections (a sock_diag message each), so readings are
     /// shared and made off the request path (see `stats::bytes`).
     bytes: Shared<Bytes>,
+    /// Active connections over the last minutes, for the page's sparklines
+    /// (sampled by `history::sample` on the stats thread).
+    history: Mutex<History>,
+    /// When the agent started serving, for the page's uptime.
+    started: Instant,
 }
 
 /// Scrapes within this share one reading of the byte counters. Everything
@@ -56,8 +63,9 @@ pub const BYTES_WAIT: Duration = Duration::from_millis(20);
 
 impl Source {
     /// `maps` serves the requests; the byte readings get a handle of their
-    /// own from the pins in `pin_dir`.
-    pub fn new(maps: Maps, pin_dir: PathBuf) -> Result<Self, SourceError> {
+    /// own from the pins in `pin_dir`. The sparklines' history takes a
+    /// sample every `sample_every`.
+    pub fn new(maps: Maps, pin_dir: PathBuf, sample_every: Duration) -> Result<Self, SourceError> {
         let reader = Maps::from_pins(&pin_dir)?;
         let bytes = Shared::start(BYTES_MAX_AGE, BYTES_WAIT, move || {
             match snapshot::bytes(&reader) {
@@ -74,7 +82,34 @@ impl Source {
             pin_dir,
             served_bytes: Mutex::new(HashMap::new()),
             bytes,
+            history: Mutex::new(History::new(sample_every)),
+            started: Instant::now(),
         })
+    }
+
+    pub(super) fn history_every(&self) -> Duration {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .every()
+    }
+
+    /// Adds one sample of every replica's active connections to the
+    /// history (a read of the mmap'ed counters; no byte reading).
+    pub(super) fn sample_history(&self) {
+        let now = Instant::now();
+        let active = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            history::read_active(&maps)
+        };
+        match active {
+            Ok(a) => self
+                .history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(now, a),
+            Err(e) => tracing::debug!("sampling active connections: {e}"),
+        }
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapsError> {
@@ -127,14 +162,29 @@ fn failed(e: MapsError) -> Response {
         .into_response()
 }
 
-async fn metrics(State(src): State<Arc<Source>>) -> Response {
+/// OpenMetrics for clients that ask for it (Prometheus does), the
+/// Prometheus text format for the rest (curl, promtool): see `textfmt`.
+async fn metrics(State(src): State<Arc<Source>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
     match src.snapshot() {
-        Ok(s) => (
+        Ok(s) if openmetrics => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             render_metrics(&s),
+        )
+            .into_response(),
+        Ok(s) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            textfmt::from_openmetrics(&render_metrics(&s)),
         )
             .into_response(),
         Err(e) => failed(e),
@@ -147,7 +197,7 @@ async fn stats(
 ) -> Response {
     match src.snapshot() {
         Ok(s) if q.get("format").is_some_and(|f| f == "csv") => csv(&s),
-        Ok(s) => Html(render_html(&s)).into_response(),
+        Ok(s) => Html(src.page(&s)).into_response(),
         Err(e) => failed(e),
     }
 }
@@ -156,6 +206,24 @@ async fn stats_csv(State(src): State<Arc<Source>>) -> Response {
     match src.snapshot() {
         Ok(s) => csv(&s),
         Err(e) => failed(e),
+    }
+}
+
+impl Source {
+    /// The HTML page of `s`, with the history as it is now (rendering
+    /// changes nothing: a page refreshing itself is a pure re-read).
+    fn page(&self, s: &Snapshot) -> String {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        page::render(
+            s,
+            &page::Context {
+                version: env!("CARGO_PKG_VERSION"),
+                uptime: self.started.elapsed(),
+                history: &history,
+                now: Instant::now(),
+                wall: SystemTime::now(),
+            },
+        )
     }
 }
 
@@ -243,6 +311,16 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "mtlb_backend_accept_queue",
         "Accept queue length of the replica's listener",
     );
+    let stalled = family::<G>(
+        &mut r,
+        "mtlb_backend_accept_queue_stalled",
+        "1 while connections wait in the replica's accept queue and none is accepted (the agent's verdict: DOWN for it, or kept as the last replica taking connections)",
+    );
+    let hs = family::<G>(
+        &mut r,
+        "mtlb_backend_handshakes",
+        "Connections steered to the replica whose handshake is not complete yet",
+    );
     let rx = family::<C>(
         &mut r,
         "mtlb_backend_bytes_received",
@@ -280,6 +358,9 @@ pub fn render_metrics(s: &Snapshot) -> String {
         }
         down.get_or_create(&l).inc_by(b.downtime_s);
         queue.get_or_create(&l).set(b.accept_queue as i64);
+        stalled.get_or_create(&l).set(b.queue_stalled as i64);
+        hs.get_or_create(&l)
+            .set(b.handshakes.min(i64::MAX as u64) as i64);
         rx.get_or_create(&l).inc_by(b.bytes_in);
         tx.get_or_create(&l).inc_by(b.bytes_out);
     }
@@ -295,6 +376,18 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Connections refused because no replica could take them",
     );
     nob.get_or_create(&vec![]).inc_by(s.no_backend);
+    let flow = family::<C>(
+        &mut r,
+        "mtlb_flow_hits",
+        "SYN-cookie ACKs kept on their replica by the flow table",
+    );
+    flow.get_or_create(&vec![]).inc_by(s.flow_hits);
+    let cookies = family::<C>(
+        &mut r,
+        "mtlb_cookie_synacks",
+        "SYN-ACKs with a SYN cookie sent by replica listeners",
+    );
+    cookies.get_or_create(&vec![]).inc_by(s.cookie_synacks);
     let errs = family::<C>(
         &mut r,
         "mtlb_steer_errors",
@@ -334,7 +427,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
     out
 }
 
-const COLUMNS: [&str; 14] = [
+const COLUMNS: [&str; 16] = [
     "name",
     "address",
     "state",
@@ -349,9 +442,12 @@ const COLUMNS: [&str; 14] = [
     "accept_queue",
     "bytes_in",
     "bytes_out",
+    // Added at the end: readers by position keep working.
+    "handshakes",
+    "queue_stalled",
 ];
 
-fn cells(b: &snapshot::BackendRow) -> [String; 14] {
+fn cells(b: &snapshot::BackendRow) -> [String; 16] {
     [
         b.name.clone(),
         b.address.clone(),
@@ -367,6 +463,8 @@ fn cells(b: &snapshot::BackendRow) -> [String; 14] {
         b.accept_queue.to_string(),
         b.bytes_in.to_string(),
         b.bytes_out.to_string(),
+        b.handshakes.to_string(),
+        (b.queue_stalled as u8).to_string(),
     ]
 }
 
@@ -387,46 +485,6 @@ pub fn render_csv(s: &Snapshot) -> String {
         out.push_str(&row.join(","));
         out.push('\n');
     }
-    out
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// One table row per replica, each on a single line, so that
-/// `curl -s …/stats | grep -E "mtp1|mtp2"` shows each replica with its
-/// state, as on HAProxy's page.
-pub fn render_html(s: &Snapshot) -> String {
-    let mut out = String::from(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>mtlb stats</title>\n<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px;text-align:right}td:first-child,th:first-child{text-align:left}.UP{background:#c0ffc0}.DOWN{background:#ffb0b0}.DRAIN{background:#b0d0ff}.MAINT{background:#c0c0c0}</style></head><body>\n",
-    );
-    let _ = writeln!(
-        out,
-        "<h1>mtlb</h1><p>balanced port {}; lookups {}; refused (no backend) {}</p>",
-        s.port, s.lookups, s.no_backend
-    );
-    out.push_str("<table>\n<tr>");
-    for c in COLUMNS {
-        let _ = write!(out, "<th>{c}</th>");
-    }
-    out.push_str("</tr>\n");
-    for b in &s.backends {
-        let class = match b.state.state_word() {
-            STATE_UP => "UP",
-            STATE_DRAIN => "DRAIN",
-            STATE_MAINT => "MAINT",
-            _ => "DOWN",
-        };
-        let _ = write!(out, "<tr class=\"{class}\">");
-        for c in cells(b) {
-            let _ = write!(out, "<td>{}</td>", esc(&c));
-        }
-        out.push_str("</tr>\n");
-    }
-    out.push_str("</table>\n</body></html>\n");
     out
 }
 
@@ -468,6 +526,7 @@ mod tests {
             since_change_s: 1.5,
             downtime_s: 0.5,
             accept_queue: 0,
+            queue_stalled: false,
             bytes_in: 100,
             bytes_out: 200,
         };
@@ -510,15 +569,38 @@ mod tests {
     }
 
     #[test]
-    fn html_rows_are_one_line_each_with_the_state() {
-        let h = render_html(&snap());
-        let lines: Vec<&str> = h
-            .lines()
-            .filter(|l| l.contains("mtp1") || l.contains("mtp2"))
-            .collect();
-        assert_eq!(lines.len(), 2);
-        assert!(lines[0].contains("mtp1") && lines[0].contains(">UP<"));
-        assert!(lines[1].contains("mtp2") && lines[1].contains("DOWN 1/2"));
+    fn new_signals_for_the_alert_rules() {
+        let mut s = snap();
+        s.backends[1].queue_stalled = true;
+        s.backends[1].handshakes = 2;
+        s.flow_hits = 4;
+        s.cookie_synacks = 5;
+        let m = render_metrics(&s);
+        for want in [
+            "mtlb_backend_accept_queue_stalled{backend=\"mtp1\"} 0",
+            "mtlb_backend_accept_queue_stalled{backend=\"mtp2\"} 1",
+            "mtlb_backend_handshakes{backend=\"mtp2\"} 2",
+            "mtlb_flow_hits_total 4",
+            "mtlb_cookie_synacks_total 5",
+        ] {
+            assert!(m.contains(want), "missing {want:?} in\n{m}");
+        }
+    }
+
+    /// What curl and promtool get: counters named by their `_total`
+    /// sample, the build info a gauge, no `# EOF`.
+    #[test]
+    fn text_format_for_promtool() {
+        let t = textfmt::from_openmetrics(&render_metrics(&snap()));
+        for want in [
+            "# TYPE mtlb_backend_connections_total counter",
+            "# HELP mtlb_lookups_total sk_lookup runs for the balanced port.",
+            "# TYPE mtlb_build_info gauge",
+            "mtlb_build_info{version=",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        assert!(!t.contains("# EOF") && !t.contains(" info\n"), "{t}");
     }
 
     /// The dashboard loads (valid JSON) and every metric it queries exists.
@@ -568,7 +650,9 @@ mod tests {
     fn csv_table() {
         let c = render_csv(&snap());
         let mut l = c.lines();
-        assert!(l.next().unwrap().starts_with("name,address,state,active"));
+        let head = l.next().unwrap();
+        assert!(head.starts_with("name,address,state,active"));
+        assert!(head.ends_with(",bytes_in,bytes_out,handshakes,queue_stalled"));
         assert!(
             l.next()
                 .unwrap()

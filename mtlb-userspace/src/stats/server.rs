@@ -65,6 +65,9 @@ pub fn spawn(
 }
 
 async fn serve(listener: tokio::net::TcpListener, src: Arc<Source>, limits: Limits) {
+    // The sparklines' samples, on this thread too: nothing of the stats
+    // reaches the agent's loop.
+    tokio::spawn(super::history::sample(src.clone()));
     let app = router(src);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut last_error: Option<Instant> = None;

@@ -39,6 +39,9 @@ pub struct BackendRow {
     pub since_change_s: f64,
     pub downtime_s: f64,
     pub accept_queue: u32,
+    /// Its accept queue is stalled: DOWN for it, or (when still UP) kept
+    /// as the last replica taking connections.
+    pub queue_stalled: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -154,18 +157,25 @@ pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, M
             since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
             downtime_s: s.downtime_ms as f64 / 1000.0,
             accept_queue: s.accept_queue,
+            queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
+                != 0,
             bytes_in,
             bytes_out,
         });
     }
     let stats = maps.stats()?;
     let get = |n: &str| stats.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
+    // Everything but the counters reported on their own: flow hits and
+    // cookie SYN-ACKs are not errors, and an alert on steering errors must
+    // not fire on them.
     let steer_errors = stats
         .iter()
         .filter(|(k, _)| {
             ![
                 stat::NAMES[stat::LOOKUPS as usize],
                 stat::NAMES[stat::NO_BACKEND as usize],
+                stat::NAMES[stat::FLOW_HITS as usize],
+                stat::NAMES[stat::COOKIE_SYNACKS as usize],
             ]
             .contains(k)
         })
