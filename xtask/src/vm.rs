@@ -251,6 +251,22 @@ fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Test files that exercise no kernel-specific behaviour beyond what every
+/// other suite does (the agent is started and scraped the same way), but
+/// drive a browser or a TSDB that software emulation makes ten to a
+/// hundred times slower: they run in the host suite (`cargo xtask test`),
+/// which CI runs first.
+const HOST_ONLY: &[(&str, &str)] = &[
+    (
+        "stats_page",
+        "headless Chromium renders pages far past the time limits under software emulation",
+    ),
+    (
+        "prometheus",
+        "a Prometheus server and promtool, no kernel feature of their own",
+    ),
+];
+
 /// The integration test executables, built.
 fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("cargo")
@@ -279,6 +295,11 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
             && v["target"]["kind"] == serde_json::json!(["test"])
             && let Some(exe) = v["executable"].as_str()
         {
+            let name = v["target"]["name"].as_str().unwrap_or_default();
+            if let Some(why) = HOST_ONLY.iter().find(|(n, _)| *n == name).map(|(_, w)| w) {
+                eprintln!("xtask: {name} runs on the host suite only: {why}");
+                continue;
+            }
             bins.push(PathBuf::from(exe));
         }
     }
