@@ -1,0 +1,108 @@
+//! "Where the time goes": under mtlb load, `bpftool prog profile` on
+//! mtlb_steer and mtlb_sockops (needs hardware counters), then a
+//! whole-machine `perf record -e cpu-clock` (a software clock, which works
+//! without a PMU) and the top symbols of `perf report`.
+
+use super::{bpf, load};
+use serde_json::{Value, json};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+const PERF_SECS: u32 = 4;
+const PROFILE_SECS: u32 = 3;
+const TOP: usize = 25;
+
+pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
+    let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
+    let stop = AtomicBool::new(false);
+    let mut out = json!({});
+    std::thread::scope(|s| {
+        // Load for the whole profile, bounded in time.
+        let stop = &stop;
+        s.spawn(move || {
+            let end = Instant::now() + Duration::from_secs(40);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                load::rate(&[target], 1.0);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let mut bp = serde_json::Map::new();
+        for name in ["mtlb_steer", "mtlb_sockops"] {
+            let r = match progs.ids.get(name) {
+                Some(&id) => match bpf::profile(id, PROFILE_SECS) {
+                    Ok(t) => json!({"ok": t}),
+                    Err(e) => json!({"error": e}),
+                },
+                None => json!({"error": "program not found"}),
+            };
+            bp.insert(name.to_string(), r);
+        }
+        out["bpftool_prog_profile"] = Value::Object(bp);
+        out["perf"] = perf(dir);
+        stop.store(true, Ordering::Relaxed);
+    });
+    out
+}
+
+fn perf(dir: &Path) -> Value {
+    let data = dir.join("perf.data");
+    let rec = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "4999", "-a", "-g", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &PERF_SECS.to_string()])
+        .output();
+    match rec {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    }
+    let rep = Command::new("perf")
+        .args(["report", "-i"])
+        .arg(&data)
+        .args([
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "0.3",
+        ])
+        .output();
+    let text = match rep {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
+        Ok(o) => {
+            return json!({"error": format!("perf report: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    };
+    let rows: Vec<(f64, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let l = l.trim();
+            let (pct, rest) = l.split_once('%')?;
+            Some((pct.trim().parse().ok()?, rest.trim().to_string()))
+        })
+        .collect();
+    let bpf_pct: f64 = rows
+        .iter()
+        .filter(|(_, s)| s.contains("bpf_prog_"))
+        .map(|(p, _)| p)
+        .sum();
+    json!({
+        "secs": PERF_SECS,
+        "event": "cpu-clock, all CPUs, 4999 Hz",
+        "top": rows.iter().take(TOP).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+        "bpf_prog_rows": rows.iter().filter(|(_, s)| s.contains("bpf_prog_")).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+        "bpf_prog_pct_total": bpf_pct,
+    })
+}
