@@ -160,27 +160,22 @@ pub fn countable(kind: &str) -> bool {
     matches!(kind, "hash" | "lru_hash" | "sockmap" | "sk_storage")
 }
 
-/// Number of entries of a map (`bpftool map dump` prints "Found N
-/// elements"), or why not.
-pub fn entries(id: u64) -> Result<u64, String> {
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "id", &id.to_string()])
-        .output()
-        .map_err(|e| format!("bpftool: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if let Some(n) = text.lines().rev().find_map(|l| {
-        l.strip_prefix("Found ")?
-            .strip_suffix(" elements")?
-            .parse()
-            .ok()
-    }) {
-        return Ok(n);
+/// Number of entries of a map, from `bpftool -j map dump` (a sockmap
+/// lists every slot, empty ones with an error value: those are not
+/// counted), or why not.
+pub fn entries(id: u64, kind: &str) -> Result<u64, String> {
+    if kind == "sk_storage" {
+        // bpf(2) offers no MAP_GET_NEXT_KEY for socket storage: bpftool
+        // lists nothing, whatever the map holds.
+        return Err("sk_storage maps cannot be walked from userspace (no MAP_GET_NEXT_KEY); bpftool lists no entries".into());
     }
-    let err = String::from_utf8_lossy(&out.stderr);
-    Err(format!(
-        "bpftool map dump: {}",
-        err.lines().last().unwrap_or("no count printed").trim()
-    ))
+    let v = bpftool_json(&["map", "dump", "id", &id.to_string()])?;
+    let Value::Array(a) = v else {
+        return Err("bpftool map dump: not a list".into());
+    };
+    Ok(a.iter()
+        .filter(|e| e["value"].get("error").is_none())
+        .count() as u64)
 }
 
 /// `bpftool prog profile id ID duration SECS cycles instructions`: its
@@ -203,10 +198,30 @@ pub fn profile(id: u64, secs: u32) -> Result<String, String> {
     if out.status.success() && !text.is_empty() {
         Ok(text)
     } else {
-        Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join("; "))
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+            if pmu_cycles() {
+                ""
+            } else {
+                " (and this machine has no hardware cycle counter: `perf stat -e cycles` says <not supported>, which the profile needs)"
+            }
+        ))
     }
+}
+
+/// Whether the CPU's cycle counter can be read (`perf stat -e cycles`).
+pub fn pmu_cycles() -> bool {
+    Command::new("perf")
+        .args(["stat", "-x,", "-e", "cycles", "--", "true"])
+        .output()
+        .map(|o| {
+            let e = String::from_utf8_lossy(&o.stderr);
+            o.status.success() && !e.contains("not supported") && !e.contains("not counted")
+        })
+        .unwrap_or(false)
 }

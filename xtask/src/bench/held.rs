@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -18,29 +19,51 @@ const OPEN_PER_SEC: f64 = 5_000.0;
 const IDLE_SECS: f64 = 10.0;
 const SCRAPERS: usize = 4;
 const SCRAPES_EACH: usize = 50;
+/// The scrapers stop starting new requests after this long.
+const SCRAPE_SECS_MAX: f64 = 20.0;
 const CONTROL_CALLS: usize = 200;
 
 /// Everything measured at one level.
-pub fn measure_level(a: &agent::Agent, n: usize, opened: Value) -> Value {
+pub fn measure_level(a: &agent::Agent, n: usize, opened: Value, dir: &Path) -> Value {
     eprintln!("bench: held {n}: agent idle for {IDLE_SECS} s");
     let c0 = a.cpu();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(IDLE_SECS));
     let idle_pct = (a.cpu() - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    // Where a busy "idle" agent spends its time.
+    let mut agent_profile = if idle_pct > 5.0 {
+        json!({"while": "idle", "perf": super::profile::perf_pid(a.pid, dir, 3)})
+    } else {
+        Value::Null
+    };
 
     let addr: SocketAddr = agent::STATS.parse().expect("address");
     let mut lat: Vec<f64> = Vec::new();
     let mut scrape_failed = 0usize;
+    let scrape_end = Instant::now() + Duration::from_secs_f64(SCRAPE_SECS_MAX);
     std::thread::scope(|s| {
+        // At the top level, where the agent spends its time while scraped.
+        let prof = (n >= *LEVELS.last().unwrap_or(&0))
+            .then(|| s.spawn(|| super::profile::perf_pid(a.pid, dir, 3)));
         let hs: Vec<_> = (0..SCRAPERS)
             .map(|_| {
                 s.spawn(move || {
-                    (0..SCRAPES_EACH)
-                        .map(|_| load::http_get_ms(addr, "/metrics"))
-                        .collect::<Vec<_>>()
+                    let mut v = Vec::new();
+                    for _ in 0..SCRAPES_EACH {
+                        if Instant::now() > scrape_end {
+                            break;
+                        }
+                        v.push(load::http_get_ms(addr, "/metrics"));
+                    }
+                    v
                 })
             })
             .collect();
+        if let Some(p) = prof
+            && agent_profile.is_null()
+        {
+            agent_profile = json!({"while": "scraped by 4 /metrics clients", "perf": p.join().unwrap_or_default()});
+        }
         for h in hs {
             for r in h.join().unwrap_or_default() {
                 match r {
@@ -76,7 +99,7 @@ pub fn measure_level(a: &agent::Agent, n: usize, opened: Value) -> Value {
     for m in maps.iter().filter(|m| bpf::countable(&m.kind)) {
         entries.insert(
             m.name.clone(),
-            match bpf::entries(m.id) {
+            match bpf::entries(m.id, &m.kind) {
                 Ok(c) => json!({"kind": m.kind, "max_entries": m.max_entries, "entries": c}),
                 Err(e) => json!({"kind": m.kind, "max_entries": m.max_entries, "error": e}),
             },
@@ -109,6 +132,7 @@ pub fn measure_level(a: &agent::Agent, n: usize, opened: Value) -> Value {
         "maps": maps.iter().map(|m| json!({"name": m.name, "type": m.kind, "max_entries": m.max_entries, "memlock": m.memlock})).collect::<Vec<_>>(),
         "map_entries": entries,
         "mtlb_active_connections": active,
+        "agent_profile": agent_profile,
     })
 }
 
@@ -176,11 +200,11 @@ fn per_process() -> usize {
 
 /// Levels 0, 1k, 10k, 100k (connections added on top of the previous
 /// level's). Returns one JSON object per level.
-pub fn run(a: &agent::Agent) -> anyhow::Result<Vec<Value>> {
+pub fn run(a: &agent::Agent, dir: &Path) -> anyhow::Result<Vec<Value>> {
     let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
     let mut holders: Vec<Holder> = Vec::new();
     let mut held = 0usize;
-    let mut out = vec![measure_level(a, 0, json!(null))];
+    let mut out = vec![measure_level(a, 0, json!(null), dir)];
     out[0]["level"] = json!(0);
     for &n in LEVELS {
         let more = n - held;
@@ -205,7 +229,7 @@ pub fn run(a: &agent::Agent) -> anyhow::Result<Vec<Value>> {
         if held < n {
             eprintln!("bench: held: only {held} of {n} connections open ({failed} failed)");
         }
-        let mut level = measure_level(a, held, opened);
+        let mut level = measure_level(a, held, opened, dir);
         level["level"] = json!(n);
         out.push(level);
         if held < n {

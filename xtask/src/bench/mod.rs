@@ -3,7 +3,7 @@
 //! namespace of its own (loopback only), as issue #11 asks.
 //!
 //! Phases (each bounded in count and time):
-//! 1. rounds: 9 interleaved rounds; each runs every mode once, the
+//! 1. rounds: 11 interleaved rounds; each runs every mode once, the
 //!    order rotated by one each round: connection rate (CLIENT_THREADS
 //!    threads of connect + 1 byte + 1 byte + close for RATE_SECS), connect
 //!    latency, two bulk streams at once for BULK_SECS; CPU of the balancer process,
@@ -50,10 +50,10 @@ fn rounds_n() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(9)
+        .unwrap_or(11)
 }
-pub const RATE_SECS: f64 = 2.5;
-pub const BULK_SECS: f64 = 2.0;
+pub const RATE_SECS: f64 = 2.0;
+pub const BULK_SECS: f64 = 1.5;
 pub const LATENCY_N: usize = 1000;
 const STEERING_REPLICAS: &[u16] = &[2, 16, 64];
 pub const STEERING_REPS: usize = 3;
@@ -180,6 +180,30 @@ fn raise_nofile() {
     }
 }
 
+/// mtlb programs attached to the cgroup2 root before the bench starts
+/// any agent (another agent on the host, or one left behind): they run on
+/// every socket the bench makes.
+fn other_mtlb_programs() -> Vec<String> {
+    let Some(m) = backend::cgroup2_mount() else {
+        return Vec::new();
+    };
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&m)
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let n = p["name"].as_str()?;
+            n.starts_with("mtlb_")
+                .then(|| format!("{n} (id {})", p["id"]))
+        })
+        .collect()
+}
+
 /// The soft RLIMIT_NOFILE of this process.
 pub fn nofile_limit() -> u64 {
     let mut cur = libc::rlimit {
@@ -239,6 +263,7 @@ struct Setup<'a> {
     dir: &'a Path,
     cg: &'a Cgroup,
     use_cg: bool,
+    ns_ino: u64,
 }
 
 impl Setup<'_> {
@@ -289,7 +314,15 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
         dir: &env.dir,
         cg: &cg,
         use_cg: replica_cgroup_enabled(),
+        ns_ino: env.ns_ino,
     };
+    let other_mtlb = other_mtlb_programs();
+    if !other_mtlb.is_empty() {
+        eprintln!(
+            "bench: warning: mtlb programs of another agent are attached on this host ({}); they run on the bench's sockets too",
+            other_mtlb.join(", ")
+        );
+    }
     let use_cg = setup.use_cg;
     let result = measure(&setup, &phases);
     let cg_rel = cg.relative();
@@ -297,6 +330,7 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
     drop(env);
     let mut results = result?;
     results["meta"] = meta(root, started, &phases, &cg_rel, use_cg);
+    results["meta"]["other_mtlb_programs_at_start"] = json!(other_mtlb);
     let full = phases.len() == PHASES.len();
     report::write(root, &results, full)
 }
@@ -351,6 +385,9 @@ fn meta(root: &Path, started: Instant, phases: &[&str], cg: &str, use_cg: bool) 
         "date": Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
         "commit": git(&["rev-parse", "--short", "HEAD"]),
+        "mtlb_sha256": Command::new("sha256sum").arg(root.join("target/release/mtlb")).output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default(),
         "dirty": !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": cpu_model,
@@ -439,7 +476,7 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
                 Backend::start(BACKEND_PORTS[1], Some(&s.cg.replicas), workers)?,
             ];
             let a = s.agent(2)?;
-            Ok(json!(held::run(&a)?))
+            Ok(json!(held::run(&a, s.dir)?))
         })();
         record(&mut out, "held", r);
         backends = vec![s.backend(BACKEND_PORTS[0])?, s.backend(BACKEND_PORTS[1])?];
@@ -521,7 +558,8 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
             let targets = mode_targets(mode);
             let agent = if mode == "mtlb" {
                 let a = s.agent(2)?;
-                std::thread::sleep(Duration::from_millis(300));
+                // Let its start-up work settle.
+                std::thread::sleep(Duration::from_secs(1));
                 Some(a)
             } else {
                 None
@@ -533,9 +571,11 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
             let b0 = progs.sample();
             let p0 = an.cpu(mode);
             let a0 = agent.as_ref().map(|a| a.cpu());
+            let f0 = stats::foreign_cpu(s.ns_ino);
             let m0 = stats::machine_cpu();
             let rate = load::rate(&targets, RATE_SECS);
             let m1 = stats::machine_cpu();
+            let foreign = stats::foreign_delta(&f0, &stats::foreign_cpu(s.ns_ino));
             let a1 = agent.as_ref().map(|a| a.cpu());
             let p1 = an.cpu(mode);
             let b1 = progs.sample();
@@ -555,6 +595,7 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
                 "connect_p50_us": lat50,
                 "connect_p99_us": lat99,
                 "machine_cpu_s": m1 - m0,
+                "foreign_cpu_s": foreign,
                 "balancer_cpu_s": match (p0, p1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
                 "agent_cpu_s": match (a0, a1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
                 "bpf": bpf_json(&bpf::delta(&b0, &b1)),

@@ -49,6 +49,66 @@ pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
     out
 }
 
+/// `perf record -p PID` for `secs`: the top symbols by self time and by
+/// time including callees (where a busy agent spends its time).
+pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Value {
+    let data = dir.join("perf-agent.data");
+    let rec = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep", &secs.to_string()])
+        .output();
+    match rec {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    }
+    let report = |children: bool| -> Vec<Value> {
+        let out = Command::new("perf")
+            .args(["report", "-i"])
+            .arg(&data)
+            .args([
+                "--stdio",
+                if children {
+                    "--children"
+                } else {
+                    "--no-children"
+                },
+                "-g",
+                "none",
+                "--sort",
+                "sym",
+                "--percent-limit",
+                "3",
+            ])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let l = l.trim();
+                let (pct, rest) = l.split_once('%')?;
+                let pct: f64 = pct.trim().parse().ok()?;
+                // With --children: "total% self% sym".
+                let sym = if children {
+                    rest.trim().split_once('%')?.1.trim()
+                } else {
+                    rest.trim()
+                };
+                Some(json!({"pct": pct, "symbol": sym}))
+            })
+            .take(15)
+            .collect()
+    };
+    json!({"secs": secs, "self": report(false), "children": report(true)})
+}
+
 fn perf(dir: &Path) -> Value {
     let data = dir.join("perf.data");
     let rec = Command::new("perf")
@@ -74,7 +134,7 @@ fn perf(dir: &Path) -> Value {
             "--sort",
             "sym",
             "--percent-limit",
-            "0.3",
+            "0.01",
         ])
         .output();
     let text = match rep {

@@ -147,6 +147,13 @@ fn rounds(raw: &Value) -> Option<Rounds> {
             e.entry("machine_us")
                 .or_default()
                 .push(f(&x["machine_cpu_s"]) / conns * 1e6);
+            if !x["foreign_cpu_s"].is_null() {
+                // % of the whole machine (all cores) during the rate run.
+                e.entry("foreign_pct").or_default().push(
+                    f(&x["foreign_cpu_s"]) / f(&x["secs"]) / f(&raw["meta"]["cpus"]).max(1.0)
+                        * 100.0,
+                );
+            }
             if !x["balancer_cpu_s"].is_null() {
                 e.entry("proc_us")
                     .or_default()
@@ -335,7 +342,8 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
          The mtlb agent is started (2 replicas, `keep_pins = false`) before the mtlb mode and stopped after it, so direct and the other balancers run without any mtlb program attached. \
          Ratios are **paired**: each round's figure divided by the same round's direct figure; the table gives the median of these per-round ratios, [IQR; min–max]. \
          CPU per connection: HAProxy and nginx from their processes' utime+stime (/proc/PID/stat, nginx master + workers); mtlb from BPF run time (kernel.bpf_stats_enabled=1: run_time_ns and run_cnt of mtlb's programs, found through the links the agent pinned) plus, separately, the agent process; IPVS has no process: its kernel time is estimated as whole-machine busy CPU per connection (/proc/stat) minus direct's in the same round. \
-         bpf_stats itself adds two clock reads per program run, included in the BPF figures.\n",
+         bpf_stats itself adds two clock reads per program run, included in the BPF figures. \
+         The machine is shared: the CPU that processes outside the bench's namespace used during each rate run is recorded (last row of the table); a rerun can only agree when that stays near zero.\n",
         meta["rounds"],
         meta["client_threads"],
         meta["rate_secs"],
@@ -343,6 +351,20 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
         meta["bulk_streams"],
         meta["bulk_secs"],
     );
+
+    if let Some(o) = meta["other_mtlb_programs_at_start"]
+        .as_array()
+        .filter(|o| !o.is_empty())
+    {
+        let _ = writeln!(
+            md,
+            "**Warning**: mtlb programs of another agent were attached on this host when the bench started ({}); they run on every socket of the bench, in every mode.\n",
+            o.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     // --- Rounds.
     if let Some(r) = rounds(raw) {
@@ -369,6 +391,11 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
             ("proc_us", "balancer process CPU per connection (µs)", 2),
             ("bpf_us", "mtlb BPF time per connection (µs)", 3),
             ("agent_us", "mtlb agent process CPU per connection (µs)", 3),
+            (
+                "foreign_pct",
+                "CPU of processes outside the bench (% of the machine)",
+                1,
+            ),
         ];
         let mut sm = json!({});
         for (key, label, d) in rows {
@@ -517,8 +544,22 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
             value: format!("{:.3} (IQR {:.3}–{:.3})", bulk.median, bulk.q1, bulk.q3),
             met: (bulk.n > 0).then_some(bulk.median >= 0.99),
         });
-        // Rerun agreement: against the previous run's bench.json, if any.
-        let prev = previous.and_then(|p| {
+        // Rerun agreement: against the previous run's bench.json, if it
+        // was made the same way.
+        let same_method = |p: &Value| {
+            [
+                "rounds",
+                "rate_secs",
+                "bulk_secs",
+                "client_threads",
+                "bulk_streams",
+                "replica_cgroup",
+                "mtlb_sha256",
+            ]
+            .iter()
+            .all(|k| p["meta"][k] == meta[k])
+        };
+        let prev = previous.filter(|p| same_method(p)).and_then(|p| {
             Some((
                 p["summary"]["ratios"]["mtlb"]["rate"]["median"].as_f64()?,
                 p["summary"]["ratios"]["mtlb"]["bulk"]["median"].as_f64()?,
@@ -537,7 +578,7 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
             None => Target {
                 key: "rerun",
                 what: "a rerun agrees within ±0.03".into(),
-                value: "no previous target/bench.json to compare with".into(),
+                value: "no previous target/bench.json made the same way (same settings and mtlb binary) to compare with".into(),
                 met: None,
             },
         });
@@ -644,7 +685,7 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
     if let Some(h) = raw["held"].as_array() {
         let _ = writeln!(
             md,
-            "\n## Held connections (mtlb, 2 replicas)\n\nConnections opened through mtlb from 127.0.0.2–127.0.0.9 (so the ephemeral ports suffice) at ≤ 5000/s, each confirmed by its backend, then held idle. At each level: the agent's CPU over 10 s of nothing happening (utime+stime of the mtlb process), `/metrics` latency with 4 concurrent scrapers × 50 GETs, 200 sequential `locate` requests on the control socket, the agent's VmRSS, the memlock of mtlb's maps (`bpftool map show`, the maps pinned in the agent's pin directory).\n\n| held | opened (failed, s) | mtlb counts | agent idle CPU (% of a core) | /metrics p50 / p99 (ms) | control p50 / p99 (ms) | agent RSS (MiB) | maps memlock (MiB) |\n|---|---|---|---|---|---|---|---|"
+            "\n## Held connections (mtlb, 2 replicas)\n\nConnections opened through mtlb from 127.0.0.2–127.0.0.9 (so the ephemeral ports suffice) at ≤ 5000/s, each confirmed by its backend, then held idle. At each level: the agent's CPU over 10 s of nothing happening (utime+stime of the mtlb process), `/metrics` latency with 4 concurrent scrapers × up to 50 GETs (no new GET after 20 s), 200 sequential `locate` requests on the control socket, the agent's VmRSS, the memlock of mtlb's maps (`bpftool map show`, the maps pinned in the agent's pin directory).\n\n| held | opened (failed, s) | mtlb counts | agent idle CPU (% of a core) | /metrics p50 / p99 (ms) | control p50 / p99 (ms) | agent RSS (MiB) | maps memlock (MiB) |\n|---|---|---|---|---|---|---|---|"
         );
         for l in h {
             let op = &l["opened"];
@@ -722,6 +763,42 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
                 "\nArray, per-CPU array and ring buffer maps are preallocated (their memlock does not grow with connections) and are not counted. A sockmap or sk_storage map that `bpftool map dump` cannot walk is reported as \"cannot count\" with bpftool's error."
             );
         }
+        for l in h {
+            let p = &l["agent_profile"]["perf"];
+            if p.is_null() {
+                continue;
+            }
+            if let Some(e) = p["error"].as_str() {
+                let _ = writeln!(md, "\nAgent profile at {} held: {e}", l["held"]);
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "\nThe agent at {} held, {} (`perf record -e cpu-clock -g -p <mtlb>` for {} s; agent idle CPU {:.1} %). Top symbols, including callees / self:\n\n| % incl. callees | symbol | | % self | symbol |\n|---|---|---|---|---|",
+                l["held"],
+                l["agent_profile"]["while"].as_str().unwrap_or(""),
+                p["secs"],
+                f(&l["agent_idle_cpu_pct"]),
+            );
+            let ch = p["children"].as_array().cloned().unwrap_or_default();
+            let se = p["self"].as_array().cloned().unwrap_or_default();
+            for i in 0..ch.len().max(se.len()).min(15) {
+                let cell = |v: &[Value]| {
+                    v.get(i).map_or((String::new(), String::new()), |r| {
+                        (
+                            format!("{:.1}", f(&r["pct"])),
+                            format!(
+                                "`{}`",
+                                r["symbol"].as_str().unwrap_or("").replace('|', "\\|")
+                            ),
+                        )
+                    })
+                };
+                let (a, b) = cell(&ch);
+                let (c, d) = cell(&se);
+                let _ = writeln!(md, "| {a} | {b} | | {c} | {d} |");
+            }
+        }
         let at = |n: u64| h.iter().find(|l| l["level"].as_u64() == Some(n));
         let top = at(100_000);
         let reached = top.map(|l| l["held"].as_u64() == Some(100_000));
@@ -789,7 +866,7 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
                 None => {
                     let _ = writeln!(
                         md,
-                        "- `bpftool prog profile id <{prog}> duration 3 cycles instructions` did not work: {} (it needs hardware performance counters; `perf stat -e cycles` says `<not supported>` on this VM).",
+                        "- `bpftool prog profile id <{prog}> duration 3 cycles instructions` did not work: {}.",
                         r["error"].as_str().unwrap_or("?")
                     );
                 }

@@ -105,6 +105,51 @@ pub fn machine_cpu() -> f64 {
     busy / clk_tck()
 }
 
+/// CPU seconds so far of every userspace process outside the network
+/// namespace `ns_ino` (kernel threads left out: they also serve the
+/// bench's traffic): pid -> seconds.
+pub fn foreign_cpu(ns_ino: u64) -> std::collections::HashMap<u32, f64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = std::collections::HashMap::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if ns.ino() == ns_ino {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // ppid 2 (kthreadd) and kthreadd itself: kernel threads.
+        if pid == 2 || f.get(1) == Some(&"2") {
+            continue;
+        }
+        let ut: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        out.insert(pid, (ut + st) / clk_tck());
+    }
+    out
+}
+
+/// CPU seconds the processes of `after` used since `before` (a process
+/// new in `after` counts whole).
+pub fn foreign_delta(
+    before: &std::collections::HashMap<u32, f64>,
+    after: &std::collections::HashMap<u32, f64>,
+) -> f64 {
+    after
+        .iter()
+        .map(|(p, t)| (t - before.get(p).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
+}
+
 /// VmRSS of a process in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
