@@ -192,6 +192,11 @@ pub fn hold_main(addr: SocketAddr, count: usize, per_sec: f64, secs: f64) -> any
     std::io::stdout().flush()?;
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
+    // Reset rather than close: no 100k TIME_WAIT sockets left for the
+    // phases after this one.
+    for s in &held {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    }
     drop(held);
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! namespace of its own (loopback only), as issue #11 asks.
 //!
 //! Phases (each bounded in count and time):
+//! 0. held: 1k, 10k, 100k connections held open through mtlb (first, so
+//!    that no TIME_WAIT sockets of the load phases are about).
 //! 1. rounds: 11 interleaved rounds; each runs every mode once, the
 //!    order rotated by one each round: connection rate (CLIENT_THREADS
 //!    threads of connect + 1 byte + 1 byte + close for RATE_SECS), connect
@@ -13,7 +15,6 @@
 //! 2. failover: ~2000 requests/s for 3 s through each balancer, one
 //!    backend killed after 1 s.
 //! 3. profile: `bpftool prog profile` and `perf record` under mtlb load.
-//! 4. held: 1k, 10k, 100k connections held open through mtlb.
 //! 5. steering: BPF cost at 2, 16 and 64 replicas.
 //!
 //! Backends are separate processes (`xtask bench-backend`) in a cgroup of
@@ -58,8 +59,16 @@ pub const LATENCY_N: usize = 1000;
 const STEERING_REPLICAS: &[u16] = &[2, 16, 64];
 pub const STEERING_REPS: usize = 3;
 const FAILOVER_RATE: f64 = 2000.0;
+/// Share of the machine that processes outside the bench may use during a
+/// rate run before it is run again, and how many runs at most.
+pub const FOREIGN_MAX: f64 = 0.05;
+const ATTEMPTS: usize = 3;
 
-pub const PHASES: &[&str] = &["rounds", "failover", "profile", "held", "steering"];
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+pub const PHASES: &[&str] = &["held", "rounds", "failover", "profile", "steering"];
 
 pub const MODES: &[&str] = &["direct", "mtlb", "haproxy", "nginx", "ipvs"];
 
@@ -90,6 +99,9 @@ struct Env {
     home_ns: std::fs::File,
     ns_ino: u64,
     bpf_stats_before: Option<String>,
+    /// BPF_ENABLE_STATS descriptor: run-time stats stay on while it is
+    /// open, even if something else on the host writes 0 to the sysctl.
+    _bpf_stats_fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Env {
@@ -112,6 +124,7 @@ impl Env {
             home_ns,
             ns_ino: 0,
             bpf_stats_before,
+            _bpf_stats_fd: bpf_enable_stats(),
         };
         let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
         env.ns_ino = file.metadata()?.ino();
@@ -178,6 +191,36 @@ fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
         }
     }
+}
+
+/// bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME): a descriptor that keeps
+/// run_time_ns/run_cnt counting while it is open (the sysctl
+/// kernel.bpf_stats_enabled is one global switch another process may turn
+/// off in the middle of a run).
+fn bpf_enable_stats() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; }, type 0 =
+    // BPF_STATS_RUN_TIME; the rest zero.
+    let attr = [0u64; 2];
+    // SAFETY: bpf(2) with a zeroed attribute buffer of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        eprintln!(
+            "bench: BPF_ENABLE_STATS failed ({}); relying on kernel.bpf_stats_enabled",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: a new descriptor this process owns.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// mtlb programs attached to the cgroup2 root before the bench starts
@@ -422,6 +465,23 @@ fn record(out: &mut Value, phase: &str, r: anyhow::Result<Value>) {
 fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
     let mut out = json!({"errors": {}});
     let want = |p: &str| phases.contains(&p);
+    if want("held") {
+        // Backends with enough processes for 100k connections under the
+        // descriptor limit (leastconn puts about half on each). First, so
+        // that no TIME_WAIT sockets of the other phases are about.
+        let workers = (60_000 / nofile_limit().saturating_sub(500).max(1000) + 1) as u32;
+        out["held_setup"] =
+            json!({"backend_processes_each": workers, "nofile_limit": nofile_limit()});
+        let r = (|| {
+            let _hb = [
+                Backend::start(BACKEND_PORTS[0], Some(&s.cg.replicas), workers)?,
+                Backend::start(BACKEND_PORTS[1], Some(&s.cg.replicas), workers)?,
+            ];
+            let a = s.agent(2)?;
+            Ok(json!(held::run(&a, s.dir)?))
+        })();
+        record(&mut out, "held", r);
+    }
     let mut backends = vec![s.backend(BACKEND_PORTS[0])?, s.backend(BACKEND_PORTS[1])?];
     if want("rounds") || want("failover") {
         let haproxy = anchors::start_haproxy(s.ns, s.dir).map_err(|e| format!("{e:#}"));
@@ -462,24 +522,6 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
             profile::run(&progs, s.dir)
         });
         record(&mut out, "profile", r);
-    }
-    if want("held") {
-        // Backends with enough processes for 100k connections under the
-        // descriptor limit (leastconn puts about half on each).
-        drop(backends);
-        let workers = (60_000 / nofile_limit().saturating_sub(500).max(1000) + 1) as u32;
-        out["held_setup"] =
-            json!({"backend_processes_each": workers, "nofile_limit": nofile_limit()});
-        let r = (|| {
-            let _hb = [
-                Backend::start(BACKEND_PORTS[0], Some(&s.cg.replicas), workers)?,
-                Backend::start(BACKEND_PORTS[1], Some(&s.cg.replicas), workers)?,
-            ];
-            let a = s.agent(2)?;
-            Ok(json!(held::run(&a, s.dir)?))
-        })();
-        record(&mut out, "held", r);
-        backends = vec![s.backend(BACKEND_PORTS[0])?, s.backend(BACKEND_PORTS[1])?];
     }
     if want("steering") {
         let r = steering(s);
@@ -568,38 +610,60 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
                 .as_ref()
                 .map(|a| bpf::Progs::find(&a.pin_dir))
                 .unwrap_or_default();
-            let b0 = progs.sample();
-            let p0 = an.cpu(mode);
-            let a0 = agent.as_ref().map(|a| a.cpu());
-            let f0 = stats::foreign_cpu(s.ns_ino);
-            let m0 = stats::machine_cpu();
-            let rate = load::rate(&targets, RATE_SECS);
-            let m1 = stats::machine_cpu();
-            let foreign = stats::foreign_delta(&f0, &stats::foreign_cpu(s.ns_ino));
-            let a1 = agent.as_ref().map(|a| a.cpu());
-            let p1 = an.cpu(mode);
-            let b1 = progs.sample();
+            // A rate run during which processes outside the bench took
+            // more than FOREIGN_MAX of the machine is run again (at most
+            // ATTEMPTS times in all); the quietest one is kept.
+            let mut best: Option<(f64, Value)> = None;
+            let mut attempts = 0;
+            for _ in 0..ATTEMPTS {
+                attempts += 1;
+                let b0 = progs.sample();
+                let p0 = an.cpu(mode);
+                let a0 = agent.as_ref().map(|a| a.cpu());
+                let f0 = stats::foreign_cpu(s.ns_ino);
+                let m0 = stats::machine_cpu();
+                let rate = load::rate(&targets, RATE_SECS);
+                let m1 = stats::machine_cpu();
+                let foreign = stats::foreign_delta(&f0, &stats::foreign_cpu(s.ns_ino));
+                let a1 = agent.as_ref().map(|a| a.cpu());
+                let p1 = an.cpu(mode);
+                let b1 = progs.sample();
+                let share = foreign / rate.secs / cpus();
+                let row = json!({
+                    "conns": rate.done,
+                    "failed": rate.failed,
+                    "secs": rate.secs,
+                    "rate": rate.per_sec(),
+                    "machine_cpu_s": m1 - m0,
+                    "foreign_cpu_s": foreign,
+                    "balancer_cpu_s": match (p0, p1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
+                    "agent_cpu_s": match (a0, a1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
+                    "bpf": bpf_json(&bpf::delta(&b0, &b1)),
+                });
+                if best.as_ref().is_none_or(|(b, _)| share < *b) {
+                    best = Some((share, row));
+                }
+                if share <= FOREIGN_MAX {
+                    break;
+                }
+                eprintln!(
+                    "bench: {mode}: {:.0} % of the machine used outside the bench; again",
+                    share * 100.0
+                );
+            }
+            let (_, mut row) = best.expect("one attempt");
             let (lat50, lat99) = load::connect_latency(&targets, LATENCY_N);
             // Direct: one stream to each backend.
             let bulk = load::bulk(&targets, BULK_SECS);
             drop(agent);
-            rows.push(json!({
-                "round": r,
-                "position": pos,
-                "mode": mode,
-                "conns": rate.done,
-                "failed": rate.failed,
-                "secs": rate.secs,
-                "rate": rate.per_sec(),
-                "bulk_mbs": bulk,
-                "connect_p50_us": lat50,
-                "connect_p99_us": lat99,
-                "machine_cpu_s": m1 - m0,
-                "foreign_cpu_s": foreign,
-                "balancer_cpu_s": match (p0, p1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
-                "agent_cpu_s": match (a0, a1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
-                "bpf": bpf_json(&bpf::delta(&b0, &b1)),
-            }));
+            row["round"] = json!(r);
+            row["position"] = json!(pos);
+            row["mode"] = json!(mode);
+            row["attempts"] = json!(attempts);
+            row["bulk_mbs"] = json!(bulk);
+            row["connect_p50_us"] = json!(lat50);
+            row["connect_p99_us"] = json!(lat99);
+            rows.push(row);
         }
     }
     Ok(json!(rows))
