@@ -68,6 +68,9 @@ impl Progs {
     /// (run_cnt, run_time_ns) of each program now.
     pub fn sample(&self) -> BTreeMap<String, (u64, u64)> {
         let mut out = BTreeMap::new();
+        if self.ids.is_empty() {
+            return out;
+        }
         let Ok(Value::Array(all)) = bpftool_json(&["prog", "show"]) else {
             return out;
         };

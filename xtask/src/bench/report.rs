@@ -948,7 +948,11 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
     if let Some(e) = raw["errors"].as_object().filter(|e| !e.is_empty()) {
         let _ = writeln!(md, "\n## Phases that failed\n");
         for (phase, err) in e {
-            let _ = writeln!(md, "- {phase}: not run: {}", err.as_str().unwrap_or("?"));
+            let _ = writeln!(
+                md,
+                "- {phase}: not run: {}",
+                err.as_str().unwrap_or("?").replace('\n', " ")
+            );
         }
     }
 
