@@ -170,7 +170,7 @@ pub fn entries(id: u64, kind: &str) -> Result<u64, String> {
     if kind == "sk_storage" {
         // bpf(2) offers no MAP_GET_NEXT_KEY for socket storage: bpftool
         // lists nothing, whatever the map holds.
-        return Err("sk_storage maps cannot be walked from userspace (no MAP_GET_NEXT_KEY); bpftool lists no entries".into());
+        return Err("sk_storage: not walkable".into());
     }
     let v = bpftool_json(&["map", "dump", "id", &id.to_string()])?;
     let Value::Array(a) = v else {

@@ -787,7 +787,7 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
             }
             let _ = writeln!(
                 md,
-                "\nArray, per-CPU array and ring buffer maps are preallocated (their memlock does not grow with connections) and are not counted. A sockmap or sk_storage map that `bpftool map dump` cannot walk is reported as \"cannot count\" with bpftool's error."
+                "\nArray, per-CPU array and ring buffer maps are preallocated (their memlock does not grow with connections) and are not counted. A socket-storage map (sk_storage) cannot be walked from userspace (the kernel has no MAP_GET_NEXT_KEY for it, and `bpftool map dump` lists nothing), so its entries are not counted; it holds at most one value per socket and is freed with the socket. The sockmap's entries are its replica listeners. \"mtlb counts\" above is the sum of `mtlb_backend_active_connections` in /metrics."
             );
         }
         for l in h {
