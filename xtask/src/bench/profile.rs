@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -20,14 +20,15 @@ const TOP: usize = 25;
 pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
     let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
     let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
     let mut out = json!({});
     std::thread::scope(|s| {
-        // Load for the whole profile, bounded in time.
-        let stop = &stop;
+        // Load for the whole profile, bounded in time, in 0.5 s slices.
+        let (stop, done) = (&stop, &done);
         s.spawn(move || {
             let end = Instant::now() + Duration::from_secs(40);
             while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                load::rate(&[target], 1.0);
+                done.fetch_add(load::rate(&[target], 0.5).done, Ordering::Relaxed);
             }
         });
         std::thread::sleep(Duration::from_millis(500));
@@ -43,7 +44,13 @@ pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
             bp.insert(name.to_string(), r);
         }
         out["bpftool_prog_profile"] = Value::Object(bp);
+        let c0 = done.load(Ordering::Relaxed);
+        let t0 = Instant::now();
         out["perf"] = perf(dir);
+        // Connections during the recording (to the nearest 0.5 s slice).
+        let conns = done.load(Ordering::Relaxed) - c0;
+        out["perf"]["conns"] = json!(conns);
+        out["perf"]["conns_per_sec"] = json!(conns as f64 / t0.elapsed().as_secs_f64());
         stop.store(true, Ordering::Relaxed);
     });
     out
@@ -158,11 +165,29 @@ fn perf(dir: &Path) -> Value {
         .filter(|(_, s)| s.contains("bpf_prog_"))
         .map(|(p, _)| p)
         .sum();
+    // Everything of the BPF machinery: the programs, the cgroup and
+    // sk_lookup dispatch, the helpers and map code they call.
+    let machinery = |s: &str| {
+        [
+            "bpf",
+            "htab",
+            "sock_map",
+            "sk_storage",
+            "sock_hash",
+            "array_map",
+        ]
+        .iter()
+        .any(|k| s.contains(k))
+    };
+    let machinery_rows: Vec<&(f64, String)> = rows.iter().filter(|(_, s)| machinery(s)).collect();
+    let machinery_pct: f64 = machinery_rows.iter().map(|(p, _)| p).sum();
     json!({
         "secs": PERF_SECS,
         "event": "cpu-clock, all CPUs, 4999 Hz",
         "top": rows.iter().take(TOP).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
         "bpf_prog_rows": rows.iter().filter(|(_, s)| s.contains("bpf_prog_")).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
         "bpf_prog_pct_total": bpf_pct,
+        "bpf_machinery_pct_total": machinery_pct,
+        "bpf_machinery_rows": machinery_rows.iter().map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
     })
 }

@@ -944,6 +944,47 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
         }
     }
 
+    if let Some(perf) = raw["profile"]["perf"].as_object() {
+        let cps = perf
+            .get("conns_per_sec")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
+        let cpus = f(&meta["cpus"]);
+        let us = |pct: f64| pct / 100.0 * cpus / cps * 1e6;
+        if cps > 0.0 {
+            let m = perf
+                .get("bpf_machinery_pct_total")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0);
+            let p = perf
+                .get("bpf_prog_pct_total")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "\nPer connection ({cps:.0} connections/s during the recording, {cpus} CPUs): the programs' own code (`bpf_prog_*`) ≈ {:.2} µs; all BPF machinery (every symbol with bpf, htab, sock_map or sk_storage in its name, machine-wide: programs, cgroup and sk_lookup dispatch, helpers, map and socket-storage code; a rough upper figure) ≈ {:.2} µs. bpf_stats' run_time_ns covers the programs and the helpers they call, not the dispatch around them. Machinery rows: {}.",
+                us(p),
+                us(m),
+                perf.get("bpf_machinery_rows")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a
+                        .iter()
+                        .take(12)
+                        .map(|r| format!(
+                            "`{}` {:.2} %",
+                            r["symbol"]
+                                .as_str()
+                                .unwrap_or("")
+                                .trim_start_matches("[k] "),
+                            f(&r["pct"])
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+        }
+    }
+
     // --- Phases that failed.
     if let Some(e) = raw["errors"].as_object().filter(|e| !e.is_empty()) {
         let _ = writeln!(md, "\n## Phases that failed\n");
