@@ -34,8 +34,17 @@ pub fn serve(port: u16, cgroup: Option<&Path>, workers: u32) -> anyhow::Result<(
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    sock.bind(&addr.into())
-        .with_context(|| format!("bind {addr}"))?;
+    // The previous backend on this port may be exiting still.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match sock.bind(&addr.into()) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("bind {addr}")),
+        }
+    }
     sock.listen(65535)?;
     sock.set_nonblocking(true)?;
     let listener: TcpListener = sock.into();
@@ -202,6 +211,11 @@ impl Backend {
         if let Some(cg) = cgroup {
             cmd.arg("--cgroup").arg(cg);
         }
+        {
+            use std::os::unix::process::CommandExt as _;
+            // A process group of its own: killed whole, workers included.
+            cmd.process_group(0);
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -218,11 +232,23 @@ impl Backend {
         Ok(Self { child: Some(child) })
     }
 
-    /// SIGKILL: the listener and every connection of it go at once.
+    /// SIGKILL to the whole process group: the listener and every
+    /// connection of it go at once. Returns when the group is gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let pgid = c.id() as i32;
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = c.kill();
             let _ = c.wait();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // The workers are reparented to this process (a child
+            // subreaper, see bench::Env): reap them, until none is left.
+            // SAFETY: waitpid/kill on our own process group.
+            while unsafe { libc::kill(-pgid, 0) } == 0 && Instant::now() < deadline {
+                while unsafe { libc::waitpid(-pgid, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

@@ -149,6 +149,10 @@ impl Env {
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
             .context("kernel.bpf_stats_enabled")?;
         raise_nofile();
+        // Orphaned descendants (a killed backend's workers) come to this
+        // process, which reaps them.
+        // SAFETY: prctl with an int argument.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
         Ok(env)
     }
 }
@@ -482,7 +486,27 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
         })();
         record(&mut out, "held", r);
     }
-    let mut backends = vec![s.backend(BACKEND_PORTS[0])?, s.backend(BACKEND_PORTS[1])?];
+    let started = (|| {
+        Ok::<_, anyhow::Error>(vec![
+            s.backend(BACKEND_PORTS[0])?,
+            s.backend(BACKEND_PORTS[1])?,
+        ])
+    })();
+    let mut backends = match started {
+        Ok(b) => b,
+        Err(e) => {
+            for p in ["rounds", "failover", "profile", "steering"] {
+                if want(p) {
+                    record(
+                        &mut out,
+                        p,
+                        Err(anyhow::anyhow!("the backends did not start: {e:#}")),
+                    );
+                }
+            }
+            return Ok(out);
+        }
+    };
     if want("rounds") || want("failover") {
         let haproxy = anchors::start_haproxy(s.ns, s.dir).map_err(|e| format!("{e:#}"));
         let nginx = anchors::start_nginx(s.ns, s.dir).map_err(|e| format!("{e:#}"));
