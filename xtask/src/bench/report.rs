@@ -553,16 +553,37 @@ fn render(raw: &Value, previous: Option<&Value>) -> (String, Value, Value) {
         // Targets from the rounds.
         let rate = summary(r.ratios.get("mtlb").map_or(&[][..], |x| &x["rate"]));
         let bulk = summary(r.ratios.get("mtlb").map_or(&[][..], |x| &x["bulk"]));
+        // A spread wider than the ±0.03 a rerun should agree within makes
+        // the verdict a coin toss: say so.
+        let wide = |s: &Summary| {
+            if (s.q3 - s.q1) / 2.0 > 0.03 {
+                "; spread wider than ±0.03, verdict unreliable"
+            } else {
+                ""
+            }
+        };
         targets.push(Target {
             key: "rate_ratio",
             what: "mtlb connection rate ≥ 0.98 × direct (median of paired ratios)".into(),
-            value: format!("{:.3} (IQR {:.3}–{:.3})", rate.median, rate.q1, rate.q3),
+            value: format!(
+                "{:.3} (IQR {:.3}–{:.3}{})",
+                rate.median,
+                rate.q1,
+                rate.q3,
+                wide(&rate)
+            ),
             met: (rate.n > 0).then_some(rate.median >= 0.98),
         });
         targets.push(Target {
             key: "bulk_ratio",
             what: "mtlb bulk throughput ≥ 0.99 × direct".into(),
-            value: format!("{:.3} (IQR {:.3}–{:.3})", bulk.median, bulk.q1, bulk.q3),
+            value: format!(
+                "{:.3} (IQR {:.3}–{:.3}{})",
+                bulk.median,
+                bulk.q1,
+                bulk.q3,
+                wide(&bulk)
+            ),
             met: (bulk.n > 0).then_some(bulk.median >= 0.99),
         });
         // Rerun agreement: against the previous run's bench.json, if it
