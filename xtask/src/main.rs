@@ -65,6 +65,11 @@ enum Cmd {
         /// target/BENCHMARKS-partial.md instead.
         #[arg(long)]
         only: Option<String>,
+        /// Measure nothing: write BENCHMARKS.md again from
+        /// target/bench.json (after filling in the reasons of missed
+        /// targets in xtask/src/bench/report.rs).
+        #[arg(long)]
+        report_only: bool,
     },
     /// A backend process of the benchmark (internal).
     #[command(hide = true)]
@@ -136,7 +141,10 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             demo::run(&root, &python)
         }
-        Cmd::Bench { only } => {
+        Cmd::Bench {
+            report_only: true, ..
+        } => bench::report_only(&root),
+        Cmd::Bench { only, .. } => {
             prereqs::ensure()?;
             prereqs::ensure_bench_tools()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;

@@ -340,6 +340,8 @@ impl Setup<'_> {
     }
 }
 
+pub use report::rewrite as report_only;
+
 pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
     let started = Instant::now();
     let phases: Vec<&str> = match only {
@@ -678,8 +680,13 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
             let (_, mut row) = best.expect("one attempt");
             let (lat50, lat99) = load::connect_latency(&targets, LATENCY_N);
             // Direct: one stream to each backend.
+            let bb0 = progs.sample();
             let bulk = load::bulk(&targets, BULK_SECS);
+            let bb1 = progs.sample();
             drop(agent);
+            // What mtlb's programs did during the bulk streams (nothing
+            // should run per segment).
+            row["bulk_bpf"] = bpf_json(&bpf::delta(&bb0, &bb1));
             row["round"] = json!(r);
             row["position"] = json!(pos);
             row["mode"] = json!(mode);
