@@ -437,7 +437,8 @@ fn meta(root: &Path, started: Instant, phases: &[&str], cg: &str, use_cg: bool) 
         "mtlb_sha256": Command::new("sha256sum").arg(root.join("target/release/mtlb")).output()
             .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_string())
             .unwrap_or_default(),
-        "dirty": !git(&["status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"]).is_empty(),
+        // mtlb's own sources (not the bench's) differ from the commit.
+        "dirty": !git(&["status", "--porcelain", "--untracked-files=no", "--", "mtlb-common", "mtlb-ebpf", "mtlb-userspace", "Cargo.lock"]).is_empty(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": cpu_model,
         "mem_gib": mem_gib,
