@@ -8,7 +8,8 @@
 //!   integration tests on that Debian kernel in QEMU instead.
 //! * `cargo xtask build`: install prerequisites and build.
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
-//! * `cargo xtask bench`: mtlb against direct connections and HAProxy.
+//! * `cargo xtask bench [--only PHASES]`: mtlb against direct connections,
+//!   HAProxy, nginx `stream` and IPVS (issue #11); writes BENCHMARKS.md.
 
 mod bench;
 mod demo;
@@ -54,10 +55,46 @@ enum Cmd {
     /// replicas, a fake Telegram DC, mtlb, client load, a replica stopped
     /// and brought back. Cleans everything up.
     Demo,
-    /// Benchmark mtlb against direct connections and HAProxy (one run,
-    /// interleaved, same backends); writes BENCHMARKS.md and
-    /// target/bench.json. Not a test.
-    Bench,
+    /// Benchmark mtlb against direct connections, HAProxy, nginx `stream`
+    /// and IPVS (one run, interleaved, same backends); writes BENCHMARKS.md
+    /// and target/bench.json. Not a test. MTLB_BENCH_REPLICA_CGROUP=0 leaves
+    /// `replica_cgroup` out of mtlb's config.
+    Bench {
+        /// Run only these phases (comma-separated: rounds, failover,
+        /// profile, held, steering); writes target/bench-partial.json and
+        /// target/BENCHMARKS-partial.md instead.
+        #[arg(long)]
+        only: Option<String>,
+        /// Measure nothing: write BENCHMARKS.md again from
+        /// target/bench.json (after filling in the reasons of missed
+        /// targets in xtask/src/bench/report.rs).
+        #[arg(long)]
+        report_only: bool,
+    },
+    /// A backend process of the benchmark (internal).
+    #[command(hide = true)]
+    BenchBackend {
+        #[arg(long)]
+        port: u16,
+        /// cgroup2 directory to join before listening.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Processes sharing the listening socket.
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+    },
+    /// A process of the benchmark holding connections open (internal).
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        per_sec: f64,
+        #[arg(long)]
+        secs: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,12 +143,26 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             demo::run(&root, &python)
         }
-        Cmd::Bench => {
+        Cmd::Bench {
+            report_only: true, ..
+        } => bench::report_only(&root),
+        Cmd::Bench { only, .. } => {
             prereqs::ensure()?;
-            prereqs::ensure_haproxy()?;
+            prereqs::ensure_bench_tools()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
-            bench::run(&root)
+            bench::run(&root, only.as_deref())
         }
+        Cmd::BenchBackend {
+            port,
+            cgroup,
+            workers,
+        } => bench::backend::serve(port, cgroup.as_deref(), workers),
+        Cmd::BenchHold {
+            target,
+            count,
+            per_sec,
+            secs,
+        } => bench::hold_main(target, count, per_sec, secs),
         Cmd::Build => {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])

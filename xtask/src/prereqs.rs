@@ -269,10 +269,38 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian's HAProxy, for the benchmark's comparison.
-pub fn ensure_haproxy() -> anyhow::Result<()> {
-    if !std::path::Path::new("/usr/sbin/haproxy").exists() {
-        Apt::default().install("haproxy", "the benchmark compares against it")?;
+/// What `cargo xtask bench` runs besides mtlb, and a file each provides.
+const BENCH_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "haproxy",
+        "/usr/sbin/haproxy",
+        "the benchmark compares against it",
+    ),
+    (
+        "nginx",
+        "/usr/sbin/nginx",
+        "the benchmark compares against its stream module",
+    ),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "nginx's stream (TCP) proxy, for the benchmark",
+    ),
+    (
+        "ipvsadm",
+        "/usr/sbin/ipvsadm",
+        "the benchmark compares against IPVS",
+    ),
+    ("linux-perf", "/usr/bin/perf", "the benchmark's profile"),
+];
+
+/// The benchmark's other balancers and tools (Debian packages).
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    for (pkg, file, why) in BENCH_PACKAGES {
+        if !std::path::Path::new(file).exists() {
+            apt.install(pkg, why)?;
+        }
     }
     Ok(())
 }

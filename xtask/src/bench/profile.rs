@@ -1,0 +1,193 @@
+//! "Where the time goes": under mtlb load, `bpftool prog profile` on
+//! mtlb_steer and mtlb_sockops (needs hardware counters), then a
+//! whole-machine `perf record -e cpu-clock` (a software clock, which works
+//! without a PMU) and the top symbols of `perf report`.
+
+use super::{bpf, load};
+use serde_json::{Value, json};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+const PERF_SECS: u32 = 4;
+const PROFILE_SECS: u32 = 3;
+const TOP: usize = 25;
+
+pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
+    let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let mut out = json!({});
+    std::thread::scope(|s| {
+        // Load for the whole profile, bounded in time, in 0.5 s slices.
+        let (stop, done) = (&stop, &done);
+        s.spawn(move || {
+            let end = Instant::now() + Duration::from_secs(40);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                done.fetch_add(load::rate(&[target], 0.5).done, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let mut bp = serde_json::Map::new();
+        for name in ["mtlb_steer", "mtlb_sockops"] {
+            let r = match progs.ids.get(name) {
+                Some(&id) => match bpf::profile(id, PROFILE_SECS) {
+                    Ok(t) => json!({"ok": t}),
+                    Err(e) => json!({"error": e}),
+                },
+                None => json!({"error": "program not found"}),
+            };
+            bp.insert(name.to_string(), r);
+        }
+        out["bpftool_prog_profile"] = Value::Object(bp);
+        let c0 = done.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        out["perf"] = perf(dir);
+        // Connections during the recording (to the nearest 0.5 s slice).
+        let conns = done.load(Ordering::Relaxed) - c0;
+        out["perf"]["conns"] = json!(conns);
+        out["perf"]["conns_per_sec"] = json!(conns as f64 / t0.elapsed().as_secs_f64());
+        stop.store(true, Ordering::Relaxed);
+    });
+    out
+}
+
+/// `perf record -p PID` for `secs`: the top symbols by self time and by
+/// time including callees (where a busy agent spends its time).
+pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Value {
+    let data = dir.join("perf-agent.data");
+    let rec = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep", &secs.to_string()])
+        .output();
+    match rec {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    }
+    let report = |children: bool| -> Vec<Value> {
+        let out = Command::new("perf")
+            .args(["report", "-i"])
+            .arg(&data)
+            .args([
+                "--stdio",
+                if children {
+                    "--children"
+                } else {
+                    "--no-children"
+                },
+                "-g",
+                "none",
+                "--sort",
+                "sym",
+                "--percent-limit",
+                "3",
+            ])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let l = l.trim();
+                let (pct, rest) = l.split_once('%')?;
+                let pct: f64 = pct.trim().parse().ok()?;
+                // With --children: "total% self% sym".
+                let sym = if children {
+                    rest.trim().split_once('%')?.1.trim()
+                } else {
+                    rest.trim()
+                };
+                Some(json!({"pct": pct, "symbol": sym}))
+            })
+            .take(15)
+            .collect()
+    };
+    json!({"secs": secs, "self": report(false), "children": report(true)})
+}
+
+fn perf(dir: &Path) -> Value {
+    let data = dir.join("perf.data");
+    let rec = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "4999", "-a", "-g", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &PERF_SECS.to_string()])
+        .output();
+    match rec {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    }
+    let rep = Command::new("perf")
+        .args(["report", "-i"])
+        .arg(&data)
+        .args([
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "0.01",
+        ])
+        .output();
+    let text = match rep {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
+        Ok(o) => {
+            return json!({"error": format!("perf report: {}", String::from_utf8_lossy(&o.stderr).trim())});
+        }
+        Err(e) => return json!({"error": format!("perf: {e}")}),
+    };
+    let rows: Vec<(f64, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let l = l.trim();
+            let (pct, rest) = l.split_once('%')?;
+            Some((pct.trim().parse().ok()?, rest.trim().to_string()))
+        })
+        .collect();
+    let bpf_pct: f64 = rows
+        .iter()
+        .filter(|(_, s)| s.contains("bpf_prog_"))
+        .map(|(p, _)| p)
+        .sum();
+    // Everything of the BPF machinery: the programs, the cgroup and
+    // sk_lookup dispatch, the helpers and map code they call.
+    let machinery = |s: &str| {
+        [
+            "bpf",
+            "htab",
+            "sock_map",
+            "sk_storage",
+            "sock_hash",
+            "array_map",
+        ]
+        .iter()
+        .any(|k| s.contains(k))
+    };
+    let machinery_rows: Vec<&(f64, String)> = rows.iter().filter(|(_, s)| machinery(s)).collect();
+    let machinery_pct: f64 = machinery_rows.iter().map(|(p, _)| p).sum();
+    json!({
+        "secs": PERF_SECS,
+        "event": "cpu-clock, all CPUs, 4999 Hz",
+        "top": rows.iter().take(TOP).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+        "bpf_prog_rows": rows.iter().filter(|(_, s)| s.contains("bpf_prog_")).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+        "bpf_prog_pct_total": bpf_pct,
+        "bpf_machinery_pct_total": machinery_pct,
+        "bpf_machinery_rows": machinery_rows.iter().map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+    })
+}
