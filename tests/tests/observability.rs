@@ -341,3 +341,48 @@ fn scraping_in_a_loop_does_not_disturb_a_connect_loop() {
         lat[lat.len() - 1]
     );
 }
+
+/// With run statistics on (here: a BPF_ENABLE_STATS descriptor held by the
+/// test, as `sysctl kernel.bpf_stats_enabled=1` would), /metrics reports
+/// each of this agent's programs' runs: found through its own pinned
+/// links, not among every program on the host.
+#[test]
+fn program_run_statistics_are_reported_when_the_kernel_counts_them() {
+    // bpf(BPF_ENABLE_STATS, {type: BPF_STATS_RUN_TIME}): counting lasts
+    // while the descriptor is open.
+    let attr: u32 = 0;
+    // SAFETY: a valid 4-byte bpf_attr for the command.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 32, &attr as *const u32, 4usize) };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor we own.
+    let _stats =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", A);
+    let _b = Replica::start("mtp2", B);
+    let agent = ns.agent(&[]);
+    agent.wait_for("backend mtp2 is UP");
+    for _ in 0..10 {
+        connect(BALANCED).unwrap();
+    }
+    let (_, text) = http_get("/metrics");
+    let runs = |p: &str| {
+        m(
+            &text,
+            &format!("mtlb_program_runs_total{{program=\"{p}\"}}"),
+        )
+    };
+    assert!(runs("mtlb_steer") >= 10.0, "{text}");
+    assert!(runs("mtlb_sockops") >= 10.0, "{text}");
+    assert!(
+        m(
+            &text,
+            "mtlb_program_run_time_seconds_total{program=\"mtlb_steer\"}"
+        ) > 0.0,
+        "{text}"
+    );
+}

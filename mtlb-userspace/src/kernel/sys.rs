@@ -1,4 +1,5 @@
-//! Raw `bpf(2)` element operations for the sockmap.
+//! Raw `bpf(2)` element operations for the sockmap, and a program's run
+//! statistics by id.
 //!
 //! aya's `SockMap` assumes 4-byte values; ours has 8-byte values so that a
 //! lookup returns the socket cookie (see `mtlb-ebpf/src/maps.rs`). With an
@@ -6,7 +7,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _},
 };
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -83,4 +84,64 @@ pub fn sockmap_delete(map: BorrowedFd<'_>, slot: u32) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         r => r,
     }
+}
+
+/// Name, run count and run time (ns) of the program with id `id`: two
+/// syscalls (aya finds a program by id only by walking every program on
+/// the host, which a scrape should not do).
+pub fn prog_stats(id: u32) -> io::Result<(String, u64, u64)> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // bpf_attr for GET_FD_BY_ID: prog_id, next_id, open_flags.
+    let mut by_id = [id, 0u32, 0u32];
+    // SAFETY: a valid bpf_attr prefix for the command, alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            by_id.as_mut_ptr(),
+            std::mem::size_of_val(&by_id),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: bpf_prog_info is plain data; all zeroes is its empty value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: as above; the kernel writes at most info_len bytes to info.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .map(|c| *c as u8)
+        .take_while(|c| *c != 0)
+        .collect();
+    Ok((
+        String::from_utf8_lossy(&name).into_owned(),
+        info.run_cnt,
+        info.run_time_ns,
+    ))
 }

@@ -194,14 +194,12 @@ pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, M
 }
 
 /// Run statistics of our attached programs (found through their pinned
-/// links, so other namespaces' agents are not mixed in); only when the
-/// kernel collects them.
+/// links, so other namespaces' agents are not mixed in, and by id, without
+/// walking the host's programs); only when the kernel collects them.
 fn programs(pin_dir: &Path) -> Vec<ProgStat> {
-    let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        .is_ok_and(|s| s.trim() == "1");
-    if !enabled {
-        return Vec::new();
-    }
+    // Not gated on the sysctl: a BPF_ENABLE_STATS descriptor (bpftool prog
+    // profile, a benchmark) turns counting on while the sysctl still reads
+    // 0. Counters that never moved mean counting is off.
     let mut out = Vec::new();
     for link in names::LINKS {
         let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(pin_dir.join(link)) else {
@@ -211,16 +209,16 @@ fn programs(pin_dir: &Path) -> Vec<ProgStat> {
         let Ok(info) = fd.info() else { continue };
         let id = info.program_id();
         // Dropping `fd` closes it; the pin keeps the link.
-        if let Some(p) = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == id)
-        {
+        if let Ok((name, run_count, run_time_ns)) = crate::kernel::sys::prog_stats(id) {
             out.push(ProgStat {
-                name: p.name_as_str().unwrap_or("?").to_string(),
-                run_count: p.run_count(),
-                run_time_ns: p.run_time().as_nanos() as u64,
+                name,
+                run_count,
+                run_time_ns,
             });
         }
+    }
+    if out.iter().all(|p| p.run_count == 0) {
+        out.clear();
     }
     out
 }
