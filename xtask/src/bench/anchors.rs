@@ -38,23 +38,29 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if self.term_first {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            terminate(&mut c, self.term_first.then_some(Duration::from_secs(5)));
         }
     }
+}
+
+/// Ends `c`: SIGTERM and up to `grace` for it to exit (when given), then
+/// SIGKILL, and reaps it.
+pub(super) fn terminate(c: &mut std::process::Child, grace: Option<Duration>) {
+    if let Some(grace) = grace {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 fn wait_listening(addr: &str, what: &str) -> anyhow::Result<()> {
