@@ -13,6 +13,7 @@
 
 mod bench;
 mod demo;
+mod official;
 mod prereqs;
 mod vm;
 
@@ -113,7 +114,14 @@ fn main() -> anyhow::Result<()> {
             prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
-            vm::run(&root, &python, &kernel, filter.as_deref())
+            let official = official::ensure(&root)?;
+            vm::run(
+                &root,
+                &python,
+                official.as_deref(),
+                &kernel,
+                filter.as_deref(),
+            )
         }
         Cmd::Test { filter, .. } => {
             prereqs::ensure()?;
@@ -135,6 +143,10 @@ fn main() -> anyhow::Result<()> {
                 .args(filter)
                 .env("MTLB_BIN", &bin)
                 .env("MTLB_PYTHON", &python);
+            // Unset, the official MTProxy tests skip (and say why).
+            if let Some(official) = official::ensure(&root)? {
+                cmd.env("MTLB_OFFICIAL_MTPROXY", official);
+            }
             run(&mut cmd)
         }
         Cmd::Demo => {
