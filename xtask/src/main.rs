@@ -13,6 +13,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod official;
 mod prereqs;
 mod vm;
@@ -73,6 +74,13 @@ enum Cmd {
         report_only: bool,
     },
     /// A backend process of the benchmark (internal).
+    /// Builds the replica image's root file system (Debian's packages and
+    /// the official server BINARY) for `docker import`; prints its path.
+    MtproxyImage {
+        /// the official server (`mtproto-proxy`) to put in the image
+        #[arg(long)]
+        binary: PathBuf,
+    },
     #[command(hide = true)]
     BenchBackend {
         #[arg(long)]
@@ -175,6 +183,11 @@ fn main() -> anyhow::Result<()> {
             per_sec,
             secs,
         } => bench::hold_main(target, count, per_sec, secs),
+        Cmd::MtproxyImage { binary } => {
+            let tar = image::mtproxy_rootfs(&root, &binary)?;
+            println!("{}", tar.display());
+            Ok(())
+        }
         Cmd::Build => {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])
