@@ -14,6 +14,7 @@
 mod bench;
 mod demo;
 mod image;
+mod official;
 mod prereqs;
 mod vm;
 
@@ -121,7 +122,14 @@ fn main() -> anyhow::Result<()> {
             prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
-            vm::run(&root, &python, &kernel, filter.as_deref())
+            let official = official::ensure(&root)?;
+            vm::run(
+                &root,
+                &python,
+                official.as_deref(),
+                &kernel,
+                filter.as_deref(),
+            )
         }
         Cmd::Test { filter, .. } => {
             prereqs::ensure()?;
@@ -143,6 +151,13 @@ fn main() -> anyhow::Result<()> {
                 .args(filter)
                 .env("MTLB_BIN", &bin)
                 .env("MTLB_PYTHON", &python);
+            // Unset, the official MTProxy tests skip (and say why).
+            if let Some(official) = official::ensure(&root)? {
+                // The Docker tests' replica image holds that server.
+                let rootfs = image::mtproxy_rootfs(&root, &official)?;
+                cmd.env("MTLB_OFFICIAL_MTPROXY", official)
+                    .env("MTLB_MTPROXY_ROOTFS", rootfs);
+            }
             run(&mut cmd)
         }
         Cmd::Demo => {

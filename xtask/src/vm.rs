@@ -34,7 +34,13 @@ const SERIES: &[Series] = &[
 ];
 
 /// Runs the integration tests (built already) inside `kernel`.
-pub fn run(root: &Path, python: &Path, kernel: &str, filter: Option<&str>) -> anyhow::Result<()> {
+pub fn run(
+    root: &Path,
+    python: &Path,
+    official: Option<&Path>,
+    kernel: &str,
+    filter: Option<&str>,
+) -> anyhow::Result<()> {
     let series = SERIES.iter().find(|s| s.name == kernel).with_context(|| {
         format!(
             "--kernel {kernel}: use host, {}",
@@ -44,7 +50,7 @@ pub fn run(root: &Path, python: &Path, kernel: &str, filter: Option<&str>) -> an
     ensure_tools(python)?;
     let vmlinuz = ensure_kernel(root, series)?;
     let tests = test_binaries(root)?;
-    let script = write_script(root, python, &tests, filter)?;
+    let script = write_script(root, python, official, &tests, filter)?;
     let vng = python.with_file_name("vng");
     let kvm = kvm_works(&vng, &vmlinuz);
     eprintln!(
@@ -315,6 +321,7 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
 fn write_script(
     root: &Path,
     python: &Path,
+    official: Option<&Path>,
     tests: &[PathBuf],
     filter: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
@@ -342,6 +349,14 @@ fn write_script(
         quote(&python.to_string_lossy()),
         TIME_SCALE
     ));
+    // The guest sees the host's files (target/ is shared read-write), so
+    // the binary built on the host runs there as is.
+    if let Some(official) = official {
+        text.push_str(&format!(
+            "export MTLB_OFFICIAL_MTPROXY={}\n",
+            quote(&official.to_string_lossy())
+        ));
+    }
     text.push_str("echo \"mtlb-vm: kernel $(uname -r)\"\n");
     text.push_str(&format!(
         "cd {}\n",
