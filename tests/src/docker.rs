@@ -47,9 +47,7 @@ impl Dockerd {
         // setns only: `ip netns exec` would also remount /sys, hiding the
         // cgroup hierarchies dockerd needs ("Devices cgroup isn't mounted").
         ns.run_inside(&mut cmd);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn dockerd: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn dockerd: {e}"));
         let mut d = Self {
             child,
             host,

@@ -7,6 +7,8 @@
 //! /sys/fs/bpf/mtlb/<netns inode>. Guards clean up namespaces, agents and
 //! pins. Helpers panic with context instead of returning errors.
 
+pub mod docker;
+
 use mtlb::kernel::maps::Maps;
 use std::{
     fs::File,
