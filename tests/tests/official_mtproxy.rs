@@ -330,4 +330,26 @@ fn official_mtproxy_check_kind_reasons() {
     }
     let log = agent.log();
     assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
+    drop(agent);
+
+    // With the stats ports as well, the replicas' own stats tell the two
+    // silences apart: no ready middle proxy names the upstream; a ready
+    // one leaves the secret as the likely cause.
+    let cfg = config(&ns, 3, "mtproxy", true);
+    let agent = ns.agent_debug(&["--config", &cfg]);
+    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    let line = agent.wait_for("backend mtp3 is DOWN");
+    assert!(
+        line.contains("reason: stats: no ready upstream targets")
+            && line.contains("the MTProxy probe got no answer"),
+        "{line}"
+    );
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(
+        line.contains("reason: no answer through proxy")
+            && line.contains("its stats show ready upstream targets: wrong secret"),
+        "{line}"
+    );
+    let log = agent.log();
+    assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
 }
