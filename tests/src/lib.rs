@@ -963,6 +963,13 @@ impl MiddleProxy {
         assert!(status.success(), "middle_proxy.py exited with {status}");
     }
 
+    /// A `proxy-multi.conf` for servers that reach it at 127.0.0.1: every
+    /// DC (the header's id, 2 for Telethon and mtlb's check) falls to the
+    /// default cluster, the stand-in.
+    pub fn proxy_multi_conf(&self) -> String {
+        format!("default 2;\nproxy_for 2 127.0.0.1:{};\n", self.port)
+    }
+
     /// Its log lines so far (one per RPC connection and forwarded request).
     pub fn lines(&self) -> Vec<String> {
         self.proc.as_ref().map(|p| p.lines()).unwrap_or_default()
@@ -1009,13 +1016,7 @@ pub fn official_replica(
 ) -> OfficialReplica {
     let dir = TempDir::new("official-mtproxy");
     let conf = dir.path.join("proxy-multi.conf");
-    // Every DC (the header's id, 2 for Telethon and mtlb's check) falls to
-    // the default cluster: the stand-in.
-    std::fs::write(
-        &conf,
-        format!("default 2;\nproxy_for 2 127.0.0.1:{};\n", upstream.port),
-    )
-    .unwrap();
+    std::fs::write(&conf, upstream.proxy_multi_conf()).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args([
         "-u",

@@ -126,13 +126,7 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
     let dockerd = Dockerd::start(&ns);
     let middle = MiddleProxy::start(&ns, free_port());
     let conf = dir.path.join("proxy-multi.conf");
-    // As official_replica writes it: DC 2 (the clients' and the check's)
-    // and the default go to the stand-in.
-    std::fs::write(
-        &conf,
-        format!("default 2;\nproxy_for 2 127.0.0.1:{};\n", middle.port),
-    )
-    .unwrap();
+    std::fs::write(&conf, middle.proxy_multi_conf()).unwrap();
     let secret_src = format!("mtproxy_proxy_secret_src={}", middle.secret_file.display());
     let config_src = format!("mtproxy_proxy_config_src={}", conf.display());
     let play = run_mtproxy_role(&dockerd, &dir.path, &rootfs, &[&secret_src, &config_src]);
