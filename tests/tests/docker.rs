@@ -153,8 +153,8 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
         &cfg,
         format!(
             "replicas = 2\nbase_port = 10000\nreplica_uids = [0, 65534]\nsecret = \"dd{SECRET}\"\n\
-             [check]\nkind = \"mtproxy\"\nstats_base_port = 11000\ninter_ms = 200\n\
-             fastinter_ms = 100\ndowninter_ms = 200\nrise = 2\nfall = 2\ntimeout_ms = 1500\n"
+             [check]\nkind = \"mtproxy\"\nstats_base_port = 11000\n{}",
+            fast_check_timings()
         ),
     )
     .unwrap();

@@ -37,8 +37,8 @@ fn config(ns: &Netns, replicas: u16, kind: &str, stats: bool) -> String {
     std::fs::write(
         &p,
         format!(
-            "secret = \"dd{SECRET}\"\nreplicas = {replicas}\n[check]\nkind = \"{kind}\"\n{stats}\
-             inter_ms = 200\nfastinter_ms = 100\ndowninter_ms = 200\nrise = 2\nfall = 2\ntimeout_ms = 1500\n"
+            "secret = \"dd{SECRET}\"\nreplicas = {replicas}\n[check]\nkind = \"{kind}\"\n{stats}{}",
+            fast_check_timings()
         ),
     )
     .unwrap();
