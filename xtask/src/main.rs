@@ -153,7 +153,10 @@ fn main() -> anyhow::Result<()> {
                 .env("MTLB_PYTHON", &python);
             // Unset, the official MTProxy tests skip (and say why).
             if let Some(official) = official::ensure(&root)? {
-                cmd.env("MTLB_OFFICIAL_MTPROXY", official);
+                // The Docker tests' replica image holds that server.
+                let rootfs = image::mtproxy_rootfs(&root, &official)?;
+                cmd.env("MTLB_OFFICIAL_MTPROXY", official)
+                    .env("MTLB_MTPROXY_ROOTFS", rootfs);
             }
             run(&mut cmd)
         }

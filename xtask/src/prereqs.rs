@@ -249,8 +249,12 @@ pub fn pip_install(python: &std::path::Path, packages: &[&str]) -> anyhow::Resul
 
 /// Debian packages only the tests use, and a file each provides: a real
 /// Prometheus (and promtool) scrapes an agent and unit-tests the alert
-/// rules; headless Chromium renders the stats page.
+/// rules; headless Chromium renders the stats page; a Docker engine runs
+/// official replicas as the seed does (the `docker` client alone is not
+/// enough: dockerd, containerd and runc come with docker.io).
 const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("docker.io", "/usr/sbin/dockerd"),
+    ("docker.io", "/usr/bin/containerd"),
     ("prometheus", "/usr/bin/promtool"),
     ("prometheus", "/usr/bin/prometheus"),
     ("chromium", "/usr/bin/chromium"),

@@ -271,6 +271,11 @@ const HOST_ONLY: &[(&str, &str)] = &[
         "prometheus",
         "a Prometheus server and promtool, no kernel feature of their own",
     ),
+    (
+        "docker",
+        "a Docker engine and image import; the official servers it runs are tested in the VM by \
+         the official_mtproxy suite, and `cargo xtask vm-deploy` runs Docker on Debian 12's kernel",
+    ),
 ];
 
 /// The integration test executables, built.

@@ -103,7 +103,42 @@ impl CheckSpec {
                     r
                 }
             }
+            Some(s) if main.reason == reason::NO_ANSWER => {
+                explain_silence(main, stats(s, self.timeout).await)
+            }
             _ => main,
+        }
+    }
+}
+
+/// A probe that got no answer cannot tell a wrong secret from an upstream
+/// the replica cannot reach: the official server and mtprotoproxy are both
+/// silent on either. The replica's own stats can: none of its upstream
+/// targets ready is the cause named (`stats: no ready upstream targets`);
+/// some ready narrows the silence down in the info. Anything else from the
+/// stats leaves the probe's result as it was.
+fn explain_silence(probe: CheckResult, stats: CheckResult) -> CheckResult {
+    let duration = probe.duration + stats.duration;
+    let said = probe.info.unwrap_or_default();
+    if stats.ok {
+        CheckResult::fail(
+            reason::NO_ANSWER,
+            Some(format!(
+                "{said}; its stats show ready upstream targets: wrong secret, or upstream slow"
+            )),
+            duration,
+        )
+    } else if stats.reason == reason::STATS_NOT_READY {
+        CheckResult::fail(
+            reason::STATS_NOT_READY,
+            Some(format!("the MTProxy probe got no answer ({said})")),
+            duration,
+        )
+    } else {
+        CheckResult {
+            info: Some(said).filter(|s| !s.is_empty()),
+            duration,
+            ..probe
         }
     }
 }
@@ -185,6 +220,77 @@ mod tests {
     fn os_error_text_drops_the_errno() {
         let e = std::io::Error::from_raw_os_error(111);
         assert_eq!(os_error_text(&e), "Connection refused");
+    }
+
+    /// A replica that accepts and never answers (a wrong secret, or no
+    /// upstream), and its stats endpoint reporting `ready` ready targets
+    /// (`None`: no endpoint).
+    async fn silent_replica(ready: Option<u32>) -> CheckSpec {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let st = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stats = st.local_addr().unwrap();
+        match ready {
+            Some(n) => {
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = st.accept().await {
+                        let mut buf = [0u8; 512];
+                        let _ = s.read(&mut buf).await;
+                        let reply = format!("HTTP/1.0 200 OK\r\n\r\ntotal_ready_targets\t{n}\n");
+                        let _ = s.write_all(reply.as_bytes()).await;
+                    }
+                });
+            }
+            None => drop(st),
+        }
+        CheckSpec {
+            kind: CheckKind::Mtproxy,
+            addr,
+            stats: Some(stats),
+            secret: "dd0123456789abcdef0123456789abcdef".into(),
+            timeout: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn silence_with_no_ready_upstream_names_the_upstream() {
+        let r = silent_replica(Some(0)).await.run().await;
+        assert!(!r.ok);
+        assert_eq!(r.reason, reason::STATS_NOT_READY, "{r:?}");
+        assert!(
+            r.info.as_deref().unwrap().contains("probe got no answer"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_with_a_ready_upstream_stays_no_answer() {
+        let r = silent_replica(Some(2)).await.run().await;
+        assert!(!r.ok);
+        assert_eq!(r.reason, reason::NO_ANSWER, "{r:?}");
+        assert!(
+            r.info
+                .as_deref()
+                .unwrap()
+                .contains("stats show ready upstream targets: wrong secret"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_with_unreachable_stats_stays_no_answer() {
+        let r = silent_replica(None).await.run().await;
+        assert_eq!(r.reason, reason::NO_ANSWER, "{r:?}");
+        assert!(
+            r.info.as_deref().unwrap().contains("no reply within"),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]

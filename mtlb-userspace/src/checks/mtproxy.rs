@@ -19,8 +19,11 @@
 //! 2 (an id outside 1..=5 is closed at once, like an unreachable upstream),
 //! and each probe uses a fresh random header (proxies reject a replayed one).
 //!
-//! Verdicts, from measurements against mtprotoproxy 1.0.6 and the official
-//! server's documented behaviour (tests/fixtures/mtproxy/FINDINGS.md):
+//! Verdicts, from measurements against mtprotoproxy 1.0.6
+//! (tests/fixtures/mtproxy/FINDINGS.md) and the official C server
+//! (tests/tests/official_mtproxy.rs; it is silent both on a wrong `dd`
+//! secret and when it has no ready middle proxy, which the replica's stats
+//! then tell apart: see `explain_silence` in checks/mod.rs):
 //!
 //! | the probe sees | dd | ee |
 //! | --- | --- | --- |

@@ -1,0 +1,355 @@
+//! End to end with the official C MTProxy server (TelegramMessenger/MTProxy,
+//! built by `cargo xtask test` from ../shared/peers) as the replicas:
+//! Telethon → mtlb → official mtproto-proxy → a loopback stand-in for
+//! Telegram's middle proxies (fixture `middle_proxy.py`, which speaks the
+//! server's RPC protocol and echoes each forwarded message). Skipped, with
+//! the reason printed, where MTLB_OFFICIAL_MTPROXY is unset.
+
+use mtlb_tests::*;
+use std::{
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const OTHER: &str = "fedcba9876543210fedcba9876543210";
+/// The stand-in's port (each test has its own namespace).
+const UPSTREAM: u16 = 20443;
+/// Replica `i`'s HTTP stats port is STATS_BASE + i.
+const STATS_BASE: u16 = 18000;
+
+/// A config for `replicas` replicas with check `kind` and fast timings;
+/// with `stats`, the official servers' stats ports as well (then
+/// `total_ready_targets` must be > 0 for any kind of check).
+fn config(ns: &Netns, replicas: u16, kind: &str, stats: bool) -> String {
+    let dir = ns.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("mtlb.toml");
+    let stats = if stats {
+        format!("stats_base_port = {STATS_BASE}\n")
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &p,
+        format!(
+            "secret = \"dd{SECRET}\"\nreplicas = {replicas}\n[check]\nkind = \"{kind}\"\n{stats}{}",
+            fast_check_timings()
+        ),
+    )
+    .unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+/// Official replica `i` (mtp{i+1}) on 10000+i with `secret`, forwarding to
+/// `upstream`.
+fn replica(bin: &str, ns: &Netns, i: u16, secret: &str, upstream: &MiddleProxy) -> OfficialReplica {
+    official_replica(bin, ns, 10000 + i, STATS_BASE + i, secret, upstream)
+}
+
+/// One Telethon exchange through the balanced port, holding the connection
+/// `hold` seconds after it; returns the client and its JSON result.
+fn telethon(ns: &Netns, hold: u32) -> (std::process::Child, serde_json::Value) {
+    let secret = format!("dd{SECRET}");
+    let timeout = (8 * time_scale()).to_string();
+    let hold = (hold * time_scale()).to_string();
+    let (child, line) = py_first_line(
+        ns,
+        "telethon_client.py",
+        &["443", &secret, "--hold", &hold, "--timeout", &timeout],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("telethon said {line:?}: {e}"));
+    (child, v)
+}
+
+/// Kills and reaps a held client.
+fn end(mut c: std::process::Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// PIDs of processes holding an established socket on :443 whose peer is
+/// `client` (from `ss -tnp` in the namespace).
+fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
+    ss_balanced(ns)
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == client))
+        .flat_map(|l| {
+            l.split("pid=")
+                .skip(1)
+                .filter_map(|p| p.split(',').next()?.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The stand-in's line for the request the official server forwarded from
+/// `client` (it reports the client's address in RPC_PROXY_REQ).
+fn forwarded_from(up: &MiddleProxy, client: &str) -> Option<String> {
+    up.lines()
+        .into_iter()
+        .find(|l| l.contains("proxy_req") && l.contains(&format!("client={client} ")))
+}
+
+fn agent_with_checks_passing(ns: &Netns, cfg: &str, reason: &str) -> Agent {
+    let agent = ns.agent_debug(&["--config", cfg]);
+    agent.wait_for(&format!("check mtp1: passed, reason: {reason}"));
+    agent.wait_for(&format!("check mtp2: passed, reason: {reason}"));
+    agent
+}
+
+#[test]
+fn official_mtproxy_frames_intact_through_telethon() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
+    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    // The servers count the stand-in as a ready middle proxy.
+    mtp1.wait_ready_targets(1);
+    mtp2.wait_ready_targets(1);
+    let cfg = config(&ns, 2, "mtproxy", true);
+    let _agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    for _ in 0..3 {
+        let (c, r) = telethon(&ns, 0);
+        end(c);
+        // Telethon's req_pq_multi came back byte for byte: the official
+        // server parsed and forwarded it, the answer came back through it.
+        assert_eq!(r["verdict"], "UP", "{r}");
+        assert_eq!(r["reply_equals_sent"], true, "{r}");
+        assert_eq!(r["reply_len"], 40, "{r}");
+        let client = r["sockname"].as_str().unwrap();
+        let line = forwarded_from(&up, client).unwrap_or_else(|| {
+            panic!(
+                "the stand-in got no request from {client}:\n{}",
+                up.lines().join("\n")
+            )
+        });
+        assert!(line.contains("bytes=40"), "{line}");
+    }
+}
+
+#[test]
+fn official_mtproxy_replica_sees_the_client_address() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
+    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    let cfg = config(&ns, 2, "mtproxy", true);
+    let _agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    let (c, r) = telethon(&ns, 10);
+    assert_eq!(r["verdict"], "UP", "{r}");
+    let client = r["sockname"].as_str().unwrap().to_string();
+    // The socket the replica holds has the client's own address as its
+    // peer (sk_lookup hands over the connection, nothing is proxied)...
+    let holders = holders_of(&ns, &client);
+    assert!(
+        holders.iter().any(|p| *p == mtp1.pid() || *p == mtp2.pid()),
+        "no official replica holds the connection from {client}: {holders:?}\n{}",
+        ss_balanced(&ns)
+    );
+    // ...and the server reports that address upstream, as Telegram sees it.
+    assert!(
+        forwarded_from(&up, &client).is_some(),
+        "the stand-in got no request from {client}:\n{}",
+        up.lines().join("\n")
+    );
+    end(c);
+}
+
+#[test]
+fn official_mtproxy_replicas_share_clients_by_least_connections() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
+    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    let cfg = config(&ns, 2, "mtproxy", true);
+    let agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    // Two held clients: the second goes to the replica the first left idle.
+    let mut pids = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (c, r) = telethon(&ns, 20);
+        assert_eq!(r["verdict"], "UP", "{r}");
+        pids.extend(holders_of(&ns, r["sockname"].as_str().unwrap()));
+        held.push(c);
+    }
+    assert!(
+        pids.contains(&mtp1.pid()) && pids.contains(&mtp2.pid()),
+        "both clients on one replica: {pids:?} (mtp1 {}, mtp2 {})",
+        mtp1.pid(),
+        mtp2.pid()
+    );
+    // Six more held connections (the server waits silently for their
+    // header): four each in all.
+    let m = agent.maps();
+    let raw: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(BALANCED).unwrap())
+        .collect();
+    wait_counts(&m, 2, "4 each", |c| {
+        c[0].established == 4 && c[1].established == 4
+    });
+    drop(raw);
+    held.into_iter().for_each(end);
+}
+
+#[test]
+fn official_mtproxy_killed_replica_fails_over_and_returns() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let _mtp1 = replica(&bin, &ns, 0, SECRET, &up);
+    let mut mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    let cfg = config(&ns, 2, "mtproxy", true);
+    let agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+
+    // Clients keep connecting while mtp2 is killed and comes back.
+    let file = ns.file.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let loop_ = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let (mut ok, mut failed, mut held) = (0, Vec::new(), Vec::new());
+        let deadline = Instant::now() + scaled(Duration::from_secs(60));
+        while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match TcpStream::connect(BALANCED) {
+                Ok(s) => {
+                    ok += 1;
+                    held.push(s);
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, failed, held)
+    });
+    mtp2.kill();
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(line.contains("reason: "), "{line}");
+    // Real clients still get through, on mtp1.
+    for _ in 0..2 {
+        let (c, r) = telethon(&ns, 0);
+        end(c);
+        assert_eq!(r["verdict"], "UP", "{r}");
+    }
+    let from = agent.log_len();
+    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    agent.wait_for_after(from, "backend mtp2 is UP");
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, held) = loop_.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "failed connects during failover: {failed:?}"
+    );
+    assert!(ok > 10, "only {ok} connects in the loop");
+    // mtp1 holds the loop's connections: the next client goes to mtp2.
+    let (c, r) = telethon(&ns, 10);
+    assert_eq!(r["verdict"], "UP", "{r}");
+    let holders = holders_of(&ns, r["sockname"].as_str().unwrap());
+    assert!(
+        holders.contains(&mtp2.pid()),
+        "the returned mtp2 ({}) took no client: {holders:?}",
+        mtp2.pid()
+    );
+    end(c);
+    drop(held);
+}
+
+#[test]
+fn official_mtproxy_stats_drive_the_stats_check() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    // mtp2 has a stand-in of its own, stopped below.
+    let up1 = MiddleProxy::start(&ns, UPSTREAM);
+    let mut up2 = MiddleProxy::start(&ns, UPSTREAM + 1);
+    let _mtp1 = replica(&bin, &ns, 0, SECRET, &up1);
+    let mtp2 = replica(&bin, &ns, 1, SECRET, &up2);
+    let cfg = config(&ns, 2, "stats", true);
+    let agent = agent_with_checks_passing(&ns, &cfg, "stats: upstream ready");
+
+    up2.stop();
+    mtp2.wait_ready_targets(0);
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(
+        line.contains("reason: stats: no ready upstream targets"),
+        "{line}"
+    );
+    let from = agent.log_len();
+    up2.restart(&ns);
+    mtp2.wait_ready_targets(1);
+    let (_, line) = agent.wait_for_after(from, "backend mtp2 is UP");
+    assert!(line.contains("reason: stats: upstream ready"), "{line}");
+    let log = agent.log();
+    assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
+}
+
+#[test]
+fn official_mtproxy_check_kind_reasons() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    // A stand-in that is stopped before anyone connects: mtp3's upstream
+    // is unreachable, with its secret right.
+    let mut gone = MiddleProxy::start(&ns, UPSTREAM + 1);
+    gone.stop();
+    let _right = replica(&bin, &ns, 0, SECRET, &up);
+    let _wrong = replica(&bin, &ns, 1, OTHER, &up);
+    let unreachable = official_replica(&bin, &ns, 10002, STATS_BASE + 2, SECRET, &gone);
+    unreachable.wait_ready_targets(0);
+    // Without the stats ports: the mtproxy probe alone decides.
+    let cfg = config(&ns, 3, "mtproxy", false);
+    let agent = ns.agent_debug(&["--config", &cfg]);
+    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    // The official server keeps silent on a header that does not decrypt
+    // with its secret (it skips everything the client sends), and it drops
+    // a well-formed request it has no ready middle proxy for, also
+    // silently: a dd probe gets no answer in both cases (README "Health
+    // checks").
+    for b in ["mtp2", "mtp3"] {
+        let line = agent.wait_for(&format!("backend {b} is DOWN"));
+        assert!(line.contains("reason: no answer through proxy"), "{line}");
+    }
+    let log = agent.log();
+    assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
+    drop(agent);
+
+    // With the stats ports as well, the replicas' own stats tell the two
+    // silences apart: no ready middle proxy names the upstream; a ready
+    // one leaves the secret as the likely cause.
+    let cfg = config(&ns, 3, "mtproxy", true);
+    let agent = ns.agent_debug(&["--config", &cfg]);
+    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    let line = agent.wait_for("backend mtp3 is DOWN");
+    assert!(
+        line.contains("reason: stats: no ready upstream targets")
+            && line.contains("the MTProxy probe got no answer"),
+        "{line}"
+    );
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(
+        line.contains("reason: no answer through proxy")
+            && line.contains("its stats show ready upstream targets: wrong secret"),
+        "{line}"
+    );
+    let log = agent.log();
+    assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
+}
