@@ -10,6 +10,8 @@
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
 //! * `cargo xtask bench [--only PHASES]`: mtlb against direct connections,
 //!   HAProxy, nginx `stream` and IPVS (issue #11); writes BENCHMARKS.md.
+//! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
+//!   QEMU, checked from this machine; prints a report.
 
 mod bench;
 mod demo;
@@ -17,6 +19,7 @@ mod image;
 mod official;
 mod prereqs;
 mod vm;
+mod vm_deploy;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -53,6 +56,12 @@ enum Cmd {
     },
     /// Install prerequisites and build (release).
     Build,
+    /// Boot a Debian 12 guest in QEMU (software emulation), provision it
+    /// with deploy/playbooks/deploy.yml as `vagrant up` does, and check the
+    /// deployment from this machine: clients through its port 443, the
+    /// stats page, the unit and its journal, failover, scaling 2→3→2,
+    /// `mtlb link`. Prints a step-by-step report; removes the guest.
+    VmDeploy,
     /// A guided demo in a network namespace of its own: two real MTProxy
     /// replicas, a fake Telegram DC, mtlb, client load, a replica stopped
     /// and brought back. Cleans everything up.
@@ -190,6 +199,12 @@ fn main() -> anyhow::Result<()> {
             let tar = image::mtproxy_rootfs(&root, &binary)?;
             println!("{}", tar.display());
             Ok(())
+        }
+        Cmd::VmDeploy => {
+            prereqs::ensure()?;
+            cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
+            let python = prereqs::ensure_python_env(&root.join("target"))?;
+            vm_deploy::run(&root, &python)
         }
         Cmd::Build => {
             prereqs::ensure()?;

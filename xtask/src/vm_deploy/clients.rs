@@ -1,0 +1,149 @@
+//! Clients on this machine that reach the guest's port 443 through QEMU's
+//! forward. A TCP connect to a forwarded port always succeeds on this side
+//! (QEMU accepts it before it tries the guest), so a client counts as
+//! served only when it completed an MTProxy exchange: `probe.py` sends an
+//! obfuscated2 (dd) handshake and one padded-intermediate frame and waits
+//! for the reply frame (the middle-proxy stand-in's echo, relayed by the
+//! replica); verdict `UP`. Anything else is a failed client.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+/// One client: when it ran and how it ended.
+pub struct Outcome {
+    /// Wall clock, to compare with the guest's journal.
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub ok: bool,
+    /// probe.py's JSON line (or why there was none).
+    pub detail: String,
+}
+
+/// Client exchanges in a loop, `workers` at a time, until [`Load::finish`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<Vec<Outcome>>>,
+}
+
+pub struct Probe {
+    pub python: PathBuf,
+    pub fixtures: PathBuf,
+    pub port: u16,
+    pub secret: String,
+}
+
+impl Probe {
+    /// One probe.py exchange with a 10 s deadline (software emulation makes
+    /// the replica's handshake slow, not seconds slow).
+    pub fn once(&self) -> Outcome {
+        let start = SystemTime::now();
+        let out = Command::new(&self.python)
+            .arg(self.fixtures.join("probe.py"))
+            .args(["127.0.0.1", &self.port.to_string(), &self.secret])
+            .args(["--timeout", "10"])
+            .current_dir(&self.fixtures)
+            .output();
+        let end = SystemTime::now();
+        let (ok, detail) = match out {
+            Ok(o) => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let line = text.lines().last().unwrap_or("").to_string();
+                let ok = serde_json::from_str::<serde_json::Value>(&line)
+                    .is_ok_and(|v| v["verdict"] == "UP");
+                let detail = if line.is_empty() {
+                    String::from_utf8_lossy(&o.stderr).trim().to_string()
+                } else {
+                    line
+                };
+                (ok, detail)
+            }
+            Err(e) => (false, format!("probe.py: {e}")),
+        };
+        Outcome {
+            start,
+            end,
+            ok,
+            detail,
+        }
+    }
+
+    /// One Telethon exchange (the real client library's MTProxy transport,
+    /// dd secret); its JSON line when the verdict is `UP`.
+    pub fn telethon(&self, secret: &str) -> anyhow::Result<String> {
+        let out = Command::new(&self.python)
+            .arg(self.fixtures.join("telethon_client.py"))
+            .args([&self.port.to_string(), secret, "--timeout", "20"])
+            .current_dir(&self.fixtures)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("").to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
+            anyhow::anyhow!(
+                "telethon_client.py printed no result: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if v["verdict"] != "UP" {
+            anyhow::bail!("Telethon client: {line}");
+        }
+        Ok(line)
+    }
+}
+
+impl Load {
+    /// `workers` loops of one client after another, `pause` between two.
+    pub fn start(probe: Arc<Probe>, workers: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|_| {
+                let (stop, probe) = (stop.clone(), probe.clone());
+                std::thread::spawn(move || {
+                    let mut done = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        done.push(probe.once());
+                        // A steady trickle of new clients rather than a
+                        // flood: the guest is emulated, and what the load
+                        // takes from it the playbook runs without.
+                        std::thread::sleep(pause);
+                    }
+                    done
+                })
+            })
+            .collect();
+        Load { stop, workers }
+    }
+
+    pub fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// "N clients, M failed" and the first failures' details.
+pub fn summary(outcomes: &[Outcome]) -> (usize, usize, String) {
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.ok).collect();
+    let detail = failed
+        .iter()
+        .take(3)
+        .map(|o| o.detail.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    (outcomes.len(), failed.len(), detail)
+}
+
+/// The fixtures' directory.
+pub fn fixtures(root: &Path) -> PathBuf {
+    root.join("tests/fixtures/mtproxy")
+}

@@ -1,0 +1,799 @@
+//! `cargo xtask vm-deploy`: the deployment of deploy/ run for real, the way
+//! `vagrant up` provisions it (deploy/Vagrantfile), in a Debian 12 guest
+//! under QEMU, then checked from this machine:
+//!
+//! 1. the guest image (disk.rs), the official MTProxy server
+//!    (crate::official) and its replica image (crate::image);
+//! 2. the guest booted (guest.rs), and a stand-in for Telegram's middle
+//!    proxies started in it;
+//! 3. `ansible-playbook playbooks/deploy.yml` with the inventory's
+//!    group_vars, as the Vagrantfile's provisioner runs it, plus the
+//!    variables an offline host needs;
+//! 4. the checks of the issue, each a step of the printed report: a
+//!    Telethon client through the guest's port 443, the stats page, the
+//!    unit, the journal, failover, scaling 2→3→2, `mtlb link`.
+//!
+//! The guest and the run's files are removed at the end, failed or not.
+
+mod clients;
+mod disk;
+mod guest;
+
+use anyhow::{Context as _, bail};
+use clients::{Load, Probe};
+use guest::Guest;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+/// The playbook and the variables file, relative to deploy/: the
+/// Vagrantfile's provisioner names the same two (tests/tests/deploy.rs
+/// checks that it does).
+pub const PLAYBOOK: &str = "playbooks/deploy.yml";
+pub const GROUP_VARS: &str = "inventory/group_vars/all.yml";
+
+/// Where the middle-proxy stand-in listens in the guest.
+const STANDIN_PORT: u16 = 8888;
+/// Where the run's files go in the guest.
+const GUEST_DIR: &str = "/var/lib/mtlb-vm-deploy";
+
+/// One line of the report.
+struct Step {
+    name: String,
+    ok: bool,
+    secs: f64,
+    detail: String,
+}
+
+#[derive(Default)]
+struct Report {
+    steps: Vec<Step>,
+}
+
+impl Report {
+    /// Runs `f` as the step `name`, prints its line at once and keeps it for
+    /// the summary. Returns `f`'s value (an error ends the run: later steps
+    /// build on this one).
+    fn step<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> anyhow::Result<(T, String)>,
+    ) -> anyhow::Result<T> {
+        eprintln!("vm-deploy: {name} ...");
+        let t0 = Instant::now();
+        let r = f();
+        let secs = t0.elapsed().as_secs_f64();
+        let (ok, detail, value) = match r {
+            Ok((v, d)) => (true, d, Some(v)),
+            Err(e) => (false, format!("{e:#}"), None),
+        };
+        eprintln!(
+            "vm-deploy: {} {name} ({secs:.1} s): {detail}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        self.steps.push(Step {
+            name: name.to_string(),
+            ok,
+            secs,
+            detail: detail.clone(),
+        });
+        value.with_context(|| format!("step `{name}` failed"))
+    }
+
+    fn print(&self, total: Duration) {
+        println!();
+        println!("cargo xtask vm-deploy: report");
+        for (i, s) in self.steps.iter().enumerate() {
+            println!(
+                "{:>2}. [{}] {} ({:.1} s)",
+                i + 1,
+                if s.ok { "PASS" } else { "FAIL" },
+                s.name,
+                s.secs
+            );
+            for line in s.detail.lines() {
+                println!("       {line}");
+            }
+        }
+        let passed = self.steps.iter().filter(|s| s.ok).count();
+        println!(
+            "{passed}/{} steps passed; total {:.0} s",
+            self.steps.len(),
+            total.as_secs_f64()
+        );
+    }
+}
+
+/// The run's files on this machine, removed when it ends.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run(root: &Path, python: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut report = Report::default();
+    let result = steps(root, python, &mut report);
+    report.print(t0.elapsed());
+    result
+}
+
+fn steps(root: &Path, python: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let deploy = root.join("deploy");
+    let vars = GroupVars::read(&deploy.join(GROUP_VARS))?;
+
+    let image = report.step("guest image: Debian 12 from Debian's packages", || {
+        let cached = root.join("target/vm-deploy/image/recipe").exists();
+        let t0 = Instant::now();
+        let image = disk::ensure(root)?;
+        let size = std::fs::metadata(&image.disk)?.len();
+        let used = used_bytes(&image.disk);
+        let d = format!(
+            "{} ({:.1} GB disk, {:.0} MB used), kernel {}{}",
+            image.disk.display(),
+            size as f64 / 1e9,
+            used as f64 / 1e6,
+            image.kernel.display(),
+            if cached && t0.elapsed() < Duration::from_secs(5) {
+                ", cached".to_string()
+            } else {
+                format!(", built in {:.0} s", t0.elapsed().as_secs_f64())
+            }
+        );
+        Ok((image, d))
+    })?;
+
+    let archive = report.step("replica image: official MTProxy server", || {
+        let bin = crate::official::ensure(root)?.context(
+            "the official MTProxy source is missing (see xtask/src/official.rs: MTLB_PEERS)",
+        )?;
+        let archive = crate::image::mtproxy_rootfs(root, &bin)?;
+        let d = format!(
+            "{} built from the official source; rootfs tarball {} ({:.0} MB) for `docker import`",
+            bin.display(),
+            archive.display(),
+            std::fs::metadata(&archive)?.len() as f64 / 1e6
+        );
+        Ok((archive, d))
+    })?;
+
+    let run_dir = RunDir(root.join("target/vm-deploy/run"));
+    let _ = std::fs::remove_dir_all(&run_dir.0);
+    std::fs::create_dir_all(&run_dir.0)?;
+    let files = write_run_files(&run_dir.0, &archive)?;
+
+    let vm = report.step(
+        &format!(
+            "boot: QEMU, software emulation, {} vCPUs, {} MB, until ssh answers",
+            guest::CPUS,
+            guest::MEMORY_MB
+        ),
+        || {
+            let mut vm = Guest::boot(&image, &run_dir.0)?;
+            vm.wait_ssh(Duration::from_secs(600))?;
+            let kernel = vm.sh("uname -r")?;
+            let d = format!(
+                "ssh on 127.0.0.1:{}, guest port 443 on 127.0.0.1:{}; kernel {}; systemd {}",
+                vm.ssh_port,
+                vm.https_port,
+                kernel.trim(),
+                vm.sh("systemctl --version | head -1")?.trim()
+            );
+            Ok((vm, d))
+        },
+    )?;
+    // The guard goes with `vm` (declared after run_dir: dropped first).
+
+    report.step("middle-proxy stand-in in the guest", || {
+        start_standin(&vm, root, &files)?;
+        Ok((
+            (),
+            format!(
+                "tests/fixtures/mtproxy/middle_proxy.py on 127.0.0.1:{STANDIN_PORT} in the guest, keyed with the run's proxy-secret"
+            ),
+        ))
+    })?;
+
+    let ansible = Ansible {
+        bin: python.with_file_name("ansible-playbook"),
+        deploy: deploy.clone(),
+        inventory: write_inventory(&run_dir.0, &vm)?,
+        offline: files.offline_vars.clone(),
+        logs: run_dir.0.clone(),
+    };
+    report.step(
+        "ansible-playbook playbooks/deploy.yml (mtproxy_replicas=2)",
+        || Ok(((), ansible.run(2, "first")?)),
+    )?;
+
+    let probe = Arc::new(Probe {
+        python: python.to_path_buf(),
+        fixtures: clients::fixtures(root),
+        port: vm.https_port,
+        secret: vars.secret.clone(),
+    });
+    let stats = Stats {
+        port: vars.stats_port,
+    };
+
+    report.step(
+        "stats page (over ssh, it is on loopback): mtp1 and mtp2 UP",
+        || {
+            let rows = stats.wait(&vm, Duration::from_secs(180), |r| {
+                up(r, "mtp1") && up(r, "mtp2")
+            })?;
+            let page = vm.sh(&format!("curl -fsS http://127.0.0.1:{}/stats", stats.port))?;
+            if !(page.contains("mtp1") && page.contains("mtp2")) {
+                bail!("the HTML page does not name mtp1 and mtp2");
+            }
+            Ok(((), Stats::show(&rows)))
+        },
+    )?;
+
+    let mut failed_checks = Vec::new();
+    let mut check =
+        |report: &mut Report, name: &str, f: &mut dyn FnMut() -> anyhow::Result<String>| {
+            if report.step(name, || f().map(|d| ((), d))).is_err() {
+                failed_checks.push(name.to_string());
+            }
+        };
+
+    check(
+        report,
+        "Telethon client through the guest's port 443, served by an official replica",
+        &mut || {
+            let before = stats.rows(&vm)?;
+            let line = probe.telethon(&vars.secret)?;
+            let after = stats.rows(&vm)?;
+            let served =
+                served_by(&before, &after).context("no replica's connection count grew")?;
+            let image = vm.sh(&format!(
+                "sudo docker inspect -f '{{{{.Config.Image}}}}' mtproxy{}",
+                &served[3..]
+            ))?;
+            let comm = vm.sh("ps -eo comm= | grep -c '^mtproto-proxy$' || true")?;
+            Ok(format!(
+                "{line}\nserved by {served} (container image {}; {} mtproto-proxy processes in the guest)",
+                image.trim(),
+                comm.trim()
+            ))
+        },
+    );
+
+    check(report, "systemctl is-active mtlb", &mut || {
+        let out = vm.ssh("systemctl is-active mtlb")?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if s != "active" {
+            bail!("{s}");
+        }
+        Ok(s)
+    });
+
+    check(report, "journalctl -u mtlb: health lines", &mut || {
+        let lines = health_lines(&vm)?;
+        for b in ["mtp1", "mtp2"] {
+            if !lines.contains(&format!("backend {b} is UP")) {
+                bail!("no `backend {b} is UP` line:\n{lines}");
+            }
+        }
+        Ok(lines)
+    });
+
+    check(
+        report,
+        "failover: docker stop mtproxy2 under client load",
+        &mut || {
+            // Failover happens in an instant: a denser load around it.
+            let load = Load::start(probe.clone(), 2, Duration::from_millis(100));
+            std::thread::sleep(Duration::from_secs(8));
+            let offset = clock_offset(&vm)?;
+            let t_stop = Instant::now();
+            vm.sh("sudo docker stop mtproxy2")?;
+            let stop_secs = t_stop.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_secs(10));
+            let outcomes = load.finish();
+            let rows = stats.wait(&vm, Duration::from_secs(60), |r| {
+                up(r, "mtp1") && !up(r, "mtp2")
+            })?;
+            // The instant mtproxy2's process died: its listener closed with
+            // it, and the agent logged it at once (`no listener registered`).
+            let down = vm.sh(
+                "sudo journalctl -u mtlb --no-pager -o short-unix | grep 'backend mtp2 is DOWN' | tail -1",
+            )?;
+            let died: f64 = down
+                .split_whitespace()
+                .next()
+                .and_then(|t| t.parse().ok())
+                .context("no `backend mtp2 is DOWN` line in the journal")?;
+            let died = died - offset.0;
+            // Clients whose exchange spans that instant were served by
+            // mtproxy2 or by mtproxy1: a failed one among them was cut by
+            // the process's death (its connection was mtproxy2's; no
+            // balancer moves an established connection). Any other failure
+            // is a failed failover.
+            let tol = offset.1 + 0.5;
+            let secs = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            };
+            let spans =
+                |o: &clients::Outcome| secs(o.start) <= died + tol && secs(o.end) >= died - tol;
+            let (n, failed, why) = clients::summary(&outcomes);
+            let cut = outcomes.iter().filter(|o| !o.ok && spans(o)).count();
+            let after = outcomes
+                .iter()
+                .filter(|o| secs(o.start) > died + tol)
+                .count();
+            let d = format!(
+                "{n} clients (complete MTProxy exchanges from this machine), {} failed, \
+                 {after} of them started after mtproxy2's process died; {cut} cut at that \
+                 instant (in flight, when it died){}; docker stop took {stop_secs:.1} s\n{}\n{}",
+                failed - cut,
+                if failed > 0 {
+                    format!(": {why}")
+                } else {
+                    String::new()
+                },
+                Stats::show(&rows),
+                down.split_whitespace()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            if failed > cut || cut > 2 {
+                bail!(d);
+            }
+            Ok(d)
+        },
+    );
+
+    check(report, "docker start mtproxy2: mtp2 UP again", &mut || {
+        vm.sh("sudo docker start mtproxy2")?;
+        let rows = stats.wait(&vm, Duration::from_secs(120), |r| up(r, "mtp2"))?;
+        Ok(Stats::show(&rows))
+    });
+
+    check(
+        report,
+        "scale 2→3: playbook with mtproxy_replicas=3 under client load",
+        &mut || {
+            // A playbook run takes minutes: a lighter load over all of it.
+            let load = Load::start(probe.clone(), 1, Duration::from_millis(500));
+            let recap = ansible.run(3, "scale-up");
+            let rows = stats.wait(&vm, Duration::from_secs(180), |r| {
+                ["mtp1", "mtp2", "mtp3"].iter().all(|b| up(r, b))
+            });
+            let outcomes = load.finish();
+            let (recap, rows) = (recap?, rows?);
+            clients_verdict(&outcomes, format!("{recap}\n{}", Stats::show(&rows)))
+        },
+    );
+
+    check(
+        report,
+        "scale 3→2: playbook with mtproxy_replicas=2 under client load",
+        &mut || {
+            // A playbook run takes minutes: a lighter load over all of it.
+            let load = Load::start(probe.clone(), 1, Duration::from_millis(500));
+            let recap = ansible.run(2, "scale-down");
+            let outcomes = load.finish();
+            let recap = recap?;
+            let rows = stats.rows(&vm)?;
+            if rows.iter().any(|r| r.name == "mtp3") {
+                bail!("mtp3 still on the stats page:\n{}", Stats::show(&rows));
+            }
+            let containers = vm.sh("sudo docker ps -a --format '{{.Names}}' | sort")?;
+            if containers.lines().any(|l| l == "mtproxy3") {
+                bail!("container mtproxy3 still there");
+            }
+            clients_verdict(
+                &outcomes,
+                format!(
+                    "{recap}\n{}\ncontainers: {}",
+                    Stats::show(&rows),
+                    containers.split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+            )
+        },
+    );
+
+    check(report, "mtlb link, used by a client", &mut || {
+        let out = vm.sh("mtlb link")?;
+        let link = out
+            .lines()
+            .find(|l| l.starts_with("tg://proxy?"))
+            .context("no tg:// link")?;
+        let param = |k: &str| {
+            link.split(['?', '&'])
+                .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .with_context(|| format!("no {k} in {link}"))
+        };
+        let (server, port, secret) = (param("server")?, param("port")?, param("secret")?);
+        let addr = vm.sh("ip -4 -o route get 1.1.1.1 | sed -n 's/.* src \\([0-9.]*\\).*/\\1/p'")?;
+        if server != addr.trim() {
+            bail!(
+                "link's server {server} is not the guest's address {}",
+                addr.trim()
+            );
+        }
+        if port != "443" {
+            bail!("link's port {port} is not 443");
+        }
+        // This machine reaches the guest's port 443 only through the
+        // forward: the client takes the link's secret and port from it.
+        let line = probe.telethon(&secret)?;
+        Ok(format!(
+            "{}Telethon with the link's secret, to the link's port 443 (via the forward): {line}",
+            out
+        ))
+    });
+
+    drop(vm);
+    if !failed_checks.is_empty() {
+        bail!("failed: {}", failed_checks.join(", "));
+    }
+    Ok(())
+}
+
+/// The guest's wall clock minus ours, in seconds, and how uncertain that
+/// is (half the ssh round trip): the guest's clock under emulation drifts.
+fn clock_offset(vm: &Guest) -> anyhow::Result<(f64, f64)> {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let t0 = now();
+    let guest: f64 = vm.sh("date +%s.%N")?.trim().parse()?;
+    let t1 = now();
+    Ok((guest - (t0 + t1) / 2.0, (t1 - t0) / 2.0))
+}
+
+/// Passes when every client completed its exchange.
+fn clients_verdict(outcomes: &[clients::Outcome], rest: String) -> anyhow::Result<String> {
+    let (n, failed, why) = clients::summary(outcomes);
+    let d = format!(
+        "{n} clients (complete MTProxy exchanges from this machine), {failed} failed{}\n{rest}",
+        if failed > 0 {
+            format!(": {why}")
+        } else {
+            String::new()
+        }
+    );
+    if failed > 0 {
+        bail!(d);
+    }
+    Ok(d)
+}
+
+/// The agent's health events from the journal (`backend mtpN is UP|DOWN`).
+fn health_lines(vm: &Guest) -> anyhow::Result<String> {
+    let out = vm.sh(
+        "sudo journalctl -u mtlb --no-pager -o cat | grep -E 'backend mtp[0-9]+ is (UP|DOWN)' || true",
+    )?;
+    Ok(out.trim_end().to_string())
+}
+
+/// The variables of deploy/inventory/group_vars/all.yml this run reads.
+struct GroupVars {
+    secret: String,
+    stats_port: u16,
+}
+
+impl GroupVars {
+    fn read(path: &Path) -> anyhow::Result<GroupVars> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .with_context(|| format!("{k} not in {}", path.display()))
+        };
+        Ok(GroupVars {
+            secret: get("mtproxy_secret")?,
+            stats_port: get("mtlb_stats_port")?.parse()?,
+        })
+    }
+}
+
+struct RunFiles {
+    proxy_secret: PathBuf,
+    offline_vars: PathBuf,
+}
+
+/// Telegram's proxy secret (random, as Telegram's is to us), a middle-proxy
+/// list naming the stand-in for every DC, and the variables of an offline
+/// host.
+fn write_run_files(dir: &Path, archive: &Path) -> anyhow::Result<RunFiles> {
+    let mut secret = [0u8; 128];
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+    let proxy_secret = dir.join("proxy-secret");
+    std::fs::write(&proxy_secret, secret)?;
+    let config = dir.join("proxy-multi.conf");
+    let mut conf = String::from("# cargo xtask vm-deploy: every DC at the stand-in\ndefault 2;\n");
+    for dc in 1..=5 {
+        conf.push_str(&format!("proxy_for {dc} 127.0.0.1:{STANDIN_PORT};\n"));
+        conf.push_str(&format!("proxy_for -{dc} 127.0.0.1:{STANDIN_PORT};\n"));
+    }
+    std::fs::write(&config, conf)?;
+    let offline_vars = dir.join("offline.json");
+    std::fs::write(
+        &offline_vars,
+        serde_json::to_string_pretty(&serde_json::json!({
+            // The guest has no mirror; the packages are in its image.
+            "common_apt_update_cache": false,
+            // No registry either: the image comes from the controller.
+            "mtproxy_image": "mtproxy-official:dc0c7f3",
+            "mtproxy_image_archive": archive,
+            // Nor core.telegram.org: the stand-in's secret and address.
+            "mtproxy_proxy_secret_src": proxy_secret,
+            "mtproxy_proxy_config_src": config,
+        }))?,
+    )?;
+    Ok(RunFiles {
+        proxy_secret,
+        offline_vars,
+    })
+}
+
+/// The stand-in runs in the guest, not on this machine: the RPC keys
+/// of the official server's middle-proxy connections are derived from both
+/// ends' addresses and ports as each end sees them, and QEMU's user
+/// network rewrites both (10.0.2.15:p in the guest is 127.0.0.1:q here).
+fn start_standin(vm: &Guest, root: &Path, files: &RunFiles) -> anyhow::Result<()> {
+    vm.sh(&format!(
+        "sudo install -d -m 755 {GUEST_DIR} && sudo chown vagrant {GUEST_DIR}"
+    ))?;
+    let fixtures = clients::fixtures(root);
+    vm.put(
+        &[&fixtures.join("middle_proxy.py"), &files.proxy_secret],
+        GUEST_DIR,
+    )?;
+    vm.sh(&format!(
+        "sudo systemd-run --unit=mtlb-middle-proxy --property=Restart=always \
+         /usr/bin/python3 {GUEST_DIR}/middle_proxy.py {STANDIN_PORT} {GUEST_DIR}/proxy-secret --lifetime 86400"
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = vm.ssh(&format!(
+            "ss -Hltn 'sport = :{STANDIN_PORT}' | grep -q LISTEN"
+        ))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the stand-in did not listen within 60 s:\n{}",
+                vm.sh("sudo journalctl -u mtlb-middle-proxy --no-pager | tail -20")?
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The run's inventory: the guest in group `mtproxy` (and none in
+/// `prometheus`), as the Vagrantfile's provisioner groups it.
+fn write_inventory(dir: &Path, vm: &Guest) -> anyhow::Result<PathBuf> {
+    let path = dir.join("hosts.ini");
+    std::fs::write(
+        &path,
+        format!(
+            "# Written by cargo xtask vm-deploy for this run.\n[mtproxy]\n\
+             mtlb ansible_host=127.0.0.1 ansible_port={} ansible_user=vagrant \
+             ansible_ssh_private_key_file={} ansible_python_interpreter=/usr/bin/python3 \
+             ansible_ssh_common_args='{}'\n\n[prometheus]\n",
+            vm.ssh_port,
+            vm.key().display(),
+            vm.ssh_options().join(" ")
+        ),
+    )?;
+    Ok(path)
+}
+
+struct Ansible {
+    bin: PathBuf,
+    deploy: PathBuf,
+    inventory: PathBuf,
+    offline: PathBuf,
+    logs: PathBuf,
+}
+
+impl Ansible {
+    /// ansible-playbook as the Vagrantfile's provisioner runs it (the
+    /// playbook, deploy/ansible.cfg, the group_vars file as extra
+    /// variables), with this run's inventory, the offline variables and
+    /// the replica count. Its PLAY RECAP line, or its log's tail.
+    fn run(&self, replicas: u32, name: &str) -> anyhow::Result<String> {
+        let log = self.logs.join(format!("ansible-{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let t0 = Instant::now();
+        let status = Command::new(&self.bin)
+            .current_dir(&self.deploy)
+            .env("ANSIBLE_CONFIG", self.deploy.join("ansible.cfg"))
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
+            // ansible-playbook finds ansible's other programs in PATH.
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.bin.parent().expect("venv bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .arg("-i")
+            .arg(&self.inventory)
+            .arg(PLAYBOOK)
+            .arg("-e")
+            .arg(format!("@{GROUP_VARS}"))
+            .arg("-e")
+            .arg(format!("@{}", self.offline.display()))
+            .arg("-e")
+            .arg(format!("{{\"mtproxy_replicas\": {replicas}}}"))
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .status()
+            .context("running ansible-playbook")?;
+        let text = std::fs::read_to_string(&log)?;
+        let recap = text
+            .lines()
+            .skip_while(|l| !l.starts_with("PLAY RECAP"))
+            .skip(1)
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !status.success() {
+            let lines: Vec<&str> = text.lines().collect();
+            bail!(
+                "ansible-playbook failed ({status}); its output's end:\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        Ok(format!(
+            "{:.0} s; recap: {recap}",
+            t0.elapsed().as_secs_f64()
+        ))
+    }
+}
+
+/// One backend row of the stats page's CSV export.
+struct Row {
+    name: String,
+    state: String,
+    total: u64,
+    check_reason: String,
+}
+
+fn up(rows: &[Row], name: &str) -> bool {
+    rows.iter().any(|r| r.name == name && r.state == "UP")
+}
+
+/// The replica whose connection count grew between two readings.
+fn served_by(before: &[Row], after: &[Row]) -> Option<String> {
+    after
+        .iter()
+        .find(|a| {
+            before
+                .iter()
+                .find(|b| b.name == a.name)
+                .is_none_or(|b| a.total > b.total)
+        })
+        .map(|a| a.name.clone())
+}
+
+struct Stats {
+    port: u16,
+}
+
+impl Stats {
+    /// The agent's stats page, as CSV (`/stats;csv`), read in the guest:
+    /// it listens on the guest's loopback only.
+    fn rows(&self, vm: &Guest) -> anyhow::Result<Vec<Row>> {
+        let csv = vm.sh(&format!(
+            "curl -fsS 'http://127.0.0.1:{}/stats;csv'",
+            self.port
+        ))?;
+        let mut lines = csv.lines();
+        let head = csv_fields(lines.next().context("empty CSV")?);
+        let col = |n: &str| head.iter().position(|h| *h == n).context(n.to_string());
+        let (name, state, total, reason) = (
+            col("name")?,
+            col("state")?,
+            col("total")?,
+            col("check_reason")?,
+        );
+        Ok(lines
+            .map(|l| {
+                let f = csv_fields(l);
+                let get = |i: usize| f.get(i).cloned().unwrap_or_default();
+                Row {
+                    name: get(name),
+                    state: get(state),
+                    total: get(total).parse().unwrap_or(0),
+                    check_reason: get(reason),
+                }
+            })
+            .collect())
+    }
+
+    /// Reads the page until `ok` holds for it; bounded.
+    fn wait(
+        &self,
+        vm: &Guest,
+        timeout: Duration,
+        ok: impl Fn(&[Row]) -> bool,
+    ) -> anyhow::Result<Vec<Row>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rows = self.rows(vm);
+            if let Ok(r) = &rows
+                && ok(r)
+            {
+                return rows;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the stats page did not get there within {} s: {}",
+                    timeout.as_secs(),
+                    match rows {
+                        Ok(r) => Self::show(&r),
+                        Err(e) => format!("{e:#}"),
+                    }
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    fn show(rows: &[Row]) -> String {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{} {} (total {}, check: {})",
+                    r.name, r.state, r.total, r.check_reason
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// One CSV line's fields (quoted fields may hold commas and `""`).
+fn csv_fields(line: &str) -> Vec<String> {
+    let (mut fields, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    fields.push(cur);
+    fields
+}
+
+/// Blocks a sparse file really holds.
+fn used_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
