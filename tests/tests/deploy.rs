@@ -248,3 +248,40 @@ fn alert_rules_role_installs_the_rules_where_prometheus_reads_them() {
     );
     assert!(out.contains("changed=0"), "{out}");
 }
+
+/// `cargo xtask vm-deploy` provisions its guest the way the Vagrantfile's
+/// ansible provisioner does: same playbook, same group, same variables
+/// file (it runs for real only by hand: it boots a VM for many minutes).
+#[test]
+fn vagrant_provisioner_matches_vm_deploy() {
+    let vagrantfile = std::fs::read_to_string(deploy_dir().join("Vagrantfile")).unwrap();
+    let xtask = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../xtask/src/vm_deploy/mod.rs"),
+    )
+    .unwrap();
+    let konst = |name: &str| {
+        xtask
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("pub const {name}: &str = \"")))
+            .and_then(|v| v.strip_suffix("\";"))
+            .unwrap_or_else(|| panic!("{name} not in vm_deploy/mod.rs"))
+            .to_string()
+    };
+    let (playbook, vars) = (konst("PLAYBOOK"), konst("GROUP_VARS"));
+    assert!(deploy_dir().join(&playbook).exists() && deploy_dir().join(&vars).exists());
+    for line in [
+        format!("ansible.playbook = \"{playbook}\""),
+        "ansible.config_file = \"ansible.cfg\"".to_string(),
+        "ansible.groups = { \"mtproxy\" => [\"default\"] }".to_string(),
+        format!("ansible.extra_vars = \"{vars}\""),
+    ] {
+        assert!(
+            vagrantfile.lines().any(|l| l.trim() == line),
+            "Vagrantfile lacks `{line}`"
+        );
+    }
+    assert!(
+        xtask.contains("[mtproxy]\\n"),
+        "vm-deploy's inventory group"
+    );
+}
