@@ -338,11 +338,11 @@ fn steps(root: &Path, python: &Path, report: &mut Report) -> anyhow::Result<()> 
                 "{n} clients (complete MTProxy exchanges from this machine): {} failed; \
                  {cut} cut by the stop (in flight within ±{tol:.1} s of the instant \
                  mtproxy2's listener closed: the server's own shutdown window, README \
-                 \"Failover\"); {after} started after that instant{}; \
-                 `docker stop` over ssh took {stop_secs:.1} s\n{}\n{}",
+                 \"Failover\"); {after} started after that instant; \
+                 `docker stop` over ssh took {stop_secs:.1} s{}\n{}\n{}",
                 failed - cut,
                 if failed > 0 {
-                    format!(": {why}")
+                    format!("\nnot served: {why}")
                 } else {
                     String::new()
                 },
