@@ -196,15 +196,19 @@ fn official_mtproxy_replicas_share_clients_by_least_connections() {
         pids.extend(holders_of(&ns, r["sockname"].as_str().unwrap()));
         held.push(c);
     }
+    let m = agent.maps();
     assert!(
         pids.contains(&mtp1.pid()) && pids.contains(&mtp2.pid()),
-        "both clients on one replica: {pids:?} (mtp1 {}, mtp2 {})",
+        "both clients on one replica: {pids:?} (mtp1 {}, mtp2 {}); counts {:?} {:?}; sockets:\n{}\nagent:\n{}",
         mtp1.pid(),
-        mtp2.pid()
+        mtp2.pid(),
+        conns(&m, 0),
+        conns(&m, 1),
+        ss_balanced(&ns),
+        agent.log()
     );
     // Six more held connections (the server waits silently for their
     // header): four each in all.
-    let m = agent.maps();
     let raw: Vec<TcpStream> = (0..6)
         .map(|_| TcpStream::connect(BALANCED).unwrap())
         .collect();
