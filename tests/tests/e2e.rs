@@ -51,6 +51,9 @@ fn telegram_client_through_mtlb_with_failover() {
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
     agent.wait_for("check mtp2: passed, reason: MTProxy answered through upstream");
+    // Steered to only once UP (rise), which may come a check later.
+    agent.wait_for("backend mtp1 is UP");
+    agent.wait_for("backend mtp2 is UP");
 
     // Frames come back intact, and the replica that serves a client holds a
     // socket whose peer is the client's own address.

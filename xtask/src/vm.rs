@@ -368,9 +368,16 @@ fn write_script(
         quote(&root.join("tests").to_string_lossy())
     ));
     text.push_str("status=0\n");
+    // The agents' own lines are left out unless MTLB_VM_AGENT_LOG is set
+    // (to see why a test failed in the guest).
+    let keep = if std::env::var_os("MTLB_VM_AGENT_LOG").is_some() {
+        "cat"
+    } else {
+        "grep -av '^\\[agent\\]'"
+    };
     for t in tests {
         text.push_str(&format!(
-            "{} {} 2>&1 | grep -av '^\\[agent\\]'\n[ \"${{PIPESTATUS[0]}}\" = 0 ] || status=1\n",
+            "{} {} 2>&1 | {keep}\n[ \"${{PIPESTATUS[0]}}\" = 0 ] || status=1\n",
             quote(&t.to_string_lossy()),
             filter.map(quote).unwrap_or_default()
         ));
