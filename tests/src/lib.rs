@@ -1317,6 +1317,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `mtlb_backend_connections_total` of `backend` from the agent's
+/// /metrics (the test's namespace, default stats port).
+pub fn backend_total(backend: &str) -> f64 {
+    let (_, text) = http_get("/metrics");
+    metric(
+        &text,
+        &format!("mtlb_backend_connections_total{{backend=\"{backend}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no total for {backend}:\n{text}"))
+}
+
+/// Waits (bounded by [`wait_limit`]) until `backend` has been given more
+/// than `than` connections; returns its total.
+pub fn wait_backend_total_above(backend: &str, than: f64) -> f64 {
+    let deadline = Instant::now() + wait_limit();
+    loop {
+        let t = backend_total(backend);
+        if t > than {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{backend} got no connection beyond {than} within {:?}",
+            wait_limit()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A directory of a test's own under the temp dir, removed when dropped.
 pub struct TempDir {
     pub path: PathBuf,

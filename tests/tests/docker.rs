@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -80,33 +80,6 @@ fn names_up(d: &Dockerd) -> Vec<String> {
         .filter(|l| l.contains(" Up "))
         .map(|l| l.split(' ').next().unwrap().to_string())
         .collect()
-}
-
-fn total(backend: &str) -> f64 {
-    let (_, text) = http_get("/metrics");
-    metric(
-        &text,
-        &format!("mtlb_backend_connections_total{{backend=\"{backend}\"}}"),
-    )
-    .unwrap_or_else(|| panic!("no total for {backend}:\n{text}"))
-}
-
-/// Waits (bounded) until `backend` has been given more than `than`
-/// connections.
-fn wait_total_above(backend: &str, than: f64) -> f64 {
-    let deadline = Instant::now() + wait_limit();
-    loop {
-        let t = total(backend);
-        if t > than {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{backend} got no client beyond {than} within {:?}",
-            wait_limit()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Seconds since the epoch, to set the stop and start against the
@@ -182,8 +155,8 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "started");
-    let t1 = wait_total_above("mtp1", 0.0);
-    wait_total_above("mtp2", 0.0);
+    let t1 = wait_backend_total_above("mtp1", 0.0);
+    wait_backend_total_above("mtp2", 0.0);
 
     // The seed's failover: stop one container.
     let from = agent.log_len();
@@ -201,14 +174,14 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
     assert!(down.contains("reason: "), "{down}");
     assert!(!names_up(&dockerd).contains(&"mtproxy2".into()));
     // mtp1 alone serves the clients that keep coming.
-    let t1 = wait_total_above("mtp1", t1 + 20.0);
+    let t1 = wait_backend_total_above("mtp1", t1 + 20.0);
     // Back: UP, and it takes clients again.
     let from = agent.log_len();
-    let t2 = total("mtp2");
+    let t2 = backend_total("mtp2");
     dockerd.docker(&["start", "mtproxy2"]);
     agent.wait_for_after(from, "backend mtp2 is UP");
-    wait_total_above("mtp2", t2);
-    wait_total_above("mtp1", t1);
+    wait_backend_total_above("mtp2", t2);
+    wait_backend_total_above("mtp1", t1);
 
     drop(clients.stdin.take());
     let summary = out

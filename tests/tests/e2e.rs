@@ -119,10 +119,16 @@ fn telegram_client_through_mtlb_with_failover() {
         assert_eq!(r["verdict"], "UP", "{r}");
         let _ = c.wait();
     }
-    // mtp2 comes back: UP, and it takes traffic.
+    // mtp2 comes back: UP, and it takes traffic: the loop's next
+    // connections go to it (mtp1 holds the loop's others). Awaited while
+    // the loop runs rather than judged by one client: mtprotoproxy closes
+    // connections that send no handshake within its timeout, so on a slow
+    // run mtp1 may hold fewer than mtp2 by the time one client is sent.
     let from = agent.log_len();
     let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
     agent.wait_for_after(from, "backend mtp2 is UP");
+    let t2 = backend_total("mtp2");
+    wait_backend_total_above("mtp2", t2);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed, held) = loop_.join().unwrap();
     assert!(
@@ -130,15 +136,9 @@ fn telegram_client_through_mtlb_with_failover() {
         "failed connects during failover: {failed:?}"
     );
     assert!(ok > 10);
-    let (_, before) = http_get("/metrics");
-    let t2 = metric(&before, "mtlb_backend_connections_total{backend=\"mtp2\"}").unwrap();
-    // mtp1 holds the loop's connections: the next client goes to mtp2.
     let (mut c, r) = telethon(&ns, "0");
     assert_eq!(r["verdict"], "UP", "{r}");
     let _ = c.wait();
-    let (_, after) = http_get("/metrics");
-    let t2b = metric(&after, "mtlb_backend_connections_total{backend=\"mtp2\"}").unwrap();
-    assert!(t2b > t2, "mtp2 took no traffic after coming back");
     drop(held);
 }
 
