@@ -1317,6 +1317,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// PIDs of processes holding an established socket on :443 whose peer is
+/// `client` (from `ss -tnp` in the namespace).
+pub fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
+    ss_balanced(ns)
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == client))
+        .flat_map(|l| {
+            l.split("pid=")
+                .skip(1)
+                .filter_map(|p| p.split(',').next()?.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// `mtlb_backend_connections_total` of `backend` from the agent's
 /// /metrics (the test's namespace, default stats port).
 pub fn backend_total(backend: &str) -> f64 {

@@ -26,21 +26,6 @@ fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) 
     (child, v)
 }
 
-/// PIDs of processes holding an established socket on :443 whose peer is
-/// `client` (from `ss -tnp` in the namespace).
-fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
-    let text = ss_balanced(ns);
-    text.lines()
-        .filter(|l| l.split_whitespace().any(|w| w == client))
-        .flat_map(|l| {
-            l.split("pid=")
-                .skip(1)
-                .filter_map(|p| p.split(',').next()?.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 #[test]
 fn telegram_client_through_mtlb_with_failover() {
     let ns = Netns::new();

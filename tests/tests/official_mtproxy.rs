@@ -77,21 +77,6 @@ fn end(mut c: std::process::Child) {
     let _ = c.wait();
 }
 
-/// PIDs of processes holding an established socket on :443 whose peer is
-/// `client` (from `ss -tnp` in the namespace).
-fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {
-    ss_balanced(ns)
-        .lines()
-        .filter(|l| l.split_whitespace().any(|w| w == client))
-        .flat_map(|l| {
-            l.split("pid=")
-                .skip(1)
-                .filter_map(|p| p.split(',').next()?.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 /// The stand-in's line for the request the official server forwarded from
 /// `client` (it reports the client's address in RPC_PROXY_REQ).
 fn forwarded_from(up: &MiddleProxy, client: &str) -> Option<String> {

@@ -5,7 +5,7 @@
 //! `target/official-mtproxy/mtproto-proxy` and reused while that file
 //! exists.
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -64,7 +64,7 @@ pub fn ensure(root: &Path) -> anyhow::Result<Option<PathBuf>> {
     let src = dir.join("src");
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src)?;
-    quiet(
+    crate::prereqs::quiet(
         Command::new("tar")
             .arg("xzf")
             .arg(&tarball)
@@ -73,7 +73,7 @@ pub fn ensure(root: &Path) -> anyhow::Result<Option<PathBuf>> {
     )?;
     let tree = src.join("MTProxy");
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-    quiet(
+    crate::prereqs::quiet(
         Command::new("make")
             .arg(format!("-j{jobs}"))
             // GCC 10 and later default to -fno-common, and the server
@@ -93,18 +93,4 @@ pub fn ensure(root: &Path) -> anyhow::Result<Option<PathBuf>> {
     std::fs::rename(&tmp, &bin)?;
     let _ = std::fs::remove_dir_all(&src);
     Ok(Some(bin))
-}
-
-/// Runs a command with its output hidden unless it fails.
-fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }

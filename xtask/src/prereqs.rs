@@ -101,7 +101,7 @@ pub fn apt_update() -> anyhow::Result<()> {
 }
 
 /// Runs a command with its output hidden unless it fails.
-fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
