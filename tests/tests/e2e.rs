@@ -75,7 +75,7 @@ fn telegram_client_through_mtlb_with_failover() {
     let loop_ = std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let (mut ok, mut failed, mut held) = (0, Vec::new(), Vec::new());
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + scaled(Duration::from_secs(60));
         while !s2.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline
         {
             match TcpStream::connect(BALANCED) {
