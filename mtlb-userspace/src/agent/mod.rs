@@ -239,9 +239,8 @@ impl Agent {
         // Bind the stats endpoint before attaching anything: a port in use
         // is a startup error that leaves nothing behind.
         let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
-        let stats_listener = std::net::TcpListener::bind(stats_addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| StartError::Stats {
+        let stats_listener =
+            crate::stats::server::bind(stats_addr).map_err(|source| StartError::Stats {
                 addr: stats_addr,
                 source,
             })?;

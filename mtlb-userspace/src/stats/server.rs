@@ -41,6 +41,30 @@ impl Default for Limits {
     }
 }
 
+/// Room in the stats listener's accept queue. std's 128 fills within a
+/// fraction of a second when many connect at once (a flood, or every
+/// browser tab and scraper after a restart) faster than the loop below
+/// accepts and closes the excess; a full queue drops SYNs, and a scraper
+/// that comes then waits a SYN retransmission (1 s, then 3 s) before the
+/// server even sees it. Capped by net.core.somaxconn.
+pub const BACKLOG: i32 = 4096;
+
+/// The stats listener on `addr`, non-blocking, with SO_REUSEADDR as std's
+/// bind sets it (a restart binds again while the old connections sit in
+/// TIME_WAIT) and a [`BACKLOG`]-long accept queue.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_nonblocking(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
 /// Serves `/metrics`, `/stats`, `/healthz` on `listener` (non-blocking)
 /// from a thread of its own. The thread inherits this thread's network
 /// namespace.
@@ -100,5 +124,33 @@ async fn serve(listener: tokio::net::TcpListener, src: Arc<Source>, limits: Limi
             let _ = tokio::time::timeout(limits.max_lifetime, conn).await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connects that nobody accepts yet all complete: std's
+    /// 128-long queue would drop the SYNs past it (and the connects
+    /// below would time out).
+    #[test]
+    fn the_accept_queue_takes_a_burst() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let held: Vec<_> = (0..300)
+            .map(|i| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("connect {i}: {e}"))
+            })
+            .collect();
+        assert_eq!(held.len(), 300);
+        // Non-blocking, as the runtime needs it: with the queue drained,
+        // accept says so instead of waiting.
+        for _ in 0..300 {
+            l.accept().unwrap();
+        }
+        let e = l.accept().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
     }
 }
