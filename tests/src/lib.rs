@@ -1317,6 +1317,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether a failed connect() was a connection cut in flight rather than
+/// one nobody took. A reset (ECONNRESET) comes only after the SYN-ACK
+/// (an RST to the SYN is ECONNREFUSED): a live listener took the
+/// connection and then closed with it in its queue, a replica killed with
+/// the connection in flight. The client's thread had just not returned
+/// from connect() yet (slow under emulation); had it, the same event would
+/// be a connection reset after a successful connect. A one-at-a-time loop
+/// has at most one such connection per replica killed.
+pub fn cut_in_flight(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::ConnectionReset
+}
+
 /// PIDs of processes holding an established socket on :443 whose peer is
 /// `client` (from `ss -tnp` in the namespace).
 pub fn holders_of(ns: &Netns, client: &str) -> Vec<u32> {

@@ -74,7 +74,7 @@ fn telegram_client_through_mtlb_with_failover() {
     let s2 = stop.clone();
     let loop_ = std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let (mut ok, mut failed, mut held) = (0, Vec::new(), Vec::new());
+        let (mut ok, mut failed, mut cut, mut held) = (0, Vec::new(), 0, Vec::new());
         let deadline = std::time::Instant::now() + scaled(Duration::from_secs(60));
         while !s2.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline
         {
@@ -83,11 +83,12 @@ fn telegram_client_through_mtlb_with_failover() {
                     ok += 1;
                     held.push(s);
                 }
+                Err(e) if cut_in_flight(&e) => cut += 1,
                 Err(e) => failed.push(e.to_string()),
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        (ok, failed, held)
+        (ok, failed, cut, held)
     });
     drop(mtp2);
     let line = agent.wait_for("backend mtp2 is DOWN");
@@ -115,11 +116,14 @@ fn telegram_client_through_mtlb_with_failover() {
     let t2 = backend_total("mtp2");
     wait_backend_total_above("mtp2", t2);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed, held) = loop_.join().unwrap();
+    let (ok, failed, cut, held) = loop_.join().unwrap();
     assert!(
         failed.is_empty(),
         "failed connects during failover: {failed:?}"
     );
+    // Killed with one connection in flight: that one is cut (connected
+    // or not by then), as it would be behind HAProxy.
+    assert!(cut <= 1, "{cut} connections cut by mtp2's death");
     assert!(ok > 10);
     let (mut c, r) = telethon(&ns, "0");
     assert_eq!(r["verdict"], "UP", "{r}");

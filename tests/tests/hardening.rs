@@ -787,7 +787,8 @@ fn rss_kib(pid: u32) -> u64 {
 /// 2000 idle and 300 slow-header connections to the stats port from an
 /// unprivileged user, against an agent allowed 1024 open files: checks
 /// keep passing, no replica changes state, clients are served, control
-/// commands answer at once, memory stays small.
+/// commands answer about as fast as under the same flood of a port that is
+/// not the agent's, memory stays small.
 #[test]
 fn nothing_on_the_stats_port_starves_the_agent() {
     use std::os::unix::process::CommandExt as _;
@@ -836,47 +837,92 @@ fn nothing_on_the_stats_port_starves_the_agent() {
         .parent()
         .unwrap()
         .join("mtlb-test-flood");
-    let mut flood = std::process::Command::new("setpriv");
-    flood
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&flood_bin)
-        .args(["127.0.0.1:8404", "2000", "300", "6"])
-        .stdout(std::process::Stdio::piped());
-    ns.run_inside(&mut flood);
-    // SAFETY: as above.
-    unsafe { flood.pre_exec(nofile(8192)) };
-    let mut flood = flood.spawn().unwrap();
-    let mut out = std::io::BufReader::new(flood.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-
-    let mut slowest = Duration::ZERO;
-    let mut max_rss = 0;
-    for _ in 0..20 {
-        let (seen, failed) = names(BALANCED, 2);
-        assert_eq!(failed, 0, "a client was refused during the flood");
-        assert_eq!(seen.len(), 2);
-        let t0 = std::time::Instant::now();
-        let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "1"]);
-        slowest = slowest.max(t0.elapsed());
-        assert!(ok, "{out}");
-        max_rss = max_rss.max(rss_kib(agent.pid()));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = flood.wait();
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    eprintln!("flood: {line}");
-    let opened: usize = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(opened >= 2300, "the flood opened only {opened}: {line}");
+    // The same flood, as `nobody`, against `target`, while clients and
+    // control commands go on: the slowest command and the agent's largest
+    // RSS meanwhile, and the flood's summary line.
+    let flooded = |target: &str| {
+        let mut flood = std::process::Command::new("setpriv");
+        flood
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&flood_bin)
+            .args([target, "2000", "300", "6"])
+            .stdout(std::process::Stdio::piped());
+        ns.run_inside(&mut flood);
+        // SAFETY: as above.
+        unsafe { flood.pre_exec(nofile(8192)) };
+        let mut flood = flood.spawn().unwrap();
+        let mut out = std::io::BufReader::new(flood.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let mut slowest = Duration::ZERO;
+        let mut max_rss = 0;
+        for _ in 0..20 {
+            let (seen, failed) = names(BALANCED, 2);
+            assert_eq!(
+                failed, 0,
+                "a client was refused during the flood of {target}"
+            );
+            assert_eq!(seen.len(), 2);
+            let t0 = std::time::Instant::now();
+            let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "1"]);
+            slowest = slowest.max(t0.elapsed());
+            assert!(ok, "{out}");
+            max_rss = max_rss.max(rss_kib(agent.pid()));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = flood.wait();
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        eprintln!("flood of {target}: {line}");
+        let opened: usize = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(opened >= 2300, "the flood opened only {opened}: {line}");
+        (slowest, max_rss)
+    };
+    // Baseline, same run, same load on the machine: the same flood against
+    // a canary server the agent has nothing to do with, which treats it as
+    // the stats server does (holds 64, closes the rest at once, so the
+    // flood churns as much). A control command's time is mostly the CLI's
+    // own start, slow under emulation and the flood's CPU use however well
+    // the agent does; starving shows as the ratio.
+    let canary = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(
+            &"127.0.0.1:9404"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        l.listen(4096).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = std::net::TcpListener::from(l);
+        let t = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) if held.len() < 64 => held.push(c),
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        (stop, t)
+    };
+    let (base, _) = flooded("127.0.0.1:9404");
+    canary.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    canary.1.join().unwrap();
+    let (slowest, max_rss) = flooded("127.0.0.1:8404");
+    eprintln!("slowest control command: {slowest:?} (canary flood: {base:?})");
     assert!(
-        slowest < scaled(Duration::from_millis(100)),
-        "a control command took {slowest:?}"
+        slowest < base * 3 + scaled(Duration::from_millis(100)),
+        "a control command took {slowest:?} under the stats-port flood, {base:?} under the same flood of a canary"
     );
     assert!(max_rss < 64 * 1024, "agent RSS {max_rss} KiB");
     let log = agent.log();

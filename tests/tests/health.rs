@@ -78,6 +78,8 @@ impl Loop {
                             Err(_) => r.lost += 1,
                         }
                     }
+                    // The same loss, seen before connect() returned.
+                    Err(e) if cut_in_flight(&e) => r.lost += 1,
                     Err(e) => r.failures.push(e.to_string()),
                 }
                 // Pace: a steady rate, not a flood.

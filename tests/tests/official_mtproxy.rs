@@ -222,7 +222,8 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     let s2 = stop.clone();
     let loop_ = std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let (mut ok, mut failed, mut held) = (0, Vec::new(), std::collections::VecDeque::new());
+        let (mut ok, mut failed, mut cut) = (0, Vec::new(), 0);
+        let mut held = std::collections::VecDeque::new();
         let deadline = Instant::now() + scaled(Duration::from_secs(60));
         while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
             match TcpStream::connect(BALANCED) {
@@ -237,11 +238,12 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
                     }
                     held.push_back(s);
                 }
+                Err(e) if cut_in_flight(&e) => cut += 1,
                 Err(e) => failed.push(e.to_string()),
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        (ok, failed, held)
+        (ok, failed, cut, held)
     });
     mtp2.kill();
     let line = agent.wait_for("backend mtp2 is DOWN");
@@ -256,11 +258,12 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
     agent.wait_for_after(from, "backend mtp2 is UP");
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed, held) = loop_.join().unwrap();
+    let (ok, failed, cut, held) = loop_.join().unwrap();
     assert!(
         failed.is_empty(),
         "failed connects during failover: {failed:?}"
     );
+    assert!(cut <= 1, "{cut} connections cut by mtp2's death");
     assert!(ok > 10, "only {ok} connects in the loop");
     // mtp1 holds the loop's connections: the next client goes to mtp2.
     let (c, r) = telethon(&ns, 10);
