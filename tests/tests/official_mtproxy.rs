@@ -97,22 +97,46 @@ fn agent_with_checks_passing(ns: &Netns, cfg: &str, reason: &str) -> Agent {
     agent
 }
 
+/// Two official replicas on one stand-in, `mtproxy` checks with the
+/// servers' stats, and an agent that has both UP. Fields drop in this
+/// order: the agent first, the namespace last.
+struct TwoReplicas {
+    agent: Agent,
+    mtp2: OfficialReplica,
+    mtp1: OfficialReplica,
+    up: MiddleProxy,
+    ns: Netns,
+}
+
+fn two_replicas(bin: &str) -> TwoReplicas {
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let mtp1 = replica(bin, &ns, 0, SECRET, &up);
+    let mtp2 = replica(bin, &ns, 1, SECRET, &up);
+    let cfg = config(&ns, 2, "mtproxy", true);
+    let agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    TwoReplicas {
+        agent,
+        mtp2,
+        mtp1,
+        up,
+        ns,
+    }
+}
+
 #[test]
 fn official_mtproxy_frames_intact_through_telethon() {
     let Some(bin) = official_mtproxy() else {
         return;
     };
-    let ns = Netns::new();
-    let up = MiddleProxy::start(&ns, UPSTREAM);
-    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
-    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    let TwoReplicas {
+        mtp1, mtp2, up, ns, ..
+    } = &two_replicas(&bin);
     // The servers count the stand-in as a ready middle proxy.
     mtp1.wait_ready_targets(1);
     mtp2.wait_ready_targets(1);
-    let cfg = config(&ns, 2, "mtproxy", true);
-    let _agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
     for _ in 0..3 {
-        let (c, r) = telethon(&ns, 0);
+        let (c, r) = telethon(ns, 0);
         end(c);
         // Telethon's req_pq_multi came back byte for byte: the official
         // server parsed and forwarded it, the answer came back through it.
@@ -120,7 +144,7 @@ fn official_mtproxy_frames_intact_through_telethon() {
         assert_eq!(r["reply_equals_sent"], true, "{r}");
         assert_eq!(r["reply_len"], 40, "{r}");
         let client = r["sockname"].as_str().unwrap();
-        let line = forwarded_from(&up, client).unwrap_or_else(|| {
+        let line = forwarded_from(up, client).unwrap_or_else(|| {
             panic!(
                 "the stand-in got no request from {client}:\n{}",
                 up.lines().join("\n")
@@ -135,26 +159,23 @@ fn official_mtproxy_replica_sees_the_client_address() {
     let Some(bin) = official_mtproxy() else {
         return;
     };
-    let ns = Netns::new();
-    let up = MiddleProxy::start(&ns, UPSTREAM);
-    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
-    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
-    let cfg = config(&ns, 2, "mtproxy", true);
-    let _agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
-    let (c, r) = telethon(&ns, 10);
+    let TwoReplicas {
+        mtp1, mtp2, up, ns, ..
+    } = &two_replicas(&bin);
+    let (c, r) = telethon(ns, 10);
     assert_eq!(r["verdict"], "UP", "{r}");
     let client = r["sockname"].as_str().unwrap().to_string();
     // The socket the replica holds has the client's own address as its
     // peer (sk_lookup hands over the connection, nothing is proxied)...
-    let holders = holders_of(&ns, &client);
+    let holders = holders_of(ns, &client);
     assert!(
         holders.iter().any(|p| *p == mtp1.pid() || *p == mtp2.pid()),
         "no official replica holds the connection from {client}: {holders:?}\n{}",
-        ss_balanced(&ns)
+        ss_balanced(ns)
     );
     // ...and the server reports that address upstream, as Telegram sees it.
     assert!(
-        forwarded_from(&up, &client).is_some(),
+        forwarded_from(up, &client).is_some(),
         "the stand-in got no request from {client}:\n{}",
         up.lines().join("\n")
     );
@@ -166,19 +187,20 @@ fn official_mtproxy_replicas_share_clients_by_least_connections() {
     let Some(bin) = official_mtproxy() else {
         return;
     };
-    let ns = Netns::new();
-    let up = MiddleProxy::start(&ns, UPSTREAM);
-    let mtp1 = replica(&bin, &ns, 0, SECRET, &up);
-    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
-    let cfg = config(&ns, 2, "mtproxy", true);
-    let agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    let TwoReplicas {
+        agent,
+        mtp1,
+        mtp2,
+        ns,
+        ..
+    } = &two_replicas(&bin);
     // Two held clients: the second goes to the replica the first left idle.
     let mut pids = Vec::new();
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (c, r) = telethon(&ns, 20);
+        let (c, r) = telethon(ns, 20);
         assert_eq!(r["verdict"], "UP", "{r}");
-        pids.extend(holders_of(&ns, r["sockname"].as_str().unwrap()));
+        pids.extend(holders_of(ns, r["sockname"].as_str().unwrap()));
         held.push(c);
     }
     let m = agent.maps();
@@ -189,7 +211,7 @@ fn official_mtproxy_replicas_share_clients_by_least_connections() {
         mtp2.pid(),
         conns(&m, 0),
         conns(&m, 1),
-        ss_balanced(&ns),
+        ss_balanced(ns),
         agent.log()
     );
     // Six more held connections (the server waits silently for their
@@ -209,12 +231,13 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     let Some(bin) = official_mtproxy() else {
         return;
     };
-    let ns = Netns::new();
-    let up = MiddleProxy::start(&ns, UPSTREAM);
-    let _mtp1 = replica(&bin, &ns, 0, SECRET, &up);
-    let mut mtp2 = replica(&bin, &ns, 1, SECRET, &up);
-    let cfg = config(&ns, 2, "mtproxy", true);
-    let agent = agent_with_checks_passing(&ns, &cfg, "MTProxy answered through upstream");
+    let TwoReplicas {
+        agent,
+        mtp2,
+        up,
+        ns,
+        ..
+    } = &mut two_replicas(&bin);
 
     // Clients keep connecting while mtp2 is killed and comes back.
     let file = ns.file.try_clone().unwrap();
@@ -250,12 +273,12 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     assert!(line.contains("reason: "), "{line}");
     // Real clients still get through, on mtp1.
     for _ in 0..2 {
-        let (c, r) = telethon(&ns, 0);
+        let (c, r) = telethon(ns, 0);
         end(c);
         assert_eq!(r["verdict"], "UP", "{r}");
     }
     let from = agent.log_len();
-    let mtp2 = replica(&bin, &ns, 1, SECRET, &up);
+    let mtp2 = replica(&bin, ns, 1, SECRET, up);
     agent.wait_for_after(from, "backend mtp2 is UP");
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, cut, held) = loop_.join().unwrap();
@@ -266,9 +289,9 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     assert!(cut <= 1, "{cut} connections cut by mtp2's death");
     assert!(ok > 10, "only {ok} connects in the loop");
     // mtp1 holds the loop's connections: the next client goes to mtp2.
-    let (c, r) = telethon(&ns, 10);
+    let (c, r) = telethon(ns, 10);
     assert_eq!(r["verdict"], "UP", "{r}");
-    let holders = holders_of(&ns, r["sockname"].as_str().unwrap());
+    let holders = holders_of(ns, r["sockname"].as_str().unwrap());
     assert!(
         holders.contains(&mtp2.pid()),
         "the returned mtp2 ({}) took no client: {holders:?}",
