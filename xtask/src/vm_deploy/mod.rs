@@ -369,14 +369,21 @@ fn steps(root: &Path, python: &Path, report: &mut Report) -> anyhow::Result<()> 
         report,
         "scale 2→3: playbook with mtproxy_replicas=3 under client load",
         &mut || {
-            // A playbook run takes minutes: a lighter load over all of it.
-            let load = Load::start(probe.clone(), 1, Duration::from_millis(500));
-            let recap = ansible.run(3, "scale-up");
-            let rows = stats.wait(&vm, Duration::from_secs(180), |r| {
-                ["mtp1", "mtp2", "mtp3"].iter().all(|b| up(r, b))
+            let (outcomes, done) = under_light_load(&probe, || {
+                let recap = ansible.run(3, "scale-up")?;
+                let rows = stats.wait(&vm, Duration::from_secs(180), |r| {
+                    ["mtp1", "mtp2", "mtp3"].iter().all(|b| up(r, b))
+                })?;
+                // The new replica takes clients: the load's next ones (one
+                // at a time, so least connections is a tie broken at
+                // random) reach it.
+                let before = total(&rows, "mtp3");
+                let rows = stats
+                    .wait(&vm, Duration::from_secs(120), |r| total(r, "mtp3") > before)
+                    .context("mtp3 is UP but took no client")?;
+                anyhow::Ok((recap, rows))
             });
-            let outcomes = load.finish();
-            let (recap, rows) = (recap?, rows?);
+            let (recap, rows) = done?;
             clients_verdict(&outcomes, format!("{recap}\n{}", Stats::show(&rows)))
         },
     );
@@ -385,10 +392,7 @@ fn steps(root: &Path, python: &Path, report: &mut Report) -> anyhow::Result<()> 
         report,
         "scale 3→2: playbook with mtproxy_replicas=2 under client load",
         &mut || {
-            // A playbook run takes minutes: a lighter load over all of it.
-            let load = Load::start(probe.clone(), 1, Duration::from_millis(500));
-            let recap = ansible.run(2, "scale-down");
-            let outcomes = load.finish();
+            let (outcomes, recap) = under_light_load(&probe, || ansible.run(2, "scale-down"));
             let recap = recap?;
             let rows = stats.rows(&vm)?;
             if rows.iter().any(|r| r.name == "mtp3") {
@@ -464,6 +468,15 @@ fn clock_offset(vm: &Guest) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Passes when every client completed its exchange.
+/// Runs `f` under a light client load (one client at a time, every half
+/// second): a playbook run takes minutes. The clients' outcomes and what
+/// `f` returned.
+fn under_light_load<T>(probe: &Arc<Probe>, f: impl FnOnce() -> T) -> (Vec<clients::Outcome>, T) {
+    let load = Load::start(probe.clone(), 1, Duration::from_millis(500));
+    let out = f();
+    (load.finish(), out)
+}
+
 fn clients_verdict(outcomes: &[clients::Outcome], rest: String) -> anyhow::Result<String> {
     let (n, failed, why) = clients::summary(outcomes);
     let d = format!(
@@ -684,6 +697,12 @@ struct Row {
 
 fn up(rows: &[Row], name: &str) -> bool {
     rows.iter().any(|r| r.name == name && r.state == "UP")
+}
+
+/// Connections `name` has taken, as the stats page counts them (0 if it
+/// has no row).
+fn total(rows: &[Row], name: &str) -> u64 {
+    rows.iter().find(|r| r.name == name).map_or(0, |r| r.total)
 }
 
 /// The replica whose connection count grew between two readings.
