@@ -892,17 +892,9 @@ fn nothing_on_the_stats_port_starves_the_agent() {
     let canary = {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s2 = stop.clone();
-        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        l.bind(
-            &"127.0.0.1:9404"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-        l.listen(4096).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = std::net::TcpListener::from(l);
+        // Bound as the stats server binds its own (non-blocking, the same
+        // accept queue).
+        let l = mtlb::stats::server::bind("127.0.0.1:9404".parse().unwrap()).unwrap();
         let t = std::thread::spawn(move || {
             let mut held = Vec::new();
             while !s2.load(std::sync::atomic::Ordering::Relaxed) {
