@@ -1,8 +1,8 @@
 //! A stats-port flood, for tests that check it cannot starve the agent:
 //! IDLE connections that send nothing and SLOW ones that send an endless
 //! request head a little at a time, both reopened when the server closes
-//! them, for SECONDS after the first round. Prints "ready" once the first round is open, then a
-//! summary line at the end.
+//! them, for SECONDS after the first round. Prints "ready" once the first
+//! round is open, then a summary line at the end.
 //!
 //! usage: mtlb-test-flood ADDR IDLE SLOW SECONDS
 
