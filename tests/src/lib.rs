@@ -22,7 +22,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Condvar, Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -1327,6 +1327,85 @@ pub fn free_port() -> u16 {
 /// has at most one such connection per replica killed.
 pub fn cut_in_flight(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::ConnectionReset
+}
+
+/// What a [`FailoverLoop`] saw.
+pub struct FailoverOutcome {
+    /// connect() calls that succeeded.
+    pub ok: usize,
+    /// connect() errors other than a cut: connections nobody took.
+    pub failed: Vec<String>,
+    /// Connections cut in flight ([`cut_in_flight`]).
+    pub cut: usize,
+    /// The connections still held.
+    pub held: std::collections::VecDeque<TcpStream>,
+}
+
+impl FailoverOutcome {
+    /// Every connect was taken, but for at most the one in flight when
+    /// one replica died: that one is cut (connected or not by then), as it
+    /// would be behind HAProxy. And the loop made more than 10.
+    pub fn assert_one_replica_killed(&self) {
+        assert!(
+            self.failed.is_empty(),
+            "failed connects during failover: {:?}",
+            self.failed
+        );
+        assert!(
+            self.cut <= 1,
+            "{} connections cut by one replica's death",
+            self.cut
+        );
+        assert!(self.ok > 10, "only {} connects in the loop", self.ok);
+    }
+}
+
+/// One connection at a time to the balanced port from a thread in `ns`,
+/// every 5 ms, holding each (at most `max_held`, the oldest closed first),
+/// while a test kills and brings back replicas. Bounded by
+/// scaled(60 s).
+pub struct FailoverLoop {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<FailoverOutcome>,
+}
+
+impl FailoverLoop {
+    pub fn start(ns: &Netns, max_held: usize) -> Self {
+        let file = ns.file.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut r = FailoverOutcome {
+                ok: 0,
+                failed: Vec::new(),
+                cut: 0,
+                held: std::collections::VecDeque::new(),
+            };
+            let deadline = Instant::now() + scaled(Duration::from_secs(60));
+            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match TcpStream::connect(BALANCED) {
+                    Ok(s) => {
+                        r.ok += 1;
+                        if r.held.len() == max_held {
+                            r.held.pop_front();
+                        }
+                        r.held.push_back(s);
+                    }
+                    Err(e) if cut_in_flight(&e) => r.cut += 1,
+                    Err(e) => r.failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r
+        });
+        Self { stop, handle }
+    }
+
+    pub fn finish(self) -> FailoverOutcome {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
 }
 
 /// PIDs of processes holding an established socket on :443 whose peer is

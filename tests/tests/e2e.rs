@@ -3,7 +3,6 @@
 //! (mtprotoproxy from PyPI) → a loopback fake DC that echoes frames → back.
 
 use mtlb_tests::*;
-use std::{net::TcpStream, time::Duration};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
@@ -69,27 +68,7 @@ fn telegram_client_through_mtlb_with_failover() {
 
     // The seed's failover case: stop a replica while clients keep
     // connecting.
-    let file = ns.file.try_clone().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = stop.clone();
-    let loop_ = std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let (mut ok, mut failed, mut cut, mut held) = (0, Vec::new(), 0, Vec::new());
-        let deadline = std::time::Instant::now() + scaled(Duration::from_secs(60));
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline
-        {
-            match TcpStream::connect(BALANCED) {
-                Ok(s) => {
-                    ok += 1;
-                    held.push(s);
-                }
-                Err(e) if cut_in_flight(&e) => cut += 1,
-                Err(e) => failed.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (ok, failed, cut, held)
-    });
+    let loop_ = FailoverLoop::start(&ns, usize::MAX);
     drop(mtp2);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(line.contains("reason: "), "{line}");
@@ -115,20 +94,12 @@ fn telegram_client_through_mtlb_with_failover() {
     agent.wait_for_after(from, "backend mtp2 is UP");
     let t2 = backend_total("mtp2");
     wait_backend_total_above("mtp2", t2);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed, cut, held) = loop_.join().unwrap();
-    assert!(
-        failed.is_empty(),
-        "failed connects during failover: {failed:?}"
-    );
-    // Killed with one connection in flight: that one is cut (connected
-    // or not by then), as it would be behind HAProxy.
-    assert!(cut <= 1, "{cut} connections cut by mtp2's death");
-    assert!(ok > 10);
+    let looped = loop_.finish();
+    looped.assert_one_replica_killed();
     let (mut c, r) = telethon(&ns, "0");
     assert_eq!(r["verdict"], "UP", "{r}");
     let _ = c.wait();
-    drop(held);
+    drop(looped.held);
 }
 
 #[test]

@@ -6,14 +6,7 @@
 //! the reason printed, where MTLB_OFFICIAL_MTPROXY is unset.
 
 use mtlb_tests::*;
-use std::{
-    net::TcpStream,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::net::TcpStream;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const OTHER: &str = "fedcba9876543210fedcba9876543210";
@@ -240,34 +233,10 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     } = &mut two_replicas(&bin);
 
     // Clients keep connecting while mtp2 is killed and comes back.
-    let file = ns.file.try_clone().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let loop_ = std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let (mut ok, mut failed, mut cut) = (0, Vec::new(), 0);
-        let mut held = std::collections::VecDeque::new();
-        let deadline = Instant::now() + scaled(Duration::from_secs(60));
-        while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match TcpStream::connect(BALANCED) {
-                Ok(s) => {
-                    ok += 1;
-                    // Held, but not without bound: the server serves at
-                    // most -c connections and past that stops accepting,
-                    // its checks time out and it goes DOWN (a slow run
-                    // under emulation got there).
-                    if held.len() == MAX_HELD {
-                        held.pop_front();
-                    }
-                    held.push_back(s);
-                }
-                Err(e) if cut_in_flight(&e) => cut += 1,
-                Err(e) => failed.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (ok, failed, cut, held)
-    });
+    // Held, but not without bound: the server serves at most -c
+    // connections and past that stops accepting, its checks time out and
+    // it goes DOWN (a slow run under emulation got there).
+    let loop_ = FailoverLoop::start(ns, MAX_HELD);
     mtp2.kill();
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(line.contains("reason: "), "{line}");
@@ -280,14 +249,8 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     let from = agent.log_len();
     let mtp2 = replica(&bin, ns, 1, SECRET, up);
     agent.wait_for_after(from, "backend mtp2 is UP");
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed, cut, held) = loop_.join().unwrap();
-    assert!(
-        failed.is_empty(),
-        "failed connects during failover: {failed:?}"
-    );
-    assert!(cut <= 1, "{cut} connections cut by mtp2's death");
-    assert!(ok > 10, "only {ok} connects in the loop");
+    let looped = loop_.finish();
+    looped.assert_one_replica_killed();
     // mtp1 holds the loop's connections: the next client goes to mtp2.
     let (c, r) = telethon(ns, 10);
     assert_eq!(r["verdict"], "UP", "{r}");
@@ -298,7 +261,7 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
         mtp2.pid()
     );
     end(c);
-    drop(held);
+    drop(looped.held);
 }
 
 #[test]

@@ -138,13 +138,12 @@ mod tests {
     fn the_accept_queue_takes_a_burst() {
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
-        let held: Vec<_> = (0..300)
+        let _held: Vec<_> = (0..300)
             .map(|i| {
                 std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
                     .unwrap_or_else(|e| panic!("connect {i}: {e}"))
             })
             .collect();
-        assert_eq!(held.len(), 300);
         // Non-blocking, as the runtime needs it: with the queue drained,
         // accept says so instead of waiting.
         for _ in 0..300 {
