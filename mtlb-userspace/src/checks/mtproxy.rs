@@ -54,6 +54,13 @@ const REQ_PQ_MULTI: u32 = 0xbe7e8ef1;
 const RES_PQ: u32 = 0x05162463;
 /// DC the probe asks for. Any configured DC works; 2 exists everywhere.
 const DC: i16 = 2;
+/// Longest frame that can answer our request: its echo is 40 bytes plus
+/// up to 15 of padding, a DC's resPQ about 100. A longer length decrypted
+/// from a reply means the reply is not under our key; waiting for that
+/// many bytes would turn "not MTProxy" into a timeout (a plain server's
+/// banner decrypts to a random length, plausible below 2^24 about once in
+/// 128 probes).
+const MAX_REPLY: usize = 4096;
 
 /// A parsed MTProxy secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,7 +363,7 @@ async fn read_frame(
             continue;
         }
         let len = (u32::from_le_bytes(plain[..4].try_into().unwrap()) & 0x7fff_ffff) as usize;
-        if !(8..=1 << 24).contains(&len) {
+        if !(8..=MAX_REPLY).contains(&len) {
             return Verdict::Garbage(format!("reply does not decrypt (frame length {len})"));
         }
         if plain.len() < 4 + len {
@@ -576,6 +583,34 @@ mod tests {
             .as_secs() as u32;
         assert!(now.abs_diff(t) < 5);
         assert!(h.windows(11).any(|w| w == b"example.com"));
+    }
+
+    /// A plain server that greets and then echoes is "not MTProxy" on
+    /// every probe, at once: the greeting never decrypts to a length worth
+    /// waiting for (each probe has a fresh key, so many are tried).
+    #[tokio::test]
+    async fn a_greeting_echo_server_is_not_mtproxy_every_time() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = c.write_all(b"mtp2\n").await;
+                    let (mut r, mut w) = c.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let secret = "dd0123456789abcdef0123456789abcdef";
+        for i in 0..1000 {
+            let r = check(addr, secret, Duration::from_secs(5)).await;
+            assert!(
+                !r.ok && r.reason == reason::WRONG_SECRET,
+                "probe {i}: {} ({:?})",
+                r.reason,
+                r.info
+            );
+        }
     }
 
     #[test]
