@@ -13,7 +13,6 @@
 //! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
 //!   QEMU, checked from this machine; prints a report.
 
-mod bench;
 mod demo;
 mod image;
 mod official;
@@ -23,6 +22,7 @@ mod vm_deploy;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use mtlb_bench as bench;
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -67,8 +67,8 @@ enum Cmd {
     /// and brought back. Cleans everything up.
     Demo,
     /// Benchmark mtlb against direct connections, HAProxy, nginx `stream`
-    /// and IPVS (one run, interleaved, same backends); writes BENCHMARKS.md
-    /// and target/bench.json. Not a test. MTLB_BENCH_REPLICA_CGROUP=0 leaves
+    /// and IPVS (one run, interleaved, same backends); writes BENCHMARKS.md,
+    /// target/bench.json and bench/last-run.json. Not a test. MTLB_BENCH_REPLICA_CGROUP=0 leaves
     /// `replica_cgroup` out of mtlb's config.
     Bench {
         /// Run only these phases (comma-separated: rounds, failover,
@@ -76,9 +76,9 @@ enum Cmd {
         /// target/BENCHMARKS-partial.md instead.
         #[arg(long)]
         only: Option<String>,
-        /// Measure nothing: write BENCHMARKS.md again from
-        /// target/bench.json (after filling in the reasons of missed
-        /// targets in xtask/src/bench/report.rs).
+        /// Measure nothing: write BENCHMARKS.md again from target/bench.json
+        /// if present, else from the committed bench/last-run.json (e.g.
+        /// after filling in the reasons of missed targets there).
         #[arg(long)]
         report_only: bool,
     },
@@ -152,6 +152,8 @@ fn main() -> anyhow::Result<()> {
                 "mtlb-userspace",
                 "-p",
                 "xtask",
+                "-p",
+                "mtlb-bench",
             ])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
