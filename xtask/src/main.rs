@@ -18,7 +18,6 @@ mod image;
 mod official;
 mod prereqs;
 mod vm;
-mod vm_deploy;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -154,6 +153,8 @@ fn main() -> anyhow::Result<()> {
                 "xtask",
                 "-p",
                 "mtlb-bench",
+                "-p",
+                "mtlb-vm-deploy",
             ])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
@@ -206,12 +207,32 @@ fn main() -> anyhow::Result<()> {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
-            vm_deploy::run(&root, &python)
+            mtlb_vm_deploy::run(&root, &python, &VmDeployHost { root: &root })
         }
         Cmd::Build => {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])
         }
+    }
+}
+
+/// What vm-deploy takes from xtask: Debian packages and the official
+/// server's replica image.
+struct VmDeployHost<'a> {
+    root: &'a Path,
+}
+
+impl mtlb_vm_deploy::Host for VmDeployHost<'_> {
+    fn apt_install(&self, pkg: &str, why: &str) -> anyhow::Result<()> {
+        prereqs::apt_install(pkg, why)
+    }
+
+    fn replica_image(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let bin = official::ensure(self.root)?.context(
+            "the official MTProxy source is missing (see xtask/src/official.rs: MTLB_PEERS)",
+        )?;
+        let archive = image::mtproxy_rootfs(self.root, &bin)?;
+        Ok((bin, archive))
     }
 }
 
