@@ -468,3 +468,29 @@ pub struct SteeringRep {
     pub rate: f64,
     pub bpf: BTreeMap<String, ProgDelta>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_with_a_replica_cgroup_of_other_names_are_the_same_method() {
+        let run: Run = serde_json::from_str(include_str!("../last-run.json")).unwrap();
+        let mut a = run.meta.clone();
+        a.mtlb_sha256 = Some("x".into());
+        let mut b = a.clone();
+        b.replica_cgroup = Some("mtlb-bench-1/replicas".into());
+        assert!(a.same_method(&b));
+        b.replica_cgroup = None;
+        assert!(!a.same_method(&b));
+        let mut c = a.clone();
+        c.mtlb_sha256 = Some("y".into());
+        assert!(!a.same_method(&c));
+        c.rounds += 1;
+        c.mtlb_sha256 = a.mtlb_sha256.clone();
+        assert!(!a.same_method(&c));
+        // Without the binary's hash (the committed run's record) nothing
+        // is the same method: the binaries cannot be compared.
+        assert!(!run.meta.same_method(&run.meta));
+    }
+}

@@ -734,7 +734,12 @@ pub fn render(run: &Run) -> anyhow::Result<String> {
 fn read(path: &Path) -> anyhow::Result<Run> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (not a run record of this bench's format: a run made with another version of the bench?)",
+            path.display()
+        )
+    })
 }
 
 /// Writes a full run's record (target/bench.json and the committed

@@ -8,10 +8,12 @@
 //!   integration tests on that Debian kernel in QEMU instead.
 //! * `cargo xtask build`: install prerequisites and build.
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
-//! * `cargo xtask bench [--only PHASES]`: mtlb against direct connections,
-//!   HAProxy, nginx `stream` and IPVS (issue #11); writes BENCHMARKS.md.
+//! * `cargo xtask bench [--only PHASES] [--report-only]`: mtlb against
+//!   direct connections, HAProxy, nginx `stream` and IPVS (the mtlb-bench
+//!   crate, bench/); writes BENCHMARKS.md and its record bench/last-run.json.
 //! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
-//!   QEMU, checked from this machine; prints a report.
+//!   QEMU, checked from this machine; prints a report (the mtlb-vm-deploy
+//!   crate, deploy/vm-deploy/).
 
 mod demo;
 mod image;
@@ -81,7 +83,6 @@ enum Cmd {
         #[arg(long)]
         report_only: bool,
     },
-    /// A backend process of the benchmark (internal).
     /// Builds the replica image's root file system (Debian's packages and
     /// the official server BINARY) for `docker import`; prints its path.
     MtproxyImage {
@@ -89,6 +90,7 @@ enum Cmd {
         #[arg(long)]
         binary: PathBuf,
     },
+    /// A backend process of the benchmark (internal).
     #[command(hide = true)]
     BenchBackend {
         #[arg(long)]
