@@ -857,4 +857,65 @@ mod tests {
             .unwrap();
         assert!(rate.ends_with("| missed | — |"), "{rate}");
     }
+
+    #[test]
+    fn every_branch_of_the_template_renders() {
+        use crate::model::{Previous, Profile};
+        let base: Run = serde_json::from_str(COMMITTED).unwrap();
+        let mut run = base.clone();
+        run.previous = Some(Previous {
+            rate: 0.95,
+            bulk: 0.9,
+            date: None,
+        });
+        run.meta.replica_cgroup = None;
+        run.meta.dirty = true;
+        run.meta.other_mtlb_programs_at_start = vec!["mtlb_steer (id 7)".into()];
+        run.not_run.insert(Mode::Haproxy, "no haproxy".into());
+        run.errors
+            .insert("steering".into(), "it broke\nbadly".into());
+        run.steering = None;
+        run.profile = Some(Profile {
+            bpftool_prog_profile: [("mtlb_steer".to_string(), Ok("42 cycles".to_string()))]
+                .into_iter()
+                .collect(),
+            perf: Err("perf: not found".into()),
+        });
+        if let Some(h) = run.held.as_mut() {
+            h.retain(|l| l.held != 100_000);
+            if let Some(l) = h.last_mut() {
+                l.agent_profile = Some(crate::model::AgentProfile {
+                    during: "idle".into(),
+                    perf: Err("perf record: denied".into()),
+                });
+            }
+        }
+        let md = render(&run).unwrap();
+        for want in [
+            "(with uncommitted changes)",
+            "but mtlb was not given `replica_cgroup`",
+            "**Warning**: mtlb programs of another agent",
+            "HAProxy: not run: no haproxy.",
+            "rate -0.011, bulk -0.021 (previous 0.950, 0.900)",
+            "- steering: not run: it broke badly",
+            "```\n42 cycles\n```",
+            "- perf: perf: not found",
+            "Agent profile at 10000 held: perf record: denied",
+            "| 100k connections held open through mtlb | not reached | missed |",
+            "| sk_lookup ≤ 100 ns per run at 2 replicas (under the bench's clients) | not run | not judged |  |",
+        ] {
+            assert!(md.contains(want), "no {want:?} in:\n{md}");
+        }
+        let none = Run {
+            rounds: None,
+            failover: None,
+            held: None,
+            profile: None,
+            steering: None,
+            ..base
+        };
+        let md = render(&none).unwrap();
+        assert!(md.contains("| mtlb connection rate ≥ 0.98 × direct (median of paired ratios) | not run | not judged |  |"));
+        assert!(!md.contains("## Held connections"));
+    }
 }
