@@ -287,8 +287,8 @@ struct RoundsView {
     bulk_bpf_runs: Option<String>,
 }
 
-fn rounds_view(r: &Rounds, run: &Run) -> RoundsView {
-    let not_run = |m: Mode| run.not_run.get(&m).map_or("", String::as_str);
+/// The rounds table: one row per figure some mode has, a cell per mode.
+fn metric_rows(r: &Rounds) -> Vec<Vec<String>> {
     let row = |label: &str, cell: &dyn Fn(&crate::model::ModeRounds) -> String| {
         std::iter::once(label.to_string())
             .chain(r.modes.iter().map(cell))
@@ -344,15 +344,12 @@ fn rounds_view(r: &Rounds, run: &Run) -> RoundsView {
         m.failed.to_string()
     }));
 
-    let mut ratios: Vec<Vec<String>> = r
-        .ratios
-        .iter()
-        .map(|x| vec![x.mode.label().into(), spread(&x.rate), spread(&x.bulk)])
-        .collect();
-    if run.not_run.contains_key(&Mode::Ipvs) {
-        ratios.push(vec!["IPVS".into(), "not run".into(), "not run".into()]);
-    }
+    metrics
+}
 
+/// CPU per connection of each balancer, and how it was measured.
+fn cpu_rows(r: &Rounds, run: &Run) -> Vec<Vec<String>> {
+    let not_run = |m: Mode| run.not_run.get(&m).map_or("", String::as_str);
     let by = |m: Mode| r.modes.iter().find(|x| x.mode == m);
     let mut cpu = Vec::new();
     if let Some(m) = by(Mode::Mtlb).filter(|m| m.bpf_us.is_some()) {
@@ -397,11 +394,23 @@ fn rounds_view(r: &Rounds, run: &Run) -> RoundsView {
         ],
     });
 
+    cpu
+}
+
+fn rounds_view(r: &Rounds, run: &Run) -> RoundsView {
+    let mut ratios: Vec<Vec<String>> = r
+        .ratios
+        .iter()
+        .map(|x| vec![x.mode.label().into(), spread(&x.rate), spread(&x.bulk)])
+        .collect();
+    if run.not_run.contains_key(&Mode::Ipvs) {
+        ratios.push(vec!["IPVS".into(), "not run".into(), "not run".into()]);
+    }
     RoundsView {
         labels: r.modes.iter().map(|m| m.mode.label()).collect(),
-        metrics,
+        metrics: metric_rows(r),
         ratios,
-        cpu,
+        cpu: cpu_rows(r, run),
         bpf_vs_haproxy: r.bpf_vs_haproxy.as_ref().map(spread),
         programs: r
             .mtlb_programs
