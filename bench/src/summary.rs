@@ -219,4 +219,80 @@ mod tests {
         // No p99 sample in any round: absent, not NaN.
         assert!(r.modes[0].connect_p99_us.is_none());
     }
+
+    #[test]
+    fn a_fresh_runs_record_round_trips_and_renders() {
+        // What `run` writes after a full run: the summaries from the raw
+        // rows, the rows kept; read back, it renders as it did.
+        let mut rows = Vec::new();
+        for round in 0..3 {
+            for (mode, rate) in [
+                (Mode::Direct, 1000.0),
+                (Mode::Mtlb, 950.0),
+                (Mode::Haproxy, 400.0),
+            ] {
+                let mut r = row(round, mode, rate + round as f64);
+                if mode == Mode::Mtlb {
+                    r.agent_cpu_s = Some(0.001);
+                    r.bpf.insert(
+                        "mtlb_steer".into(),
+                        ProgDelta {
+                            runs: 1000,
+                            ns: 300_000,
+                        },
+                    );
+                    r.bpf
+                        .insert("mtlb_bind4".into(), ProgDelta { runs: 0, ns: 0 });
+                    r.bulk_bpf
+                        .insert("mtlb_steer".into(), ProgDelta { runs: 2, ns: 600 });
+                }
+                if mode == Mode::Haproxy {
+                    r.balancer_cpu_s = Some(0.1);
+                }
+                rows.push(r);
+            }
+        }
+        let steering_raw = vec![SteeringRaw {
+            replicas: 2,
+            reps: vec![crate::model::SteeringRep {
+                conns: 100,
+                failed: 0,
+                rate: 50.0,
+                bpf: [(
+                    "mtlb_steer".to_string(),
+                    ProgDelta {
+                        runs: 100,
+                        ns: 30_000,
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }],
+        }];
+        let mut run: crate::model::Run =
+            serde_json::from_str(include_str!("../last-run.json")).unwrap();
+        run.rounds = Some(rounds(&rows, 2).unwrap());
+        run.steering = Some(steering(&steering_raw).unwrap());
+        run.raw = Some(crate::model::Raw {
+            rounds: rows,
+            steering: steering_raw,
+        });
+        let md = crate::report::render(&run).unwrap();
+        let text = serde_json::to_string_pretty(&run).unwrap();
+        let back: crate::model::Run = serde_json::from_str(&text).unwrap();
+        assert_eq!(crate::report::render(&back).unwrap(), md);
+        // bind4 never ran: no ns per run, not NaN.
+        assert!(
+            md.contains("| mtlb_bind4 | — | 0.00 (0.00–0.00) | 0 (0–0) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| mtlb_steer | 300 (300–300) | 1.00 (1.00–1.00) | 300 (300–300) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 2 | 300 (300–300) | 1.00 (1.00–1.00) | — | — | 300 (300–300) |"),
+            "{md}"
+        );
+    }
 }
