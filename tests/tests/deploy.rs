@@ -256,7 +256,7 @@ fn alert_rules_role_installs_the_rules_where_prometheus_reads_them() {
 fn vagrant_provisioner_matches_vm_deploy() {
     let vagrantfile = std::fs::read_to_string(deploy_dir().join("Vagrantfile")).unwrap();
     let xtask = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../xtask/src/vm_deploy/mod.rs"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/vm-deploy/src/lib.rs"),
     )
     .unwrap();
     let konst = |name: &str| {
@@ -264,7 +264,7 @@ fn vagrant_provisioner_matches_vm_deploy() {
             .lines()
             .find_map(|l| l.strip_prefix(&format!("pub const {name}: &str = \"")))
             .and_then(|v| v.strip_suffix("\";"))
-            .unwrap_or_else(|| panic!("{name} not in vm_deploy/mod.rs"))
+            .unwrap_or_else(|| panic!("{name} not in deploy/vm-deploy/src/lib.rs"))
             .to_string()
     };
     let (playbook, vars) = (konst("PLAYBOOK"), konst("GROUP_VARS"));

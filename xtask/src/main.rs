@@ -8,21 +8,22 @@
 //!   integration tests on that Debian kernel in QEMU instead.
 //! * `cargo xtask build`: install prerequisites and build.
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
-//! * `cargo xtask bench [--only PHASES]`: mtlb against direct connections,
-//!   HAProxy, nginx `stream` and IPVS (issue #11); writes BENCHMARKS.md.
+//! * `cargo xtask bench [--only PHASES] [--report-only]`: mtlb against
+//!   direct connections, HAProxy, nginx `stream` and IPVS (the mtlb-bench
+//!   crate, bench/); writes BENCHMARKS.md and its record bench/last-run.json.
 //! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
-//!   QEMU, checked from this machine; prints a report.
+//!   QEMU, checked from this machine; prints a report (the mtlb-vm-deploy
+//!   crate, deploy/vm-deploy/).
 
-mod bench;
 mod demo;
 mod image;
 mod official;
 mod prereqs;
 mod vm;
-mod vm_deploy;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use mtlb_bench as bench;
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -67,8 +68,8 @@ enum Cmd {
     /// and brought back. Cleans everything up.
     Demo,
     /// Benchmark mtlb against direct connections, HAProxy, nginx `stream`
-    /// and IPVS (one run, interleaved, same backends); writes BENCHMARKS.md
-    /// and target/bench.json. Not a test. MTLB_BENCH_REPLICA_CGROUP=0 leaves
+    /// and IPVS (one run, interleaved, same backends); writes BENCHMARKS.md,
+    /// target/bench.json and bench/last-run.json. Not a test. MTLB_BENCH_REPLICA_CGROUP=0 leaves
     /// `replica_cgroup` out of mtlb's config.
     Bench {
         /// Run only these phases (comma-separated: rounds, failover,
@@ -76,13 +77,12 @@ enum Cmd {
         /// target/BENCHMARKS-partial.md instead.
         #[arg(long)]
         only: Option<String>,
-        /// Measure nothing: write BENCHMARKS.md again from
-        /// target/bench.json (after filling in the reasons of missed
-        /// targets in xtask/src/bench/report.rs).
+        /// Measure nothing: write BENCHMARKS.md again from target/bench.json
+        /// if present, else from the committed bench/last-run.json (e.g.
+        /// after filling in the reasons of missed targets there).
         #[arg(long)]
         report_only: bool,
     },
-    /// A backend process of the benchmark (internal).
     /// Builds the replica image's root file system (Debian's packages and
     /// the official server BINARY) for `docker import`; prints its path.
     MtproxyImage {
@@ -90,6 +90,7 @@ enum Cmd {
         #[arg(long)]
         binary: PathBuf,
     },
+    /// A backend process of the benchmark (internal).
     #[command(hide = true)]
     BenchBackend {
         #[arg(long)]
@@ -152,6 +153,10 @@ fn main() -> anyhow::Result<()> {
                 "mtlb-userspace",
                 "-p",
                 "xtask",
+                "-p",
+                "mtlb-bench",
+                "-p",
+                "mtlb-vm-deploy",
             ])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
@@ -204,12 +209,32 @@ fn main() -> anyhow::Result<()> {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
-            vm_deploy::run(&root, &python)
+            mtlb_vm_deploy::run(&root, &python, &VmDeployHost { root: &root })
         }
         Cmd::Build => {
             prereqs::ensure()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])
         }
+    }
+}
+
+/// What vm-deploy takes from xtask: Debian packages and the official
+/// server's replica image.
+struct VmDeployHost<'a> {
+    root: &'a Path,
+}
+
+impl mtlb_vm_deploy::Host for VmDeployHost<'_> {
+    fn apt_install(&self, pkg: &str, why: &str) -> anyhow::Result<()> {
+        prereqs::apt_install(pkg, why)
+    }
+
+    fn replica_image(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let bin = official::ensure(self.root)?.context(
+            "the official MTProxy source is missing (see xtask/src/official.rs: MTLB_PEERS)",
+        )?;
+        let archive = image::mtproxy_rootfs(self.root, &bin)?;
+        Ok((bin, archive))
     }
 }
 

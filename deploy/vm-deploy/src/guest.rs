@@ -34,9 +34,9 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Guest {
-    pub fn boot(image: &Image, run_dir: &Path) -> anyhow::Result<Guest> {
+    pub fn boot(image: &Image, run_dir: &Path, host: &dyn crate::Host) -> anyhow::Result<Guest> {
         if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-            crate::prereqs::apt_install("qemu-system-x86", "to boot the vm-deploy guest")?;
+            host.apt_install("qemu-system-x86", "to boot the vm-deploy guest")?;
         }
         let ssh_port = free_port()?;
         let https_port = free_port()?;

@@ -61,7 +61,7 @@ pub struct Image {
 }
 
 /// The image, built now if it is missing or its recipe changed.
-pub fn ensure(root: &Path) -> anyhow::Result<Image> {
+pub fn ensure(root: &Path, host: &dyn crate::Host) -> anyhow::Result<Image> {
     let dir = root.join("target/vm-deploy/image");
     let image = Image {
         disk: dir.join("disk.raw"),
@@ -84,31 +84,29 @@ pub fn ensure(root: &Path) -> anyhow::Result<Image> {
         ("openssh-client", "/usr/bin/ssh-keygen"),
     ] {
         if !Path::new(file).exists() {
-            crate::prereqs::apt_install(pkg, "to build the vm-deploy guest image")?;
+            host.apt_install(pkg, "to build the vm-deploy guest image")?;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let t0 = Instant::now();
     eprintln!(
-        "xtask: building the Debian 12 guest image (mmdebstrap, {} packages) in {}",
+        "vm-deploy: building the Debian 12 guest image (mmdebstrap, {} packages) in {}",
         PACKAGES.len(),
         dir.display()
     );
-    crate::run(
-        Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "mtlb-vm-deploy",
-                "-f",
-            ])
-            .arg(&image.key),
-    )?;
+    run(Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "mtlb-vm-deploy",
+            "-f",
+        ])
+        .arg(&image.key))?;
     let rootfs = dir.join("rootfs");
     let log = dir.join("mmdebstrap.log");
     let out = std::fs::File::create(&log)?;
@@ -137,20 +135,26 @@ pub fn ensure(root: &Path) -> anyhow::Result<Image> {
     std::fs::copy(find("vmlinuz-")?, &image.kernel)?;
     std::fs::copy(find("initrd.img-")?, &image.initrd)?;
     // mkfs.ext4 -d copies the tree with its owners and modes as root.
-    crate::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "mtlb-root", "-d"])
-            .arg(&rootfs)
-            .arg(&image.disk)
-            .arg(DISK_SIZE),
-    )?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "mtlb-root", "-d"])
+        .arg(&rootfs)
+        .arg(&image.disk)
+        .arg(DISK_SIZE))?;
     std::fs::remove_dir_all(&rootfs)?;
     std::fs::write(&stamp, recipe)?;
     eprintln!(
-        "xtask: guest image built in {:.0} s",
+        "vm-deploy: guest image built in {:.0} s",
         t0.elapsed().as_secs_f64()
     );
     Ok(image)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
 }
 
 /// Everything that decides the image's content, as one text.

@@ -18,6 +18,13 @@ use std::{
 };
 
 /// One client: when it ran and how it ended.
+/// The JSON line probe.py and telethon_client.py end with (other fields
+/// are shown as they are, not read).
+#[derive(serde::Deserialize)]
+struct Verdict {
+    verdict: String,
+}
+
 pub struct Outcome {
     /// Wall clock, to compare with the guest's journal.
     pub start: SystemTime,
@@ -56,8 +63,7 @@ impl Probe {
             Ok(o) => {
                 let text = String::from_utf8_lossy(&o.stdout);
                 let line = text.lines().last().unwrap_or("").to_string();
-                let ok = serde_json::from_str::<serde_json::Value>(&line)
-                    .is_ok_and(|v| v["verdict"] == "UP");
+                let ok = serde_json::from_str::<Verdict>(&line).is_ok_and(|v| v.verdict == "UP");
                 let detail = if line.is_empty() {
                     String::from_utf8_lossy(&o.stderr).trim().to_string()
                 } else {
@@ -85,14 +91,14 @@ impl Probe {
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or("").to_string();
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
+        let v: Verdict = serde_json::from_str(&line).map_err(|_| {
             anyhow::anyhow!(
                 "telethon_client.py printed no result: {}{}",
                 text,
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-        if v["verdict"] != "UP" {
+        if v.verdict != "UP" {
             anyhow::bail!("Telethon client: {line}");
         }
         Ok(line)

@@ -89,12 +89,7 @@ impl Progs {
     }
 }
 
-/// What one program did between two samples.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProgDelta {
-    pub runs: u64,
-    pub ns: u64,
-}
+pub use crate::model::ProgDelta;
 
 pub fn delta(
     a: &BTreeMap<String, (u64, u64)>,

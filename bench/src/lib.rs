@@ -29,13 +29,15 @@ mod bpf;
 mod held;
 mod load;
 pub use load::hold_main;
+pub mod model;
 mod profile;
-mod report;
+pub mod report;
 mod stats;
+mod summary;
 
 use anyhow::{Context as _, bail};
 use backend::{Backend, Cgroup};
-use serde_json::{Value, json};
+use model::{Failover, HeldLevel, Meta, Mode, Profile, RoundRow, Run, SteeringRaw, SteeringRep};
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -69,8 +71,6 @@ fn cpus() -> f64 {
 }
 
 pub const PHASES: &[&str] = &["held", "rounds", "failover", "profile", "steering"];
-
-pub const MODES: &[&str] = &["direct", "mtlb", "haproxy", "nginx", "ipvs"];
 
 const BACKEND_PORTS: [u16; 2] = [10000, 10001];
 
@@ -239,15 +239,17 @@ fn other_mtlb_programs() -> Vec<String> {
         .arg(&m)
         .output();
     let Ok(out) = out else { return Vec::new() };
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
+    #[derive(serde::Deserialize)]
+    struct Attached {
+        id: u64,
+        #[serde(default)]
+        name: String,
+    }
+    let attached: Vec<Attached> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    attached
         .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let n = p["name"].as_str()?;
-            n.starts_with("mtlb_")
-                .then(|| format!("{n} (id {})", p["id"]))
-        })
+        .filter(|p| p.name.starts_with("mtlb_"))
+        .map(|p| format!("{} (id {})", p.name, p.id))
         .collect()
 }
 
@@ -377,14 +379,43 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
     let cg_rel = cg.relative();
     drop(cg);
     drop(env);
-    let mut results = result?;
-    results["meta"] = meta(root, started, &phases, &cg_rel, use_cg);
-    results["meta"]["other_mtlb_programs_at_start"] = json!(other_mtlb);
+    let m = result?;
+    let meta = Meta {
+        other_mtlb_programs_at_start: other_mtlb,
+        ..meta(root, started, &phases, use_cg.then_some(cg_rel))
+    };
+    let mut errors = m.errors;
+    let rounds = m.rounds.as_deref().and_then(|rows| {
+        summary::rounds(rows, meta.cpus)
+            .map_err(|e| errors.insert("rounds".into(), format!("{e:#}")))
+            .ok()
+    });
+    let steering = m.steering.as_deref().and_then(|st| {
+        summary::steering(st)
+            .map_err(|e| errors.insert("steering".into(), format!("{e:#}")))
+            .ok()
+    });
+    let run = Run {
+        meta,
+        not_run: m.not_run,
+        errors,
+        rounds,
+        failover: m.failover,
+        steering,
+        held: m.held,
+        profile: m.profile,
+        previous: None,
+        reasons: BTreeMap::new(),
+        raw: Some(model::Raw {
+            rounds: m.rounds.unwrap_or_default(),
+            steering: m.steering.unwrap_or_default(),
+        }),
+    };
     let full = phases.len() == PHASES.len();
-    report::write(root, &results, full)
+    report::write(root, run, full)
 }
 
-fn meta(root: &Path, started: Instant, phases: &[&str], cg: &str, use_cg: bool) -> Value {
+fn meta(root: &Path, started: Instant, phases: &[&str], cg: Option<String>) -> Meta {
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -427,67 +458,96 @@ fn meta(root: &Path, started: Instant, phases: &[&str], cg: &str, use_cg: bool) 
             })
             .unwrap_or_default()
     };
-    json!({
-        "command": "cargo xtask bench",
-        "phases": phases,
-        "secs": started.elapsed().as_secs_f64(),
-        "date": Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
-        "commit": git(&["rev-parse", "--short", "HEAD"]),
-        "mtlb_sha256": Command::new("sha256sum").arg(root.join("target/release/mtlb")).output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_string())
-            .unwrap_or_default(),
+    let stdout = |c: &mut Command| {
+        c.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .ok()
+    };
+    Meta {
+        phases: phases.iter().map(|p| p.to_string()).collect(),
+        secs: started.elapsed().as_secs_f64(),
+        date: stdout(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        commit: git(&["rev-parse", "--short", "HEAD"]),
         // mtlb's own sources (not the bench's) differ from the commit.
-        "dirty": !git(&["status", "--porcelain", "--untracked-files=no", "--", "mtlb-common", "mtlb-ebpf", "mtlb-userspace", "Cargo.lock"]).is_empty(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": cpu_model,
-        "mem_gib": mem_gib,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "replica_cgroup": if use_cg { json!(cg) } else { json!(null) },
-        "rounds": rounds_n(),
-        "rate_secs": RATE_SECS,
-        "bulk_secs": BULK_SECS,
-        "client_threads": load::CLIENT_THREADS,
-        "bulk_streams": load::BULK_STREAMS,
-        "nofile_limit": nofile_limit(),
-        "haproxy": version("haproxy", "-v"),
-        "nginx": version("nginx", "-v"),
-        "ipvsadm": version("ipvsadm", "--version"),
-        "bpftool": version("bpftool", "--version"),
-        "perf": version("perf", "--version"),
-    })
-}
-
-/// Records a phase's result, or its error (the other phases still run).
-fn record(out: &mut Value, phase: &str, r: anyhow::Result<Value>) {
-    match r {
-        Ok(v) => out[phase] = v,
-        Err(e) => {
-            eprintln!("bench: phase {phase} failed: {e:#}");
-            out["errors"][phase] = json!(format!("{e:#}"));
-        }
+        dirty: !git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "mtlb-common",
+            "mtlb-ebpf",
+            "mtlb-userspace",
+            "Cargo.lock",
+        ])
+        .is_empty(),
+        mtlb_sha256: stdout(Command::new("sha256sum").arg(root.join("target/release/mtlb")))
+            .and_then(|o| o.split_whitespace().next().map(str::to_string)),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        mem_gib,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        replica_cgroup: cg,
+        rounds: rounds_n(),
+        rate_secs: RATE_SECS,
+        bulk_secs: BULK_SECS,
+        client_threads: load::CLIENT_THREADS,
+        bulk_streams: load::BULK_STREAMS,
+        latency_connects: LATENCY_N,
+        foreign_max_pct: FOREIGN_MAX * 100.0,
+        steering_reps: STEERING_REPS,
+        nofile_limit: Some(nofile_limit()),
+        haproxy: version("haproxy", "-v"),
+        nginx: version("nginx", "-v"),
+        ipvsadm: Some(version("ipvsadm", "--version")),
+        bpftool: version("bpftool", "--version"),
+        perf: version("perf", "--version"),
+        other_mtlb_programs_at_start: Vec::new(),
     }
 }
 
-fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
-    let mut out = json!({"errors": {}});
+/// What the phases measured, before the summaries.
+#[derive(Default)]
+struct Measured {
+    errors: BTreeMap<String, String>,
+    not_run: BTreeMap<Mode, String>,
+    held: Option<Vec<HeldLevel>>,
+    rounds: Option<Vec<RoundRow>>,
+    failover: Option<Vec<Failover>>,
+    profile: Option<Profile>,
+    steering: Option<Vec<SteeringRaw>>,
+}
+
+impl Measured {
+    /// A phase's result, or its error (the other phases still run).
+    fn record<T>(&mut self, phase: &str, r: anyhow::Result<T>) -> Option<T> {
+        r.map_err(|e| {
+            eprintln!("bench: phase {phase} failed: {e:#}");
+            self.errors.insert(phase.into(), format!("{e:#}"));
+        })
+        .ok()
+    }
+}
+
+fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
+    let mut out = Measured::default();
     let want = |p: &str| phases.contains(&p);
     if want("held") {
         // Backends with enough processes for 100k connections under the
         // descriptor limit (leastconn puts about half on each). First, so
         // that no TIME_WAIT sockets of the other phases are about.
         let workers = (60_000 / nofile_limit().saturating_sub(500).max(1000) + 1) as u32;
-        out["held_setup"] =
-            json!({"backend_processes_each": workers, "nofile_limit": nofile_limit()});
         let r = (|| {
             let _hb = [
                 Backend::start(BACKEND_PORTS[0], Some(&s.cg.replicas), workers)?,
                 Backend::start(BACKEND_PORTS[1], Some(&s.cg.replicas), workers)?,
             ];
             let a = s.agent(2)?;
-            Ok(json!(held::run(&a, s.dir)?))
+            held::run(&a, s.dir)
         })();
-        record(&mut out, "held", r);
+        out.held = out.record("held", r);
     }
     let started = (|| {
         Ok::<_, anyhow::Error>(vec![
@@ -500,11 +560,7 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
         Err(e) => {
             for p in ["rounds", "failover", "profile", "steering"] {
                 if want(p) {
-                    record(
-                        &mut out,
-                        p,
-                        Err(anyhow::anyhow!("the backends did not start: {e:#}")),
-                    );
+                    out.record::<()>(p, Err(anyhow::anyhow!("the backends did not start: {e:#}")));
                 }
             }
             return Ok(out);
@@ -514,18 +570,16 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
         let haproxy = anchors::start_haproxy(s.ns, s.dir).map_err(|e| format!("{e:#}"));
         let nginx = anchors::start_nginx(s.ns, s.dir).map_err(|e| format!("{e:#}"));
         let ipvs = anchors::Ipvs::start(s.ns);
-        let mut not_run = serde_json::Map::new();
         for (m, r) in [
-            ("haproxy", haproxy.as_ref().err()),
-            ("nginx", nginx.as_ref().err()),
-            ("ipvs", ipvs.as_ref().err()),
+            (Mode::Haproxy, haproxy.as_ref().err()),
+            (Mode::Nginx, nginx.as_ref().err()),
+            (Mode::Ipvs, ipvs.as_ref().err()),
         ] {
             if let Some(e) = r {
-                eprintln!("bench: {m} not run: {e}");
-                not_run.insert(m.into(), json!(e));
+                eprintln!("bench: {} not run: {e}", m.label());
+                out.not_run.insert(m, e.clone());
             }
         }
-        out["not_run"] = Value::Object(not_run);
         let an = Anchors {
             haproxy: haproxy.ok(),
             nginx: nginx.ok(),
@@ -533,11 +587,11 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
         };
         if want("rounds") {
             let r = rounds(s, &an);
-            record(&mut out, "rounds", r);
+            out.rounds = out.record("rounds", r);
         }
         if want("failover") {
             let r = failover(s, &mut backends, &an);
-            record(&mut out, "failover", r);
+            out.failover = out.record("failover", r);
         }
         drop(an);
         drop(ipvs);
@@ -546,13 +600,13 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Value> {
         eprintln!("bench: profile");
         let r = s.agent(2).map(|a| {
             let progs = bpf::Progs::find(&a.pin_dir);
-            profile::run(&progs, s.dir)
+            profile::run(&progs, s.dir, cpus() as usize)
         });
-        record(&mut out, "profile", r);
+        out.profile = out.record("profile", r);
     }
     if want("steering") {
         let r = steering(s);
-        record(&mut out, "steering", r);
+        out.steering = out.record("steering", r);
     }
     drop(backends);
     Ok(out)
@@ -565,19 +619,19 @@ struct Anchors {
 }
 
 impl Anchors {
-    fn available(&self, mode: &str) -> bool {
+    fn available(&self, mode: Mode) -> bool {
         match mode {
-            "haproxy" => self.haproxy.is_some(),
-            "nginx" => self.nginx.is_some(),
-            "ipvs" => self.ipvs,
-            _ => true,
+            Mode::Haproxy => self.haproxy.is_some(),
+            Mode::Nginx => self.nginx.is_some(),
+            Mode::Ipvs => self.ipvs,
+            Mode::Direct | Mode::Mtlb => true,
         }
     }
 
-    fn cpu(&self, mode: &str) -> Option<f64> {
+    fn cpu(&self, mode: Mode) -> Option<f64> {
         match mode {
-            "haproxy" => self.haproxy.as_ref().map(|p| p.cpu()),
-            "nginx" => self.nginx.as_ref().map(|p| p.cpu()),
+            Mode::Haproxy => self.haproxy.as_ref().map(|p| p.cpu()),
+            Mode::Nginx => self.nginx.as_ref().map(|p| p.cpu()),
             _ => None,
         }
     }
@@ -594,38 +648,37 @@ fn backend_addrs() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn mode_targets(mode: &str) -> Vec<SocketAddr> {
+fn mode_targets(mode: Mode) -> Vec<SocketAddr> {
     match mode {
-        "direct" => backend_addrs(),
-        "mtlb" => vec![addr("127.0.0.1:443")],
-        "haproxy" => vec![addr(anchors::HAPROXY)],
-        "nginx" => vec![addr(anchors::NGINX)],
-        "ipvs" => vec![addr(anchors::IPVS)],
-        _ => unreachable!(),
+        Mode::Direct => backend_addrs(),
+        Mode::Mtlb => vec![addr("127.0.0.1:443")],
+        Mode::Haproxy => vec![addr(anchors::HAPROXY)],
+        Mode::Nginx => vec![addr(anchors::NGINX)],
+        Mode::Ipvs => vec![addr(anchors::IPVS)],
     }
 }
 
-fn bpf_json(d: &BTreeMap<String, bpf::ProgDelta>) -> Value {
-    Value::Object(
-        d.iter()
-            .map(|(k, v)| (k.clone(), json!({"runs": v.runs, "ns": v.ns})))
-            .collect(),
-    )
-}
-
 /// Phase 1: interleaved rounds.
-fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
-    let modes: Vec<&str> = MODES.iter().copied().filter(|m| an.available(m)).collect();
+fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Vec<RoundRow>> {
+    let modes: Vec<Mode> = Mode::ALL.into_iter().filter(|m| an.available(*m)).collect();
     let mut rows = Vec::new();
     let n = rounds_n();
     for r in 0..n {
-        let order: Vec<&str> = (0..modes.len())
+        let order: Vec<Mode> = (0..modes.len())
             .map(|i| modes[(i + r) % modes.len()])
             .collect();
-        eprintln!("bench: round {}/{n}: {}", r + 1, order.join(", "));
+        eprintln!(
+            "bench: round {}/{n}: {}",
+            r + 1,
+            order
+                .iter()
+                .map(|m| m.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for (pos, &mode) in order.iter().enumerate() {
             let targets = mode_targets(mode);
-            let agent = if mode == "mtlb" {
+            let agent = if mode == Mode::Mtlb {
                 let a = s.agent(2)?;
                 // Let its start-up work settle.
                 std::thread::sleep(Duration::from_secs(1));
@@ -640,7 +693,7 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
             // A rate run during which processes outside the bench took
             // more than FOREIGN_MAX of the machine is run again (at most
             // ATTEMPTS times in all); the quietest one is kept.
-            let mut best: Option<(f64, Value)> = None;
+            let mut best: Option<(f64, RoundRow)> = None;
             let mut attempts = 0;
             for _ in 0..ATTEMPTS {
                 attempts += 1;
@@ -656,17 +709,25 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
                 let p1 = an.cpu(mode);
                 let b1 = progs.sample();
                 let share = foreign / rate.secs / cpus();
-                let row = json!({
-                    "conns": rate.done,
-                    "failed": rate.failed,
-                    "secs": rate.secs,
-                    "rate": rate.per_sec(),
-                    "machine_cpu_s": m1 - m0,
-                    "foreign_cpu_s": foreign,
-                    "balancer_cpu_s": match (p0, p1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
-                    "agent_cpu_s": match (a0, a1) { (Some(a), Some(b)) => json!(b - a), _ => json!(null) },
-                    "bpf": bpf_json(&bpf::delta(&b0, &b1)),
-                });
+                let row = RoundRow {
+                    round: r,
+                    position: pos,
+                    mode,
+                    attempts: 0,
+                    conns: rate.done,
+                    failed: rate.failed,
+                    secs: rate.secs,
+                    rate: rate.per_sec(),
+                    machine_cpu_s: m1 - m0,
+                    foreign_cpu_s: foreign,
+                    balancer_cpu_s: p0.zip(p1).map(|(a, b)| b - a),
+                    agent_cpu_s: a0.zip(a1).map(|(a, b)| b - a),
+                    bpf: bpf::delta(&b0, &b1),
+                    bulk_bpf: BTreeMap::new(),
+                    bulk_mbs: 0.0,
+                    connect_p50_us: None,
+                    connect_p99_us: None,
+                };
                 if best.as_ref().is_none_or(|(b, _)| share < *b) {
                     best = Some((share, row));
                 }
@@ -674,7 +735,8 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
                     break;
                 }
                 eprintln!(
-                    "bench: {mode}: {:.0} % of the machine used outside the bench; again",
+                    "bench: {}: {:.0} % of the machine used outside the bench; again",
+                    mode.label(),
                     share * 100.0
                 );
             }
@@ -687,25 +749,22 @@ fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Value> {
             drop(agent);
             // What mtlb's programs did during the bulk streams (nothing
             // should run per segment).
-            row["bulk_bpf"] = bpf_json(&bpf::delta(&bb0, &bb1));
-            row["round"] = json!(r);
-            row["position"] = json!(pos);
-            row["mode"] = json!(mode);
-            row["attempts"] = json!(attempts);
-            row["bulk_mbs"] = json!(bulk);
-            row["connect_p50_us"] = json!(lat50);
-            row["connect_p99_us"] = json!(lat99);
+            row.bulk_bpf = bpf::delta(&bb0, &bb1);
+            row.attempts = attempts;
+            row.bulk_mbs = bulk;
+            row.connect_p50_us = lat50.is_finite().then_some(lat50);
+            row.connect_p99_us = lat99.is_finite().then_some(lat99);
             rows.push(row);
         }
     }
-    Ok(json!(rows))
+    Ok(rows)
 }
 
 /// Phase 2: failover under load, each balancer with the second backend
 /// killed after 1 s of 3 s, then restarted.
-fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Result<Value> {
+fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Result<Vec<Failover>> {
     let mut out = Vec::new();
-    for &mode in &MODES[1..] {
+    for mode in [Mode::Mtlb, Mode::Haproxy, Mode::Nginx, Mode::Ipvs] {
         if !an.available(mode) {
             continue;
         }
@@ -719,35 +778,39 @@ fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Res
         // checks (rise 2, inter 2s) and nginx's fail_timeout (10 s).
         if restarted {
             match mode {
-                "haproxy" => std::thread::sleep(Duration::from_secs(7)),
-                "nginx" => std::thread::sleep(Duration::from_secs(11)),
+                Mode::Haproxy => std::thread::sleep(Duration::from_secs(7)),
+                Mode::Nginx => std::thread::sleep(Duration::from_secs(11)),
                 _ => std::thread::sleep(Duration::from_secs(1)),
             }
         }
-        let agent = if mode == "mtlb" {
+        let agent = if mode == Mode::Mtlb {
             Some(s.agent(2)?)
         } else {
             None
         };
-        eprintln!("bench: failover through {mode}");
+        eprintln!("bench: failover through {}", mode.label());
         let target = mode_targets(mode)[0];
         let mut kill = || {
             if let Some(mut b) = backends.pop() {
                 b.kill();
             }
         };
-        let (n, failed) = load::failover(target, FAILOVER_RATE, 3.0, 1.0, &mut kill);
-        out.push(json!({"mode": mode, "requests": n, "failed": failed}));
+        let (requests, failed) = load::failover(target, FAILOVER_RATE, 3.0, 1.0, &mut kill);
+        out.push(Failover {
+            mode,
+            requests,
+            failed,
+        });
         drop(agent);
     }
     if backends.len() < 2 {
         backends.push(s.backend(BACKEND_PORTS[1])?);
     }
-    Ok(json!(out))
+    Ok(out)
 }
 
 /// Phase 5: BPF cost at 2, 16 and 64 replicas under the bench's clients.
-fn steering(s: &Setup) -> anyhow::Result<Value> {
+fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
     let mut out = Vec::new();
     for &n in STEERING_REPLICAS {
         eprintln!("bench: steering cost at {n} replicas");
@@ -764,16 +827,16 @@ fn steering(s: &Setup) -> anyhow::Result<Value> {
             let b0 = progs.sample();
             let rate = load::rate(&[addr("127.0.0.1:443")], RATE_SECS);
             let b1 = progs.sample();
-            reps.push(json!({
-                "conns": rate.done,
-                "failed": rate.failed,
-                "rate": rate.per_sec(),
-                "bpf": bpf_json(&bpf::delta(&b0, &b1)),
-            }));
+            reps.push(SteeringRep {
+                conns: rate.done,
+                failed: rate.failed,
+                rate: rate.per_sec(),
+                bpf: bpf::delta(&b0, &b1),
+            });
         }
-        out.push(json!({"replicas": n, "reps": reps}));
+        out.push(SteeringRaw { replicas: n, reps });
         drop(a);
         drop(extra);
     }
-    Ok(json!(out))
+    Ok(out)
 }

@@ -2,7 +2,7 @@
 //! replicas), and what the agent and its maps cost at each level.
 
 use super::{agent, bpf, load, stats};
-use serde_json::{Value, json};
+use crate::model::{AgentProfile, Count, HeldLevel, HeldSamples, MapEntries, Opened};
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
@@ -24,18 +24,23 @@ const SCRAPE_SECS_MAX: f64 = 20.0;
 const CONTROL_CALLS: usize = 200;
 
 /// Everything measured at one level.
-pub fn measure_level(a: &agent::Agent, n: usize, opened: Value, dir: &Path) -> Value {
+pub fn measure_level(
+    a: &agent::Agent,
+    level: usize,
+    n: usize,
+    opened: Option<Opened>,
+    dir: &Path,
+) -> HeldLevel {
     eprintln!("bench: held {n}: agent idle for {IDLE_SECS} s");
     let c0 = a.cpu();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(IDLE_SECS));
     let idle_pct = (a.cpu() - c0) / t0.elapsed().as_secs_f64() * 100.0;
     // Where a busy "idle" agent spends its time.
-    let mut agent_profile = if idle_pct > 5.0 {
-        json!({"while": "idle", "perf": super::profile::perf_pid(a.pid, dir, 3)})
-    } else {
-        Value::Null
-    };
+    let mut agent_profile = (idle_pct > 5.0).then(|| AgentProfile {
+        during: "idle".into(),
+        perf: super::profile::perf_pid(a.pid, dir, 3),
+    });
 
     let addr: SocketAddr = agent::STATS.parse().expect("address");
     let mut lat: Vec<f64> = Vec::new();
@@ -60,9 +65,14 @@ pub fn measure_level(a: &agent::Agent, n: usize, opened: Value, dir: &Path) -> V
             })
             .collect();
         if let Some(p) = prof
-            && agent_profile.is_null()
+            && agent_profile.is_none()
         {
-            agent_profile = json!({"while": "scraped by 4 /metrics clients", "perf": p.join().unwrap_or_default()});
+            agent_profile = Some(AgentProfile {
+                during: format!("scraped by {SCRAPERS} /metrics clients"),
+                perf: p
+                    .join()
+                    .unwrap_or_else(|_| Err("the perf thread panicked".into())),
+            });
         }
         for h in hs {
             for r in h.join().unwrap_or_default() {
@@ -99,41 +109,48 @@ pub fn measure_level(a: &agent::Agent, n: usize, opened: Value, dir: &Path) -> V
     for m in maps.iter().filter(|m| bpf::countable(&m.kind)) {
         entries.insert(
             m.name.clone(),
-            match bpf::entries(m.id, &m.kind) {
-                Ok(c) => json!({"kind": m.kind, "max_entries": m.max_entries, "entries": c}),
-                Err(e) => json!({"kind": m.kind, "max_entries": m.max_entries, "error": e}),
+            MapEntries {
+                kind: m.kind.clone(),
+                max_entries: m.max_entries,
+                count: match bpf::entries(m.id, &m.kind) {
+                    Ok(c) => Count::Entries(c),
+                    Err(e) => Count::Error(e),
+                },
             },
         );
     }
     // What mtlb itself counts as open.
-    let active: f64 = load::http_get(addr, "/metrics")
+    let active: Option<f64> = load::http_get(addr, "/metrics")
         .map(|m| {
             m.lines()
                 .filter(|l| l.starts_with("mtlb_backend_active_connections{"))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum()
         })
-        .unwrap_or(f64::NAN);
-    json!({
-        "held": n,
-        "opened": opened,
-        "agent_idle_cpu_pct": idle_pct,
-        "idle_secs": IDLE_SECS,
-        "metrics_ms_p50": metrics_p50,
-        "metrics_ms_p99": metrics_p99,
-        "metrics_samples": lat.len(),
-        "metrics_failed": scrape_failed,
-        "control_ms_p50": control_p50,
-        "control_ms_p99": control_p99,
-        "control_samples": ctl.len(),
-        "control_failed": ctl_failed,
-        "agent_rss_bytes": rss,
-        "maps_memlock_bytes": memlock,
-        "maps": maps.iter().map(|m| json!({"name": m.name, "type": m.kind, "max_entries": m.max_entries, "memlock": m.memlock})).collect::<Vec<_>>(),
-        "map_entries": entries,
-        "mtlb_active_connections": active,
-        "agent_profile": agent_profile,
-    })
+        .filter(|x: &f64| x.is_finite());
+    let finite = |x: f64| x.is_finite().then_some(x);
+    const MIB: f64 = 1024.0 * 1024.0;
+    HeldLevel {
+        level: level as u64,
+        held: n as u64,
+        opened,
+        mtlb_active_connections: active,
+        agent_idle_cpu_pct: idle_pct,
+        metrics_ms_p50: finite(metrics_p50),
+        metrics_ms_p99: finite(metrics_p99),
+        control_ms_p50: finite(control_p50),
+        control_ms_p99: finite(control_p99),
+        agent_rss_mib: rss.map(|b| b as f64 / MIB),
+        maps_memlock_mib: memlock as f64 / MIB,
+        map_entries: entries,
+        agent_profile,
+        samples: Some(HeldSamples {
+            metrics_samples: lat.len(),
+            metrics_failed: scrape_failed,
+            control_samples: ctl.len(),
+            control_failed: ctl_failed,
+        }),
+    }
 }
 
 /// A `xtask bench-hold` process holding some of the connections (one
@@ -200,12 +217,11 @@ fn per_process() -> usize {
 
 /// Levels 0, 1k, 10k, 100k (connections added on top of the previous
 /// level's). Returns one JSON object per level.
-pub fn run(a: &agent::Agent, dir: &Path) -> anyhow::Result<Vec<Value>> {
+pub fn run(a: &agent::Agent, dir: &Path) -> anyhow::Result<Vec<HeldLevel>> {
     let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
     let mut holders: Vec<Holder> = Vec::new();
     let mut held = 0usize;
-    let mut out = vec![measure_level(a, 0, json!(null), dir)];
-    out[0]["level"] = json!(0);
+    let mut out = vec![measure_level(a, 0, 0, None, dir)];
     for &n in LEVELS {
         let more = n - held;
         eprintln!("bench: held: opening {more} connections (to {n})");
@@ -225,13 +241,15 @@ pub fn run(a: &agent::Agent, dir: &Path) -> anyhow::Result<Vec<Value>> {
         }
         held += added as usize;
         let secs = t0.elapsed().as_secs_f64();
-        let opened = json!({"added": added, "failed": failed, "secs": secs, "now_held": held, "holder_processes": holders.len()});
+        let opened = Opened {
+            added,
+            failed,
+            secs,
+        };
         if held < n {
             eprintln!("bench: held: only {held} of {n} connections open ({failed} failed)");
         }
-        let mut level = measure_level(a, held, opened, dir);
-        level["level"] = json!(n);
-        out.push(level);
+        out.push(measure_level(a, n, held, Some(opened), dir));
         if held < n {
             break;
         }

@@ -4,8 +4,9 @@
 //! without a PMU) and the top symbols of `perf report`.
 
 use super::{bpf, load};
-use serde_json::{Value, json};
+use crate::model::{Perf, PerfPid, Profile, Sym};
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     process::Command,
@@ -14,14 +15,14 @@ use std::{
 };
 
 const PERF_SECS: u32 = 4;
+const PERF_HZ: u32 = 4999;
 const PROFILE_SECS: u32 = 3;
 const TOP: usize = 25;
 
-pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
+pub fn run(progs: &bpf::Progs, dir: &Path, cpus: usize) -> Profile {
     let target: SocketAddr = "127.0.0.1:443".parse().expect("address");
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
-    let mut out = json!({});
     std::thread::scope(|s| {
         // Load for the whole profile, bounded in time, in 0.5 s slices.
         let (stop, done) = (&stop, &done);
@@ -32,33 +33,59 @@ pub fn run(progs: &bpf::Progs, dir: &Path) -> Value {
             }
         });
         std::thread::sleep(Duration::from_millis(500));
-        let mut bp = serde_json::Map::new();
+        let mut bpftool_prog_profile = BTreeMap::new();
         for name in ["mtlb_steer", "mtlb_sockops"] {
             let r = match progs.ids.get(name) {
-                Some(&id) => match bpf::profile(id, PROFILE_SECS) {
-                    Ok(t) => json!({"ok": t}),
-                    Err(e) => json!({"error": e}),
-                },
-                None => json!({"error": "program not found"}),
+                Some(&id) => bpf::profile(id, PROFILE_SECS),
+                None => Err("program not found".to_string()),
             };
-            bp.insert(name.to_string(), r);
+            bpftool_prog_profile.insert(name.to_string(), r);
         }
-        out["bpftool_prog_profile"] = Value::Object(bp);
         let c0 = done.load(Ordering::Relaxed);
         let t0 = Instant::now();
-        out["perf"] = perf(dir);
+        let samples = perf(dir);
         // Connections during the recording (to the nearest 0.5 s slice).
-        let conns = done.load(Ordering::Relaxed) - c0;
-        out["perf"]["conns"] = json!(conns);
-        out["perf"]["conns_per_sec"] = json!(conns as f64 / t0.elapsed().as_secs_f64());
+        let conns_per_sec = (done.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-    });
-    out
+        // A share of all CPUs' samples, per connection (µs).
+        let us = |pct: f64| pct / 100.0 * cpus as f64 / conns_per_sec * 1e6;
+        Profile {
+            bpftool_prog_profile,
+            perf: samples.map(|p| Perf {
+                secs: PERF_SECS,
+                hz: PERF_HZ,
+                bpf_prog_us: us(p.bpf_prog_pct_total),
+                bpf_machinery_us: us(p.bpf_machinery_pct_total),
+                top: p.top,
+                bpf_prog_pct_total: p.bpf_prog_pct_total,
+                bpf_prog_rows: p.bpf_prog_rows,
+                bpf_machinery_pct_total: Some(p.bpf_machinery_pct_total),
+                bpf_machinery_rows: p.bpf_machinery_rows,
+                conns_per_sec,
+            }),
+        }
+    })
+}
+
+/// What the whole-machine recording found.
+struct Samples {
+    top: Vec<Sym>,
+    bpf_prog_pct_total: f64,
+    bpf_prog_rows: Vec<Sym>,
+    bpf_machinery_pct_total: f64,
+    bpf_machinery_rows: Vec<Sym>,
+}
+
+fn sym((pct, symbol): &(f64, String)) -> Sym {
+    Sym {
+        pct: *pct,
+        symbol: symbol.clone(),
+    }
 }
 
 /// `perf record -p PID` for `secs`: the top symbols by self time and by
 /// time including callees (where a busy agent spends its time).
-pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Value {
+pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Result<PerfPid, String> {
     let data = dir.join("perf-agent.data");
     let rec = Command::new("perf")
         .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
@@ -70,11 +97,14 @@ pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Value {
     match rec {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+            return Err(format!(
+                "perf record: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
         }
-        Err(e) => return json!({"error": format!("perf: {e}")}),
+        Err(e) => return Err(format!("perf: {e}")),
     }
-    let report = |children: bool| -> Vec<Value> {
+    let report = |children: bool| -> Vec<Sym> {
         let out = Command::new("perf")
             .args(["report", "-i"])
             .arg(&data)
@@ -108,27 +138,46 @@ pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Value {
                 } else {
                     rest.trim()
                 };
-                Some(json!({"pct": pct, "symbol": sym}))
+                Some(Sym {
+                    pct,
+                    symbol: sym.to_string(),
+                })
             })
             .take(15)
             .collect()
     };
-    json!({"secs": secs, "self": report(false), "children": report(true)})
+    Ok(PerfPid {
+        secs,
+        self_: report(false),
+        children: report(true),
+    })
 }
 
-fn perf(dir: &Path) -> Value {
+fn perf(dir: &Path) -> Result<Samples, String> {
     let data = dir.join("perf.data");
     let rec = Command::new("perf")
-        .args(["record", "-e", "cpu-clock", "-F", "4999", "-a", "-g", "-o"])
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &PERF_HZ.to_string(),
+            "-a",
+            "-g",
+            "-o",
+        ])
         .arg(&data)
         .args(["--", "sleep", &PERF_SECS.to_string()])
         .output();
     match rec {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            return json!({"error": format!("perf record: {}", String::from_utf8_lossy(&o.stderr).trim())});
+            return Err(format!(
+                "perf record: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
         }
-        Err(e) => return json!({"error": format!("perf: {e}")}),
+        Err(e) => return Err(format!("perf: {e}")),
     }
     let rep = Command::new("perf")
         .args(["report", "-i"])
@@ -147,9 +196,12 @@ fn perf(dir: &Path) -> Value {
     let text = match rep {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
         Ok(o) => {
-            return json!({"error": format!("perf report: {}", String::from_utf8_lossy(&o.stderr).trim())});
+            return Err(format!(
+                "perf report: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
         }
-        Err(e) => return json!({"error": format!("perf: {e}")}),
+        Err(e) => return Err(format!("perf: {e}")),
     };
     let rows: Vec<(f64, String)> = text
         .lines()
@@ -181,13 +233,15 @@ fn perf(dir: &Path) -> Value {
     };
     let machinery_rows: Vec<&(f64, String)> = rows.iter().filter(|(_, s)| machinery(s)).collect();
     let machinery_pct: f64 = machinery_rows.iter().map(|(p, _)| p).sum();
-    json!({
-        "secs": PERF_SECS,
-        "event": "cpu-clock, all CPUs, 4999 Hz",
-        "top": rows.iter().take(TOP).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
-        "bpf_prog_rows": rows.iter().filter(|(_, s)| s.contains("bpf_prog_")).map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
-        "bpf_prog_pct_total": bpf_pct,
-        "bpf_machinery_pct_total": machinery_pct,
-        "bpf_machinery_rows": machinery_rows.iter().map(|(p, s)| json!({"pct": p, "symbol": s})).collect::<Vec<_>>(),
+    Ok(Samples {
+        top: rows.iter().take(TOP).map(sym).collect(),
+        bpf_prog_pct_total: bpf_pct,
+        bpf_prog_rows: rows
+            .iter()
+            .filter(|(_, s)| s.contains("bpf_prog_"))
+            .map(sym)
+            .collect(),
+        bpf_machinery_pct_total: machinery_pct,
+        bpf_machinery_rows: machinery_rows.into_iter().map(sym).collect(),
     })
 }
