@@ -853,6 +853,7 @@ mod tests {
     use crate::config::CheckKind;
     use mtlb_common::Backend;
     use mtlb_common::STATE_UP;
+    use std::net::SocketAddr;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -1011,6 +1012,82 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// One effect as one line, as a reviewer reads a transcript.
+    fn line_of(e: &Effect) -> String {
+        match e {
+            Effect::Say(f) => {
+                let (level, line) = render::line(f);
+                format!("{level:<5} {line}")
+            }
+            Effect::WriteBackend { slot, backend: b } => format!(
+                "BACKENDS[{slot}] enabled={} weight={} listener={}",
+                b.enabled, b.weight, b.listener_cookie
+            ),
+            Effect::WriteStatus { slot, status: s } => format!(
+                "STATUS[{slot}] state={} count={} registered={} flags={}",
+                s.state, s.count, s.registered, s.flags
+            ),
+            Effect::WriteSettings(s) => format!(
+                "SETTINGS port={} replicas={} require_verified={} require_owner={}",
+                s.port, s.replicas, s.require_verified, s.require_owner
+            ),
+            Effect::SetAddresses(a) => format!("ADDRESSES {} entries", a.len()),
+            Effect::SetAllowedUids(u) => format!("ALLOWED_UIDS {u:?}"),
+            Effect::Save(s) => format!(
+                "save {}",
+                s.backends
+                    .iter()
+                    .map(|(n, b)| format!("{n}={}/{:?}", b.admin.as_str(), b.weight))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Effect::StartCheck { slot, cookie, .. } => {
+                format!(
+                    "check {} (listener {cookie})",
+                    crate::config::replica_name(*slot)
+                )
+            }
+            Effect::Reply(r) => {
+                format!("reply {}: {}", if r.ok { "ok" } else { "error" }, r.message)
+            }
+            Effect::ReadConfig(o) => format!("read the configuration ({o:?})"),
+            Effect::BoundHandshakes { slot, most, .. } => match most {
+                Some(m) => format!(
+                    "handshakes of {} at most {m}",
+                    crate::config::replica_name(*slot)
+                ),
+                None => format!(
+                    "handshakes of {} not below 0",
+                    crate::config::replica_name(*slot)
+                ),
+            },
+            Effect::Notify(n) => format!("notify {}", render::notice(n).replace('\n', " ")),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// `fx` as a transcript: one line per effect.
+    fn transcript(fx: &[Effect]) -> String {
+        fx.iter().map(line_of).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Asserts that `fx` reads as `want` (one effect per line; leading
+    /// blanks of each line ignored).
+    #[track_caller]
+    fn assert_transcript(fx: &[Effect], want: &str) {
+        let want = want
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let got = transcript(fx);
+        assert!(
+            got == want,
+            "transcript differs; got:\n{got}\n\nwant:\n{want}"
+        );
     }
 
     fn has_log(fx: &[Effect], needle: &str) -> bool {
@@ -1829,5 +1906,176 @@ mod tests {
         h.st.forget_written(1);
         let fx = h.step(Event::Elapsed);
         assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
+    }
+
+    // ------------------------------------------------------ transcripts
+
+    #[test]
+    fn transcript_a_replica_restarts() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.conns[1] = 4;
+        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        assert_transcript(
+            &fx,
+            r#"
+        INFO  replica mtp2 unregistered: 127.0.0.1:10001 (IPv4): its listener closed
+        BACKENDS[1] enabled=1 weight=1 listener=0
+        STATUS[1] state=2 count=0 registered=0 flags=0
+        WARN  backend mtp2 is DOWN, reason: no listener registered, info: "listener closed", check duration: 0ms. 1 active backends left. 4 connections active.
+        Adopt
+        INFO  replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)
+        check mtp2 (listener 2001)
+        STATUS[1] state=2 count=0 registered=1 flags=0
+        "#,
+        );
+        let fx = h.check(1, true);
+        assert_transcript(
+            &fx,
+            r#"
+        DEBUG check mtp2: passed, reason: Layer4 check passed, 1ms
+        BACKENDS[1] enabled=1 weight=1 listener=2001
+        STATUS[1] state=1 count=0 registered=1 flags=0
+        INFO  backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online.
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_refused_binds_are_logged_once_a_minute_per_slot() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let bind = |slot: u32| Event::BindRefused {
+            slot,
+            addr: SocketAddr::from(([127, 0, 0, 1], 10000 + slot as u16)),
+            uid: 1000,
+        };
+        assert_transcript(
+            &h.step(bind(1)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 1000: its owner is not in replica_uids [0]
+        "#,
+        );
+        for _ in 0..3 {
+            assert_transcript(&h.after(MS(1000)).step(bind(1)), "");
+        }
+        assert_transcript(
+            &h.step(bind(0)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10000 (mtp1's port) by uid 1000: its owner is not in replica_uids [0]
+        "#,
+        );
+        assert_transcript(
+            &h.after(MS(57_000)).step(bind(1)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 1000: its owner is not in replica_uids [0] (3 more refusals reported since the last line)
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_a_failed_save_fails_the_operators_command() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.step_only(Event::Control(Request::Admin {
+            name: "mtp2".into(),
+            state: Admin::Drain,
+        }));
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=0 weight=1 listener=2000
+        STATUS[1] state=3 count=0 registered=1 flags=0
+        save mtp2=DRAIN/None
+        INFO  backend mtp2 is set to DRAIN mode (by operator). 1 active backends.
+        "#,
+        );
+        let fx = h.step_only(Event::Saved {
+            error: Some("cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)".into()),
+        });
+        assert_transcript(
+            &fx,
+            r#"
+        ERROR saving operator state: cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)
+        reply error: backend mtp2 is set to DRAIN mode (by operator), but it could not be saved (cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)): it holds until the agent restarts
+        "#,
+        );
+        // The change holds in the running agent.
+        assert_eq!(h.label(1), "DRAIN");
+    }
+
+    #[test]
+    fn transcript_handshake_counts_are_bounded_by_recent_assignments() {
+        let mut c = cfg(2);
+        c.handshake_timeout_ms = 3000;
+        let mut h = H::running(c, &[0]);
+        let assigned = |a: u64| Event::Assigned {
+            totals: vec![a, 0],
+            listening: vec![true, false],
+        };
+        // No bound for a listening slot until samples span the window.
+        assert_transcript(
+            &h.step(assigned(10)),
+            r#"
+        handshakes of mtp1 not below 0
+        handshakes of mtp2 at most 0
+        "#,
+        );
+        // 5 assigned within the window: at most 5 still in flight.
+        assert_transcript(
+            &h.after(MS(3000)).step(assigned(15)),
+            r#"
+        handshakes of mtp1 at most 5
+        handshakes of mtp2 at most 0
+        "#,
+        );
+        // None assigned within the window: none can be in flight.
+        assert_transcript(
+            &h.after(MS(3000)).step(assigned(15)),
+            r#"
+        handshakes of mtp1 at most 0
+        handshakes of mtp2 at most 0
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_takeover_trusts_what_the_earlier_agent_let_take_clients() {
+        let up = mtlb_common::STATE_UP;
+        let seen = |enabled: u32, listener_cookie: u64, oper: u32, listener: u64| Inherited {
+            backend: Backend {
+                weight: 1,
+                enabled,
+                listener_cookie,
+            },
+            oper,
+            listener,
+        };
+        let slots = [
+            // Proven, UP, enabled: kept as it is.
+            seen(1, 1000, up, 1000),
+            // A listener other than the proven one: not trusted.
+            seen(1, 2000, up, 2001),
+            // DOWN by the earlier agent's checks: not trusted.
+            seen(0, 3000, mtlb_common::STATE_DOWN, 3000),
+            // Nothing listening.
+            seen(1, 0, up, 0),
+        ];
+        let (trusted, fx) = inherit(true, &slots);
+        assert_eq!(trusted, [1000, 0, 0, 0]);
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=1 weight=1 listener=0
+        BACKENDS[2] enabled=0 weight=1 listener=0
+        "#,
+        );
+        // The earlier agent verified nothing: any listener it steered to.
+        let (trusted, fx) = inherit(false, &slots);
+        assert_eq!(trusted, [1000, 2001, 0, 0]);
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=1 weight=1 listener=2001
+        BACKENDS[2] enabled=0 weight=1 listener=0
+        "#,
+        );
     }
 }
