@@ -132,7 +132,7 @@ impl Agent {
                             }),
                         }
                     }
-                    Effect::Notify(n) => crate::system::notify::notify(&render::notice(&n)),
+                    Effect::Notify(n) => render::notify(&n),
                     Effect::Remove => self.keep_pins = false,
                     Effect::Stop => flow = Flow::Stop,
                 }

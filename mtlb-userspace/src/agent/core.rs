@@ -1063,7 +1063,6 @@ mod tests {
                     crate::config::replica_name(*slot)
                 ),
             },
-            Effect::Notify(n) => format!("notify {}", render::notice(n).replace('\n', " ")),
             other => format!("{other:?}"),
         }
     }

@@ -396,7 +396,7 @@ impl Agent {
         let Some(attached) = self.attached.take() else {
             return Ok(());
         };
-        crate::system::notify::notify(&render::notice(&effect::Notice::Stopping));
+        render::notify(&effect::Notice::Stopping);
         let _ = std::fs::remove_file(&self.control_path);
         if self.keep_pins {
             attached.keep();

@@ -299,12 +299,21 @@ pub fn emit(f: &Fact) {
     }
 }
 
-/// The sd_notify(3) assignments for `n`.
-pub fn notice(n: &Notice) -> String {
-    match n {
-        Notice::Ready { port } => format!("READY=1\nSTATUS=steering port {port}"),
-        Notice::Reloaded => "READY=1".into(),
-        Notice::Stopping => "STOPPING=1".into(),
+/// Tells the service manager (`Type=notify`, sd_notify(3)); without one,
+/// nothing.
+pub fn notify(n: &Notice) {
+    use sd_notify::NotifyState;
+    let status;
+    let states: &[NotifyState] = match n {
+        Notice::Ready { port } => {
+            status = format!("steering port {port}");
+            &[NotifyState::Ready, NotifyState::Status(&status)]
+        }
+        Notice::Reloaded => &[NotifyState::Ready],
+        Notice::Stopping => &[NotifyState::Stopping],
+    };
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify {n:?}: {e}");
     }
 }
 
@@ -338,4 +347,68 @@ fn describe(r: &CheckResult) -> String {
     }
     s.push_str(&format!(", check duration: {}ms", r.duration.as_millis()));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::health::OperState;
+    use std::time::Duration;
+
+    fn refused() -> CheckResult {
+        CheckResult::fail(
+            "Layer4 connection problem",
+            Some("Connection refused".into()),
+            Duration::from_millis(1),
+        )
+    }
+
+    #[test]
+    fn state_changes_and_progress_read_as_haproxy_writes_them() {
+        let down = Fact::Changed {
+            name: "mtp2".into(),
+            to: Oper::Down,
+            result: refused(),
+            active: 1,
+            conns: 0,
+        };
+        assert_eq!(
+            line(&down),
+            (
+                Level::WARN,
+                "backend mtp2 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 1ms. 1 active backends left. 0 connections active.".into()
+            )
+        );
+        let rising = Fact::Progress {
+            name: "mtp2".into(),
+            result: CheckResult::pass("Layer4 check passed", Duration::ZERO),
+            state: OperState {
+                oper: Oper::Down,
+                progress: 1,
+                rise: 2,
+                fall: 3,
+            },
+        };
+        assert!(line(&rising).1.ends_with("status: DOWN 1/2."));
+        assert_eq!(line(&Fact::NoBackend).1, "no backend available!");
+    }
+
+    #[test]
+    fn notifies_the_service_manager() {
+        use std::os::unix::net::UnixDatagram;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&p).unwrap();
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &p) };
+        notify(&Notice::Ready { port: 443 });
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let mut buf = [0u8; 128];
+        let n = rx.recv(&mut buf).unwrap();
+        let sent = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            sent.lines().eq(["READY=1", "STATUS=steering port 443"]),
+            "{sent:?}"
+        );
+    }
 }
