@@ -149,7 +149,11 @@ pub fn line(f: &Fact) -> (Level, String) {
         Fact::SaveFailed { error } => (L::ERROR, format!("saving operator state: {error}")),
         Fact::Reloading { path } => (
             L::INFO,
-            format!("SIGHUP: reloading {}", path.display()),
+            format!(
+                "{}: reloading {}",
+                signal_name(Signal::Hangup),
+                path.display()
+            ),
         ),
         Fact::Reloaded { replicas, port } => (
             L::INFO,
@@ -164,15 +168,7 @@ pub fn line(f: &Fact) -> (Level, String) {
             format!("backend {name} is draining before removal"),
         ),
         Fact::Removed { name } => (L::INFO, format!("backend {name} removed: drained")),
-        Fact::Stopping(s) => (
-            L::INFO,
-            match s {
-                Signal::Interrupt => "SIGINT: stopping",
-                Signal::Terminate => "SIGTERM: stopping",
-                Signal::Hangup => "SIGHUP: stopping",
-            }
-            .into(),
-        ),
+        Fact::Stopping(s) => (L::INFO, format!("{}: stopping", signal_name(*s))),
         Fact::BindRefused {
             slot,
             addr,
@@ -337,6 +333,14 @@ pub fn reloaded(replicas: u16, port: Option<u16>) -> String {
 /// The accept-queue detail of a stall: "4 queued of 128".
 pub fn queue_info(queued: u32, backlog: u32) -> String {
     format!("{queued} queued of {backlog}")
+}
+
+fn signal_name(s: Signal) -> &'static str {
+    match s {
+        Signal::Interrupt => "SIGINT",
+        Signal::Terminate => "SIGTERM",
+        Signal::Hangup => "SIGHUP",
+    }
 }
 
 /// A check result as HAProxy describes it: reason, info, duration.
