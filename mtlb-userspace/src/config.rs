@@ -421,7 +421,11 @@ impl Config {
                 ),
             ));
         }
-        if let Some(w) = self.weights.iter().find(|w| !(1..=256).contains(*w)) {
+        if let Some(w) = self
+            .weights
+            .iter()
+            .find(|w| !crate::control::WEIGHTS.contains(*w))
+        {
             return Err(invalid("weights", w, "each weight must be 1..=256"));
         }
         if self

@@ -5,7 +5,8 @@
 //! socket of its own network namespace, so `ip netns exec NS mtlb backend …`
 //! talks to that namespace's agent.
 
-use serde::{Deserialize, Serialize};
+use crate::checks::health::Admin;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
@@ -16,9 +17,14 @@ use std::{
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    /// Set a replica's administrative state: "ready", "drain" or "maint".
-    Admin { name: String, state: String },
-    /// Set a replica's weight (1..=256).
+    /// Set a replica's administrative state: "ready", "drain" or "maint"
+    /// on the wire.
+    Admin {
+        name: String,
+        #[serde(serialize_with = "admin_out", deserialize_with = "admin_in")]
+        state: Admin,
+    },
+    /// Set a replica's weight (in [`WEIGHTS`]).
     Weight { name: String, weight: u32 },
     /// Where a replica's counts are: its slot and the pin directory.
     Locate { name: String },
@@ -27,6 +33,23 @@ pub enum Request {
     /// Detach everything, remove the pins and stop: mtlb off this
     /// namespace for good.
     Remove,
+}
+
+/// The weights a replica may have (`weights` in the configuration,
+/// `mtlb backend NAME weight N`): load is compared as connections / weight
+/// in the kernel, with no division by zero and weights that fit its word.
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=256;
+
+/// The operator's word for an admin state, as the CLI sends it.
+fn admin_out<S: Serializer>(a: &Admin, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&a.as_str().to_ascii_lowercase())
+}
+
+fn admin_in<'de, D: Deserializer<'de>>(d: D) -> Result<Admin, D::Error> {
+    let s = String::deserialize(d)?;
+    Admin::parse(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!("unknown state {s:?}: use ready, drain or maint"))
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +113,77 @@ pub enum ControlError {
     BadRequest(#[source] serde_json::Error),
 }
 
+/// A control request, where to answer, and (from the connection's task)
+/// word that the answer was written, so the agent can stop after answering.
+pub type Incoming = (
+    Request,
+    tokio::sync::oneshot::Sender<Response>,
+    tokio::sync::oneshot::Receiver<()>,
+);
+
+/// The control socket, mode 0600 (only root talks to the agent).
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    // The caller holds the namespace lock: a socket file left here is a
+    // dead agent's.
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Accepts control connections and hands their requests to `tx`; each
+/// connection sends one request line per answer. An accept error (out of
+/// file descriptors) is logged and waited out: the socket keeps accepting.
+pub async fn accept(l: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sender<Incoming>) {
+    loop {
+        let s = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("control socket: accepting: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::spawn(answer(s, tx.clone()));
+    }
+}
+
+/// Reads one connection's requests and writes their answers, in order.
+async fn answer(s: tokio::net::UnixStream, tx: tokio::sync::mpsc::Sender<Incoming>) {
+    use tokio::{
+        io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+        sync::oneshot,
+    };
+    let (r, mut w) = s.into_split();
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let (wtx, wrx) = oneshot::channel();
+        let resp = match parse(&line) {
+            Ok(req) => {
+                let (otx, orx) = oneshot::channel();
+                if tx.send((req, otx, wrx)).await.is_err() {
+                    return;
+                }
+                match orx.await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            }
+            Err(e) => Response::err(crate::error::report(&e)),
+        };
+        let mut out = serde_json::to_string(&resp).expect("responses serialize");
+        out.push('\n');
+        if w.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+        let _ = wtx.send(());
+    }
+}
+
 /// Sends one request and waits for its answer.
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
     let io = |source| ControlError::Io {
@@ -123,7 +217,7 @@ mod tests {
         for r in [
             Request::Admin {
                 name: "mtp2".into(),
-                state: "drain".into(),
+                state: Admin::Drain,
             },
             Request::Weight {
                 name: "mtp1".into(),
@@ -139,6 +233,28 @@ mod tests {
             assert_eq!(parse(&line).unwrap(), r);
         }
         assert!(parse("{\"cmd\":\"nope\"}").is_err());
+        // The wire format the CLI speaks.
+        assert_eq!(
+            parse(r#"{"cmd":"admin","name":"mtp2","state":"maint"}"#).unwrap(),
+            Request::Admin {
+                name: "mtp2".into(),
+                state: Admin::Maint
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Admin {
+                name: "mtp1".into(),
+                state: Admin::Ready
+            })
+            .unwrap(),
+            r#"{"cmd":"admin","name":"mtp1","state":"ready"}"#
+        );
+        let e = parse(r#"{"cmd":"admin","name":"mtp1","state":"sleep"}"#).unwrap_err();
+        assert!(
+            crate::error::report(&e).contains("unknown state \"sleep\": use ready, drain or maint"),
+            "{}",
+            crate::error::report(&e)
+        );
         assert!(parse("garbage").is_err());
     }
 }

@@ -1,166 +1,68 @@
 //! The agent's decisions, as a pure function: [`step`] takes the state and
 //! one [`Event`] (a signal, a control request, a check result, a listener
-//! registered or closed, an accept-queue sample, a timer, a reloaded
+//! registered or closed, an accept-queue sample, time passing, a reloaded
 //! configuration) and returns the [`Effect`]s to carry out (map writes,
-//! checks to launch, log lines, replies). No I/O happens here: the serve
-//! loop (`serve.rs`) reads the kernel and the clock, and carries the effects
-//! out. Everything here is unit-tested without root.
+//! checks to launch, facts to log, replies). No I/O happens here: the serve
+//! loop (`serve.rs`) reads the kernel and the clock, and `apply.rs` carries
+//! the effects out. Everything here is unit-tested without root.
 
 use super::{
+    effect::{
+        Effect, Event, Fact, Inherited, Inputs, ListenerChange, Notice, Origin, QueueReading,
+        Signal,
+    },
+    heal::Assignments,
     persist::Saved,
-    reconcile,
+    reconcile, render,
     slot::{CheckSchedule, Slot},
 };
 use crate::{
     checks::{
         CheckSpec,
-        health::{Admin, CheckResult, DownCause, Event as HealthEvent, Oper},
+        health::{Admin, CheckResult, DownCause, Transition},
         reason,
     },
-    config::{Config, ConfigError, replica_name},
-    control::{Request, Response},
+    config::{Config, ConfigError},
+    control::{Request, Response, WEIGHTS},
 };
-use mtlb_common::{Backend, MAX_REPLICAS, Settings, Status, state::ListenerState};
+use mtlb_common::{MAX_REPLICAS, Settings, state::ListenerState};
 use std::{
+    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
-use tracing::Level;
 
-/// What the serve loop read just before the step: the clocks and each
-/// slot's connection count (established + handshakes, from the kernel).
-#[derive(Debug, Clone, Copy)]
-pub struct Inputs<'a> {
-    pub now: Instant,
-    /// Wall clock, for STATUS (read by other processes).
-    pub unix_ms: u64,
-    /// Indexed by slot; missing slots count as 0.
-    pub conns: &'a [u64],
+fn say(out: &mut Vec<Effect>, f: Fact) {
+    out.push(Effect::Say(f));
 }
 
-impl Inputs<'_> {
-    fn conns(&self, slot: usize) -> u64 {
-        self.conns.get(slot).copied().unwrap_or(0)
+/// At takeover: per slot, the listener the earlier agent let take clients
+/// (enabled, UP by its checks, its cookie verified, or any listener when it
+/// verified none), and the BACKENDS writes that make the kernel keep
+/// steering to it under this agent's settings. A replica it had DOWN is
+/// not trusted.
+pub fn inherit(verifying: bool, slots: &[Inherited]) -> (Vec<u64>, Vec<Effect>) {
+    let mut trusted = Vec::with_capacity(slots.len());
+    let mut out = Vec::new();
+    for (slot, s) in slots.iter().enumerate() {
+        let b = s.backend;
+        let ok = b.enabled != 0
+            && s.oper == mtlb_common::STATE_UP
+            && s.listener != 0
+            && (!verifying || b.listener_cookie == s.listener);
+        let cookie = if ok { s.listener } else { 0 };
+        if b.listener_cookie != cookie {
+            out.push(Effect::WriteBackend {
+                slot: slot as u32,
+                backend: mtlb_common::Backend {
+                    listener_cookie: cookie,
+                    ..b
+                },
+            });
+        }
+        trusted.push(cookie);
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    Interrupt,
-    Terminate,
-    Hangup,
-}
-
-/// Who asked for a reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Signal,
-    Control,
-}
-
-/// A listener appearing in or leaving a slot (by socket cookie), with how
-/// to show it ("127.0.0.1:10001 (IPv4, via listen hook)").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenerChange {
-    Registered {
-        slot: usize,
-        cookie: u64,
-        desc: String,
-    },
-    Closed {
-        slot: usize,
-        cookie: u64,
-        desc: String,
-    },
-}
-
-/// One accept-queue sample of a slot's listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueReading {
-    pub queued: u32,
-    pub backlog: u32,
-    /// Connections steered to it that reached its queue, so far (the
-    /// kernel's count).
-    pub entered: u64,
-}
-
-#[derive(Debug)]
-pub enum Event {
-    /// Programs attached, state taken over; `listeners` are the
-    /// registrations found at start, `verified` the listener cookie each
-    /// slot's BACKENDS entry held (an earlier agent's proven listeners).
-    Started {
-        listeners: Vec<ListenerChange>,
-        verified: Vec<u64>,
-    },
-    Signal(Signal),
-    Control(Request),
-    /// The configuration file was read again (after [`Effect::ReadConfig`]).
-    Reloaded {
-        origin: Origin,
-        result: Box<Result<Config, ConfigError>>,
-    },
-    /// The earliest [`State::next_check_due`] has passed.
-    ChecksDue,
-    CheckDone {
-        slot: usize,
-        generation: u64,
-        /// The listener the check was launched for.
-        cookie: u64,
-        result: CheckResult,
-    },
-    Listeners(Vec<ListenerChange>),
-    /// Accept-queue samples, indexed by slot (`None`: no listener seen).
-    Queues(Vec<Option<QueueReading>>),
-    /// The periodic tick: removals, slowstart, SYN-cookie watch.
-    Tick,
-    /// Time to expire handshakes that never completed.
-    ExpiryTick,
-    /// Time to look for listeners that did not register themselves.
-    ScanTick,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
-    Log(Level, String),
-    WriteBackend {
-        slot: u32,
-        backend: Backend,
-    },
-    WriteStatus {
-        slot: u32,
-        status: Status,
-    },
-    WriteSettings(Settings),
-    SetAddresses(Vec<[u8; 16]>),
-    SetAllowedUids(Vec<u32>),
-    Save(Saved),
-    StartCheck {
-        slot: usize,
-        generation: u64,
-        cookie: u64,
-        spec: CheckSpec,
-    },
-    /// The answer to the control request being handled.
-    Reply(Response),
-    /// Read the configuration again and step [`Event::Reloaded`].
-    ReadConfig(Origin),
-    /// Detach and unpin on the way out, whatever `keep_pins` says.
-    Remove,
-    /// Adopt listeners on replica ports that are not registered.
-    Adopt,
-    /// Read the registrations now and step [`Event::Listeners`].
-    PollListeners,
-    ExpireHandshakes {
-        older_than: Duration,
-    },
-    WatchCookies,
-    Notify(String),
-    Stop,
-}
-
-fn log(out: &mut Vec<Effect>, level: Level, line: impl Into<String>) {
-    out.push(Effect::Log(level, line.into()));
+    (trusted, out)
 }
 
 /// The agent's state: the configuration and one [`Slot`] per replica
@@ -179,6 +81,12 @@ pub struct State {
     any_active: bool,
     /// Source of check generations, never reused.
     generations: u64,
+    /// The answer to an operator's change, sent once its saving is done.
+    awaiting_save: Option<Response>,
+    /// Refused binds per slot: when last logged, and how many since.
+    refusals_logged: HashMap<u32, (Instant, u64)>,
+    /// Assignments over time: the upper bound of handshakes in flight.
+    assignments: Assignments,
 }
 
 impl State {
@@ -200,6 +108,9 @@ impl State {
             slots: Vec::with_capacity(n),
             any_active: false,
             generations: 0,
+            awaiting_save: None,
+            refusals_logged: HashMap::new(),
+            assignments: Assignments::default(),
         };
         for i in 0..n {
             // Spread the first checks over one interval.
@@ -270,7 +181,7 @@ impl State {
         reconcile::slots(&self.cfg, &mut self.slots, inp.now, out);
         let active = self.active_count() > 0;
         if self.any_active && !active {
-            log(out, Level::ERROR, "no backend available!");
+            say(out, Fact::NoBackend);
         }
         self.any_active = active;
     }
@@ -281,51 +192,51 @@ impl State {
 
     /// Logs what a health event did; a state change is written to the
     /// kernel before its line, so the line is true when read.
-    fn health_event(&mut self, slot: usize, ev: HealthEvent, inp: &Inputs, out: &mut Vec<Effect>) {
+    fn health_event(&mut self, slot: usize, ev: Transition, inp: &Inputs, out: &mut Vec<Effect>) {
         let t = self.cfg.thresholds();
+        let last = |s: &Slot| s.health.last().cloned().expect("a check ran");
         match ev {
-            HealthEvent::Steady => {}
-            HealthEvent::Progress => {
+            Transition::Steady => {}
+            Transition::Progress => {
                 let s = &self.slots[slot];
-                log(out, Level::INFO, s.health.progress_line(&s.name, &t));
+                say(
+                    out,
+                    Fact::Progress {
+                        name: s.name.clone(),
+                        result: last(s),
+                        state: s.health.state(&t),
+                    },
+                );
             }
-            HealthEvent::Changed(to) => {
+            Transition::Changed(to) => {
                 self.slots[slot].changed(to, inp.now, inp.unix_ms);
                 self.apply(inp, out);
                 let active = self.active_count();
                 let s = &self.slots[slot];
-                let line = s.health.change_line(&s.name, active, inp.conns(slot));
-                let level = match to {
-                    Oper::Down => Level::WARN,
-                    Oper::Up => Level::INFO,
-                };
-                log(out, level, line);
+                say(
+                    out,
+                    Fact::Changed {
+                        name: s.name.clone(),
+                        to,
+                        result: last(s),
+                        active,
+                        conns: inp.conns(slot),
+                    },
+                );
             }
         }
     }
 
-    fn summary(&self) -> String {
+    fn summary(&self) -> Fact {
         let cfg = &self.cfg;
-        let addrs = if cfg.addresses.is_empty() {
-            "all local addresses".to_string()
-        } else {
-            cfg.addresses
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        format!(
-            "steering TCP port {} on {} to {} replicas ({}..={} on {}), leastconn, {:?} checks; pins in {}",
-            cfg.port,
-            addrs,
-            cfg.replicas,
-            replica_name(0),
-            replica_name(cfg.replicas as usize - 1),
-            cfg.replica_address,
-            cfg.check.kind,
-            self.pin_dir.display()
-        )
+        Fact::Steering {
+            port: cfg.port,
+            addresses: cfg.addresses.clone(),
+            replicas: cfg.replicas,
+            replica_address: cfg.replica_address,
+            kind: cfg.check.kind,
+            pin_dir: self.pin_dir.clone(),
+        }
     }
 
     fn started(
@@ -335,13 +246,9 @@ impl State {
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) {
-        log(out, Level::INFO, self.summary());
+        say(out, self.summary());
         if self.cfg.any_replica_owner {
-            log(
-                out,
-                Level::WARN,
-                "any_replica_owner is set: any local user who listens on a replica port first becomes that replica",
-            );
+            say(out, Fact::AnyReplicaOwner);
         }
         // Listeners an earlier agent proved keep their clients across the
         // restart.
@@ -355,24 +262,21 @@ impl State {
             .all(|s| s.listener() == ListenerState::Missing)
         {
             let c = &self.cfg;
-            log(
+            say(
                 out,
-                Level::INFO,
-                format!(
-                    "no replica is listening yet; waiting for replicas on {}:{}..={}",
-                    c.replica_address,
-                    c.base_port,
-                    c.base_port + c.replicas - 1
-                ),
+                Fact::NothingListening {
+                    replica_address: c.replica_address,
+                    first_port: c.base_port,
+                    last_port: c.base_port + c.replicas - 1,
+                },
             );
         }
         self.apply(inp, out);
         // Slots an earlier agent may have used beyond ours.
         reconcile::clear(self.slots.len()..MAX_REPLICAS as usize, out);
-        out.push(Effect::Notify(format!(
-            "READY=1\nSTATUS=steering port {}",
-            self.cfg.port
-        )));
+        out.push(Effect::Notify(Notice::Ready {
+            port: self.cfg.port,
+        }));
     }
 
     fn listeners(&mut self, changes: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
@@ -380,11 +284,7 @@ impl State {
         for c in changes {
             match c {
                 ListenerChange::Registered { slot, cookie, desc } => {
-                    log(
-                        out,
-                        Level::INFO,
-                        format!("replica {} registered: {desc}", replica_name(slot)),
-                    );
+                    say(out, Fact::Registered { slot, desc });
                     let Some(s) = self.slots.get_mut(slot) else {
                         continue;
                     };
@@ -403,14 +303,7 @@ impl State {
                     }
                 }
                 ListenerChange::Closed { slot, cookie, desc } => {
-                    log(
-                        out,
-                        Level::INFO,
-                        format!(
-                            "replica {} unregistered: {desc}: its listener closed",
-                            replica_name(slot)
-                        ),
-                    );
+                    say(out, Fact::Unregistered { slot, desc });
                     let Some(s) = self.slots.get_mut(slot) else {
                         continue;
                     };
@@ -490,21 +383,21 @@ impl State {
             .count();
         for slot in newly {
             let s = &mut self.slots[slot];
-            let info = format!("{} queued of {}", s.queue.len, s.queue.max);
             if others == 0 && s.active() {
                 if !s.stall_kept {
                     s.stall_kept = true;
-                    log(
+                    say(
                         out,
-                        Level::WARN,
-                        format!(
-                            "backend {}: accept queue stalled ({info}), but no other backend takes connections: keeping it",
-                            s.name
-                        ),
+                        Fact::StallKept {
+                            name: s.name.clone(),
+                            queued: s.queue.len,
+                            backlog: s.queue.max,
+                        },
                     );
                 }
                 continue;
             }
+            let info = render::queue_info(s.queue.len, s.queue.max);
             let ev = s.health.set_stalled(true, info);
             self.health_event(slot, ev, inp, out);
         }
@@ -553,21 +446,12 @@ impl State {
             // Launched before a reload (or for a slot since removed).
             return;
         }
-        log(
+        say(
             out,
-            Level::DEBUG,
-            format!(
-                "check {}: {}, reason: {}{}, {}ms",
-                s.name,
-                if result.ok { "passed" } else { "failed" },
-                result.reason,
-                result
-                    .info
-                    .as_deref()
-                    .map(|i| format!(", info: \"{i}\""))
-                    .unwrap_or_default(),
-                result.duration.as_millis()
-            ),
+            Fact::Checked {
+                name: s.name.clone(),
+                result: result.clone(),
+            },
         );
         if !result.ok {
             s.check_failures += 1;
@@ -595,7 +479,7 @@ impl State {
         } else {
             // Something answers on the port, but no listener is registered
             // for it: it cannot get traffic anyway.
-            HealthEvent::Steady
+            Transition::Steady
         };
         s.check.next = inp.now + s.health.interval(&t);
         self.health_event(slot, ev, inp, out);
@@ -611,10 +495,11 @@ impl State {
             if !s.removing || inp.conns(slot) > 0 {
                 break;
             }
-            log(
+            say(
                 out,
-                Level::INFO,
-                format!("backend {} removed: drained", s.name),
+                Fact::Removed {
+                    name: s.name.clone(),
+                },
             );
             self.slots.pop();
         }
@@ -649,7 +534,7 @@ impl State {
 
     fn control(&mut self, req: Request, inp: &Inputs, out: &mut Vec<Effect>) {
         let reply = match req {
-            Request::Admin { name, state } => self.set_admin(&name, &state, inp, out),
+            Request::Admin { name, state } => self.set_admin(&name, state, inp, out),
             Request::Weight { name, weight } => self.set_weight(&name, weight, inp, out),
             Request::Locate { name } => match self.find(&name) {
                 Ok(slot) => Ok(Response {
@@ -669,11 +554,7 @@ impl State {
                 return;
             }
             Request::Remove => {
-                log(
-                    out,
-                    Level::WARN,
-                    "removing mtlb from this namespace (by operator): steering stops",
-                );
+                say(out, Fact::RemovingByOperator);
                 out.push(Effect::Reply(Response::ok(format!(
                     "detaching and removing {}",
                     self.pin_dir.display()
@@ -683,36 +564,57 @@ impl State {
                 return;
             }
         };
-        out.push(Effect::Reply(reply.unwrap_or_else(|e| e)));
+        match reply {
+            // Answered once saving is done: a change that is not saved
+            // does not hold past a restart, and the operator must know.
+            Ok(r) if out.iter().any(|e| matches!(e, Effect::Save(_))) => {
+                self.awaiting_save = Some(r)
+            }
+            r => out.push(Effect::Reply(r.unwrap_or_else(|e| e))),
+        }
+    }
+
+    /// The operator state was saved, or not: answer the change that asked
+    /// for it.
+    fn saved(&mut self, error: Option<String>, out: &mut Vec<Effect>) {
+        let reply = self.awaiting_save.take();
+        let reply = match (error, reply) {
+            (None, r) => r,
+            (Some(e), r) => {
+                say(out, Fact::SaveFailed { error: e.clone() });
+                r.map(|r| {
+                    Response::err(format!(
+                        "{}, but it could not be saved ({e}): it holds until the agent restarts",
+                        r.message
+                    ))
+                })
+            }
+        };
+        if let Some(r) = reply {
+            out.push(Effect::Reply(r));
+        }
     }
 
     fn set_admin(
         &mut self,
         name: &str,
-        state: &str,
+        admin: Admin,
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) -> Result<Response, Response> {
         let slot = self.find(name)?;
-        let admin = Admin::parse(state).ok_or_else(|| {
-            Response::err(format!(
-                "unknown state {state:?}: use ready, drain or maint"
-            ))
-        })?;
         self.slots[slot].admin = admin;
         self.apply(inp, out);
         self.save(out);
-        let line = match admin {
-            Admin::Maint => format!("backend {name} is going into maintenance (by operator)"),
-            Admin::Drain => format!("backend {name} is set to DRAIN mode (by operator)"),
-            Admin::Ready => format!("backend {name} is READY (by operator)"),
-        };
-        log(
+        say(
             out,
-            Level::INFO,
-            format!("{line}. {} active backends.", self.active_count()),
+            Fact::AdminSet {
+                name: name.to_string(),
+                admin,
+                active: self.active_count(),
+            },
         );
-        Ok(Response::ok(line))
+        Ok(Response::ok(render::admin_set(name, admin)))
     }
 
     fn set_weight(
@@ -723,16 +625,22 @@ impl State {
         out: &mut Vec<Effect>,
     ) -> Result<Response, Response> {
         let slot = self.find(name)?;
-        if !(1..=256).contains(&weight) {
-            return Err(Response::err(format!("weight {weight}: must be 1..=256")));
+        if !WEIGHTS.contains(&weight) {
+            return Err(Response::err(format!(
+                "weight {weight}: must be {}..={}",
+                WEIGHTS.start(),
+                WEIGHTS.end()
+            )));
         }
         self.slots[slot].weight_override = Some(weight);
         self.apply(inp, out);
         self.save(out);
-        log(
+        say(
             out,
-            Level::INFO,
-            format!("backend {name} weight set to {weight} (by operator)"),
+            Fact::WeightSet {
+                name: name.to_string(),
+                weight,
+            },
         );
         Ok(Response::ok(format!("backend {name} weight {weight}")))
     }
@@ -754,26 +662,34 @@ impl State {
             })
             .map(|new| self.apply_config(new, inp, out));
         match &result {
-            Ok(m) => log(out, Level::INFO, format!("configuration reloaded: {m}")),
-            Err(e) => log(
+            Ok((replicas, port)) => say(
                 out,
-                Level::ERROR,
-                format!("reload failed, keeping the running configuration: {e}"),
+                Fact::Reloaded {
+                    replicas: *replicas,
+                    port: *port,
+                },
             ),
+            Err(e) => say(out, Fact::ReloadFailed { error: e.clone() }),
         }
         match origin {
             Origin::Control => out.push(Effect::Reply(match result {
-                Ok(m) => Response::ok(m),
+                Ok((replicas, port)) => Response::ok(render::reloaded(replicas, port)),
                 Err(e) => Response::err(e),
             })),
-            Origin::Signal => out.push(Effect::Notify("READY=1".into())),
+            Origin::Signal => out.push(Effect::Notify(Notice::Reloaded)),
         }
     }
 
     /// Takes a valid configuration that may change on reload. Scale up: new
     /// slots (and slots that were draining away come back). Scale down: the
     /// slots beyond drain, then go.
-    fn apply_config(&mut self, new: Config, inp: &Inputs, out: &mut Vec<Effect>) -> String {
+    /// Returns the replicas now, and the balanced port if it changed.
+    fn apply_config(
+        &mut self,
+        new: Config,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) -> (u16, Option<u16>) {
         let old_n = self.slots.len();
         let new_n = new.replicas as usize;
         for s in self.slots.iter_mut().take(new_n) {
@@ -782,10 +698,11 @@ impl State {
         for s in self.slots.iter_mut().skip(new_n) {
             if !s.removing {
                 s.removing = true;
-                log(
+                say(
                     out,
-                    Level::INFO,
-                    format!("backend {} is draining before removal", s.name),
+                    Fact::Draining {
+                        name: s.name.clone(),
+                    },
                 );
             }
         }
@@ -821,14 +738,62 @@ impl State {
         // Listeners of new slots may be there already.
         out.push(Effect::Adopt);
         out.push(Effect::PollListeners);
-        format!(
-            "{new_n} replicas{}",
-            if port_changed {
-                format!(", balanced port now {}", self.cfg.port)
-            } else {
-                String::new()
+        (self.cfg.replicas, port_changed.then_some(self.cfg.port))
+    }
+
+    /// A refused bind, logged once a minute per slot at most (the kernel
+    /// reports one a second at most), with how many were not.
+    fn bind_refused(
+        &mut self,
+        slot: u32,
+        addr: std::net::SocketAddr,
+        uid: u32,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        let mut more = 0;
+        if let Some((logged, since)) = self.refusals_logged.get_mut(&slot) {
+            if inp.now.duration_since(*logged) < Duration::from_secs(60) {
+                *since += 1;
+                return;
             }
-        )
+            more = *since;
+        }
+        self.refusals_logged.insert(slot, (inp.now, 0));
+        say(
+            out,
+            Fact::BindRefused {
+                slot,
+                addr,
+                uid,
+                replica_uids: self.cfg.replica_uids.clone(),
+                more,
+            },
+        );
+    }
+
+    /// Handshakes older than the handshake timeout no longer count (see
+    /// `heal`): per slot, how many can still be in flight.
+    fn assigned(
+        &mut self,
+        totals: Vec<u64>,
+        listening: Vec<bool>,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        let window = Duration::from_millis(self.cfg.handshake_timeout_ms);
+        // Two samples a window apart and one tick to spare.
+        self.assignments
+            .record(inp.now, totals, window + Duration::from_secs(1));
+        for slot in 0..self.slots.len() {
+            let most = if listening.get(slot).copied().unwrap_or(false) {
+                self.assignments.within(slot, window)
+            } else {
+                // No listener, no handshake in flight.
+                Some(0)
+            };
+            out.push(Effect::BoundHandshakes { slot, most, window });
+        }
     }
 }
 
@@ -840,24 +805,22 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
             listeners,
             verified,
         } => state.started(listeners, verified, inp, &mut out),
-        Event::Signal(Signal::Interrupt) => {
-            log(&mut out, Level::INFO, "SIGINT: stopping");
-            out.push(Effect::Stop);
-        }
-        Event::Signal(Signal::Terminate) => {
-            log(&mut out, Level::INFO, "SIGTERM: stopping");
+        Event::Signal(s @ (Signal::Interrupt | Signal::Terminate)) => {
+            say(&mut out, Fact::Stopping(s));
             out.push(Effect::Stop);
         }
         Event::Signal(Signal::Hangup) => {
-            log(
+            say(
                 &mut out,
-                Level::INFO,
-                format!("SIGHUP: reloading {}", state.config_path.display()),
+                Fact::Reloading {
+                    path: state.config_path.clone(),
+                },
             );
             out.push(Effect::ReadConfig(Origin::Signal));
         }
         Event::Control(req) => state.control(req, inp, &mut out),
         Event::Reloaded { origin, result } => state.reloaded(origin, *result, inp, &mut out),
+        Event::Saved { error } => state.saved(error, &mut out),
         Event::ChecksDue => state.checks_due(inp, &mut out),
         Event::CheckDone {
             slot,
@@ -870,16 +833,16 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
             state.queues(samples, inp, &mut out);
             state.apply(inp, &mut out);
         }
-        Event::Tick => {
+        Event::Elapsed => {
             state.finish_removals(inp, &mut out);
             // Slowstart ramps need rewriting as time passes.
             state.apply(inp, &mut out);
             out.push(Effect::WatchCookies);
         }
-        Event::ExpiryTick => out.push(Effect::ExpireHandshakes {
-            older_than: Duration::from_millis(state.cfg.handshake_timeout_ms),
-        }),
-        Event::ScanTick => out.push(Effect::Adopt),
+        Event::Assigned { totals, listening } => state.assigned(totals, listening, inp, &mut out),
+        Event::BindRefused { slot, addr, uid } => {
+            state.bind_refused(slot, addr, uid, inp, &mut out)
+        }
     }
     out
 }
@@ -888,7 +851,9 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
 mod tests {
     use super::*;
     use crate::config::CheckKind;
+    use mtlb_common::Backend;
     use mtlb_common::STATE_UP;
+    use std::net::SocketAddr;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -948,7 +913,17 @@ mod tests {
             })
         }
 
+        /// Steps `ev`; a save it asks for succeeds (its outcome is
+        /// stepped too, as the shell does).
         fn step(&mut self, ev: Event) -> Vec<Effect> {
+            let mut fx = self.step_only(ev);
+            if fx.iter().any(|e| matches!(e, Effect::Save(_))) {
+                fx.extend(self.step_only(Event::Saved { error: None }));
+            }
+            fx
+        }
+
+        fn step_only(&mut self, ev: Event) -> Vec<Effect> {
             let inp = Inputs {
                 now: self.now,
                 unix_ms: 1,
@@ -1033,10 +1008,86 @@ mod tests {
     fn logs(fx: &[Effect]) -> Vec<String> {
         fx.iter()
             .filter_map(|e| match e {
-                Effect::Log(_, l) => Some(l.clone()),
+                Effect::Say(f) => Some(render::line(f).1),
                 _ => None,
             })
             .collect()
+    }
+
+    /// One effect as one line, as a reviewer reads a transcript.
+    fn line_of(e: &Effect) -> String {
+        match e {
+            Effect::Say(f) => {
+                let (level, line) = render::line(f);
+                format!("{level:<5} {line}")
+            }
+            Effect::WriteBackend { slot, backend: b } => format!(
+                "BACKENDS[{slot}] enabled={} weight={} listener={}",
+                b.enabled, b.weight, b.listener_cookie
+            ),
+            Effect::WriteStatus { slot, status: s } => format!(
+                "STATUS[{slot}] state={} count={} registered={} flags={}",
+                s.state, s.count, s.registered, s.flags
+            ),
+            Effect::WriteSettings(s) => format!(
+                "SETTINGS port={} replicas={} require_verified={} require_owner={}",
+                s.port, s.replicas, s.require_verified, s.require_owner
+            ),
+            Effect::SetAddresses(a) => format!("ADDRESSES {} entries", a.len()),
+            Effect::SetAllowedUids(u) => format!("ALLOWED_UIDS {u:?}"),
+            Effect::Save(s) if s.backends.is_empty() => "save: no operator choices".into(),
+            Effect::Save(s) => format!(
+                "save {}",
+                s.backends
+                    .iter()
+                    .map(|(n, b)| format!("{n}={}/{:?}", b.admin.as_str(), b.weight))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Effect::StartCheck { slot, cookie, .. } => {
+                format!(
+                    "check {} (listener {cookie})",
+                    crate::config::replica_name(*slot)
+                )
+            }
+            Effect::Reply(r) => {
+                format!("reply {}: {}", if r.ok { "ok" } else { "error" }, r.message)
+            }
+            Effect::ReadConfig(o) => format!("read the configuration ({o:?})"),
+            Effect::BoundHandshakes { slot, most, .. } => match most {
+                Some(m) => format!(
+                    "handshakes of {} at most {m}",
+                    crate::config::replica_name(*slot)
+                ),
+                None => format!(
+                    "handshakes of {} not below 0",
+                    crate::config::replica_name(*slot)
+                ),
+            },
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// `fx` as a transcript: one line per effect.
+    fn transcript(fx: &[Effect]) -> String {
+        fx.iter().map(line_of).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Asserts that `fx` reads as `want` (one effect per line; leading
+    /// blanks of each line ignored).
+    #[track_caller]
+    fn assert_transcript(fx: &[Effect], want: &str) {
+        let want = want
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let got = transcript(fx);
+        assert!(
+            got == want,
+            "transcript differs; got:\n{got}\n\nwant:\n{want}"
+        );
     }
 
     fn has_log(fx: &[Effect], needle: &str) -> bool {
@@ -1105,10 +1156,7 @@ mod tests {
         for slot in 2..MAX_REPLICAS {
             assert_eq!(backend(&fx, slot), Some(Backend::default()), "slot {slot}");
         }
-        assert!(
-            fx.iter()
-                .any(|e| matches!(e, Effect::Notify(n) if n.starts_with("READY=1")))
-        );
+        assert!(fx.contains(&Effect::Notify(Notice::Ready { port: 443 })));
         assert_eq!(h.label(0), "DOWN");
     }
 
@@ -1192,7 +1240,7 @@ mod tests {
         // The kernel is told first, then the line.
         let line_at = fx
             .iter()
-            .position(|e| matches!(e, Effect::Log(_, l) if l.starts_with("backend mtp2 is DOWN")))
+            .position(|e| matches!(e, Effect::Say(f) if render::line(f).1.starts_with("backend mtp2 is DOWN")))
             .unwrap();
         let write_at = fx
             .iter()
@@ -1294,7 +1342,7 @@ mod tests {
                 .count()
         };
         assert_eq!(said(&fx), 1);
-        assert_eq!(said(&h.step(Event::Tick)), 0);
+        assert_eq!(said(&h.step(Event::Elapsed)), 0);
         h.step(Event::Listeners(vec![reg_as(0, 1)]));
         h.check(0, true);
         let fx = h.step(Event::Listeners(vec![closed_as(0, 1)]));
@@ -1339,19 +1387,27 @@ mod tests {
     fn falls_after_fall_failures_with_progress_lines() {
         let mut h = H::running(cfg(2), &[0, 1]);
         let fx = h.check(1, false);
-        assert!(has_log(
+        assert_transcript(
             &fx,
-            "Health check for backend mtp2 failed, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 1ms, status: UP 1/3."
-        ));
+            r#"
+        DEBUG check mtp2: failed, reason: Layer4 connection problem, info: "Connection refused", 1ms
+        INFO  Health check for backend mtp2 failed, reason: Layer4 connection problem, info: "Connection refused", check duration: 1ms, status: UP 1/3.
+        STATUS[1] state=1 count=1 registered=1 flags=0
+        "#,
+        );
         assert_eq!(h.label(1), "UP 1/3");
         assert!(h.slot(1).active(), "still takes connections while falling");
         h.check(1, false);
         let fx = h.check(1, false);
-        assert!(has_log(
+        assert_transcript(
             &fx,
-            "backend mtp2 is DOWN, reason: Layer4 connection problem"
-        ));
-        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+            r#"
+        DEBUG check mtp2: failed, reason: Layer4 connection problem, info: "Connection refused", 1ms
+        BACKENDS[1] enabled=0 weight=1 listener=2000
+        STATUS[1] state=2 count=0 registered=1 flags=0
+        WARN  backend mtp2 is DOWN, reason: Layer4 connection problem, info: "Connection refused", check duration: 1ms. 1 active backends left. 0 connections active.
+        "#,
+        );
         assert_eq!(h.slot(1).check_failures, 3);
     }
 
@@ -1583,15 +1639,19 @@ mod tests {
         let mut h = H::running(cfg(2), &[0, 1]);
         let (r, fx) = h.control(Request::Admin {
             name: "mtp2".into(),
-            state: "drain".into(),
+            state: Admin::Drain,
         });
         assert!(r.ok);
-        assert_eq!(r.message, "backend mtp2 is set to DRAIN mode (by operator)");
-        assert!(has_log(
+        assert_transcript(
             &fx,
-            "backend mtp2 is set to DRAIN mode (by operator). 1 active backends."
-        ));
-        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+            r#"
+        BACKENDS[1] enabled=0 weight=1 listener=2000
+        STATUS[1] state=3 count=0 registered=1 flags=0
+        save mtp2=DRAIN/None
+        INFO  backend mtp2 is set to DRAIN mode (by operator). 1 active backends.
+        reply ok: backend mtp2 is set to DRAIN mode (by operator)
+        "#,
+        );
         assert_eq!(saved(&fx).unwrap().backends["mtp2"].admin, Admin::Drain);
         assert_eq!(h.label(1), "DRAIN");
         // wait-drained asks where the counts are.
@@ -1602,11 +1662,19 @@ mod tests {
         // Ready again.
         let (r, fx) = h.control(Request::Admin {
             name: "mtp2".into(),
-            state: "ready".into(),
+            state: Admin::Ready,
         });
         assert_eq!(r.message, "backend mtp2 is READY (by operator)");
-        assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
-        assert!(saved(&fx).unwrap().backends.is_empty());
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=1 weight=1 listener=2000
+        STATUS[1] state=1 count=0 registered=1 flags=0
+        save: no operator choices
+        INFO  backend mtp2 is READY (by operator). 2 active backends.
+        reply ok: backend mtp2 is READY (by operator)
+        "#,
+        );
     }
 
     #[test]
@@ -1614,7 +1682,7 @@ mod tests {
         let mut h = H::running(cfg(2), &[0, 1]);
         let (r, fx) = h.control(Request::Admin {
             name: "mtp1".into(),
-            state: "maint".into(),
+            state: Admin::Maint,
         });
         assert_eq!(
             r.message,
@@ -1638,11 +1706,7 @@ mod tests {
         for req in [
             Request::Admin {
                 name: "mtp9".into(),
-                state: "drain".into(),
-            },
-            Request::Admin {
-                name: "mtp1".into(),
-                state: "sleep".into(),
+                state: Admin::Drain,
             },
             Request::Weight {
                 name: "mtp1".into(),
@@ -1683,7 +1747,7 @@ mod tests {
         let mut h = H::running(cfg(2), &[0, 1]);
         let (_, fx) = h.control(Request::Admin {
             name: "mtp2".into(),
-            state: "maint".into(),
+            state: Admin::Maint,
         });
         let (_, fx2) = h.control(Request::Weight {
             name: "mtp1".into(),
@@ -1707,12 +1771,12 @@ mod tests {
         h.start(vec![reg(0)]);
         let fx = h.check(0, true);
         assert_eq!(backend(&fx, 0).unwrap().weight, 1);
-        let fx = h.after(MS(500)).step(Event::Tick);
+        let fx = h.after(MS(500)).step(Event::Elapsed);
         assert_eq!(backend(&fx, 0).unwrap().weight, 5);
-        let fx = h.after(MS(600)).step(Event::Tick);
+        let fx = h.after(MS(600)).step(Event::Elapsed);
         assert_eq!(backend(&fx, 0).unwrap().weight, 10);
         assert_eq!(
-            backend(&h.step(Event::Tick), 0),
+            backend(&h.step(Event::Elapsed), 0),
             None,
             "unchanged: no write"
         );
@@ -1739,19 +1803,43 @@ mod tests {
     #[test]
     fn scale_down_drains_then_removes_the_slot() {
         let mut h = H::running(cfg(3), &[0, 1, 2]);
+        // Its counts stay in use: SETTINGS keeps 3 slots.
         let fx = h.reload(Ok(cfg(2)));
-        assert!(has_log(&fx, "backend mtp3 is draining before removal"));
-        assert_eq!(backend(&fx, 2).unwrap().enabled, 0);
-        assert_eq!(settings(&fx).unwrap().replicas, 3, "its counts stay in use");
+        assert_transcript(
+            &fx,
+            r#"
+        INFO  backend mtp3 is draining before removal
+        BACKENDS[2] enabled=0 weight=1 listener=3000
+        ADDRESSES 0 entries
+        ALLOWED_UIDS [0]
+        SETTINGS port=443 replicas=3 require_verified=1 require_owner=1
+        Adopt
+        PollListeners
+        INFO  configuration reloaded: 2 replicas
+        reply ok: 2 replicas
+        "#,
+        );
         h.conns[2] = 2;
-        let fx = h.step(Event::Tick);
-        assert!(!has_log(&fx, "removed"));
+        let fx = h.step(Event::Elapsed);
+        assert_transcript(
+            &fx,
+            r#"
+        WatchCookies
+        "#,
+        );
         assert_eq!(h.st.slots().len(), 3);
         h.conns[2] = 0;
-        let fx = h.step(Event::Tick);
-        assert!(has_log(&fx, "backend mtp3 removed: drained"));
-        assert_eq!(settings(&fx).unwrap().replicas, 2);
-        assert_eq!(backend(&fx, 2), Some(Backend::default()));
+        let fx = h.step(Event::Elapsed);
+        assert_transcript(
+            &fx,
+            r#"
+        INFO  backend mtp3 removed: drained
+        SETTINGS port=443 replicas=2 require_verified=1 require_owner=1
+        BACKENDS[2] enabled=0 weight=0 listener=0
+        STATUS[2] state=0 count=0 registered=0 flags=0
+        WatchCookies
+        "#,
+        );
         assert_eq!(h.st.slots().len(), 2);
         // 2 -> 3 again: a fresh slot.
         h.reload(Ok(cfg(3)));
@@ -1767,7 +1855,7 @@ mod tests {
         assert_eq!(backend(&fx, 2).unwrap().enabled, 1);
         assert!(h.slot(2).active());
         h.conns[2] = 0;
-        assert!(!has_log(&h.step(Event::Tick), "removed"));
+        assert!(!has_log(&h.step(Event::Elapsed), "removed"));
     }
 
     #[test]
@@ -1820,14 +1908,19 @@ mod tests {
     fn sighup_reads_the_config_and_notifies_ready_after() {
         let mut h = H::running(cfg(2), &[0, 1]);
         let fx = h.step(Event::Signal(Signal::Hangup));
-        assert!(has_log(&fx, "SIGHUP: reloading /etc/mtlb/mtlb.toml"));
-        assert_eq!(fx.last(), Some(&Effect::ReadConfig(Origin::Signal)));
+        assert_transcript(
+            &fx,
+            "
+            INFO  SIGHUP: reloading /etc/mtlb/mtlb.toml
+            read the configuration (Signal)
+            ",
+        );
         let fx = h.step(Event::Reloaded {
             origin: Origin::Signal,
             result: Box::new(Ok(cfg(2))),
         });
         assert!(reply(&fx).is_none());
-        assert_eq!(fx.last(), Some(&Effect::Notify("READY=1".into())));
+        assert_eq!(fx.last(), Some(&Effect::Notify(Notice::Reloaded)));
         // A reload asked on the control socket is answered after reading.
         let fx = h.step(Event::Control(Request::Reload));
         assert_eq!(fx, [Effect::ReadConfig(Origin::Control)]);
@@ -1843,31 +1936,193 @@ mod tests {
             (Signal::Terminate, "SIGTERM: stopping"),
         ] {
             let fx = h.step(Event::Signal(s));
-            assert_eq!(fx, [Effect::Log(Level::INFO, line.into()), Effect::Stop]);
+            assert_transcript(&fx, &format!("INFO  {line}\nStop"));
         }
     }
 
     #[test]
-    fn timers_ask_for_expiry_adoption_and_the_cookie_watch() {
-        let mut c = cfg(2);
-        c.handshake_timeout_ms = 1234;
-        let mut h = H::running(c, &[0, 1]);
-        assert_eq!(
-            h.step(Event::ExpiryTick),
-            [Effect::ExpireHandshakes {
-                older_than: MS(1234)
-            }]
-        );
-        assert_eq!(h.step(Event::ScanTick), [Effect::Adopt]);
-        assert!(h.step(Event::Tick).contains(&Effect::WatchCookies));
+    fn time_passing_asks_for_the_cookie_watch() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        assert!(h.step(Event::Elapsed).contains(&Effect::WatchCookies));
     }
 
     #[test]
     fn a_failed_write_is_retried() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        assert_eq!(backend(&h.step(Event::Tick), 1), None);
+        assert_eq!(backend(&h.step(Event::Elapsed), 1), None);
         h.st.forget_written(1);
-        let fx = h.step(Event::Tick);
+        let fx = h.step(Event::Elapsed);
         assert_eq!(backend(&fx, 1).unwrap().enabled, 1);
+    }
+
+    // ------------------------------------------------------ transcripts
+
+    #[test]
+    fn transcript_a_replica_restarts() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.conns[1] = 4;
+        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        assert_transcript(
+            &fx,
+            r#"
+        INFO  replica mtp2 unregistered: 127.0.0.1:10001 (IPv4): its listener closed
+        BACKENDS[1] enabled=1 weight=1 listener=0
+        STATUS[1] state=2 count=0 registered=0 flags=0
+        WARN  backend mtp2 is DOWN, reason: no listener registered, info: "listener closed", check duration: 0ms. 1 active backends left. 4 connections active.
+        Adopt
+        INFO  replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)
+        check mtp2 (listener 2001)
+        STATUS[1] state=2 count=0 registered=1 flags=0
+        "#,
+        );
+        let fx = h.check(1, true);
+        assert_transcript(
+            &fx,
+            r#"
+        DEBUG check mtp2: passed, reason: Layer4 check passed, 1ms
+        BACKENDS[1] enabled=1 weight=1 listener=2001
+        STATUS[1] state=1 count=0 registered=1 flags=0
+        INFO  backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online.
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_refused_binds_are_logged_once_a_minute_per_slot() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let bind = |slot: u32| Event::BindRefused {
+            slot,
+            addr: SocketAddr::from(([127, 0, 0, 1], 10000 + slot as u16)),
+            uid: 1000,
+        };
+        assert_transcript(
+            &h.step(bind(1)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 1000: its owner is not in replica_uids [0]
+        "#,
+        );
+        for _ in 0..3 {
+            assert_transcript(&h.after(MS(1000)).step(bind(1)), "");
+        }
+        assert_transcript(
+            &h.step(bind(0)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10000 (mtp1's port) by uid 1000: its owner is not in replica_uids [0]
+        "#,
+        );
+        assert_transcript(
+            &h.after(MS(57_000)).step(bind(1)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 1000: its owner is not in replica_uids [0] (3 more refusals reported since the last line)
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_a_failed_save_fails_the_operators_command() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.step_only(Event::Control(Request::Admin {
+            name: "mtp2".into(),
+            state: Admin::Drain,
+        }));
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=0 weight=1 listener=2000
+        STATUS[1] state=3 count=0 registered=1 flags=0
+        save mtp2=DRAIN/None
+        INFO  backend mtp2 is set to DRAIN mode (by operator). 1 active backends.
+        "#,
+        );
+        let fx = h.step_only(Event::Saved {
+            error: Some("cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)".into()),
+        });
+        assert_transcript(
+            &fx,
+            r#"
+        ERROR saving operator state: cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)
+        reply error: backend mtp2 is set to DRAIN mode (by operator), but it could not be saved (cannot write state file /var/lib/mtlb/state-1.json: No space left on device (os error 28)): it holds until the agent restarts
+        "#,
+        );
+        // The change holds in the running agent.
+        assert_eq!(h.label(1), "DRAIN");
+    }
+
+    #[test]
+    fn transcript_handshake_counts_are_bounded_by_recent_assignments() {
+        let mut c = cfg(2);
+        c.handshake_timeout_ms = 3000;
+        let mut h = H::running(c, &[0]);
+        let assigned = |a: u64| Event::Assigned {
+            totals: vec![a, 0],
+            listening: vec![true, false],
+        };
+        // No bound for a listening slot until samples span the window.
+        assert_transcript(
+            &h.step(assigned(10)),
+            r#"
+        handshakes of mtp1 not below 0
+        handshakes of mtp2 at most 0
+        "#,
+        );
+        // 5 assigned within the window: at most 5 still in flight.
+        assert_transcript(
+            &h.after(MS(3000)).step(assigned(15)),
+            r#"
+        handshakes of mtp1 at most 5
+        handshakes of mtp2 at most 0
+        "#,
+        );
+        // None assigned within the window: none can be in flight.
+        assert_transcript(
+            &h.after(MS(3000)).step(assigned(15)),
+            r#"
+        handshakes of mtp1 at most 0
+        handshakes of mtp2 at most 0
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_takeover_trusts_what_the_earlier_agent_let_take_clients() {
+        let up = mtlb_common::STATE_UP;
+        let seen = |enabled: u32, listener_cookie: u64, oper: u32, listener: u64| Inherited {
+            backend: Backend {
+                weight: 1,
+                enabled,
+                listener_cookie,
+            },
+            oper,
+            listener,
+        };
+        let slots = [
+            // Proven, UP, enabled: kept as it is.
+            seen(1, 1000, up, 1000),
+            // A listener other than the proven one: not trusted.
+            seen(1, 2000, up, 2001),
+            // DOWN by the earlier agent's checks: not trusted.
+            seen(0, 3000, mtlb_common::STATE_DOWN, 3000),
+            // Nothing listening.
+            seen(1, 0, up, 0),
+        ];
+        let (trusted, fx) = inherit(true, &slots);
+        assert_eq!(trusted, [1000, 0, 0, 0]);
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=1 weight=1 listener=0
+        BACKENDS[2] enabled=0 weight=1 listener=0
+        "#,
+        );
+        // The earlier agent verified nothing: any listener it steered to.
+        let (trusted, fx) = inherit(false, &slots);
+        assert_eq!(trusted, [1000, 2001, 0, 0]);
+        assert_transcript(
+            &fx,
+            r#"
+        BACKENDS[1] enabled=1 weight=1 listener=2001
+        BACKENDS[2] enabled=0 weight=1 listener=0
+        "#,
+        );
     }
 }

@@ -3,18 +3,25 @@
 //! signal, and dropping it tears down what it set up.
 //!
 //! * [`core`]: every decision, as a pure `step(state, event) -> effects`.
+//! * [`effect`]: what goes in (events) and comes out (effects, facts).
+//! * [`render`]: facts as journal lines and notifications, in one place.
 //! * [`slot`]: one [`slot::Slot`] per replica, its typed state.
 //! * [`reconcile`]: state → map contents (SETTINGS, BACKENDS, STATUS).
-//! * [`serve`]: the loop that turns events into steps and effects into I/O.
+//! * [`serve`]: the loop that waits for events; [`apply`] carries effects
+//!   out; [`listeners`] reads replica listeners from the kernel.
 //! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
 
+mod apply;
 pub mod core;
+pub mod effect;
 pub mod heal;
+mod listeners;
 pub mod locate;
 pub mod persist;
 pub mod reconcile;
+pub mod render;
 pub mod serve;
 pub mod slot;
 
@@ -101,7 +108,7 @@ pub enum StartError {
     #[error("reading SO_NETNS_COOKIE (Linux 5.14+)")]
     NetnsCookie(#[source] std::io::Error),
     #[error(transparent)]
-    Cookies(#[from] serve::CookieWatchError),
+    Cookies(#[from] crate::kernel::cookies::WatchError),
     #[error(transparent)]
     State(#[from] persist::PersistError),
 }
@@ -129,36 +136,30 @@ pub struct Agent {
     cookies_seen: Option<crate::kernel::cookies::Observed>,
     /// Per slot, the listener an earlier agent had proven (0: none).
     seeded: Vec<u64>,
-    /// Refused binds per slot: when last logged, and how many since.
-    refusals_logged: std::collections::HashMap<u32, (std::time::Instant, u64)>,
-    /// Assignments over time: the upper bound of handshakes in flight.
-    assignments: heal::Assignments,
     _lock: NetnsLock,
 }
 
-/// At takeover: per slot, the listener the earlier agent let take clients
-/// (enabled, UP by its checks, its cookie verified, or any listener when it
-/// verified none), written into BACKENDS so the kernel keeps steering to it
-/// under this agent's settings. A replica it had DOWN is not trusted.
+/// At takeover: reads each slot as the earlier agent left it; the core
+/// decides which listeners keep their clients, and their cookies are
+/// written into BACKENDS here, before SETTINGS may require them.
 fn seed_verified(maps: &mut Maps, slots: usize) -> Result<Vec<u64>, MapsError> {
     let verifying = maps.settings()?.require_verified != 0;
-    let mut out = Vec::with_capacity(slots);
-    for slot in 0..slots as u32 {
-        let mut b = maps.backend(slot)?;
-        let st = maps.status(slot)?;
-        let l = maps.listener(slot)?;
-        let trusted = b.enabled != 0
-            && st.oper == mtlb_common::STATE_UP
-            && l.cookie != 0
-            && (!verifying || b.listener_cookie == l.cookie);
-        let cookie = if trusted { l.cookie } else { 0 };
-        if b.listener_cookie != cookie {
-            b.listener_cookie = cookie;
-            maps.set_backend(slot, b)?;
+    let inherited = (0..slots as u32)
+        .map(|slot| {
+            Ok(effect::Inherited {
+                backend: maps.backend(slot)?,
+                oper: maps.status(slot)?.oper,
+                listener: maps.listener(slot)?.cookie,
+            })
+        })
+        .collect::<Result<Vec<_>, MapsError>>()?;
+    let (trusted, writes) = core::inherit(verifying, &inherited);
+    for w in writes {
+        if let effect::Effect::WriteBackend { slot, backend } = w {
+            maps.set_backend(slot, backend)?;
         }
-        out.push(cookie);
     }
-    Ok(out)
+    Ok(trusted)
 }
 
 /// What start-up has done so far, undone if it fails part way.
@@ -309,7 +310,7 @@ impl Agent {
             source.path.clone(),
             dir.clone(),
             cookie,
-            &core::Inputs {
+            &effect::Inputs {
                 now: inp_now,
                 unix_ms: slot::unix_ms(),
                 conns: &counts,
@@ -326,10 +327,10 @@ impl Agent {
         loaded.maps.set_allowed_uids(&cfg.replica_uids)?;
         loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
         let mut cookies_seen = None;
-        serve::watch_cookies(&mut loaded.maps, &mut cookies_seen)?;
+        crate::kernel::cookies::watch(&mut loaded.maps, &mut cookies_seen)?;
         loaded.attach_accounting(&cgroup, &replica_cgroup, &dir, attached)?;
         let mut registry = Registry::default();
-        serve::adopt(&cfg, &mut registry, &mut loaded.maps);
+        listeners::adopt(&cfg, &mut registry, &mut loaded.maps);
         loaded.attach_steering(&dir, attached)?;
 
         if let Some(old) = up.stale.take() {
@@ -358,10 +359,11 @@ impl Agent {
         );
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
-        let control = serve::bind_control(&control_path).map_err(|source| StartError::Control {
-            path: control_path.clone(),
-            source,
-        })?;
+        let control =
+            crate::control::bind(&control_path).map_err(|source| StartError::Control {
+                path: control_path.clone(),
+                source,
+            })?;
 
         Ok(Self {
             source,
@@ -376,8 +378,6 @@ impl Agent {
             saved_path,
             cookies_seen,
             seeded,
-            refusals_logged: Default::default(),
-            assignments: Default::default(),
             _lock: lock,
         })
     }
@@ -396,18 +396,19 @@ impl Agent {
         let Some(attached) = self.attached.take() else {
             return Ok(());
         };
-        crate::system::notify::notify("STOPPING=1");
+        render::notify(&effect::Notice::Stopping);
         let _ = std::fs::remove_file(&self.control_path);
         if self.keep_pins {
             attached.keep();
-            tracing::info!(
-                "keeping programs attached; pins stay in {}",
-                self.pin_dir.display()
-            );
+            render::emit(&effect::Fact::KeepingPins {
+                dir: self.pin_dir.clone(),
+            });
         } else {
             attached.detach();
             pins::remove(&self.pin_dir).map_err(fs_err("removing pins", &self.pin_dir))?;
-            tracing::info!("detached; removed pins in {}", self.pin_dir.display());
+            render::emit(&effect::Fact::PinsRemoved {
+                dir: self.pin_dir.clone(),
+            });
         }
         Ok(())
     }
@@ -416,7 +417,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            tracing::error!("{}", crate::error::report(&e));
+            render::emit(&effect::Fact::TeardownFailed {
+                error: crate::error::report(&e),
+            });
         }
     }
 }

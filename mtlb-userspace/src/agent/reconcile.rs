@@ -2,7 +2,7 @@
 //! see (SETTINGS, ADDRESSES, and per slot BACKENDS and STATUS), as effects
 //! for what differs from what was written last.
 
-use super::{core::Effect, slot::Slot};
+use super::{effect::Effect, slot::Slot};
 use crate::config::Config;
 use mtlb_common::{Backend, MAX_REPLICAS, Settings, Status, v4_mapped};
 use std::{net::IpAddr, time::Instant};

@@ -40,18 +40,6 @@ impl CheckResult {
             duration,
         }
     }
-
-    fn describe(&self) -> String {
-        let mut s = format!("reason: {}", self.reason);
-        if let Some(i) = &self.info {
-            s.push_str(&format!(", info: \"{i}\""));
-        }
-        s.push_str(&format!(
-            ", check duration: {}ms",
-            self.duration.as_millis()
-        ));
-        s
-    }
 }
 
 /// Check timing and thresholds.
@@ -92,9 +80,9 @@ pub struct Health {
     stalled: bool,
 }
 
-/// What a check result did.
+/// What a check result (or a forced change) did to the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub enum Transition {
     /// Same state, counter moved: "DOWN 1/2" / "UP 1/3".
     Progress,
     /// State changed.
@@ -157,7 +145,7 @@ impl Health {
     }
 
     /// Applies one check result.
-    pub fn on_result(&mut self, r: CheckResult, t: &Thresholds) -> Event {
+    pub fn on_result(&mut self, r: CheckResult, t: &Thresholds) -> Transition {
         let ok = r.ok && !self.stalled;
         if !ok && self.oper == Oper::Up {
             // If it falls now, it fell by its checks.
@@ -169,9 +157,9 @@ impl Health {
                 let was = self.count;
                 self.count = 0;
                 if was > 0 {
-                    Event::Progress
+                    Transition::Progress
                 } else {
-                    Event::Steady
+                    Transition::Steady
                 }
             }
             (Oper::Up, false) => {
@@ -179,9 +167,9 @@ impl Health {
                 if self.count >= t.fall {
                     self.oper = Oper::Down;
                     self.count = 0;
-                    Event::Changed(Oper::Down)
+                    Transition::Changed(Oper::Down)
                 } else {
-                    Event::Progress
+                    Transition::Progress
                 }
             }
             (Oper::Down, true) => {
@@ -189,9 +177,9 @@ impl Health {
                 if self.count >= t.rise {
                     self.oper = Oper::Up;
                     self.count = 0;
-                    Event::Changed(Oper::Up)
+                    Transition::Changed(Oper::Up)
                 } else {
-                    Event::Progress
+                    Transition::Progress
                 }
             }
         }
@@ -201,15 +189,15 @@ impl Health {
     /// The cause is recorded even when it was DOWN already: a replica whose
     /// listener closed while its checks failed comes back with its next
     /// listener.
-    pub fn force_down(&mut self, cause: DownCause, r: CheckResult) -> Event {
+    pub fn force_down(&mut self, cause: DownCause, r: CheckResult) -> Transition {
         self.last = Some(r);
         self.count = 0;
         self.cause = cause;
         if self.oper == Oper::Down {
-            Event::Steady
+            Transition::Steady
         } else {
             self.oper = Oper::Down;
-            Event::Changed(Oper::Down)
+            Transition::Changed(Oper::Down)
         }
     }
 
@@ -217,34 +205,34 @@ impl Health {
     /// registration when checks are off). A replica DOWN only because its
     /// listener was gone is UP again at once; one DOWN by its checks needs
     /// `rise` of them.
-    pub fn listener_back(&mut self, why: CheckResult) -> Event {
+    pub fn listener_back(&mut self, why: CheckResult) -> Transition {
         if self.oper == Oper::Down && self.cause == DownCause::Listener {
             self.oper = Oper::Up;
             self.count = 0;
             self.last = Some(why);
-            Event::Changed(Oper::Up)
+            Transition::Changed(Oper::Up)
         } else {
-            Event::Steady
+            Transition::Steady
         }
     }
 
     /// A new listener failed the check that would have proven it: it is
     /// DOWN by its checks now, not waiting for a listener (so it needs
     /// `rise` passing checks, and is reported as DOWN with the reason).
-    pub fn not_proven(&mut self, r: CheckResult) -> Event {
+    pub fn not_proven(&mut self, r: CheckResult) -> Transition {
         if self.oper == Oper::Down && self.cause == DownCause::Listener {
             self.cause = DownCause::Checks;
             self.count = 0;
             self.last = Some(r);
-            Event::Changed(Oper::Down)
+            Transition::Changed(Oper::Down)
         } else {
-            Event::Steady
+            Transition::Steady
         }
     }
 
     /// Records whether the accept queue is stalled now. Going stalled forces
     /// DOWN; recovering leaves it DOWN until `rise` checks pass.
-    pub fn set_stalled(&mut self, stalled: bool, info: String) -> Event {
+    pub fn set_stalled(&mut self, stalled: bool, info: String) -> Transition {
         let was = self.stalled;
         self.stalled = stalled;
         if stalled && !was {
@@ -257,7 +245,7 @@ impl Health {
                 ),
             )
         } else {
-            Event::Steady
+            Transition::Steady
         }
     }
 
@@ -270,32 +258,6 @@ impl Health {
             t.downinter
         } else {
             t.inter
-        }
-    }
-
-    /// The log line for a check that moved the counter, HAProxy style.
-    pub fn progress_line(&self, name: &str, t: &Thresholds) -> String {
-        let r = self.last.as_ref().expect("a check ran");
-        format!(
-            "Health check for backend {name} {}, {}, status: {}.",
-            if r.ok { "succeeded" } else { "failed" },
-            r.describe(),
-            self.state(t)
-        )
-    }
-
-    /// The log line for a state change, HAProxy style.
-    pub fn change_line(&self, name: &str, active_left: usize, conns: u64) -> String {
-        let r = self.last.as_ref().expect("a check ran");
-        match self.oper {
-            Oper::Down => format!(
-                "backend {name} is DOWN, {}. {active_left} active backends left. {conns} connections active.",
-                r.describe()
-            ),
-            Oper::Up => format!(
-                "backend {name} is UP, {}. {active_left} active backends online.",
-                r.describe()
-            ),
         }
     }
 }
@@ -335,21 +297,16 @@ mod tests {
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {
         let mut h = Health::up();
-        assert_eq!(h.on_result(bad(), &T), Event::Progress);
+        assert_eq!(h.on_result(bad(), &T), Transition::Progress);
         assert_eq!(h.state(&T).to_string(), "UP 1/3");
         assert_eq!(h.interval(&T), T.fastinter);
-        assert_eq!(h.on_result(bad(), &T), Event::Progress);
-        assert_eq!(h.on_result(bad(), &T), Event::Changed(Oper::Down));
+        assert_eq!(h.on_result(bad(), &T), Transition::Progress);
+        assert_eq!(h.on_result(bad(), &T), Transition::Changed(Oper::Down));
         assert_eq!(h.state(&T).to_string(), "DOWN");
         assert_eq!(h.interval(&T), T.downinter);
-        assert_eq!(
-            h.change_line("mtp2", 1, 0),
-            "backend mtp2 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 1ms. 1 active backends left. 0 connections active."
-        );
-        assert_eq!(h.on_result(ok(), &T), Event::Progress);
+        assert_eq!(h.on_result(ok(), &T), Transition::Progress);
         assert_eq!(h.state(&T).to_string(), "DOWN 1/2");
-        assert!(h.progress_line("mtp2", &T).ends_with("status: DOWN 1/2."));
-        assert_eq!(h.on_result(ok(), &T), Event::Changed(Oper::Up));
+        assert_eq!(h.on_result(ok(), &T), Transition::Changed(Oper::Up));
         assert_eq!(h.interval(&T), T.inter);
     }
 
@@ -358,13 +315,13 @@ mod tests {
         let mut h = Health::up();
         for i in 0..20 {
             let e = h.on_result(if i % 2 == 0 { bad() } else { ok() }, &T);
-            assert!(!matches!(e, Event::Changed(_)), "flipped at {i}");
+            assert!(!matches!(e, Transition::Changed(_)), "flipped at {i}");
         }
         assert_eq!(h.oper(), Oper::Up);
         let mut h = down_by_checks();
         for i in 0..20 {
             let e = h.on_result(if i % 2 == 0 { ok() } else { bad() }, &T);
-            assert!(!matches!(e, Event::Changed(_)), "flipped at {i}");
+            assert!(!matches!(e, Transition::Changed(_)), "flipped at {i}");
         }
         assert_eq!(h.oper(), Oper::Down);
     }
@@ -374,18 +331,21 @@ mod tests {
         let mut h = Health::up();
         assert_eq!(
             h.set_stalled(true, "3 queued of 128".into()),
-            Event::Changed(Oper::Down)
+            Transition::Changed(Oper::Down)
         );
         assert_eq!(h.down_cause(), Some(DownCause::Stalled));
-        assert_eq!(h.set_stalled(true, "4 queued of 128".into()), Event::Steady);
+        assert_eq!(
+            h.set_stalled(true, "4 queued of 128".into()),
+            Transition::Steady
+        );
         for _ in 0..5 {
-            assert!(!matches!(h.on_result(ok(), &T), Event::Changed(_)));
+            assert!(!matches!(h.on_result(ok(), &T), Transition::Changed(_)));
         }
         // A new listener does not bring a stalled replica back.
-        assert_eq!(h.listener_back(ok()), Event::Steady);
-        assert_eq!(h.set_stalled(false, String::new()), Event::Steady);
+        assert_eq!(h.listener_back(ok()), Transition::Steady);
+        assert_eq!(h.set_stalled(false, String::new()), Transition::Steady);
         h.on_result(ok(), &T);
-        assert_eq!(h.on_result(ok(), &T), Event::Changed(Oper::Up));
+        assert_eq!(h.on_result(ok(), &T), Transition::Changed(Oper::Up));
     }
 
     #[test]
@@ -393,22 +353,22 @@ mod tests {
         let mut h = down_by_checks();
         assert_eq!(
             h.listener_back(ok()),
-            Event::Steady,
+            Transition::Steady,
             "down by checks stays down"
         );
         let gone = CheckResult::fail("no listener registered", None, Duration::ZERO);
         assert_eq!(
             h.force_down(DownCause::Listener, gone.clone()),
-            Event::Steady
+            Transition::Steady
         );
-        assert_eq!(h.listener_back(ok()), Event::Changed(Oper::Up));
+        assert_eq!(h.listener_back(ok()), Transition::Changed(Oper::Up));
         assert_eq!(h.last().unwrap().reason, "Layer4 check passed");
         let mut h = Health::waiting_for_listener();
-        assert_eq!(h.listener_back(ok()), Event::Changed(Oper::Up));
+        assert_eq!(h.listener_back(ok()), Transition::Changed(Oper::Up));
         let mut h = Health::up();
         assert_eq!(
             h.force_down(DownCause::Listener, gone),
-            Event::Changed(Oper::Down)
+            Transition::Changed(Oper::Down)
         );
         // Checks failing meanwhile (nothing listens) do not change why.
         h.on_result(bad(), &T);

@@ -349,7 +349,7 @@ async fn read_frame(
         let inner = if tls {
             match app_data(&raw) {
                 Ok(i) => i,
-                Err(e) => return Verdict::Garbage(e),
+                Err(e) => return Verdict::Garbage(e.to_string()),
             }
         } else {
             raw.clone()
@@ -384,15 +384,20 @@ async fn read_frame(
     }
 }
 
+/// A reply that is not a stream of TLS records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a TLS record (type {0:#04x})")]
+struct NotTls(u8);
+
 /// Concatenated payloads of complete TLS application-data records.
-fn app_data(raw: &[u8]) -> Result<Vec<u8>, String> {
+fn app_data(raw: &[u8]) -> Result<Vec<u8>, NotTls> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + 5 <= raw.len() {
         let t = raw[i];
         let len = u16::from_be_bytes([raw[i + 3], raw[i + 4]]) as usize;
         if !(t == 0x14 || t == 0x17) || raw[i + 1..i + 3] != [3, 3] {
-            return Err(format!("not a TLS record (type {t:#04x})"));
+            return Err(NotTls(t));
         }
         if i + 5 + len > raw.len() {
             break;

@@ -3,6 +3,7 @@
 use super::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
+    checks::health::Admin,
     control::{self, Request},
     kernel::maps::Maps,
 };
@@ -46,16 +47,16 @@ pub fn run(a: BackendArgs) -> anyhow::Result<()> {
         }
         Ok(r)
     };
-    let admin = |state: &str| {
+    let admin = |state: Admin| {
         call(Request::Admin {
             name: a.name.clone(),
-            state: state.into(),
+            state,
         })
     };
     let r = match a.action {
-        Action::Drain => admin("drain")?,
-        Action::Maint => admin("maint")?,
-        Action::Ready => admin("ready")?,
+        Action::Drain => admin(Admin::Drain)?,
+        Action::Maint => admin(Admin::Maint)?,
+        Action::Ready => admin(Admin::Ready)?,
         Action::Weight { weight } => call(Request::Weight {
             name: a.name.clone(),
             weight,

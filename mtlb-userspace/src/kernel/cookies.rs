@@ -9,7 +9,42 @@
 //! `net.ipv4.tcp_syncookies = 2` every SYN gets a cookie: tracking is on
 //! for good.
 
+use super::maps::{Maps, MapsError};
 use mtlb_common::COOKIE_TRACK_NS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("reading /proc/net/netstat")]
+    Netstat(#[source] std::io::Error),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// Turns flow tracking on while the namespace sends SYN cookies: observes
+/// the counter, moves the deadline in RUNTIME when it must, and remembers
+/// the observation in `prev`. Returns the cookies sent so far when they
+/// moved and tracking was extended for them (worth a line in the journal).
+pub fn watch(maps: &mut Maps, prev: &mut Option<Observed>) -> Result<Option<u64>, WatchError> {
+    let now = observe().map_err(WatchError::Netstat)?;
+    let mut rt = maps.runtime()?;
+    let mut moved = None;
+    if let Some(until) = next_deadline(*prev, now, rt.track_flows_until_ns, monotonic_ns()) {
+        if prev.is_some_and(|p| now.sent > p.sent) {
+            moved = Some(now.sent);
+        }
+        rt.track_flows_until_ns = until;
+        maps.set_runtime(rt)?;
+    }
+    *prev = Some(now);
+    Ok(moved)
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
 
 /// What the namespace's cookie settings and counters say now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

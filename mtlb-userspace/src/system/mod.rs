@@ -5,7 +5,6 @@ pub mod caps;
 pub mod diag;
 pub mod mounts;
 pub mod netns;
-pub mod notify;
 
 /// Raises the soft limit on open files to the hard one: checks, the control
 /// socket and the stats endpoint each need descriptors, and a low default

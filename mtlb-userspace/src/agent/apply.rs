@@ -1,0 +1,156 @@
+//! Carrying out the core's effects: map writes, checks, replies, facts to
+//! the journal. Effects whose outcome the core must know (a re-read
+//! configuration, a saved state, new registrations) come back as events,
+//! stepped in the same turn.
+
+use super::{
+    Agent, core,
+    effect::{Effect, Event, Fact, Inputs, Reading, Written},
+    heal,
+    render::{self, emit},
+    slot::unix_ms,
+};
+use crate::{checks::health::CheckResult, control::Response, error::report, kernel::cookies};
+use std::{collections::VecDeque, time::Duration};
+use tokio::{sync::oneshot, task::JoinSet};
+
+/// A finished check: slot, generation, listener cookie, result.
+pub(super) type CheckDone = (usize, u64, u64, CheckResult);
+
+/// Whether to go on after carrying out a step's effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Agent {
+    /// Steps the core with `ev` and carries out the effects, including
+    /// the events some of them produce.
+    pub(super) fn run(
+        &mut self,
+        ev: Event,
+        mut reply: Option<oneshot::Sender<Response>>,
+        checks: &mut JoinSet<CheckDone>,
+    ) -> Flow {
+        let mut flow = Flow::Continue;
+        let mut queue = VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let conns = self.loaded.maps.counts(self.state.slots().len());
+            let inp = Inputs {
+                now: std::time::Instant::now(),
+                unix_ms: unix_ms(),
+                conns: &conns,
+            };
+            for effect in core::step(&mut self.state, &inp, ev) {
+                match effect {
+                    Effect::Say(f) => emit(&f),
+                    Effect::WriteBackend { slot, backend } => {
+                        let r = self.loaded.maps.set_backend(slot, backend);
+                        self.written(Written::Backend(slot), r);
+                    }
+                    Effect::WriteStatus { slot, status } => {
+                        let r = self.loaded.maps.set_status(slot, status);
+                        self.written(Written::Status(slot), r);
+                    }
+                    Effect::WriteSettings(s) => {
+                        let r = self.loaded.maps.set_settings(s);
+                        self.written(Written::Settings, r);
+                    }
+                    Effect::SetAddresses(a) => {
+                        let r = self.loaded.maps.set_addresses(&a);
+                        self.written(Written::Addresses, r);
+                    }
+                    Effect::SetAllowedUids(uids) => {
+                        let r = self.loaded.maps.set_allowed_uids(&uids);
+                        self.written(Written::AllowedUids, r);
+                    }
+                    Effect::Save(saved) => queue.push_back(Event::Saved {
+                        error: saved.store(&self.saved_path).err().map(|e| report(&e)),
+                    }),
+                    Effect::StartCheck {
+                        slot,
+                        generation,
+                        cookie,
+                        spec,
+                    } => {
+                        checks.spawn(async move {
+                            // Its own task: a check that panics is a
+                            // failed check, and the slot is checked again.
+                            let result = tokio::spawn(spec.run()).await.unwrap_or_else(|e| {
+                                CheckResult::fail(
+                                    "check crashed",
+                                    Some(e.to_string()),
+                                    Duration::ZERO,
+                                )
+                            });
+                            (slot, generation, cookie, result)
+                        });
+                    }
+                    Effect::Reply(r) => {
+                        if let Some(tx) = reply.take() {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Effect::ReadConfig(origin) => queue.push_back(Event::Reloaded {
+                        origin,
+                        result: Box::new(self.source.read()),
+                    }),
+                    // Adopted listeners are noticed (and checked) now, not
+                    // on the next poll.
+                    Effect::Adopt => {
+                        if let Some(changes) = self.adopt_missing() {
+                            queue.push_back(Event::Listeners(changes));
+                        }
+                    }
+                    Effect::PollListeners => {
+                        if let Some(changes) = self.poll_listeners() {
+                            queue.push_back(Event::Listeners(changes));
+                        }
+                    }
+                    Effect::BoundHandshakes { slot, most, window } => {
+                        if let Some((was, now)) = self
+                            .loaded
+                            .maps
+                            .fix_handshakes(slot as u32, |raw| heal::clamp(raw, most))
+                        {
+                            emit(&Fact::HandshakesBounded {
+                                slot,
+                                was,
+                                now,
+                                window,
+                            });
+                        }
+                    }
+                    Effect::WatchCookies => {
+                        match cookies::watch(&mut self.loaded.maps, &mut self.cookies_seen) {
+                            Ok(Some(sent)) => emit(&Fact::SynCookies { sent }),
+                            Ok(None) => {}
+                            Err(e) => emit(&Fact::ReadFailed {
+                                what: Reading::SynCookies,
+                                error: report(&e),
+                            }),
+                        }
+                    }
+                    Effect::Notify(n) => render::notify(&n),
+                    Effect::Remove => self.keep_pins = false,
+                    Effect::Stop => flow = Flow::Stop,
+                }
+            }
+        }
+        flow
+    }
+
+    /// A failed write is reported, and a slot's row written again next
+    /// time.
+    fn written(&mut self, what: Written, r: Result<(), crate::kernel::maps::MapsError>) {
+        let Err(e) = r else { return };
+        emit(&Fact::WriteFailed {
+            what,
+            error: report(&e),
+        });
+        if let Written::Backend(slot) | Written::Status(slot) = what {
+            self.state.forget_written(slot);
+        }
+    }
+}

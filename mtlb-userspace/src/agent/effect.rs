@@ -1,0 +1,351 @@
+//! What goes into the core and what comes out of it: [`Event`]s (things
+//! that happened, read by the shell) and [`Effect`]s (what to do about
+//! them). Log lines and systemd notifications are typed here, as [`Fact`]s
+//! and [`Notice`]s; `render.rs` turns them into text.
+
+use super::persist::Saved;
+use crate::{
+    checks::{
+        CheckSpec,
+        health::{Admin, CheckResult, Oper, OperState},
+    },
+    config::{CheckKind, Config, ConfigError},
+    control::{Request, Response},
+    kernel::registry::RefuseWhy,
+};
+use mtlb_common::{Backend, Settings, Status};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+/// What the serve loop read just before the step: the clocks and each
+/// slot's connection count (established + handshakes, from the kernel).
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub now: Instant,
+    /// Wall clock, for STATUS (read by other processes).
+    pub unix_ms: u64,
+    /// Indexed by slot; missing slots count as 0.
+    pub conns: &'a [u64],
+}
+
+impl Inputs<'_> {
+    pub(super) fn conns(&self, slot: usize) -> u64 {
+        self.conns.get(slot).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+    Hangup,
+}
+
+/// Who asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Signal,
+    Control,
+}
+
+/// A listener appearing in or leaving a slot (by socket cookie), with how
+/// to show it ("127.0.0.1:10001 (IPv4, via listen hook)").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerChange {
+    Registered {
+        slot: usize,
+        cookie: u64,
+        desc: String,
+    },
+    Closed {
+        slot: usize,
+        cookie: u64,
+        desc: String,
+    },
+}
+
+/// One accept-queue sample of a slot's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueReading {
+    pub queued: u32,
+    pub backlog: u32,
+    /// Connections steered to it that reached its queue, so far (the
+    /// kernel's count).
+    pub entered: u64,
+}
+
+/// One slot as an earlier agent left it in the maps, read at takeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inherited {
+    pub backend: Backend,
+    /// STATUS oper state (`mtlb_common::STATE_UP`, …).
+    pub oper: u32,
+    /// Cookie of the listener registered in the slot (0: none).
+    pub listener: u64,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// Programs attached, state taken over; `listeners` are the
+    /// registrations found at start, `verified` the listener cookie each
+    /// slot's BACKENDS entry held (an earlier agent's proven listeners).
+    Started {
+        listeners: Vec<ListenerChange>,
+        verified: Vec<u64>,
+    },
+    Signal(Signal),
+    Control(Request),
+    /// The configuration file was read again (after [`Effect::ReadConfig`]).
+    Reloaded {
+        origin: Origin,
+        result: Box<Result<Config, ConfigError>>,
+    },
+    /// The operator state was written (after [`Effect::Save`]), or not.
+    Saved {
+        error: Option<String>,
+    },
+    /// The earliest `State::next_check_due` has passed.
+    ChecksDue,
+    CheckDone {
+        slot: usize,
+        generation: u64,
+        /// The listener the check was launched for.
+        cookie: u64,
+        result: CheckResult,
+    },
+    Listeners(Vec<ListenerChange>),
+    /// Accept-queue samples, indexed by slot (`None`: no listener seen).
+    Queues(Vec<Option<QueueReading>>),
+    /// Time passed (a tenth of a second): drained slots can go, slowstart
+    /// ramps move, the SYN-cookie counter may have moved.
+    Elapsed,
+    /// The kernel's assignment totals per slot (SLOT_TOTALS.assigned) and
+    /// whether each slot has a registered listener: what bounds the
+    /// handshakes still in flight.
+    Assigned {
+        totals: Vec<u64>,
+        listening: Vec<bool>,
+    },
+    /// The kernel refused a bind to a replica port by a uid not in
+    /// `replica_uids` (the socket never got the port).
+    BindRefused {
+        slot: u32,
+        addr: SocketAddr,
+        uid: u32,
+    },
+}
+
+/// A systemd notification (sd_notify(3)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Up and steering `port`.
+    Ready {
+        port: u16,
+    },
+    /// A reload asked by signal is done.
+    Reloaded,
+    Stopping,
+}
+
+/// A map the shell failed to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Backend(u32),
+    Status(u32),
+    Settings,
+    Addresses,
+    AllowedUids,
+}
+
+/// What happened that an operator reads in the journal: one line each,
+/// rendered by `render::line`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// What this agent steers (at start).
+    Steering {
+        port: u16,
+        addresses: Vec<IpAddr>,
+        replicas: u16,
+        replica_address: IpAddr,
+        kind: CheckKind,
+        pin_dir: PathBuf,
+    },
+    AnyReplicaOwner,
+    NothingListening {
+        replica_address: IpAddr,
+        first_port: u16,
+        last_port: u16,
+    },
+    Registered {
+        slot: usize,
+        desc: String,
+    },
+    Unregistered {
+        slot: usize,
+        desc: String,
+    },
+    /// A check result (debug).
+    Checked {
+        name: String,
+        result: CheckResult,
+    },
+    /// A check moved the counter toward a change ("UP 1/3").
+    Progress {
+        name: String,
+        result: CheckResult,
+        state: OperState,
+    },
+    /// UP or DOWN, with what caused it and what is left.
+    Changed {
+        name: String,
+        to: Oper,
+        result: CheckResult,
+        active: usize,
+        conns: u64,
+    },
+    NoBackend,
+    StallKept {
+        name: String,
+        queued: u32,
+        backlog: u32,
+    },
+    AdminSet {
+        name: String,
+        admin: Admin,
+        active: usize,
+    },
+    WeightSet {
+        name: String,
+        weight: u32,
+    },
+    RemovingByOperator,
+    SaveFailed {
+        error: String,
+    },
+    Reloading {
+        path: PathBuf,
+    },
+    Reloaded {
+        replicas: u16,
+        port: Option<u16>,
+    },
+    ReloadFailed {
+        error: String,
+    },
+    Draining {
+        name: String,
+    },
+    Removed {
+        name: String,
+    },
+    Stopping(Signal),
+    BindRefused {
+        slot: u32,
+        addr: SocketAddr,
+        uid: u32,
+        replica_uids: Vec<u32>,
+        /// Refusals not logged since the last line.
+        more: u64,
+    },
+    /// A listener on a replica port that gets no clients.
+    ListenerRefused {
+        slot: u32,
+        addr: SocketAddr,
+        pid: Option<i32>,
+        uid: Option<u32>,
+        why: RefuseWhy,
+        replica_uids: Vec<u32>,
+        replica_cgroup: PathBuf,
+    },
+    Adopted {
+        slot: u32,
+        addr: SocketAddr,
+        pid: i32,
+    },
+    Scanning,
+    HandshakesBounded {
+        slot: usize,
+        was: i64,
+        now: u64,
+        window: Duration,
+    },
+    SynCookies {
+        sent: u64,
+    },
+    NoListenEvents,
+    WriteFailed {
+        what: Written,
+        error: String,
+    },
+    /// Reading something from the kernel failed; `what` says what.
+    ReadFailed {
+        what: Reading,
+        error: String,
+    },
+    KeepingPins {
+        dir: PathBuf,
+    },
+    PinsRemoved {
+        dir: PathBuf,
+    },
+    TeardownFailed {
+        error: String,
+    },
+}
+
+/// What the shell failed to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    Registrations,
+    RefusedListener,
+    RunningReplicas,
+    SynCookies,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Say(Fact),
+    WriteBackend {
+        slot: u32,
+        backend: Backend,
+    },
+    WriteStatus {
+        slot: u32,
+        status: Status,
+    },
+    WriteSettings(Settings),
+    SetAddresses(Vec<[u8; 16]>),
+    SetAllowedUids(Vec<u32>),
+    /// Store the operator state and step [`Event::Saved`].
+    Save(Saved),
+    StartCheck {
+        slot: usize,
+        generation: u64,
+        cookie: u64,
+        spec: CheckSpec,
+    },
+    /// The answer to the control request being handled.
+    Reply(Response),
+    /// Read the configuration again and step [`Event::Reloaded`].
+    ReadConfig(Origin),
+    /// Detach and unpin on the way out, whatever `keep_pins` says.
+    Remove,
+    /// Adopt listeners on replica ports that are not registered.
+    Adopt,
+    /// Read the registrations now and step [`Event::Listeners`].
+    PollListeners,
+    /// At most `most` handshakes of `slot` can still be in flight (`None`:
+    /// no bound known, only never below zero): clamp its count.
+    BoundHandshakes {
+        slot: usize,
+        most: Option<u64>,
+        window: Duration,
+    },
+    /// Look at the SYN-cookie counter and track flows while it moves.
+    WatchCookies,
+    Notify(Notice),
+    Stop,
+}

@@ -1,0 +1,243 @@
+//! The listener glue: reads what the kernel knows about replica listeners
+//! (registrations, listen events, accept queues, assignment totals) and
+//! turns it into the core's events. Adopting running replicas happens here
+//! too; what to make of it is the core's.
+
+use super::{
+    Agent,
+    effect::{Event, Fact, ListenerChange, QueueReading, Reading},
+    render::emit,
+};
+use crate::{
+    config::Config,
+    error::report,
+    kernel::{
+        maps::Maps,
+        registry::{self, Change, Refusal, RefuseWhy, Registry},
+    },
+};
+use mtlb_common::{
+    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent,
+};
+use std::net::SocketAddr;
+
+impl Agent {
+    /// Registrations and departures since the last look, with how to show
+    /// each listener.
+    pub(super) fn poll_listeners(&mut self) -> Option<Vec<ListenerChange>> {
+        let cfg = self.state.cfg();
+        let changes = match self
+            .registry
+            .poll(&mut self.loaded.maps, self.state.slots().len())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                emit(&Fact::ReadFailed {
+                    what: Reading::Registrations,
+                    error: report(&e),
+                });
+                return None;
+            }
+        };
+        Some(
+            changes
+                .into_iter()
+                .map(|c| match c {
+                    Change::Registered { slot, view } => {
+                        let (addr, v6only) = match self.registry.addr_of(view.cookie) {
+                            Some((a, v)) => (Some(a), v),
+                            None => (registry::find_addr(cfg, slot), None),
+                        };
+                        ListenerChange::Registered {
+                            slot: slot as usize,
+                            cookie: view.cookie,
+                            desc: format!(
+                                "{} ({}, via {})",
+                                show(addr, cfg, slot),
+                                registry::family_name(view.family, v6only),
+                                registry::how_name(view.how),
+                            ),
+                        }
+                    }
+                    Change::Unregistered { slot, view } => {
+                        let known = self.registry.addr_of(view.cookie);
+                        ListenerChange::Closed {
+                            slot: slot as usize,
+                            cookie: view.cookie,
+                            desc: format!(
+                                "{} ({})",
+                                show(known.map(|k| k.0), cfg, slot),
+                                registry::family_name(view.family, known.and_then(|k| k.1)),
+                            ),
+                        }
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Listener events from the kernel, as events for the core:
+    /// registrations and closes are read from the maps at once; refusals
+    /// are explained (owner, pid).
+    pub(super) fn on_listen_events(&mut self, evs: Vec<ListenEvent>) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut changed = false;
+        let mut scan = false;
+        for ev in evs {
+            let why = match ev.kind {
+                EV_REGISTERED | EV_CLOSED => {
+                    changed = true;
+                    continue;
+                }
+                EV_REFUSED_OWNER => {
+                    // Not marked at bind: bound before the agent ran, or by
+                    // someone else. The scan tells which (it reads the
+                    // owner), adopting the first kind and reporting the
+                    // other.
+                    scan = true;
+                    continue;
+                }
+                EV_REFUSED_TAKEN => RefuseWhy::Taken,
+                EV_REFUSED_BIND => {
+                    // The socket never got its port: nothing to look up.
+                    out.push(Event::BindRefused {
+                        slot: ev.slot,
+                        addr: event_addr(&ev),
+                        uid: ev.cookie as u32,
+                    });
+                    continue;
+                }
+                _ => continue,
+            };
+            let addr = event_addr(&ev);
+            match self.registry.explain(ev.slot, addr, why) {
+                Ok(Some(r)) => emit(&refused(self.state.cfg(), &r)),
+                Ok(None) => {}
+                Err(e) => emit(&Fact::ReadFailed {
+                    what: Reading::RefusedListener,
+                    error: report(&e),
+                }),
+            }
+        }
+        // One scan for however many refusals came in this batch.
+        if scan {
+            let cfg = self.state.cfg().clone();
+            changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+        }
+        if changed && let Some(changes) = self.poll_listeners() {
+            out.push(Event::Listeners(changes));
+        }
+        out
+    }
+
+    /// Adopts listeners on replica ports that did not register themselves;
+    /// the adopted ones, read back as registrations.
+    pub(super) fn adopt_missing(&mut self) -> Option<Vec<ListenerChange>> {
+        let cfg = self.state.cfg().clone();
+        if adopt(&cfg, &mut self.registry, &mut self.loaded.maps) {
+            self.poll_listeners()
+        } else {
+            None
+        }
+    }
+
+    /// Every slot's accept queue (sock_diag) and what entered it (the
+    /// kernel's count).
+    pub(super) fn sample_queues(&self) -> Option<Vec<Option<QueueReading>>> {
+        let listeners = registry::listeners().ok()?;
+        let known = self.registry.known();
+        Some(
+            (0..self.state.slots().len())
+                .map(|slot| {
+                    // The registered socket's queue (by cookie): another
+                    // listener on the same port says nothing about it.
+                    let cookie = known.get(slot).copied().flatten()?.cookie;
+                    listeners
+                        .iter()
+                        .find(|l| l.cookie == cookie)
+                        .map(|l| QueueReading {
+                            queued: l.queued,
+                            backlog: l.backlog,
+                            entered: self
+                                .loaded
+                                .maps
+                                .slot_totals(slot as u32)
+                                .map_or(0, |t| t.established),
+                        })
+                })
+                .collect(),
+        )
+    }
+
+    /// Assignments so far per slot, and which slots have a listener: what
+    /// bounds their handshake counts.
+    pub(super) fn assigned(&self) -> Event {
+        let slots = self.state.slots().len();
+        let known = self.registry.known();
+        Event::Assigned {
+            totals: (0..slots as u32)
+                .map(|s| self.loaded.maps.slot_totals(s).map_or(0, |t| t.assigned))
+                .collect(),
+            listening: (0..slots)
+                .map(|s| known.get(s).copied().flatten().is_some())
+                .collect(),
+        }
+    }
+}
+
+/// The local address of a listener event.
+fn event_addr(ev: &ListenEvent) -> SocketAddr {
+    let ip = std::net::Ipv6Addr::from(ev.addr);
+    let ip = ip
+        .to_ipv4_mapped()
+        .filter(|_| ev.family == mtlb_common::AF_INET)
+        .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+    SocketAddr::new(ip, ev.port)
+}
+
+fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_else(|| {
+        SocketAddr::new(cfg.replica_address, cfg.replica_port(slot as usize)).to_string()
+    })
+}
+
+/// Adopts listeners on replica ports that did not register themselves and
+/// whose owner may run replicas; reports the others. True when one was
+/// adopted.
+pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) -> bool {
+    match registry.adopt_missing(cfg, maps) {
+        Ok((adopted, refusals)) => {
+            for a in &adopted {
+                emit(&Fact::Adopted {
+                    slot: a.slot,
+                    addr: a.addr,
+                    pid: a.pid,
+                });
+            }
+            for r in &refusals {
+                emit(&refused(cfg, r));
+            }
+            !adopted.is_empty()
+        }
+        Err(e) => {
+            emit(&Fact::ReadFailed {
+                what: Reading::RunningReplicas,
+                error: report(&e),
+            });
+            false
+        }
+    }
+}
+
+/// A refused listener, with who owns it.
+fn refused(cfg: &Config, r: &Refusal) -> Fact {
+    Fact::ListenerRefused {
+        slot: r.slot,
+        addr: r.addr,
+        pid: r.pid,
+        uid: r.uid,
+        why: r.why,
+        replica_uids: cfg.replica_uids.clone(),
+        replica_cgroup: cfg.replica_cgroup.clone(),
+    }
+}
