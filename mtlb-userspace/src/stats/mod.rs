@@ -5,6 +5,8 @@
 //! format.
 
 pub mod bytes;
+#[cfg(test)]
+mod golden;
 pub mod history;
 pub mod http;
 pub mod page;
