@@ -10,7 +10,12 @@ use crate::{
 };
 use mtlb_common::{MAX_REPLICAS, stat, state::ReplicaState};
 use serde::{Serialize, Serializer};
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendRow {
@@ -83,7 +88,7 @@ pub type Bytes = BTreeMap<u32, (u64, u64)>;
 /// first: a connection that closes in between is missed by both for this
 /// reading (the server never shows less than it showed), where the other
 /// order would count it twice. The dump costs a message per connection:
-/// callers share readings (see `http::Source`).
+/// callers share readings (see `collector::Collector`).
 pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
     let settings = maps.settings()?;
     let mut out = Bytes::new();
@@ -111,12 +116,30 @@ pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
 /// Reads the snapshot from the maps, with `bytes` (see [`bytes`]) for
 /// the traffic. `pin_dir` locates the program links (for run statistics).
 pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, MapsError> {
+    collect_at(maps, pin_dir, bytes, SystemTime::now())
+}
+
+/// Milliseconds since the epoch, as the agent writes STATUS.last_change_ms
+/// (wall clock: other processes read it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// [`collect`] with the wall-clock time `now`, from which the ages of the
+/// last state changes are told.
+pub fn collect_at(
+    maps: &Maps,
+    pin_dir: &Path,
+    bytes: &Bytes,
+    now: SystemTime,
+) -> Result<Snapshot, MapsError> {
     let settings = maps.settings()?;
     let replica_ip: IpAddr = {
         let a = std::net::Ipv6Addr::from(settings.replica_addr);
         a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
     };
-    let now_ms = crate::agent::slot::unix_ms();
+    let now_ms = unix_ms(now);
     let mut backends = Vec::new();
     for slot in 0..settings.replicas as u32 {
         let s = maps.status(slot)?;
