@@ -3,7 +3,7 @@
 //! here as a diff against the files in `testdata/`.
 
 use super::{
-    http::{render_csv, render_metrics},
+    csv, metrics,
     snapshot::{BackendRow, ProgStat, Snapshot},
     textfmt,
 };
@@ -129,7 +129,7 @@ fn canonical(s: String) -> String {
 #[test]
 fn openmetrics_is_unchanged() {
     assert_eq!(
-        canonical(render_metrics(&fixed())),
+        canonical(metrics::render(&fixed())),
         include_str!("testdata/metrics.openmetrics.txt")
     );
 }
@@ -137,14 +137,14 @@ fn openmetrics_is_unchanged() {
 #[test]
 fn prometheus_text_is_unchanged() {
     assert_eq!(
-        canonical(textfmt::from_openmetrics(&render_metrics(&fixed()))),
+        canonical(textfmt::from_openmetrics(&metrics::render(&fixed()))),
         include_str!("testdata/metrics.prometheus.txt")
     );
 }
 
 #[test]
 fn csv_is_unchanged() {
-    assert_eq!(render_csv(&fixed()), include_str!("testdata/stats.csv"));
+    assert_eq!(csv::render(&fixed()), include_str!("testdata/stats.csv"));
 }
 
 /// Writes the files above from today's renderers (run once by hand with
@@ -154,7 +154,7 @@ fn csv_is_unchanged() {
 #[ignore]
 fn write_golden_files() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/stats/testdata");
-    let om = render_metrics(&fixed());
+    let om = metrics::render(&fixed());
     std::fs::write(
         format!("{dir}/metrics.openmetrics.txt"),
         canonical(om.clone()),
@@ -165,5 +165,5 @@ fn write_golden_files() {
         canonical(textfmt::from_openmetrics(&om)),
     )
     .unwrap();
-    std::fs::write(format!("{dir}/stats.csv"), render_csv(&fixed())).unwrap();
+    std::fs::write(format!("{dir}/stats.csv"), csv::render(&fixed())).unwrap();
 }
