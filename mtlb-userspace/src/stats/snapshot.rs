@@ -8,7 +8,7 @@ use crate::{
     },
     system::diag,
 };
-use mtlb_common::{MAX_REPLICAS, stat, state::ReplicaState};
+use mtlb_common::{MAX_REPLICAS, Settings, stat, state::ReplicaState};
 use serde::{Serialize, Serializer};
 use std::{
     collections::BTreeMap,
@@ -135,63 +135,88 @@ pub fn collect_at(
     now: SystemTime,
 ) -> Result<Snapshot, MapsError> {
     let settings = maps.settings()?;
-    let replica_ip: IpAddr = {
-        let a = std::net::Ipv6Addr::from(settings.replica_addr);
-        a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
-    };
     let now_ms = unix_ms(now);
     let mut backends = Vec::new();
     for slot in 0..settings.replicas as u32 {
-        let s = maps.status(slot)?;
-        // An unused slot (state 0), or one written by a build that knew
-        // other words.
-        let Some(state) = ReplicaState::read(&s) else {
-            continue;
-        };
-        let c = maps.conns(slot)?;
-        let t = maps.slot_totals(slot)?;
-        let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
-        let reason_len = s
-            .reason
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(s.reason.len());
-        backends.push(BackendRow {
-            name: crate::config::replica_name(slot as usize),
-            address: std::net::SocketAddr::new(replica_ip, settings.base_port + slot as u16)
-                .to_string(),
-            state,
-            up: state.takes_connections(),
-            active: c.established + c.handshakes,
-            handshakes: c.handshakes,
-            total: t.established,
-            weight: s.weight,
-            check: match s.check_ok {
-                1 => "passed",
-                0 => "failed",
-                _ => "-",
-            }
-            .into(),
-            check_reason: String::from_utf8_lossy(&s.reason[..reason_len]).into_owned(),
-            check_duration_ms: s.check_ms,
-            check_failures: s.check_failures,
-            transitions_up: s.transitions_up,
-            transitions_down: s.transitions_down,
-            since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
-            downtime_s: s.downtime_ms as f64 / 1000.0,
-            accept_queue: s.accept_queue,
-            queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
-                != 0,
-            bytes_in,
-            bytes_out,
-        });
+        backends.extend(backend(maps, &settings, slot, bytes, now_ms)?);
     }
     let stats = maps.stats()?;
     let get = |n: &str| stats.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
-    // Everything but the counters reported on their own: flow hits and
-    // cookie SYN-ACKs are not errors, and an alert on steering errors must
-    // not fire on them.
-    let steer_errors = stats
+    Ok(Snapshot {
+        port: settings.port,
+        backends,
+        lookups: get("lookups"),
+        no_backend: get("no_backend"),
+        flow_hits: get("flow_hits"),
+        cookie_synacks: get("cookie_synacks"),
+        steer_errors: steer_errors(&stats),
+        programs: programs(pin_dir),
+    })
+}
+
+/// The replicas' address, as STATUS readers show it (IPv4 unmapped).
+fn replica_ip(settings: &Settings) -> IpAddr {
+    let a = std::net::Ipv6Addr::from(settings.replica_addr);
+    a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
+}
+
+/// `slot`'s row; `None` for an unused slot (state 0), or one written by a
+/// build that knew other words.
+fn backend(
+    maps: &Maps,
+    settings: &Settings,
+    slot: u32,
+    bytes: &Bytes,
+    now_ms: u64,
+) -> Result<Option<BackendRow>, MapsError> {
+    let s = maps.status(slot)?;
+    let Some(state) = ReplicaState::read(&s) else {
+        return Ok(None);
+    };
+    let c = maps.conns(slot)?;
+    let t = maps.slot_totals(slot)?;
+    let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
+    let reason_len = s
+        .reason
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(s.reason.len());
+    Ok(Some(BackendRow {
+        name: crate::config::replica_name(slot as usize),
+        address: std::net::SocketAddr::new(replica_ip(settings), settings.base_port + slot as u16)
+            .to_string(),
+        state,
+        up: state.takes_connections(),
+        active: c.established + c.handshakes,
+        handshakes: c.handshakes,
+        total: t.established,
+        weight: s.weight,
+        check: match s.check_ok {
+            1 => "passed",
+            0 => "failed",
+            _ => "-",
+        }
+        .into(),
+        check_reason: String::from_utf8_lossy(&s.reason[..reason_len]).into_owned(),
+        check_duration_ms: s.check_ms,
+        check_failures: s.check_failures,
+        transitions_up: s.transitions_up,
+        transitions_down: s.transitions_down,
+        since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
+        downtime_s: s.downtime_ms as f64 / 1000.0,
+        accept_queue: s.accept_queue,
+        queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
+            != 0,
+        bytes_in,
+        bytes_out,
+    }))
+}
+
+/// Everything but the counters reported on their own: flow hits and cookie
+/// SYN-ACKs are not errors, and an alert on steering errors must not fire
+/// on them.
+fn steer_errors(stats: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    stats
         .iter()
         .filter(|(k, _)| {
             ![
@@ -203,17 +228,7 @@ pub fn collect_at(
             .contains(k)
         })
         .map(|(k, v)| (k.to_string(), *v))
-        .collect();
-    Ok(Snapshot {
-        port: settings.port,
-        backends,
-        lookups: get("lookups"),
-        no_backend: get("no_backend"),
-        flow_hits: get("flow_hits"),
-        cookie_synacks: get("cookie_synacks"),
-        steer_errors,
-        programs: programs(pin_dir),
-    })
+        .collect()
 }
 
 /// Run statistics of our attached programs (found through their pinned
