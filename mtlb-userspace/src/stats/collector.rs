@@ -3,7 +3,7 @@
 //! Every request reads the kernel's maps at that moment (per-CPU values
 //! summed), except the byte counters, which scrapes within a second share;
 //! nothing here is on the data path, so a scrape never blocks steering.
-//! No HTTP here: [`super::http`] serves what [`Collector::snapshot`] reads.
+//! No HTTP here: the `http` module serves what [`Collector::snapshot`] reads.
 
 use super::{
     bytes::Shared,

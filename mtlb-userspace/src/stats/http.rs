@@ -2,7 +2,7 @@
 //! were): `/metrics` (Prometheus), `/stats` (HTML, one row per replica),
 //! `/stats;csv` or `/stats?format=csv`, `/healthz`. Each request takes a
 //! fresh [`Collector::snapshot`] and hands it to its renderer; the server
-//! and its limits are [`super::server`].
+//! and its limits are in the `server` module.
 
 use super::{collector::Collector, csv, metrics, page, snapshot::Snapshot, textfmt};
 use crate::kernel::maps::MapsError;

@@ -4,14 +4,16 @@
 //! meanings (see README "Metrics"). Families are written in the order they
 //! are registered here, per replica first, then the agent's own; scrapers
 //! and alert rules depend on every name, label and HELP text, so a change
-//! shows in the golden files of `stats::golden`.
+//! shows in the golden files of `stats::golden`. prometheus-client's
+//! registry is called `prom::Registry` here, apart from the agent's
+//! registry of replica listeners.
 
 use super::snapshot::{BackendRow, ProgStat, Snapshot};
 use mtlb_common::{STATE_DOWN, STATE_DRAIN, STATE_MAINT, STATE_UP};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
-    registry::{Metric, Registry},
+    registry::{self as prom, Metric},
 };
 use std::sync::atomic::AtomicU64;
 
@@ -23,7 +25,7 @@ type CF = Family<Labels, Counter<f64, AtomicU64>>;
 
 /// The whole of `/metrics` for `s`.
 pub fn render(s: &Snapshot) -> String {
-    let mut r = Registry::default();
+    let mut r = prom::Registry::default();
     let load = Load::register(&mut r);
     let checks = Checks::register(&mut r);
     let queue = Queue::register(&mut r);
@@ -55,7 +57,7 @@ fn with(l: &Labels, name: &str, value: &str) -> Labels {
 }
 
 /// Registers a labelled metric family under `name` and returns it.
-fn family<F: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> F {
+fn family<F: Metric + Clone + Default>(r: &mut prom::Registry, name: &str, help: &str) -> F {
     let f = F::default();
     r.register(name, help, f.clone());
     f
@@ -71,7 +73,7 @@ struct Load {
 }
 
 impl Load {
-    fn register(r: &mut Registry) -> Self {
+    fn register(r: &mut prom::Registry) -> Self {
         Self {
             up: family(
                 r,
@@ -125,7 +127,7 @@ struct Checks {
 }
 
 impl Checks {
-    fn register(r: &mut Registry) -> Self {
+    fn register(r: &mut prom::Registry) -> Self {
         Self {
             duration: family(
                 r,
@@ -162,7 +164,7 @@ struct Queue {
 }
 
 impl Queue {
-    fn register(r: &mut Registry) -> Self {
+    fn register(r: &mut prom::Registry) -> Self {
         Self {
             length: family(
                 r,
@@ -198,7 +200,7 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn register(r: &mut Registry) -> Self {
+    fn register(r: &mut prom::Registry) -> Self {
         Self {
             received: family(
                 r,
@@ -220,12 +222,12 @@ impl Traffic {
 }
 
 /// A counter family without labels, holding `n`.
-fn counter(r: &mut Registry, name: &str, help: &str, n: u64) {
+fn counter(r: &mut prom::Registry, name: &str, help: &str, n: u64) {
     family::<C>(r, name, help).get_or_create(&vec![]).inc_by(n);
 }
 
 /// The balanced port's counters, from sk_lookup and sock_ops.
-fn steering(r: &mut Registry, s: &Snapshot) {
+fn steering(r: &mut prom::Registry, s: &Snapshot) {
     counter(
         r,
         "mtlb_lookups",
@@ -262,7 +264,7 @@ fn steering(r: &mut Registry, s: &Snapshot) {
     }
 }
 
-fn build_info(r: &mut Registry) {
+fn build_info(r: &mut prom::Registry) {
     r.register(
         "mtlb_build",
         "Build information",
@@ -275,7 +277,7 @@ fn build_info(r: &mut Registry) {
 
 /// Run statistics of the BPF programs; no families at all while the
 /// kernel does not count (an empty `programs`).
-fn programs(r: &mut Registry, programs: &[ProgStat]) {
+fn programs(r: &mut prom::Registry, programs: &[ProgStat]) {
     if programs.is_empty() {
         return;
     }
