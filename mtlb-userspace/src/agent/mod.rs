@@ -81,7 +81,7 @@ pub enum StartError {
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
-    StatsSource(#[from] crate::stats::http::SourceError),
+    StatsCollector(#[from] crate::stats::CollectorError),
     #[error("binding the stats endpoint {addr} (stats_address, stats_port)")]
     Stats {
         addr: SocketAddr,
@@ -340,14 +340,14 @@ impl Agent {
 
         // The stats endpoint reads the maps through their pins, with
         // handles of its own.
-        let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
+        let stats = std::sync::Arc::new(crate::stats::Collector::new(
             Maps::from_pins(&dir)?,
             dir.clone(),
             std::time::Duration::from_millis(cfg.stats_sample_ms),
         )?);
         crate::stats::server::spawn(
             stats_listener,
-            stats_source,
+            stats,
             crate::stats::server::Limits::default(),
         )
         .map_err(|source| StartError::Stats {

@@ -1,14 +1,26 @@
 //! What operators read: one [`snapshot`] of the maps feeds the stats
-//! endpoint ([`http`]: /metrics, /stats, CSV, /healthz) and `mtlb status`.
-//! The page itself is [`page`] (with [`units`] and the sparklines'
-//! [`history`]); [`textfmt`] is /metrics for readers of the older text
-//! format.
+//! endpoint and `mtlb status`. [`collector`] holds the endpoint's state
+//! (maps' handles, shared byte readings, the sparklines' [`history`]);
+//! [`http`] routes requests to the renderers: [`metrics`] (with
+//! [`textfmt`] for readers of the older text format), [`csv`] and the HTML
+//! [`page`] (with [`sparkline`] and [`units`]); [`server`] runs it all on
+//! a thread of its own, with limits.
 
 pub mod bytes;
+pub mod collector;
+pub mod csv;
+#[cfg(test)]
+mod golden;
 pub mod history;
 pub mod http;
+pub mod metrics;
 pub mod page;
 pub mod server;
 pub mod snapshot;
+pub mod sparkline;
+#[cfg(test)]
+mod testutil;
 pub mod textfmt;
 pub mod units;
+
+pub use collector::{Collector, CollectorError};

@@ -6,17 +6,24 @@
 //! its active connections (inline SVG from the agent's bounded history: no
 //! external asset, no JavaScript). The page refreshes itself; rendering
 //! changes nothing, so that is safe.
+//!
+//! Built with maud: every value is HTML-escaped unless marked otherwise
+//! (only the style sheet and the sparklines' own markup are).
 
 use super::{
-    history::{History, sparkline},
+    history::History,
     snapshot::{BackendRow, Snapshot},
+    sparkline::sparkline,
     units,
 };
 use crate::config::replica_name;
-use mtlb_common::{MAX_REPLICAS, STATE_DRAIN, STATE_MAINT, STATE_UP};
+use maud::{DOCTYPE, Markup, PreEscaped, Render, html};
+use mtlb_common::{
+    MAX_REPLICAS,
+    state::{Admin, ListenerState, Oper, ReplicaState},
+};
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,34 +41,41 @@ pub struct Context<'a> {
     pub wall: SystemTime,
 }
 
-/// HTML-escapes `s` for text and attribute values, on one line.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
-        }
+/// Text that stays on one line: control characters (a check's reason may
+/// carry a newline) become spaces, so a replica's row is one line of HTML.
+/// Escaped as any text.
+struct OneLine<'a>(&'a str);
+
+impl Render for OneLine<'_> {
+    fn render_to(&self, out: &mut String) {
+        let line: String = self
+            .0
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        line.render_to(out);
     }
-    out
+}
+
+/// A change under way: checks counted toward the other operational state
+/// ("UP 1/3", "DOWN 1/2"). Only a READY replica with a listener shows one:
+/// DRAIN and MAINT say the operator's word, and without a listener nothing
+/// rises.
+fn changing(s: &ReplicaState) -> bool {
+    s.admin == Admin::Ready && s.listener == ListenerState::Registered && s.oper.progress > 0
 }
 
 /// The row's class: its state word, and whether it is on its way to the
 /// other operational state (HAProxy colours those apart too).
-fn class(b: &BackendRow) -> &'static str {
-    // "UP 1/3", "DOWN 1/2": the only labels with a slash.
-    let going = b.state.to_string().contains('/');
-    match (b.state.state_word(), going) {
-        (STATE_UP, false) => "UP",
-        (STATE_UP, true) => "UP going",
-        (STATE_DRAIN, _) => "DRAIN",
-        (STATE_MAINT, _) => "MAINT",
-        (_, false) => "DOWN",
-        (_, true) => "DOWN going",
+fn class(s: &ReplicaState) -> &'static str {
+    match (s.admin, s.listener, s.oper.oper) {
+        (Admin::Maint, ..) => "MAINT",
+        (Admin::Drain, ..) => "DRAIN",
+        (Admin::Ready, ListenerState::Missing, _) => "DOWN",
+        (Admin::Ready, ListenerState::Registered, Oper::Up) if changing(s) => "UP going",
+        (Admin::Ready, ListenerState::Registered, Oper::Up) => "UP",
+        (Admin::Ready, ListenerState::Registered, Oper::Down) if changing(s) => "DOWN going",
+        (Admin::Ready, ListenerState::Registered, Oper::Down) => "DOWN",
     }
 }
 
@@ -74,7 +88,7 @@ pub fn change_reason(b: &BackendRow) -> String {
     if b.queue_stalled {
         return "accept queue stalled".into();
     }
-    if b.state.to_string().contains('/') || b.check_reason.is_empty() {
+    if changing(&b.state) || b.check_reason.is_empty() {
         return String::new();
     }
     b.check_reason.clone()
@@ -99,99 +113,125 @@ svg.spark path.area{fill:#2a5db0;fill-opacity:.15;stroke:none}\
 svg.spark circle{fill:#2a5db0}\
 .stalled{color:#b00;font-weight:bold}";
 
+/// The whole page. Line breaks sit where `grep` needs them: one per
+/// replica row, one for the totals.
 pub fn render(s: &Snapshot, cx: &Context) -> String {
     let window = cx.history.window();
     let up = s.backends.iter().filter(|b| b.up).count();
-    let errors: u64 = s.steer_errors.values().sum();
-    let mut out = String::with_capacity(2048 + 1536 * s.backends.len());
-    let _ = write!(
-        out,
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{REFRESH_S}\"><title>mtlb stats</title>\n<style>{STYLE}</style></head><body>\n"
-    );
-    let _ = writeln!(
-        out,
-        "<h1>mtlb <small>version {}</small></h1>",
-        esc(cx.version)
-    );
-    let _ = writeln!(
-        out,
-        "<p class=\"summary\">port <b>{}</b> · up <b id=\"uptime\">{}</b> · <b id=\"up-count\">{up}</b> of {} replicas UP · lookups <b>{}</b> · refused (no backend) <b>{}</b> · steering errors <b>{}</b></p>\n<p class=\"read\">read {} · refreshes every {REFRESH_S}s · sparklines: last {}, a sample every {}</p>",
-        s.port,
-        units::duration(cx.uptime.as_secs_f64()),
-        s.backends.len(),
-        units::count(s.lookups),
-        units::count(s.no_backend),
-        units::count(errors),
-        humantime::format_rfc3339_seconds(cx.wall),
-        units::duration(window.as_secs_f64()),
-        units::duration(cx.history.every().as_secs_f64()),
-    );
-    out.push_str("<table>\n<thead><tr><th class=\"l\">name</th><th class=\"l\">address</th><th class=\"l\">state</th><th class=\"l\">last change</th><th class=\"l\">last check</th><th>active</th>");
-    let _ = write!(
-        out,
-        "<th>last {}</th>",
-        units::duration(window.as_secs_f64())
-    );
-    out.push_str("<th>total</th><th>weight</th><th>queue</th><th>downtime</th><th>in</th><th>out</th></tr></thead>\n<tbody>\n");
     let slots: HashMap<String, usize> = (0..MAX_REPLICAS as usize)
         .map(|i| (replica_name(i), i))
         .collect();
-    for b in &s.backends {
-        let points = slots
-            .get(&b.name)
-            .map(|slot| cx.history.series(*slot, cx.now))
-            .unwrap_or_default();
-        row(
-            &mut out,
-            b,
-            &sparkline(&points, b.active, window, "active connections"),
-        );
+    html! {
+        (DOCTYPE) "\n"
+        html {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content=(REFRESH_S);
+                title { "mtlb stats" } "\n"
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                "\n"
+                (summary(s, cx, up))
+                table {
+                    "\n" (columns(window)) "\n"
+                    tbody {
+                        "\n"
+                        @for b in &s.backends {
+                            (row(b, &spark_of(b, &slots, cx))) "\n"
+                        }
+                    }
+                    "\n" (totals(s, up, cx)) "\n"
+                }
+                "\n"
+            }
+        }
+        "\n"
     }
-    out.push_str("</tbody>\n");
-    totals(&mut out, s, up, cx);
-    out.push_str("</table>\n</body></html>\n");
-    out
+    .into_string()
 }
 
-fn row(out: &mut String, b: &BackendRow, spark: &str) {
-    let name = esc(&b.name);
+/// The heading and the two lines under it.
+fn summary(s: &Snapshot, cx: &Context, up: usize) -> Markup {
+    let errors: u64 = s.steer_errors.values().sum();
+    html! {
+        h1 { "mtlb " small { "version " (OneLine(cx.version)) } } "\n"
+        p class="summary" {
+            "port " b { (s.port) }
+            " · up " b id="uptime" { (units::duration(cx.uptime.as_secs_f64())) }
+            " · " b id="up-count" { (up) } " of " (s.backends.len()) " replicas UP"
+            " · lookups " b { (units::count(s.lookups)) }
+            " · refused (no backend) " b { (units::count(s.no_backend)) }
+            " · steering errors " b { (units::count(errors)) }
+        } "\n"
+        p class="read" {
+            "read " (humantime::format_rfc3339_seconds(cx.wall))
+            " · refreshes every " (REFRESH_S) "s"
+            " · sparklines: last " (units::duration(cx.history.window().as_secs_f64()))
+            ", a sample every " (units::duration(cx.history.every().as_secs_f64()))
+        } "\n"
+    }
+}
+
+fn columns(window: Duration) -> Markup {
+    html! {
+        thead { tr {
+            th class="l" { "name" } th class="l" { "address" } th class="l" { "state" }
+            th class="l" { "last change" } th class="l" { "last check" } th { "active" }
+            th { "last " (units::duration(window.as_secs_f64())) }
+            th { "total" } th { "weight" } th { "queue" } th { "downtime" }
+            th { "in" } th { "out" }
+        } }
+    }
+}
+
+/// `b`'s sparkline: its slot's samples (a name that is no slot's has none).
+fn spark_of(b: &BackendRow, slots: &HashMap<String, usize>, cx: &Context) -> Markup {
+    let points = slots
+        .get(&b.name)
+        .map(|slot| cx.history.series(*slot, cx.now))
+        .unwrap_or_default();
+    sparkline(&points, b.active, cx.history.window(), "active connections")
+}
+
+fn row(b: &BackendRow, spark: &Markup) -> Markup {
     let why = change_reason(b);
-    let why = if why.is_empty() {
-        String::new()
-    } else {
-        format!(" <small>{}</small>", esc(&why))
-    };
-    let check = match b.check.as_str() {
-        "-" => "-".to_string(),
-        result => format!(
-            "{result} <small>{} · {}</small>",
-            esc(&b.check_reason),
-            units::millis(b.check_duration_ms)
-        ),
-    };
-    let queue = if b.queue_stalled {
-        format!("<span class=\"stalled\">{} stalled</span>", b.accept_queue)
-    } else {
-        b.accept_queue.to_string()
-    };
-    let _ = writeln!(
-        out,
-        "<tr class=\"{}\" id=\"{name}\" data-active=\"{}\"><td class=\"name\">{name}</td><td class=\"addr\">{}</td><td class=\"state\">{}</td><td class=\"change\">{} ago{why}</td><td class=\"check\">{check}</td><td>{}</td><td class=\"spark\">{spark}</td><td>{}</td><td>{}</td><td>{queue}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-        class(b),
-        b.active,
-        esc(&b.address),
-        esc(&b.state.to_string()),
-        units::duration(b.since_change_s),
-        units::count(b.active),
-        units::count(b.total),
-        b.weight,
-        units::duration(b.downtime_s),
-        units::bytes(b.bytes_in),
-        units::bytes(b.bytes_out),
-    );
+    html! {
+        tr class=(class(&b.state)) id=(OneLine(&b.name)) data-active=(b.active) {
+            td class="name" { (OneLine(&b.name)) }
+            td class="addr" { (OneLine(&b.address)) }
+            td class="state" { (OneLine(&b.state.to_string())) }
+            td class="change" {
+                (units::duration(b.since_change_s)) " ago"
+                @if !why.is_empty() { " " small { (OneLine(&why)) } }
+            }
+            td class="check" {
+                @if b.check == "-" {
+                    "-"
+                } @else {
+                    (OneLine(&b.check)) " "
+                    small { (OneLine(&b.check_reason)) " · " (units::millis(b.check_duration_ms)) }
+                }
+            }
+            td { (units::count(b.active)) }
+            td class="spark" { (spark) }
+            td { (units::count(b.total)) }
+            td { (b.weight) }
+            td {
+                @if b.queue_stalled {
+                    span class="stalled" { (b.accept_queue) " stalled" }
+                } @else {
+                    (b.accept_queue)
+                }
+            }
+            td { (units::duration(b.downtime_s)) }
+            td { (units::bytes(b.bytes_in)) }
+            td { (units::bytes(b.bytes_out)) }
+        }
+    }
 }
 
-fn totals(out: &mut String, s: &Snapshot, up: usize, cx: &Context) {
+fn totals(s: &Snapshot, up: usize, cx: &Context) -> Markup {
     let sum = |f: fn(&BackendRow) -> u64| {
         s.backends
             .iter()
@@ -212,16 +252,23 @@ fn totals(out: &mut String, s: &Snapshot, up: usize, cx: &Context) {
         cx.history.window(),
         "active connections, all replicas",
     );
-    let _ = writeln!(
-        out,
-        "<tfoot><tr class=\"total\" data-active=\"{active}\"><td class=\"name\">total</td><td class=\"addr\">{} replicas</td><td class=\"state {class}\">{up} UP</td><td class=\"change\"></td><td class=\"check\">{failing} failing</td><td>{}</td><td class=\"spark\">{spark}</td><td>{}</td><td></td><td>{}</td><td></td><td>{}</td><td>{}</td></tr></tfoot>",
-        s.backends.len(),
-        units::count(active),
-        units::count(sum(|b| b.total)),
-        units::count(sum(|b| b.accept_queue as u64)),
-        units::bytes(sum(|b| b.bytes_in)),
-        units::bytes(sum(|b| b.bytes_out)),
-    );
+    html! {
+        tfoot { tr class="total" data-active=(active) {
+            td class="name" { "total" }
+            td class="addr" { (s.backends.len()) " replicas" }
+            td class={ "state " (class) } { (up) " UP" }
+            td class="change" {}
+            td class="check" { (failing) " failing" }
+            td { (units::count(active)) }
+            td class="spark" { (spark) }
+            td { (units::count(sum(|b| b.total))) }
+            td {}
+            td { (units::count(sum(|b| b.accept_queue as u64))) }
+            td {}
+            td { (units::bytes(sum(|b| b.bytes_in))) }
+            td { (units::bytes(sum(|b| b.bytes_out))) }
+        } }
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +352,36 @@ mod tests {
             row(2, st(Oper::Up, 0, Admin::Drain), 1),
             down,
         ])
+    }
+
+    /// The class comes from the typed state and agrees with the label an
+    /// operator reads: "going" exactly when the label counts checks
+    /// ("UP 1/3"), and the state word otherwise.
+    #[test]
+    fn class_follows_the_typed_state() {
+        for oper in [Oper::Up, Oper::Down] {
+            for progress in [0, 1, 2] {
+                for admin in [Admin::Ready, Admin::Drain, Admin::Maint] {
+                    for listener in [ListenerState::Registered, ListenerState::Missing] {
+                        let s = ReplicaState {
+                            listener,
+                            ..st(oper, progress, admin)
+                        };
+                        let label = s.to_string();
+                        let c = class(&s);
+                        assert_eq!(c.ends_with(" going"), label.contains('/'), "{s:?}");
+                        assert_eq!(changing(&s), label.contains('/'), "{s:?}");
+                        let word = match s.state_word() {
+                            mtlb_common::STATE_UP => "UP",
+                            mtlb_common::STATE_DRAIN => "DRAIN",
+                            mtlb_common::STATE_MAINT => "MAINT",
+                            _ => "DOWN",
+                        };
+                        assert_eq!(c.split(' ').next(), Some(word), "{s:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -440,7 +517,7 @@ mod tests {
     fn sixty_four_replicas_sixty_four_lines() {
         let t0 = Instant::now();
         let mut h = History::new(Duration::from_secs(10));
-        for i in 0..super::super::history::CAPACITY as u32 {
+        for i in 0..crate::stats::history::CAPACITY as u32 {
             h.record(t0 + Duration::from_secs(10) * i, (0..64).collect());
         }
         let s = snap(

@@ -4,7 +4,7 @@
 //! header size, the time to send a request head, a connection's lifetime.
 //! Memory is bounded by connections × header buffer.
 
-use super::http::{Source, router};
+use super::{collector::Collector, http::router};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -70,7 +70,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener
 /// namespace.
 pub fn spawn(
     listener: std::net::TcpListener,
-    src: Arc<Source>,
+    src: Arc<Collector>,
     limits: Limits,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -88,10 +88,10 @@ pub fn spawn(
         })
 }
 
-async fn serve(listener: tokio::net::TcpListener, src: Arc<Source>, limits: Limits) {
+async fn serve(listener: tokio::net::TcpListener, src: Arc<Collector>, limits: Limits) {
     // The sparklines' samples, on this thread too: nothing of the stats
     // reaches the agent's loop.
-    tokio::spawn(super::history::sample(src.clone()));
+    tokio::spawn(src.clone().sample_forever());
     let app = router(src);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut last_error: Option<Instant> = None;

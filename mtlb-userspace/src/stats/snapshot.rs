@@ -8,9 +8,14 @@ use crate::{
     },
     system::diag,
 };
-use mtlb_common::{MAX_REPLICAS, stat, state::ReplicaState};
+use mtlb_common::{MAX_REPLICAS, Settings, stat, state::ReplicaState};
 use serde::{Serialize, Serializer};
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendRow {
@@ -83,7 +88,7 @@ pub type Bytes = BTreeMap<u32, (u64, u64)>;
 /// first: a connection that closes in between is missed by both for this
 /// reading (the server never shows less than it showed), where the other
 /// order would count it twice. The dump costs a message per connection:
-/// callers share readings (see `http::Source`).
+/// callers share readings (see `collector::Collector`).
 pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
     let settings = maps.settings()?;
     let mut out = Bytes::new();
@@ -111,64 +116,107 @@ pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
 /// Reads the snapshot from the maps, with `bytes` (see [`bytes`]) for
 /// the traffic. `pin_dir` locates the program links (for run statistics).
 pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, MapsError> {
+    collect_at(maps, pin_dir, bytes, SystemTime::now())
+}
+
+/// Milliseconds since the epoch, as the agent writes STATUS.last_change_ms
+/// (wall clock: other processes read it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// [`collect`] with the wall-clock time `now`, from which the ages of the
+/// last state changes are told.
+pub fn collect_at(
+    maps: &Maps,
+    pin_dir: &Path,
+    bytes: &Bytes,
+    now: SystemTime,
+) -> Result<Snapshot, MapsError> {
     let settings = maps.settings()?;
-    let replica_ip: IpAddr = {
-        let a = std::net::Ipv6Addr::from(settings.replica_addr);
-        a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
-    };
-    let now_ms = crate::agent::slot::unix_ms();
+    let now_ms = unix_ms(now);
     let mut backends = Vec::new();
     for slot in 0..settings.replicas as u32 {
-        let s = maps.status(slot)?;
-        // An unused slot (state 0), or one written by a build that knew
-        // other words.
-        let Some(state) = ReplicaState::read(&s) else {
-            continue;
-        };
-        let c = maps.conns(slot)?;
-        let t = maps.slot_totals(slot)?;
-        let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
-        let reason_len = s
-            .reason
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(s.reason.len());
-        backends.push(BackendRow {
-            name: crate::config::replica_name(slot as usize),
-            address: std::net::SocketAddr::new(replica_ip, settings.base_port + slot as u16)
-                .to_string(),
-            state,
-            up: state.takes_connections(),
-            active: c.established + c.handshakes,
-            handshakes: c.handshakes,
-            total: t.established,
-            weight: s.weight,
-            check: match s.check_ok {
-                1 => "passed",
-                0 => "failed",
-                _ => "-",
-            }
-            .into(),
-            check_reason: String::from_utf8_lossy(&s.reason[..reason_len]).into_owned(),
-            check_duration_ms: s.check_ms,
-            check_failures: s.check_failures,
-            transitions_up: s.transitions_up,
-            transitions_down: s.transitions_down,
-            since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
-            downtime_s: s.downtime_ms as f64 / 1000.0,
-            accept_queue: s.accept_queue,
-            queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
-                != 0,
-            bytes_in,
-            bytes_out,
-        });
+        backends.extend(backend(maps, &settings, slot, bytes, now_ms)?);
     }
     let stats = maps.stats()?;
     let get = |n: &str| stats.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
-    // Everything but the counters reported on their own: flow hits and
-    // cookie SYN-ACKs are not errors, and an alert on steering errors must
-    // not fire on them.
-    let steer_errors = stats
+    Ok(Snapshot {
+        port: settings.port,
+        backends,
+        lookups: get("lookups"),
+        no_backend: get("no_backend"),
+        flow_hits: get("flow_hits"),
+        cookie_synacks: get("cookie_synacks"),
+        steer_errors: steer_errors(&stats),
+        programs: programs(pin_dir),
+    })
+}
+
+/// The replicas' address, as STATUS readers show it (IPv4 unmapped).
+fn replica_ip(settings: &Settings) -> IpAddr {
+    let a = std::net::Ipv6Addr::from(settings.replica_addr);
+    a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a))
+}
+
+/// `slot`'s row; `None` for an unused slot (state 0), or one written by a
+/// build that knew other words.
+fn backend(
+    maps: &Maps,
+    settings: &Settings,
+    slot: u32,
+    bytes: &Bytes,
+    now_ms: u64,
+) -> Result<Option<BackendRow>, MapsError> {
+    let s = maps.status(slot)?;
+    let Some(state) = ReplicaState::read(&s) else {
+        return Ok(None);
+    };
+    let c = maps.conns(slot)?;
+    let t = maps.slot_totals(slot)?;
+    let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
+    let reason_len = s
+        .reason
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(s.reason.len());
+    Ok(Some(BackendRow {
+        name: crate::config::replica_name(slot as usize),
+        address: std::net::SocketAddr::new(replica_ip(settings), settings.base_port + slot as u16)
+            .to_string(),
+        state,
+        up: state.takes_connections(),
+        active: c.established + c.handshakes,
+        handshakes: c.handshakes,
+        total: t.established,
+        weight: s.weight,
+        check: match s.check_ok {
+            1 => "passed",
+            0 => "failed",
+            _ => "-",
+        }
+        .into(),
+        check_reason: String::from_utf8_lossy(&s.reason[..reason_len]).into_owned(),
+        check_duration_ms: s.check_ms,
+        check_failures: s.check_failures,
+        transitions_up: s.transitions_up,
+        transitions_down: s.transitions_down,
+        since_change_s: now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0,
+        downtime_s: s.downtime_ms as f64 / 1000.0,
+        accept_queue: s.accept_queue,
+        queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
+            != 0,
+        bytes_in,
+        bytes_out,
+    }))
+}
+
+/// Everything but the counters reported on their own: flow hits and cookie
+/// SYN-ACKs are not errors, and an alert on steering errors must not fire
+/// on them.
+fn steer_errors(stats: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    stats
         .iter()
         .filter(|(k, _)| {
             ![
@@ -180,17 +228,7 @@ pub fn collect(maps: &Maps, pin_dir: &Path, bytes: &Bytes) -> Result<Snapshot, M
             .contains(k)
         })
         .map(|(k, v)| (k.to_string(), *v))
-        .collect();
-    Ok(Snapshot {
-        port: settings.port,
-        backends,
-        lookups: get("lookups"),
-        no_backend: get("no_backend"),
-        flow_hits: get("flow_hits"),
-        cookie_synacks: get("cookie_synacks"),
-        steer_errors,
-        programs: programs(pin_dir),
-    })
+        .collect()
 }
 
 /// Run statistics of our attached programs (found through their pinned
