@@ -12,6 +12,11 @@ use std::{
 };
 
 /// Default config path.
+/// The weights a replica may have (`weights` in the configuration,
+/// `mtlb backend NAME weight N`): load is compared as connections / weight
+/// in the kernel, with no division by zero and weights that fit its word.
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=256;
+
 pub const DEFAULT_PATH: &str = "/etc/mtlb/mtlb.toml";
 /// Default bpffs mount: the one place systems mount it.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -421,11 +426,7 @@ impl Config {
                 ),
             ));
         }
-        if let Some(w) = self
-            .weights
-            .iter()
-            .find(|w| !crate::control::WEIGHTS.contains(*w))
-        {
+        if let Some(w) = self.weights.iter().find(|w| !WEIGHTS.contains(*w)) {
             return Err(invalid("weights", w, "each weight must be 1..=256"));
         }
         if self
@@ -537,17 +538,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    pub fn thresholds(&self) -> crate::checks::health::Thresholds {
-        let ms = std::time::Duration::from_millis;
-        crate::checks::health::Thresholds {
-            rise: self.check.rise,
-            fall: self.check.fall,
-            inter: ms(self.check.inter_ms),
-            fastinter: ms(self.check.fastinter_ms),
-            downinter: ms(self.check.downinter_ms),
-        }
     }
 
     /// What may change on a reload; the rest needs a restart. Returns the

@@ -24,7 +24,7 @@ pub enum Request {
         #[serde(serialize_with = "admin_out", deserialize_with = "admin_in")]
         state: Admin,
     },
-    /// Set a replica's weight (in [`WEIGHTS`]).
+    /// Set a replica's weight (in [`crate::config::WEIGHTS`]).
     Weight { name: String, weight: u32 },
     /// Where a replica's counts are: its slot and the pin directory.
     Locate { name: String },
@@ -34,11 +34,6 @@ pub enum Request {
     /// namespace for good.
     Remove,
 }
-
-/// The weights a replica may have (`weights` in the configuration,
-/// `mtlb backend NAME weight N`): load is compared as connections / weight
-/// in the kernel, with no division by zero and weights that fit its word.
-pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=256;
 
 /// The operator's word for an admin state, as the CLI sends it.
 fn admin_out<S: Serializer>(a: &Admin, s: S) -> Result<S::Ok, S::Error> {

@@ -19,11 +19,12 @@ use super::{
 use crate::{
     checks::{
         CheckSpec,
-        health::{Admin, CheckResult, DownCause, Transition},
+        health::{Admin, CheckResult, DownCause, Thresholds, Transition},
         reason,
     },
+    config::WEIGHTS,
     config::{Config, ConfigError},
-    control::{Request, Response, WEIGHTS},
+    control::{Request, Response},
 };
 use mtlb_common::{MAX_REPLICAS, Settings, state::ListenerState};
 use std::{
@@ -193,7 +194,7 @@ impl State {
     /// Logs what a health event did; a state change is written to the
     /// kernel before its line, so the line is true when read.
     fn health_event(&mut self, slot: usize, ev: Transition, inp: &Inputs, out: &mut Vec<Effect>) {
-        let t = self.cfg.thresholds();
+        let t = Thresholds::of(&self.cfg);
         let last = |s: &Slot| s.health.last().cloned().expect("a check ran");
         match ev {
             Transition::Steady => {}
@@ -435,7 +436,7 @@ impl State {
         out: &mut Vec<Effect>,
     ) {
         let verify = reconcile::verifies(&self.cfg);
-        let t = self.cfg.thresholds();
+        let t = Thresholds::of(&self.cfg);
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };

@@ -4,7 +4,7 @@
 
 use crate::{
     checks::{
-        health::{Admin, DownCause, Health, Oper},
+        health::{Admin, DownCause, Health, Oper, Thresholds},
         queue::QueueWatch,
     },
     config::{Config, replica_name},
@@ -119,7 +119,7 @@ impl Slot {
     /// The typed state: what the label, STATUS and the metrics show.
     pub fn state(&self, cfg: &Config) -> ReplicaState {
         ReplicaState {
-            oper: self.health.state(&cfg.thresholds()),
+            oper: self.health.state(&Thresholds::of(cfg)),
             admin: self.admin,
             listener: self.listener(),
         }

@@ -52,6 +52,19 @@ pub struct Thresholds {
     pub downinter: Duration,
 }
 
+impl Thresholds {
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        let c = &cfg.check;
+        Self {
+            rise: c.rise,
+            fall: c.fall,
+            inter: Duration::from_millis(c.inter_ms),
+            fastinter: Duration::from_millis(c.fastinter_ms),
+            downinter: Duration::from_millis(c.downinter_ms),
+        }
+    }
+}
+
 /// Why a replica is DOWN, which decides how it comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DownCause {

@@ -6,6 +6,11 @@
 pub mod health;
 pub mod mtproxy;
 pub mod queue;
+pub mod reason;
+mod tcp;
+
+pub use tcp::connect;
+use tcp::os_error_text;
 
 use crate::config::{CheckKind, Config};
 use health::CheckResult;
@@ -17,46 +22,6 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-
-/// Reasons, as in HAProxy's vocabulary where one exists (README "Reasons").
-pub mod reason {
-    pub const L4_OK: &str = "Layer4 check passed";
-    pub const L4_CON: &str = "Layer4 connection problem";
-    pub const L4_TOUT: &str = "Layer4 timeout";
-    pub const MTPROXY_OK: &str = "MTProxy answered through upstream";
-    pub const WRONG_SECRET: &str = "wrong secret or not MTProxy";
-    pub const NO_ANSWER: &str = "no answer through proxy";
-    pub const TLS_HMAC: &str = "TLS reply HMAC mismatch";
-    pub const STATS_OK: &str = "stats: upstream ready";
-    pub const STATS_NOT_READY: &str = "stats: no ready upstream targets";
-    pub const STATS_UNREACHABLE: &str = "stats endpoint unreachable";
-    pub const QUEUE_STALLED: &str = "accept queue stalled";
-    pub const NO_LISTENER: &str = "no listener registered";
-    pub const LISTENER_REGISTERED: &str = "listener registered";
-}
-
-/// Connects with a timeout, mapping failures to HAProxy's layer-4 reasons.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, CheckResult> {
-    let t0 = Instant::now();
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(CheckResult::fail(
-            reason::L4_CON,
-            Some(os_error_text(&e)),
-            t0.elapsed(),
-        )),
-        Err(_) => Err(CheckResult::fail(reason::L4_TOUT, None, t0.elapsed())),
-    }
-}
-
-/// "Connection refused" rather than "Connection refused (os error 111)".
-fn os_error_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
 
 /// One check to run against one replica: what the agent's core asks for
 /// and the serve loop runs.

@@ -33,7 +33,7 @@
 //! | silence, or a close with nothing | no answer through proxy: a wrong secret cannot be told from an unreachable upstream, both servers stay silent or close | wrong secret or not MTProxy (no TLS answer) |
 //! | valid HMAC, then silence or a close | (n/a) | no answer through proxy (secret verified, upstream unreachable) |
 
-use super::{connect, health::CheckResult, reason};
+use super::{health::CheckResult, reason, tcp::connect};
 use aes::cipher::{KeyIvInit as _, StreamCipher as _};
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
