@@ -10,10 +10,13 @@
 //! * `cargo xtask demo`: a guided failover demo with real MTProxy replicas.
 //! * `cargo xtask bench [--only PHASES]`: mtlb against direct connections,
 //!   HAProxy, nginx `stream` and IPVS (issue #11); writes BENCHMARKS.md.
+//! * `cargo xtask deb [--check]`: the Debian package
+//!   target/debian/mtlb_<version>_amd64.deb (docs/releasing.md).
 //! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
 //!   QEMU, checked from this machine; prints a report.
 
 mod bench;
+mod deb;
 mod demo;
 mod image;
 mod official;
@@ -56,6 +59,14 @@ enum Cmd {
     },
     /// Install prerequisites and build (release).
     Build,
+    /// Build the Debian package target/debian/mtlb_<version>_amd64.deb
+    /// (cargo-deb; man pages and completions from the release binary).
+    Deb {
+        /// Then check it as `cargo xtask test` does: its files, lintian,
+        /// the man page, the bash completion.
+        #[arg(long)]
+        check: bool,
+    },
     /// Boot a Debian 12 guest in QEMU (software emulation), provision it
     /// with deploy/playbooks/deploy.yml as `vagrant up` does, and check the
     /// deployment from this machine: clients through its port 443, the
@@ -153,6 +164,9 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "xtask",
             ])?;
+            prereqs::ensure_deb_tools()?;
+            let package = deb::build(&root)?;
+            deb::check(&root, &package)?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
             let mut cmd = Command::new("cargo");
@@ -205,6 +219,16 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             vm_deploy::run(&root, &python)
+        }
+        Cmd::Deb { check } => {
+            prereqs::ensure()?;
+            prereqs::ensure_deb_tools()?;
+            let package = deb::build(&root)?;
+            if check {
+                deb::check(&root, &package)?;
+            }
+            println!("{}", package.display());
+            Ok(())
         }
         Cmd::Build => {
             prereqs::ensure()?;
