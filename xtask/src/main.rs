@@ -11,10 +11,13 @@
 //! * `cargo xtask bench [--only PHASES] [--report-only]`: mtlb against
 //!   direct connections, HAProxy, nginx `stream` and IPVS (the mtlb-bench
 //!   crate, bench/); writes BENCHMARKS.md and its record bench/last-run.json.
+//! * `cargo xtask deb [--check]`: the Debian package
+//!   target/debian/mtlb_<version>_amd64.deb (docs/releasing.md).
 //! * `cargo xtask vm-deploy`: deploy/ for real in a Debian 12 guest under
 //!   QEMU, checked from this machine; prints a report (the mtlb-vm-deploy
 //!   crate, deploy/vm-deploy/).
 
+mod deb;
 mod demo;
 mod image;
 mod official;
@@ -57,6 +60,14 @@ enum Cmd {
     },
     /// Install prerequisites and build (release).
     Build,
+    /// Build the Debian package target/debian/mtlb_<version>_amd64.deb
+    /// (cargo-deb; man pages and completions from the release binary).
+    Deb {
+        /// Then check it as `cargo xtask test` does: its files, lintian,
+        /// the man page, the bash completion.
+        #[arg(long)]
+        check: bool,
+    },
     /// Boot a Debian 12 guest in QEMU (software emulation), provision it
     /// with deploy/playbooks/deploy.yml as `vagrant up` does, and check the
     /// deployment from this machine: clients through its port 443, the
@@ -158,6 +169,9 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "mtlb-vm-deploy",
             ])?;
+            prereqs::ensure_deb_tools()?;
+            let package = deb::build(&root)?;
+            deb::check(&root, &package)?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
             let mut cmd = Command::new("cargo");
@@ -210,6 +224,16 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             mtlb_vm_deploy::run(&root, &python, &VmDeployHost { root: &root })
+        }
+        Cmd::Deb { check } => {
+            prereqs::ensure()?;
+            prereqs::ensure_deb_tools()?;
+            let package = deb::build(&root)?;
+            if check {
+                deb::check(&root, &package)?;
+            }
+            println!("{}", package.display());
+            Ok(())
         }
         Cmd::Build => {
             prereqs::ensure()?;

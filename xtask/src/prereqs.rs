@@ -162,13 +162,19 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn bpf_linker() -> Option<PathBuf> {
-    which::which("bpf-linker").ok().or_else(|| {
+    cargo_bin("bpf-linker")
+}
+
+/// A tool `cargo install` put in PATH or in $CARGO_HOME/bin.
+fn cargo_bin(name: &str) -> Option<PathBuf> {
+    which::which(name).ok().or_else(|| {
         let p = PathBuf::from(std::env::var_os("CARGO_HOME").unwrap_or_else(|| {
             std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default())
                 .join(".cargo")
                 .into_os_string()
         }))
-        .join("bin/bpf-linker");
+        .join("bin")
+        .join(name);
         p.exists().then_some(p)
     })
 }
@@ -269,6 +275,38 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
             apt.install(pkg, "the tests use it")?;
             done.push(*pkg);
         }
+    }
+    Ok(())
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Debian packages `cargo xtask deb` checks the package with, and a file
+/// each provides.
+const DEB_PACKAGES: &[(&str, &str)] = &[
+    ("lintian", "/usr/bin/lintian"),
+    // `man -l` renders the generated page.
+    ("man-db", "/usr/bin/man"),
+];
+
+/// What `cargo xtask deb` needs beyond [`ensure`]: cargo-deb, which builds
+/// the package, and the tools its check runs.
+pub fn ensure_deb_tools() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    for (pkg, file) in DEB_PACKAGES {
+        if !std::path::Path::new(file).exists() {
+            apt.install(pkg, "cargo xtask deb checks the package with it")?;
+        }
+    }
+    if cargo_bin("cargo-deb").is_none() {
+        say(&format!("cargo-deb {CARGO_DEB_VERSION} (cargo install)"));
+        quiet(Command::new("cargo").args([
+            "install",
+            "--locked",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]))?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod backend;
 mod check_config;
+mod generate;
 mod link;
 mod reload;
 mod remove;
@@ -47,6 +48,9 @@ pub enum Command {
     Link(link::LinkArgs),
     /// Validate a config file without touching the kernel.
     CheckConfig(check_config::CheckConfigArgs),
+    /// Write the man pages or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -58,6 +62,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a),
         Command::Link(a) => link::run(a),
         Command::CheckConfig(a) => check_config::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }
 
