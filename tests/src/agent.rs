@@ -1,0 +1,250 @@
+//! The agent under test: `mtlb run` in a namespace with its log collected,
+//! the state oracle (the STATUS map through the pins), the CLI.
+
+use crate::*;
+use mtlb::kernel::maps::Maps;
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+impl Netns {
+    /// Starts `mtlb run ARGS` in this namespace and waits until it steers.
+    pub fn agent(&self, args: &[&str]) -> Agent {
+        let a = self.spawn_agent(args);
+        a.wait_for("steering TCP port");
+        a
+    }
+
+    /// Like `agent`, with debug logs (one line per check).
+    pub fn agent_debug(&self, args: &[&str]) -> Agent {
+        let a = self.spawn_agent_log(args, "debug");
+        a.wait_for("steering TCP port");
+        a
+    }
+
+    /// Starts `mtlb run ARGS` in this namespace without waiting.
+    pub fn spawn_agent(&self, args: &[&str]) -> Agent {
+        self.spawn_agent_log(args, "info")
+    }
+
+    fn spawn_agent_log(&self, args: &[&str], log: &str) -> Agent {
+        let bin = std::env::var("MTLB_BIN")
+            .expect("MTLB_BIN must name the mtlb binary (cargo xtask test sets it)");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(args)
+            // Operator state of this namespace only (inode numbers are
+            // reused once a namespace is gone).
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env("MTLB_LOG", log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        self.run_inside(&mut cmd);
+        Agent::spawn(cmd, self.pin_dir())
+    }
+}
+
+/// A running `mtlb run` with its log collected.
+pub struct Agent {
+    child: Option<Child>,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    reader: Option<JoinHandle<()>>,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    /// Runs `cmd` (which must start `mtlb run`) with its log collected.
+    pub fn command(mut cmd: Command, pin_dir: PathBuf) -> Self {
+        cmd.env("MTLB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Self::spawn(cmd, pin_dir)
+    }
+
+    fn spawn(mut cmd: Command, pin_dir: PathBuf) -> Self {
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let l2 = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[agent] {line}");
+                l2.0.lock().unwrap().push(line);
+                l2.1.notify_all();
+            }
+            // EOF: let waiters see the end.
+            l2.0.lock().unwrap().push(String::from("\u{0}EOF"));
+            l2.1.notify_all();
+        });
+        Self {
+            child: Some(child),
+            log,
+            reader: Some(reader),
+            pin_dir,
+        }
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log so far
+    /// on timeout or when the agent exits first.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_after(0, needle).1
+    }
+
+    /// Like `wait_for`, but only lines from index `from` on count. Returns
+    /// (index, line).
+    pub fn wait_for_after(&self, from: usize, needle: &str) -> (usize, String) {
+        let deadline = Instant::now() + wait_limit();
+        let (lock, cv) = &*self.log;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+            {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline || lines.last().is_some_and(|l| l == "\u{0}EOF") {
+                panic!(
+                    "agent log has no line with {needle:?}:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until `needle` has appeared in `n` log lines.
+    pub fn wait_count(&self, needle: &str, n: usize) {
+        let mut from = 0;
+        for _ in 0..n {
+            from = self.wait_for_after(from, needle).0 + 1;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL: the agent dies with no cleanup, its pins stay.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().len()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.0.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+
+    /// Waits for the agent to exit by itself (e.g. on a bad config).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let deadline = Instant::now() + wait_limit();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                if let Some(r) = self.reader.take() {
+                    r.join().unwrap();
+                }
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn maps(&self) -> Maps {
+        Maps::from_pins(&self.pin_dir)
+            .unwrap_or_else(|e| panic!("opening pins in {}: {e}", self.pin_dir.display()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads `slot`'s counts.
+pub fn conns(maps: &Maps, slot: u32) -> Conns {
+    maps.conns(slot)
+        .unwrap_or_else(|e| panic!("reading CONNS[{slot}]: {e}"))
+}
+
+/// Polls the maps until `pred` holds (the kernel gives no event to wait
+/// on); panics with the last counts after wait_limit().
+pub fn wait_counts(maps: &Maps, slots: u32, what: &str, pred: impl Fn(&[Conns]) -> bool) {
+    let deadline = Instant::now() + wait_limit();
+    loop {
+        let c: Vec<Conns> = (0..slots).map(|s| conns(maps, s)).collect();
+        if pred(&c) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: counts stayed {c:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cli_command(ns: &Netns, args: &[&str]) -> Command {
+    let bin = std::env::var("MTLB_BIN").expect("MTLB_BIN");
+    let mut cmd = Command::new(&bin);
+    cmd.args(args);
+    ns.run_inside(&mut cmd);
+    cmd
+}
+
+/// Starts `mtlb ARGS` (a CLI command) inside `ns`.
+pub fn mtlb_cli_spawn(ns: &Netns, args: &[&str]) -> Child {
+    cli_command(ns, args).spawn().unwrap()
+}
+
+/// Runs `mtlb ARGS` (a CLI command) inside `ns`; returns (success, output).
+pub fn mtlb_cli(ns: &Netns, args: &[&str]) -> (bool, String) {
+    let out = cli_command(ns, args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
