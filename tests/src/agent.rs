@@ -3,9 +3,10 @@
 
 use crate::*;
 use mtlb::kernel::maps::Maps;
+use mtlb_common::Status;
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
@@ -192,6 +193,144 @@ impl Agent {
         Maps::from_pins(&self.pin_dir)
             .unwrap_or_else(|e| panic!("opening pins in {}: {e}", self.pin_dir.display()))
     }
+}
+
+/// A replica's state as the agent publishes it in STATUS (`state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Up,
+    Down,
+    Drain,
+    Maint,
+}
+
+impl State {
+    fn word(self) -> u32 {
+        match self {
+            State::Up => mtlb_common::STATE_UP,
+            State::Down => mtlb_common::STATE_DOWN,
+            State::Drain => mtlb_common::STATE_DRAIN,
+            State::Maint => mtlb_common::STATE_MAINT,
+        }
+    }
+}
+
+/// The slot of replica `name`: "mtpN" is slot N-1.
+pub fn slot_of(name: &str) -> u32 {
+    name.strip_prefix("mtp")
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or_else(|| panic!("{name:?} is not a replica name (mtpN)"))
+        - 1
+}
+
+/// Replica `slot`'s STATUS entry, read through the pins in `pin_dir`;
+/// `None` while the pins are not there. The one place the harness opens
+/// STATUS: the agent writes it (BACKENDS first) before it logs a change.
+pub fn read_status(pin_dir: &Path, slot: u32) -> Option<Status> {
+    Maps::from_pins(pin_dir).ok()?.status(slot).ok()
+}
+
+impl Agent {
+    /// Replica `name`'s STATUS entry now; panics when the pins are not
+    /// there.
+    pub fn status(&self, name: &str) -> Status {
+        read_status(&self.pin_dir, slot_of(name))
+            .unwrap_or_else(|| panic!("no STATUS in {}", self.pin_dir.display()))
+    }
+
+    /// Whether the agent's pins are there (it has loaded or taken over
+    /// the dataplane).
+    pub fn pinned(&self) -> bool {
+        read_status(&self.pin_dir, 0).is_some()
+    }
+
+    /// Polls replica `name`'s STATUS until `pred` holds (the map gives no
+    /// event to wait on), bounded by [`wait_limit`]; panics with the last
+    /// entry and the log when it does not, or when the agent exits first.
+    pub fn wait_status(&self, name: &str, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+        let slot = slot_of(name);
+        let deadline = Instant::now() + wait_limit();
+        loop {
+            let st = read_status(&self.pin_dir, slot);
+            if let Some(s) = st.filter(&pred) {
+                return s;
+            }
+            let exited = self
+                .log
+                .0
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|l| l == "\u{0}EOF");
+            assert!(
+                !exited && Instant::now() < deadline,
+                "{name}: {what} not seen (agent exited: {exited}); STATUS {st:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until replica `name`'s state is `want`.
+    pub fn wait_state(&self, name: &str, want: State) -> Status {
+        self.wait_status(name, &format!("state {want:?}"), |s| s.state == want.word())
+    }
+
+    /// Waits until replica `name` is DOWN with its last check failed (a
+    /// replica that never passed one starts DOWN: the failed check is
+    /// what puts it DOWN by checks). Returns the entry; its reason is the
+    /// check's ([`status_reason`]).
+    pub fn wait_down_by_check(&self, name: &str) -> Status {
+        self.wait_status(name, "DOWN by a failed check", |s| {
+            s.state == State::Down.word() && s.check_ok == 0
+        })
+    }
+
+    /// Waits until replica `name`'s last check passed with `reason`.
+    pub fn wait_check_passed(&self, name: &str, reason: &str) -> Status {
+        self.wait_status(name, &format!("a check passed with {reason:?}"), |s| {
+            s.check_ok == 1 && status_reason(s) == reason
+        })
+    }
+
+    /// Whether replica `name`'s state is `want` now.
+    pub fn is_state(&self, name: &str, want: State) -> bool {
+        self.status(name).state == want.word()
+    }
+
+    /// Waits until replica `name` has gone DOWN more than `before` times
+    /// in all (a new DOWN, even if it came back since).
+    pub fn wait_down_after(&self, name: &str, before: u64) -> Status {
+        self.wait_status(name, &format!("a DOWN after {before}"), |s| {
+            s.transitions_down > before
+        })
+    }
+
+    /// Waits until the pins are there (a starting agent loaded or took
+    /// over the dataplane).
+    pub fn wait_pinned(&self) {
+        let deadline = Instant::now() + wait_limit();
+        while !self.pinned() {
+            assert!(
+                Instant::now() < deadline,
+                "no pins in {}:\n{}",
+                self.pin_dir.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The last check's reason in `s` (NUL-padded in the map).
+pub fn status_reason(s: &Status) -> String {
+    let n = s
+        .reason
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(s.reason.len());
+    String::from_utf8_lossy(&s.reason[..n]).into_owned()
 }
 
 impl Drop for Agent {

@@ -2,6 +2,7 @@
 
 use crate::*;
 use std::{
+    collections::VecDeque,
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
@@ -106,19 +107,22 @@ pub fn cut_in_flight(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::ConnectionReset
 }
 
-/// What a [`FailoverLoop`] saw.
-pub struct FailoverOutcome {
-    /// connect() calls that succeeded.
+/// What a [`ConnectLoop`] saw.
+pub struct LoopOutcome {
+    /// connect() calls that succeeded (and were greeted, when the loop
+    /// awaits greetings).
     pub ok: usize,
-    /// connect() errors other than a cut: connections nobody took.
+    /// Connections nobody took (and, for a strict loop, cut ones too).
     pub failed: Vec<String>,
-    /// Connections cut in flight ([`cut_in_flight`]).
+    /// Connections cut in flight ([`cut_in_flight`], or reset before their
+    /// greeting): at most the one in flight when a replica dies with it in
+    /// its accept queue.
     pub cut: usize,
     /// The connections still held.
-    pub held: std::collections::VecDeque<TcpStream>,
+    pub held: VecDeque<TcpStream>,
 }
 
-impl FailoverOutcome {
+impl LoopOutcome {
     /// Every connect was taken, but for at most the one in flight when
     /// one replica died: that one is cut (connected or not by then), as it
     /// would be behind HAProxy. And the loop made more than 10.
@@ -137,49 +141,117 @@ impl FailoverOutcome {
     }
 }
 
-/// One connection at a time to the balanced port from a thread in `ns`,
-/// every 5 ms, holding each (at most `max_held`, the oldest closed first),
-/// while a test kills and brings back replicas. Bounded by
-/// scaled(60 s).
-pub struct FailoverLoop {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<FailoverOutcome>,
+/// One connection at a time to the balanced port from a thread in a
+/// namespace, paced, until [`ConnectLoop::finish`]; bounded by scaled(60 s)
+/// and 200,000 connections. Options: await each replica's greeting
+/// ([`greet`](Self::greet)), hold connections ([`hold`](Self::hold)),
+/// count a cut as a failure ([`strict`](Self::strict)).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectLoop {
+    greet: bool,
+    strict: bool,
+    max_held: usize,
+    pace: Duration,
 }
 
-impl FailoverLoop {
-    pub fn start(ns: &Netns, max_held: usize) -> Self {
+impl Default for ConnectLoop {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectLoop {
+    /// Connects every 2 ms, holds nothing, awaits no greeting.
+    pub fn new() -> Self {
+        Self {
+            greet: false,
+            strict: false,
+            max_held: 0,
+            pace: Duration::from_millis(2),
+        }
+    }
+
+    /// Reads each replica's greeting: a connection reset before it is cut.
+    pub fn greet(mut self) -> Self {
+        self.greet = true;
+        self
+    }
+
+    /// Any error is a failure, a cut connection included (nothing may be
+    /// lost, e.g. across an agent restart).
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
+    }
+
+    /// Holds the connections, at most `max_held` (the oldest closed first).
+    pub fn hold(mut self, max_held: usize) -> Self {
+        self.max_held = max_held;
+        self
+    }
+
+    /// Waits `pace` between connections.
+    pub fn pace(mut self, pace: Duration) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// Starts the loop in `ns`.
+    pub fn start(self, ns: &Netns) -> RunningLoop {
         let file = ns.file.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let handle = std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut r = FailoverOutcome {
+            let mut r = LoopOutcome {
                 ok: 0,
                 failed: Vec::new(),
                 cut: 0,
-                held: std::collections::VecDeque::new(),
+                held: VecDeque::new(),
             };
+            let addr: SocketAddr = BALANCED.parse().unwrap();
             let deadline = Instant::now() + scaled(Duration::from_secs(60));
-            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match TcpStream::connect(BALANCED) {
+            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline && r.ok < 200_000 {
+                let got = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
+                    .and_then(|s| {
+                        if self.greet {
+                            greeting(&s).map_err(|e| {
+                                // Reset before its greeting: cut.
+                                std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
+                            })?;
+                        }
+                        Ok(s)
+                    });
+                match got {
                     Ok(s) => {
                         r.ok += 1;
-                        if r.held.len() == max_held {
-                            r.held.pop_front();
+                        if self.max_held > 0 {
+                            if r.held.len() == self.max_held {
+                                r.held.pop_front();
+                            }
+                            r.held.push_back(s);
                         }
-                        r.held.push_back(s);
                     }
-                    Err(e) if cut_in_flight(&e) => r.cut += 1,
+                    Err(e) if !self.strict && cut_in_flight(&e) => r.cut += 1,
                     Err(e) => r.failed.push(e.to_string()),
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(self.pace);
             }
             r
         });
-        Self { stop, handle }
+        RunningLoop { stop, handle }
     }
+}
 
-    pub fn finish(self) -> FailoverOutcome {
+/// A [`ConnectLoop`] running.
+pub struct RunningLoop {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<LoopOutcome>,
+}
+
+impl RunningLoop {
+    /// Stops the loop; what it saw.
+    pub fn finish(self) -> LoopOutcome {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap()
     }

@@ -138,7 +138,7 @@ fn stats_page_in_chromium() {
     .unwrap();
     let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
     for i in 1..=3 {
-        agent.wait_for(&format!("backend mtp{i} is UP"));
+        agent.wait_state(&format!("mtp{i}"), State::Up);
     }
     // Connections arrive in steps, a few samples apart: 9 over 3 steps,
     // then mtp3 drains and 3 leave.
@@ -219,7 +219,9 @@ fn stats_page_with_64_replicas_and_refreshes() {
         })
         .collect();
     let agent = ns.agent(&["--replicas", "64"]);
-    agent.wait_count("is UP", 64);
+    for i in 1..=64 {
+        agent.wait_state(&format!("mtp{i}"), State::Up);
+    }
     let held: Vec<_> = (0..128).map(|_| connect(BALANCED).unwrap()).collect();
 
     // curl | grep still finds each replica on one line.
