@@ -121,16 +121,12 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
 
     // 2) mtlb sees them UP, proven by the mtproxy check through the
     // official server to the stand-in and by its stats.
-    let cfg = dir.path.join("mtlb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "replicas = 2\nbase_port = 10000\nreplica_uids = [0, 65534]\nsecret = \"dd{SECRET}\"\n\
-             [check]\nkind = \"mtproxy\"\nstats_base_port = 11000\n{}",
-            fast_check_timings()
-        ),
-    )
-    .unwrap();
+    let cfg = Config::mtproxy(&format!("dd{SECRET}"))
+        .replicas(2)
+        .set("base_port", 10000)
+        .set("replica_uids", vec![0, 65534])
+        .stats_base_port(11000)
+        .write_to(&dir.path.join("mtlb.toml"));
     let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);

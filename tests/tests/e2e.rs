@@ -31,7 +31,7 @@ fn telegram_client_through_mtlb_with_failover() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
     agent.wait_check_passed("mtp2", "MTProxy answered through upstream");
@@ -110,7 +110,7 @@ fn fake_tls_replicas_end_to_end() {
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, true);
     let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
     let secret = format!("ee{SECRET}{DOMAIN_HEX}");
-    let cfg = mtproxy_config(&ns, &secret);
+    let cfg = Config::mtproxy(&secret).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
     agent.wait_check_passed("mtp2", "MTProxy answered through upstream");

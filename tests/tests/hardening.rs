@@ -138,7 +138,7 @@ fn a_returning_replica_proves_itself_before_clients() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
@@ -664,8 +664,9 @@ fn scan_interval_changes_on_reload() {
     let ns = Netns::new();
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
-    std::fs::write(&cfg, "scan_interval_ms = 60000\n").unwrap();
+    let cfg = Config::new()
+        .set("scan_interval_ms", 60000)
+        .write_to(&dir.join("mtlb.toml"));
     let agent = ns.agent_debug(&["--config", cfg.to_str().unwrap()]);
     agent.wait_for("scanning for replica listeners");
     let scans = || {
@@ -675,7 +676,7 @@ fn scan_interval_changes_on_reload() {
             .count()
     };
     let before = scans();
-    std::fs::write(&cfg, "scan_interval_ms = 20\n").unwrap();
+    Config::new().set("scan_interval_ms", 20).write_to(&cfg);
     let (ok, out) = mtlb_cli(&ns, &["reload", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{out}");
     agent.wait_count("scanning for replica listeners", before + 10);
@@ -691,13 +692,11 @@ fn a_burst_does_not_down_busy_replicas() {
     let _b = ReplicaProcess::start_busy(&ns, "mtp2", B, 100);
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
     // Stalls show within a second; checks are frequent.
-    std::fs::write(
-        &cfg,
-        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n",
-    )
-    .unwrap();
+    let cfg = Config::new()
+        .fast_checks()
+        .check("stall_ms", 1000)
+        .write_to(&dir.join("mtlb.toml"));
     let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
@@ -783,12 +782,7 @@ fn nothing_on_the_stats_port_starves_the_agent() {
     let _b = Replica::start("mtp2", B);
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
-    std::fs::write(
-        &cfg,
-        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",
-    )
-    .unwrap();
+    let cfg = Config::new().fast_checks().write_to(&dir.join("mtlb.toml"));
     let mut cmd = std::process::Command::new(std::env::var("MTLB_BIN").unwrap());
     cmd.arg("run")
         .arg("--config")
@@ -959,12 +953,13 @@ fn conflicting_ports_and_a_missing_named_config_are_refused() {
     let ns = Netns::new();
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    for (text, why) in [
-        ("stats_port = 443\n", "is the balanced port"),
-        ("stats_port = 10001\n", "inside the replica ports"),
+    for (port, why) in [
+        (443, "is the balanced port"),
+        (10001, "inside the replica ports"),
     ] {
-        let cfg = dir.join("bad.toml");
-        std::fs::write(&cfg, text).unwrap();
+        let cfg = Config::new()
+            .set("stats_port", port)
+            .write_to(&dir.join("bad.toml"));
         let mut agent = ns.spawn_agent(&["--config", cfg.to_str().unwrap()]);
         assert!(!agent.wait_exit().success());
         let log = agent.log();
@@ -983,15 +978,6 @@ fn conflicting_ports_and_a_missing_named_config_are_refused() {
     }
 }
 
-/// Writes `text` as the namespace's config file; returns its path.
-fn write_config(ns: &Netns, text: &str) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(&p, text).unwrap();
-    p.to_string_lossy().into_owned()
-}
-
 /// Who may run replicas changes on reload: a listener registered under the
 /// old rule whose owner the new one does not allow loses its slot. UDP on a
 /// replica port is none of mtlb's business.
@@ -999,12 +985,12 @@ fn write_config(ns: &Netns, text: &str) -> String {
 fn a_reload_that_narrows_the_owners_evicts_listeners() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
-    let cfg = write_config(&ns, "any_replica_owner = true\n");
+    let cfg = Config::new().set("any_replica_owner", true).write(&ns);
     let agent = ns.agent(&["--config", &cfg]);
     let _b = ReplicaProcess::start_as(&ns, "mtp2", B, Some(NOBODY), false);
     agent.wait_state("mtp2", State::Up);
     let from = agent.log_len();
-    write_config(&ns, "");
+    Config::new().write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload", "--config", &cfg]);
     assert!(ok, "{out}");
     let (_, line) = agent.wait_for_after(from, "refused a listener for mtp2 on 127.0.0.1:10001");
@@ -1039,10 +1025,11 @@ fn a_restart_does_not_revive_a_replica_down_by_checks() {
         std::net::TcpListener::bind("127.0.0.1:20001").unwrap(),
         |_| 0,
     );
-    let cfg = write_config(
-        &ns,
-        "[check]\nkind = \"stats\"\nstats_base_port = 20000\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",
-    );
+    let cfg = Config::new()
+        .check_kind("stats")
+        .stats_base_port(20000)
+        .fast_checks()
+        .write(&ns);
     let mut agent = ns.agent(&["--config", &cfg]);
     agent.wait_state("mtp1", State::Up);
     agent.wait_down_by_check("mtp2");
@@ -1066,13 +1053,13 @@ fn turning_checks_on_with_a_restart_refuses_nothing() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let cfg = write_config(&ns, "[check]\nkind = \"none\"\n");
+    let cfg = Config::new().check_kind("none").write(&ns);
     let mut agent = ns.agent(&["--config", &cfg]);
     agent.wait_state("mtp2", State::Up);
     let looping = ConnectLoop::new().greet().strict().start(&ns);
     std::thread::sleep(Duration::from_millis(50));
     assert!(agent.stop().success());
-    write_config(&ns, "[check]\nkind = \"tcp\"\n");
+    Config::new().check_kind("tcp").write(&ns);
     let _agent = ns.agent(&["--config", &cfg]);
     std::thread::sleep(Duration::from_millis(200));
     let LoopOutcome { ok, failed, .. } = looping.finish();

@@ -16,20 +16,14 @@ const A: &str = "127.0.0.1:10000";
 const B: &str = "127.0.0.1:10001";
 const C: &str = "127.0.0.1:10002";
 
-/// Fast checks so that tests take seconds: inter 100 ms, rise 2, fall 2.
-const FAST: &str = "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n";
-
-fn config(ns: &Netns, text: &str) -> PathBuf {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(&p, text).unwrap();
-    p
+/// Fast checks so that tests take seconds (inter 100 ms, rise 2, fall 2),
+/// and a stalled accept queue seen within a second.
+fn fast() -> Config {
+    Config::new().fast_checks().check("stall_ms", 1000)
 }
 
-fn agent_with(ns: &Netns, text: &str) -> Agent {
-    let p = config(ns, text);
-    ns.agent(&["--config", p.to_str().unwrap()])
+fn agent_with(ns: &Netns, cfg: Config) -> Agent {
+    ns.agent(&["--config", &cfg.write(ns)])
 }
 
 fn echo(s: &mut TcpStream) -> bool {
@@ -43,7 +37,7 @@ fn killed_replica_fails_over_with_a_down_line() {
     let ns = Netns::new();
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let mut b = ReplicaProcess::start(&ns, "mtp2", B);
-    let agent = agent_with(&ns, FAST);
+    let agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     let l = ConnectLoop::new().greet().start(&ns);
     // Let the loop run on both replicas first, long enough to mean
@@ -77,7 +71,7 @@ fn stopped_replica_is_down_by_its_accept_queue_and_back_after_sigcont() {
     let ns = Netns::new();
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let b = ReplicaProcess::start(&ns, "mtp2", B);
-    let agent = agent_with(&ns, FAST);
+    let agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     b.signal(Signal::SIGSTOP);
     // New connections queue up at the stopped replica (the kernel still
@@ -107,7 +101,7 @@ fn drain_and_wait_drained() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let agent = agent_with(&ns, FAST);
+    let agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     let mut held: Vec<(TcpStream, String)> = (0..10).map(|_| connect(BALANCED).unwrap()).collect();
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
@@ -177,11 +171,11 @@ fn commands_find_an_agent_placed_by_its_config_file_alone() {
     let bpffs = own.join("bpf");
     let control = own.join("ctl");
     let _unmount = Unmount(bpffs.clone());
-    let p = config(
-        &ns,
-        &format!("bpffs = {bpffs:?}\ncontrol_dir = {control:?}\n{FAST}"),
-    );
-    let c = p.to_str().unwrap();
+    let p = fast()
+        .set("bpffs", bpffs.to_str().unwrap())
+        .set("control_dir", control.to_str().unwrap())
+        .write(&ns);
+    let c = p.as_str();
     let mut agent = ns.agent(&["--config", c]);
     agent.wait_state("mtp2", State::Up);
     assert!(
@@ -260,7 +254,7 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let mut agent = agent_with(&ns, FAST);
+    let mut agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "3"]);
     assert!(ok, "{out}");
@@ -270,7 +264,7 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     assert!(!ok && out.contains("1..=256"), "{out}");
     // Operator state survives an agent restart.
     assert!(agent.stop().success());
-    let agent = agent_with(&ns, FAST);
+    let agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     assert_eq!(
         connect(BALANCED).unwrap().1,
@@ -295,12 +289,12 @@ fn reload_scales_two_three_two_without_dropping_anything() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let c = Replica::start("mtp3", C);
-    let path = config(&ns, &format!("replicas = 2\n{FAST}"));
-    let agent = ns.agent(&["--config", path.to_str().unwrap()]);
+    let cfg = fast().replicas(2).write(&ns);
+    let agent = ns.agent(&["--config", &cfg]);
     agent.wait_state("mtp2", State::Up);
     let l = ConnectLoop::new().greet().hold(usize::MAX).start(&ns);
     // 2 → 3: mtp3 joins.
-    std::fs::write(&path, format!("replicas = 3\n{FAST}")).unwrap();
+    fast().replicas(3).write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload"]);
     assert!(ok, "{out}");
     agent.wait_state("mtp3", State::Up);
@@ -308,7 +302,7 @@ fn reload_scales_two_three_two_without_dropping_anything() {
         c[2].established > 5
     });
     // 3 → 2 by SIGHUP: mtp3 drains; its connections stay up.
-    std::fs::write(&path, format!("replicas = 2\n{FAST}")).unwrap();
+    fast().replicas(2).write(&ns);
     let from = agent.log_len();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid(&agent)),
@@ -318,7 +312,7 @@ fn reload_scales_two_three_two_without_dropping_anything() {
     agent.wait_for_after(from, "backend mtp3 is draining before removal");
     let on_c = c.steered();
     // An invalid config is rejected and the running one stays.
-    std::fs::write(&path, "replicas = 0\n").unwrap();
+    Config::new().set("replicas", 0).write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload"]);
     assert!(!ok && out.contains("`replicas`: 0"), "{out}");
     agent.wait_for("reload failed, keeping the running configuration");
@@ -351,7 +345,7 @@ fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let mut agent = agent_with(&ns, FAST);
+    let mut agent = agent_with(&ns, fast());
     agent.wait_state("mtp2", State::Up);
     let l = ConnectLoop::new().greet().hold(usize::MAX).start(&ns);
     wait_counts(&agent.maps(), 2, "some traffic", |c| {
@@ -364,7 +358,7 @@ fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
     wait_counts(&dead, 2, "connections while the agent is dead", |c| {
         c[0].established + c[1].established > before + 20
     });
-    let agent = agent_with(&ns, FAST);
+    let agent = agent_with(&ns, fast());
     let r = l.finish();
     assert!(r.failed.is_empty(), "failed connects: {:?}", r.failed);
     assert_eq!(r.cut, 0, "connections lost across the agent restart");
@@ -394,10 +388,7 @@ fn flapping_replica_does_not_flip_on_every_check() {
         std::net::TcpListener::bind("127.0.0.1:20000").unwrap(),
         |_| 1,
     );
-    let agent = agent_with(
-        &ns,
-        &format!("{FAST}kind = \"stats\"\nstats_base_port = 20000\n"),
-    );
+    let agent = agent_with(&ns, fast().check_kind("stats").stats_base_port(20000));
     agent.wait_state("mtp2", State::Up);
     // Ten failed checks of mtp2, each between successes: with rise 2 and
     // fall 2 it must never change state.

@@ -15,7 +15,7 @@ fn right_up_wrong_down(tls: bool, configured: &str, reason: &str) {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, tls);
     let _wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, tls);
-    let cfg = mtproxy_config(&ns, configured);
+    let cfg = Config::mtproxy(configured).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     let down = agent.wait_down_by_check("mtp2");
     assert_eq!(status_reason(&down), reason);
@@ -46,13 +46,13 @@ fn unreachable_upstream_is_down_with_no_answer() {
     // No fake DC on 20443: the proxies cannot reach their upstream.
     let _dd = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _ee = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     let down = agent.wait_down_by_check("mtp1");
     assert_eq!(status_reason(&down), "no answer through proxy");
     drop(agent);
     // With the ee secret the TLS answer proves the secret first.
-    let cfg = mtproxy_config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
+    let cfg = Config::mtproxy(&format!("ee{SECRET}{DOMAIN_HEX}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(
@@ -67,7 +67,7 @@ fn plain_tcp_server_is_down() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _plain = Replica::start("mtp2", "127.0.0.1:10001");
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     let down = agent.wait_down_by_check("mtp2");
     assert_eq!(status_reason(&down), "wrong secret or not MTProxy");

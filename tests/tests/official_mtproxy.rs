@@ -19,23 +19,17 @@ const STATS_BASE: u16 = 18000;
 /// with `stats`, the official servers' stats ports as well (then
 /// `total_ready_targets` must be > 0 for any kind of check).
 fn config(ns: &Netns, replicas: u16, kind: &str, stats: bool) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    let stats = if stats {
-        format!("stats_base_port = {STATS_BASE}\n")
+    let cfg = Config::new()
+        .secret(&format!("dd{SECRET}"))
+        .replicas(replicas)
+        .check_kind(kind)
+        .mtproxy_timings();
+    if stats {
+        cfg.stats_base_port(STATS_BASE)
     } else {
-        String::new()
-    };
-    std::fs::write(
-        &p,
-        format!(
-            "secret = \"dd{SECRET}\"\nreplicas = {replicas}\n[check]\nkind = \"{kind}\"\n{stats}{}",
-            fast_check_timings()
-        ),
-    )
-    .unwrap();
-    p.to_string_lossy().into_owned()
+        cfg
+    }
+    .write(ns)
 }
 
 /// Official replica `i` (mtp{i+1}) on 10000+i with `secret`, forwarding to

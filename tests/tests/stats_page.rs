@@ -129,14 +129,11 @@ fn stats_page_in_chromium() {
     // Four replicas, mtp4 never listening; samples every 200 ms so the
     // sparklines have a shape within seconds (scaled on a slower machine:
     // the 60 samples' window must outlast the test's steps and Chromium).
-    let cfg = ns.state_dir().join("mtlb.toml");
-    std::fs::create_dir_all(ns.state_dir()).unwrap();
-    std::fs::write(
-        &cfg,
-        format!("replicas = 4\nstats_sample_ms = {}\n", 200 * time_scale()),
-    )
-    .unwrap();
-    let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
+    let cfg = Config::new()
+        .replicas(4)
+        .set("stats_sample_ms", i64::from(200 * time_scale()))
+        .write(&ns);
+    let agent = ns.agent(&["--config", &cfg]);
     for i in 1..=3 {
         agent.wait_state(&format!("mtp{i}"), State::Up);
     }

@@ -396,14 +396,17 @@ fn bad_config_is_rejected_and_attaches_nothing() {
     let ns = Netns::new();
     let dir = std::env::temp_dir().join(format!("mtlb-bad-{}", ns.ino));
     std::fs::create_dir_all(&dir).unwrap();
-    for (text, needle) in [
-        ("replicas = 0\n", "`replicas`: 0"),
-        ("port = 10001\n", "`port`: 10001"),
-        ("replica_adress = \"127.0.0.1\"\n", "replica_adress"),
-        ("port = \"https\"\n", "port"),
+    for (cfg, needle) in [
+        (Config::new().set("replicas", 0), "`replicas`: 0"),
+        (Config::new().port(10001), "`port`: 10001"),
+        (
+            Config::new().set("replica_adress", "127.0.0.1"),
+            "replica_adress",
+        ),
+        (Config::new().set("port", "https"), "port"),
     ] {
-        let path = dir.join("mtlb.toml");
-        std::fs::write(&path, text).unwrap();
+        let path = cfg.write_to(&dir.join("mtlb.toml"));
+        let text = cfg.text();
         let mut agent = ns.spawn_agent(&["--config", path.to_str().unwrap()]);
         let status = agent.wait_exit();
         assert!(!status.success(), "accepted {text:?}");
