@@ -5,7 +5,7 @@ use crate::*;
 use mtlb::kernel::maps::Maps;
 use mtlb_common::Status;
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
@@ -14,18 +14,34 @@ use std::{
 };
 
 impl Netns {
-    /// Starts `mtlb run ARGS` in this namespace and waits until it steers.
+    /// Starts `mtlb run ARGS` in this namespace and waits until it steers
+    /// (see [`Agent::wait_answering`]).
     pub fn agent(&self, args: &[&str]) -> Agent {
         let a = self.spawn_agent(args);
-        a.wait_for("steering TCP port");
+        a.wait_answering(&self.control_socket(args));
         a
     }
 
     /// Like `agent`, with debug logs (one line per check).
     pub fn agent_debug(&self, args: &[&str]) -> Agent {
         let a = self.spawn_agent_log(args, "debug");
-        a.wait_for("steering TCP port");
+        a.wait_answering(&self.control_socket(args));
         a
+    }
+
+    /// The control socket of an agent run with `args` in this namespace:
+    /// under `--control-dir`, else the config file's `control_dir`, else
+    /// /run/mtlb.
+    pub fn control_socket(&self, args: &[&str]) -> PathBuf {
+        let dir = placed(args, "--control-dir", "control_dir", "/run/mtlb");
+        mtlb::control::socket_path(&dir, self.ino)
+    }
+
+    /// The pin directory of an agent run with `args` in this namespace:
+    /// under `--bpffs`, else the config file's `bpffs`, else /sys/fs/bpf.
+    pub fn agent_pin_dir(&self, args: &[&str]) -> PathBuf {
+        let root = placed(args, "--bpffs", "bpffs", "/sys/fs/bpf");
+        mtlb::kernel::pins::pin_dir(&root, self.ino)
     }
 
     /// Starts `mtlb run ARGS` in this namespace without waiting.
@@ -47,8 +63,29 @@ impl Netns {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         self.run_inside(&mut cmd);
-        Agent::spawn(cmd, self.pin_dir())
+        Agent::spawn(cmd, self.agent_pin_dir(args))
     }
+}
+
+/// A directory `mtlb run ARGS` places something in: the value of `flag`,
+/// else `key` in the file `--config` names, else `default`.
+fn placed(args: &[&str], flag: &str, key: &str, default: &str) -> PathBuf {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| *a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.to_string())
+    };
+    let from_config = || {
+        let text = std::fs::read_to_string(value("--config")?).ok()?;
+        let t: toml::Table = toml::from_str(&text).ok()?;
+        Some(t.get(key)?.as_str()?.to_string())
+    };
+    PathBuf::from(
+        value(flag)
+            .or_else(from_config)
+            .unwrap_or_else(|| default.into()),
+    )
 }
 
 /// A running `mtlb run` with its log collected.
@@ -130,6 +167,49 @@ impl Agent {
         for _ in 0..n {
             from = self.wait_for_after(from, needle).0 + 1;
         }
+    }
+
+    /// Waits until the agent answers a request on its control socket
+    /// `socket`: its loop runs, so it has taken its start-up decisions
+    /// and written them to the maps. Bounded by [`wait_limit`]; panics
+    /// with the log when the agent exits first.
+    pub fn wait_answering(&self, socket: &Path) {
+        let ask = || -> std::io::Result<mtlb::control::Response> {
+            let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+            s.set_read_timeout(Some(wait_limit()))?;
+            let req = mtlb::control::Request::Locate {
+                name: "mtp1".into(),
+            };
+            writeln!(s, "{}", serde_json::to_string(&req).unwrap())?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            serde_json::from_str(&line).map_err(std::io::Error::other)
+        };
+        let deadline = Instant::now() + wait_limit();
+        loop {
+            let got = ask();
+            if got.is_ok() {
+                return;
+            }
+            let exited = self.exited();
+            assert!(
+                !exited && Instant::now() < deadline,
+                "no answer on {} (agent exited: {exited}; last: {got:?}):\n{}",
+                socket.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the agent's log has ended (it exited).
+    fn exited(&self) -> bool {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|l| l == "\u{0}EOF")
     }
 
     pub fn pid(&self) -> u32 {
@@ -256,13 +336,7 @@ impl Agent {
             if let Some(s) = st.filter(&pred) {
                 return s;
             }
-            let exited = self
-                .log
-                .0
-                .lock()
-                .unwrap()
-                .last()
-                .is_some_and(|l| l == "\u{0}EOF");
+            let exited = self.exited();
             assert!(
                 !exited && Instant::now() < deadline,
                 "{name}: {what} not seen (agent exited: {exited}); STATUS {st:?}; log:\n{}",

@@ -265,7 +265,9 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     // Operator state survives an agent restart.
     assert!(agent.stop().success());
     let agent = agent_with(&ns, fast());
-    agent.wait_state("mtp2", State::Up);
+    agent.wait_status("mtp2", "MAINT, UP by its checks", |s| {
+        s.state == mtlb_common::STATE_MAINT && s.oper == mtlb_common::STATE_UP
+    });
     assert_eq!(
         connect(BALANCED).unwrap().1,
         "mtp1",
