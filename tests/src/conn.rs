@@ -23,6 +23,17 @@ pub fn connect(addr: &str) -> std::io::Result<(TcpStream, String)> {
     Ok((s, name))
 }
 
+/// Whether a client gets through to a replica at `addr`: connected and
+/// greeted (steering works).
+pub fn can_dial(addr: &str) -> bool {
+    connect(addr).is_ok()
+}
+
+/// Whether a TCP connect to `addr` fails (nothing steers or listens there).
+pub fn connect_fails(addr: &str) -> bool {
+    TcpStream::connect(addr).is_err()
+}
+
 /// Starts `n` non-blocking connects to `addr` (SYNs sent, nothing
 /// awaited).
 pub fn start_connects(addr: &str, n: usize) -> Vec<socket2::Socket> {
@@ -142,7 +153,7 @@ impl LoopOutcome {
 }
 
 /// One connection at a time to the balanced port from a thread in a
-/// namespace, paced, until [`ConnectLoop::finish`]; bounded by scaled(60 s)
+/// namespace, paced, until [`RunningLoop::finish`]; bounded by scaled(60 s)
 /// and 200,000 connections. Options: await each replica's greeting
 /// ([`greet`](Self::greet)), hold connections ([`hold`](Self::hold)),
 /// count a cut as a failure ([`strict`](Self::strict)).

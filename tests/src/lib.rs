@@ -4,8 +4,17 @@
 //! thread enters it, so replicas (threads of the test process) and clients
 //! live there; the agent (`$MTLB_BIN run`) is started inside it and shares
 //! the host's mount namespace, so its pins are visible at
-//! /sys/fs/bpf/mtlb/<netns inode>. Guards clean up namespaces, agents and
+//! `/sys/fs/bpf/mtlb/<netns inode>`. Guards clean up namespaces, agents and
 //! pins. Helpers panic with context instead of returning errors.
+//!
+//! By concern: [`netns`] (namespaces), [`agent`] (the agent under test,
+//! its CLI, and the state oracle: a replica's state read from the STATUS
+//! map, so tests await states rather than log lines), [`config`] (one
+//! builder for `mtlb.toml`), [`replica`] (stand-in replicas), [`peers`]
+//! (MTProxy servers, Python fixtures, middle-proxy stand-in), [`conn`]
+//! (clients and the one connect loop), [`http`] (stats endpoint and
+//! Prometheus text), [`cgroup`], [`files`] (temp dirs, bounded commands),
+//! [`docker`].
 
 pub mod agent;
 pub mod cgroup;

@@ -516,7 +516,7 @@ fn remove_takes_mtlb_off_for_good() {
             .contains("removing mtlb from this namespace (by operator)")
     );
     assert!(!ns.pin_dir().exists());
-    assert!(TcpStream::connect(BALANCED).is_err(), "still steering");
+    assert!(connect_fails(BALANCED), "still steering");
 }
 
 /// Unmounts what a test mounted, lazily.
@@ -582,7 +582,7 @@ fn operator_state_is_durable_and_errors_are_loud() {
         "{log}"
     );
     assert!(!ns.pin_dir().exists(), "attached with a broken state file");
-    assert!(TcpStream::connect(BALANCED).is_err());
+    assert!(connect_fails(BALANCED));
 }
 
 /// Namespace inode numbers are reused: pins left by a dead namespace under
