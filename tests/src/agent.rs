@@ -270,7 +270,7 @@ impl Agent {
     }
 
     pub fn maps(&self) -> Maps {
-        Maps::from_pins(&self.pin_dir)
+        open_maps(&self.pin_dir)
             .unwrap_or_else(|e| panic!("opening pins in {}: {e}", self.pin_dir.display()))
     }
 }
@@ -308,7 +308,13 @@ pub fn slot_of(name: &str) -> u32 {
 /// `None` while the pins are not there. The one place the harness opens
 /// STATUS: the agent writes it (BACKENDS first) before it logs a change.
 pub fn read_status(pin_dir: &Path, slot: u32) -> Option<Status> {
-    Maps::from_pins(pin_dir).ok()?.status(slot).ok()
+    open_maps(pin_dir).ok()?.status(slot).ok()
+}
+
+/// The agent's maps through its pins in `pin_dir`: the one place the
+/// harness opens them.
+pub fn open_maps(pin_dir: &Path) -> Result<Maps, mtlb::kernel::maps::MapsError> {
+    Maps::from_pins(pin_dir)
 }
 
 impl Agent {
@@ -317,12 +323,6 @@ impl Agent {
     pub fn status(&self, name: &str) -> Status {
         read_status(&self.pin_dir, slot_of(name))
             .unwrap_or_else(|| panic!("no STATUS in {}", self.pin_dir.display()))
-    }
-
-    /// Whether the agent's pins are there (it has loaded or taken over
-    /// the dataplane).
-    pub fn pinned(&self) -> bool {
-        read_status(&self.pin_dir, 0).is_some()
     }
 
     /// Polls replica `name`'s STATUS until `pred` holds (the map gives no
@@ -371,29 +371,6 @@ impl Agent {
     /// Whether replica `name`'s state is `want` now.
     pub fn is_state(&self, name: &str, want: State) -> bool {
         self.status(name).state == want.word()
-    }
-
-    /// Waits until replica `name` has gone DOWN more than `before` times
-    /// in all (a new DOWN, even if it came back since).
-    pub fn wait_down_after(&self, name: &str, before: u64) -> Status {
-        self.wait_status(name, &format!("a DOWN after {before}"), |s| {
-            s.transitions_down > before
-        })
-    }
-
-    /// Waits until the pins are there (a starting agent loaded or took
-    /// over the dataplane).
-    pub fn wait_pinned(&self) {
-        let deadline = Instant::now() + wait_limit();
-        while !self.pinned() {
-            assert!(
-                Instant::now() < deadline,
-                "no pins in {}:\n{}",
-                self.pin_dir.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
