@@ -171,12 +171,10 @@ fn systemd_unit_verifies() {
 fn link_output() {
     let dir = std::env::temp_dir().join(format!("mtlb-link-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
-    std::fs::write(
-        &cfg,
-        "port = 443\nsecret = \"dd0123456789abcdef0123456789abcdef\"\n",
-    )
-    .unwrap();
+    let cfg = mtlb_tests::Config::new()
+        .port(443)
+        .secret("dd0123456789abcdef0123456789abcdef")
+        .write_to(&dir.join("mtlb.toml"));
     let out = run(mtlb()
         .args(["link", "--server", "203.0.113.5", "--config"])
         .arg(&cfg));

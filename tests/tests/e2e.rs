@@ -31,13 +31,13 @@ fn telegram_client_through_mtlb_with_failover() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
-    agent.wait_for("check mtp2: passed, reason: MTProxy answered through upstream");
+    agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
+    agent.wait_check_passed("mtp2", "MTProxy answered through upstream");
     // Steered to only once UP (rise), which may come a check later.
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
 
     // Frames come back intact, and the replica that serves a client holds a
     // socket whose peer is the client's own address.
@@ -68,10 +68,12 @@ fn telegram_client_through_mtlb_with_failover() {
 
     // The seed's failover case: stop a replica while clients keep
     // connecting.
-    let loop_ = FailoverLoop::start(&ns, usize::MAX);
+    let loop_ = ConnectLoop::new()
+        .hold(usize::MAX)
+        .pace(std::time::Duration::from_millis(5))
+        .start(&ns);
     drop(mtp2);
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(line.contains("reason: "), "{line}");
+    agent.wait_state("mtp2", State::Down);
     let (_, html) = http_get("/stats");
     assert!(
         html.lines()
@@ -89,9 +91,8 @@ fn telegram_client_through_mtlb_with_failover() {
     // the loop runs rather than judged by one client: mtprotoproxy closes
     // connections that send no handshake within its timeout, so on a slow
     // run mtp1 may hold fewer than mtp2 by the time one client is sent.
-    let from = agent.log_len();
     let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let t2 = backend_total("mtp2");
     wait_backend_total_above("mtp2", t2);
     let looped = loop_.finish();
@@ -109,10 +110,10 @@ fn fake_tls_replicas_end_to_end() {
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, true);
     let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
     let secret = format!("ee{SECRET}{DOMAIN_HEX}");
-    let cfg = mtproxy_config(&ns, &secret);
+    let cfg = Config::mtproxy(&secret).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
-    agent.wait_for("check mtp2: passed, reason: MTProxy answered through upstream");
+    agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
+    agent.wait_check_passed("mtp2", "MTProxy answered through upstream");
     // Telethon has no fake-TLS support; the fixtures' own client (a separate
     // implementation from mtlb's check) speaks it.
     for _ in 0..4 {

@@ -34,8 +34,8 @@ fn unprivileged_listeners_get_no_slot_and_no_client() {
     let a = Replica::start("mtp1", A);
     let mut b = Replica::start("mtp2", B);
     let agent = ns.agent(&["--replicas", "3"]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     let line = agent.wait_for("refused a listener for mtp3 on 0.0.0.0:10002");
     assert!(
         line.contains(&format!("uid {NOBODY}"))
@@ -71,9 +71,8 @@ fn unprivileged_listeners_get_no_slot_and_no_client() {
     );
 
     // mtp2 goes away; nobody cannot take the IPv4 wildcard of its port.
-    let from = agent.log_len();
     b.stop_listening();
-    agent.wait_for_after(from, "backend mtp2 is DOWN");
+    agent.wait_state("mtp2", State::Down);
     let e = ReplicaProcess::try_start_as(&ns, "evil", "0.0.0.0:10001", Some(NOBODY), false)
         .err()
         .expect("squatted mtp2's port");
@@ -83,9 +82,8 @@ fn unprivileged_listeners_get_no_slot_and_no_client() {
     assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
 
     // The real mtp2 comes back: its slot and clients again.
-    let from = agent.log_len();
     let _b2 = Replica::start("mtp2", B);
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let (seen, _) = names(BALANCED, 4);
     assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
     drop(a);
@@ -99,7 +97,7 @@ fn any_replica_owner_lets_anyone_register() {
     let agent = ns.agent(&["--any-replica-owner"]);
     agent.wait_for("any_replica_owner is set");
     let _b = ReplicaProcess::start_as(&ns, "mtp2", B, Some(NOBODY), false);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
 }
 
 #[test]
@@ -108,7 +106,7 @@ fn a_live_registration_is_never_replaced() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let maps = agent.maps();
     let before = (maps.listener(1).unwrap(), maps.socket_cookie(1).unwrap());
     // Even an allowed owner's second listener on the port (here IPv6-only
@@ -140,20 +138,23 @@ fn a_returning_replica_proves_itself_before_clients() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
 
     let timeout = (8 * time_scale()).to_string();
     // Restarted with a wrong secret: no client reaches it.
-    let from = agent.log_len();
     drop(mtp2);
-    agent.wait_for_after(from, "backend mtp2 is DOWN");
+    agent.wait_state("mtp2", State::Down);
     let wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, false);
-    let (reg, _) = agent.wait_for_after(from, "replica mtp2 registered");
-    let (_, line) = agent.wait_for_after(reg, "check mtp2: failed");
-    assert!(line.contains("no answer through proxy"), "{line}");
+    // Registered again; the next failed check is one of the new
+    // listener's (those of the closed port failed for want of a listener).
+    let reg = agent.wait_status("mtp2", "registered", |s| s.registered == 1);
+    let failed = agent.wait_status("mtp2", "a failed check since", |s| {
+        s.check_failures > reg.check_failures
+    });
+    assert_eq!(status_reason(&failed), "no answer through proxy");
     for _ in 0..10 {
         let (mut c, line) = py_first_line(
             &ns,
@@ -253,8 +254,8 @@ fn a_retransmitted_syn_after_replica_death_is_charged_once() {
     let mut b = ReplicaProcess::start(&ns, "mtp2", B);
     // Expiry far away: only the kernel's bookkeeping is under test.
     let agent = ns.agent(&["--handshake-timeout-ms", "60000"]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     let maps = agent.maps();
     // Three held on mtp1, so the next SYN goes to mtp2.
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
@@ -331,7 +332,7 @@ fn counts_match_what_replicas_hold_after_any_sequence() {
         .collect();
     let args = ["--handshake-timeout-ms", "500"];
     let mut agent = ns.agent(&args);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let mut held: Vec<TcpStream> = Vec::new();
     for seed in [0x9e37_79b9_7f4a_7c15u64, 0xdead_beef_cafe_f00d] {
         let mut rng = Rng(seed);
@@ -446,30 +447,6 @@ fn settle(ns: &Netns, agent: &Agent, reps: &[ReplicaProcess], what: &str) {
     }
 }
 
-/// Connects in a loop from a thread inside `ns` until `stop`: (connects
-/// that succeeded, errors).
-fn connect_loop(
-    ns: &Netns,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, Vec<String>)> {
-    let file = ns.file.try_clone().unwrap();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let (mut ok, mut failed) = (0, Vec::new());
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !stop.load(std::sync::atomic::Ordering::Relaxed)
-            && std::time::Instant::now() < deadline
-        {
-            match connect(BALANCED) {
-                Ok(_) => ok += 1,
-                Err(e) => failed.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (ok, failed)
-    })
-}
-
 /// `systemctl restart mtlb` is SIGTERM then a new start with the same
 /// config: no connection is refused in between, and every count goes on.
 #[test]
@@ -478,19 +455,16 @@ fn a_restart_keeps_steering_and_counts() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let mut agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let held: Vec<(TcpStream, String)> = (0..20).map(|_| connect(BALANCED).unwrap()).collect();
     let on_b = held.iter().filter(|(_, n)| n == "mtp2").count() as u64;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let looping = connect_loop(&ns, stop.clone());
+    let looping = ConnectLoop::new().greet().strict().start(&ns);
     std::thread::sleep(Duration::from_millis(50));
     assert!(agent.stop().success());
     let agent = ns.agent(&[]);
-    agent.wait_for("taking over the pinned state of an earlier agent");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     std::thread::sleep(Duration::from_millis(50));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = looping.join().unwrap();
+    let LoopOutcome { ok, failed, .. } = looping.finish();
     assert!(failed.is_empty(), "refused across the restart: {failed:?}");
     assert!(ok > 10, "{ok}");
     // The held connections are still counted.
@@ -534,7 +508,7 @@ fn remove_takes_mtlb_off_for_good() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let mut agent = ns.agent(&[]);
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["remove"]);
     assert!(ok, "{out}");
     assert!(agent.wait_exit().success());
@@ -544,7 +518,7 @@ fn remove_takes_mtlb_off_for_good() {
             .contains("removing mtlb from this namespace (by operator)")
     );
     assert!(!ns.pin_dir().exists());
-    assert!(TcpStream::connect(BALANCED).is_err(), "still steering");
+    assert!(connect_fails(BALANCED), "still steering");
 }
 
 /// Unmounts what a test mounted, lazily.
@@ -583,7 +557,7 @@ fn operator_state_is_durable_and_errors_are_loud() {
     assert!(status.success());
     let _unmount = Unmount(ro.clone());
     let mut agent = agent_with_state_dir(&ns, &ro, &["--keep-pins", "false"]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
     assert!(!ok, "maint reported saved: {out}");
     assert!(out.contains("could not be saved"), "{out}");
@@ -594,7 +568,7 @@ fn operator_state_is_durable_and_errors_are_loud() {
     // (MAINT must not come back READY), attaching nothing.
     let dir = ns.state_dir().join("state");
     let mut agent = agent_with_state_dir(&ns, &dir, &["--keep-pins", "false"]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
     assert!(ok, "{out}");
     assert!(agent.stop().success());
@@ -610,7 +584,7 @@ fn operator_state_is_durable_and_errors_are_loud() {
         "{log}"
     );
     assert!(!ns.pin_dir().exists(), "attached with a broken state file");
-    assert!(TcpStream::connect(BALANCED).is_err());
+    assert!(connect_fails(BALANCED));
 }
 
 /// Namespace inode numbers are reused: pins left by a dead namespace under
@@ -624,7 +598,8 @@ fn pins_of_a_dead_namespace_are_not_taken_over() {
     cmd.arg("run").arg("--state-dir").arg(old.state_dir());
     old.run_inside(&mut cmd);
     let mut agent = Agent::command(cmd, old.pin_dir());
-    agent.wait_for("no replica is listening yet");
+    // Published (DOWN: no replica listens) once it has started.
+    agent.wait_state("mtp1", State::Down);
     assert!(agent.stop().success());
     assert!(old.pin_dir().exists());
     // As if `new` had got the dead namespace's inode number.
@@ -633,7 +608,7 @@ fn pins_of_a_dead_namespace_are_not_taken_over() {
     let agent = new.agent(&[]);
     let line = agent.wait_for("cannot take over");
     assert!(line.contains("another network namespace"), "{line}");
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     assert_eq!(connect(BALANCED).unwrap().1, "mtp1");
 }
 
@@ -646,7 +621,7 @@ fn remembered_flows_respect_drain() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     // The same 4-tuple again and again: close with RST so neither side
     // keeps it in TIME_WAIT.
     let from = |port: u16| -> String {
@@ -691,8 +666,9 @@ fn scan_interval_changes_on_reload() {
     let ns = Netns::new();
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
-    std::fs::write(&cfg, "scan_interval_ms = 60000\n").unwrap();
+    let cfg = Config::new()
+        .set("scan_interval_ms", 60000)
+        .write_to(&dir.join("mtlb.toml"));
     let agent = ns.agent_debug(&["--config", cfg.to_str().unwrap()]);
     agent.wait_for("scanning for replica listeners");
     let scans = || {
@@ -702,7 +678,7 @@ fn scan_interval_changes_on_reload() {
             .count()
     };
     let before = scans();
-    std::fs::write(&cfg, "scan_interval_ms = 20\n").unwrap();
+    Config::new().set("scan_interval_ms", 20).write_to(&cfg);
     let (ok, out) = mtlb_cli(&ns, &["reload", "--config", cfg.to_str().unwrap()]);
     assert!(ok, "{out}");
     agent.wait_count("scanning for replica listeners", before + 10);
@@ -718,16 +694,14 @@ fn a_burst_does_not_down_busy_replicas() {
     let _b = ReplicaProcess::start_busy(&ns, "mtp2", B, 100);
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
     // Stalls show within a second; checks are frequent.
-    std::fs::write(
-        &cfg,
-        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n",
-    )
-    .unwrap();
+    let cfg = Config::new()
+        .fast_checks()
+        .check("stall_ms", 1000)
+        .write_to(&dir.join("mtlb.toml"));
     let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     let from = agent.log_len();
     let (mut ok, mut failed) = (0usize, Vec::new());
     let t0 = std::time::Instant::now();
@@ -810,12 +784,7 @@ fn nothing_on_the_stats_port_starves_the_agent() {
     let _b = Replica::start("mtp2", B);
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("mtlb.toml");
-    std::fs::write(
-        &cfg,
-        "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",
-    )
-    .unwrap();
+    let cfg = Config::new().fast_checks().write_to(&dir.join("mtlb.toml"));
     let mut cmd = std::process::Command::new(std::env::var("MTLB_BIN").unwrap());
     cmd.arg("run")
         .arg("--config")
@@ -826,8 +795,8 @@ fn nothing_on_the_stats_port_starves_the_agent() {
     // SAFETY: setrlimit is async-signal-safe.
     unsafe { cmd.pre_exec(nofile(1024)) };
     let agent = Agent::command(cmd, ns.pin_dir());
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     let from = agent.log_len();
 
     let exe = std::env::current_exe().unwrap();
@@ -939,7 +908,7 @@ fn byte_counters_never_go_back_under_churn() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let file = ns.file.try_clone().unwrap();
     let s2 = stop.clone();
@@ -986,12 +955,13 @@ fn conflicting_ports_and_a_missing_named_config_are_refused() {
     let ns = Netns::new();
     let dir = ns.state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    for (text, why) in [
-        ("stats_port = 443\n", "is the balanced port"),
-        ("stats_port = 10001\n", "inside the replica ports"),
+    for (port, why) in [
+        (443, "is the balanced port"),
+        (10001, "inside the replica ports"),
     ] {
-        let cfg = dir.join("bad.toml");
-        std::fs::write(&cfg, text).unwrap();
+        let cfg = Config::new()
+            .set("stats_port", port)
+            .write_to(&dir.join("bad.toml"));
         let mut agent = ns.spawn_agent(&["--config", cfg.to_str().unwrap()]);
         assert!(!agent.wait_exit().success());
         let log = agent.log();
@@ -1010,15 +980,6 @@ fn conflicting_ports_and_a_missing_named_config_are_refused() {
     }
 }
 
-/// Writes `text` as the namespace's config file; returns its path.
-fn write_config(ns: &Netns, text: &str) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(&p, text).unwrap();
-    p.to_string_lossy().into_owned()
-}
-
 /// Who may run replicas changes on reload: a listener registered under the
 /// old rule whose owner the new one does not allow loses its slot. UDP on a
 /// replica port is none of mtlb's business.
@@ -1026,17 +987,17 @@ fn write_config(ns: &Netns, text: &str) -> String {
 fn a_reload_that_narrows_the_owners_evicts_listeners() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
-    let cfg = write_config(&ns, "any_replica_owner = true\n");
+    let cfg = Config::new().set("any_replica_owner", true).write(&ns);
     let agent = ns.agent(&["--config", &cfg]);
     let _b = ReplicaProcess::start_as(&ns, "mtp2", B, Some(NOBODY), false);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let from = agent.log_len();
-    write_config(&ns, "");
+    Config::new().write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload", "--config", &cfg]);
     assert!(ok, "{out}");
     let (_, line) = agent.wait_for_after(from, "refused a listener for mtp2 on 127.0.0.1:10001");
     assert!(line.contains(&format!("uid {NOBODY}")), "{line}");
-    agent.wait_for_after(from, "backend mtp2 is DOWN");
+    agent.wait_state("mtp2", State::Down);
     let (seen, failed) = names(BALANCED, 6);
     assert_eq!(failed, 0);
     assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
@@ -1066,20 +1027,20 @@ fn a_restart_does_not_revive_a_replica_down_by_checks() {
         std::net::TcpListener::bind("127.0.0.1:20001").unwrap(),
         |_| 0,
     );
-    let cfg = write_config(
-        &ns,
-        "[check]\nkind = \"stats\"\nstats_base_port = 20000\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\n",
-    );
+    let cfg = Config::new()
+        .check_kind("stats")
+        .stats_base_port(20000)
+        .fast_checks()
+        .write(&ns);
     let mut agent = ns.agent(&["--config", &cfg]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is DOWN");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_down_by_check("mtp2");
     assert!(agent.stop().success());
     let agent = ns.agent(&["--config", &cfg]);
-    agent.wait_for("taking over the pinned state of an earlier agent");
     let (seen, failed) = names(BALANCED, 20);
     assert_eq!(failed, 0);
     assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     assert!(
         !agent.log().contains("backend mtp2 is UP"),
         "{}",
@@ -1094,19 +1055,16 @@ fn turning_checks_on_with_a_restart_refuses_nothing() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let cfg = write_config(&ns, "[check]\nkind = \"none\"\n");
+    let cfg = Config::new().check_kind("none").write(&ns);
     let mut agent = ns.agent(&["--config", &cfg]);
-    agent.wait_for("backend mtp2 is UP");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let looping = connect_loop(&ns, stop.clone());
+    agent.wait_state("mtp2", State::Up);
+    let looping = ConnectLoop::new().greet().strict().start(&ns);
     std::thread::sleep(Duration::from_millis(50));
     assert!(agent.stop().success());
-    write_config(&ns, "[check]\nkind = \"tcp\"\n");
-    let agent = ns.agent(&["--config", &cfg]);
-    agent.wait_for("taking over the pinned state of an earlier agent");
+    Config::new().check_kind("tcp").write(&ns);
+    let _agent = ns.agent(&["--config", &cfg]);
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = looping.join().unwrap();
+    let LoopOutcome { ok, failed, .. } = looping.finish();
     assert!(failed.is_empty(), "refused: {failed:?}");
     assert!(ok > 10);
 }
@@ -1124,7 +1082,7 @@ fn only_listeners_of_the_replica_cgroup_become_replicas() {
     let mut a = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
     let mut outsider = ReplicaProcess::start(&ns, "outsider", B);
     let agent = ns.agent(&["--replica-cgroup", &cg.rel]);
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     let line = agent.wait_for("refused a listener for mtp2 on 127.0.0.1:10001");
     assert!(line.contains("replica_cgroup"), "{line}");
     let held: Vec<TcpStream> = (0..6)
@@ -1153,7 +1111,7 @@ fn only_listeners_of_the_replica_cgroup_become_replicas() {
     let mut b = ReplicaProcess::start_in(&ns, "mtp2", B, &cg);
     let (_, line) = agent.wait_for_after(from, "replica mtp2 registered");
     assert!(line.contains("listen hook"), "{line}");
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let (seen, _) = names(BALANCED, 8);
     assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
     drop(held);

@@ -8,95 +8,22 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::atomic::Ordering,
+    time::Duration,
 };
 
 const A: &str = "127.0.0.1:10000";
 const B: &str = "127.0.0.1:10001";
 const C: &str = "127.0.0.1:10002";
 
-/// Fast checks so that tests take seconds: inter 100 ms, rise 2, fall 2.
-const FAST: &str = "[check]\ninter_ms = 100\nfastinter_ms = 50\ndowninter_ms = 100\nrise = 2\nfall = 2\ntimeout_ms = 500\nstall_ms = 1000\n";
-
-fn config(ns: &Netns, text: &str) -> PathBuf {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    std::fs::write(&p, text).unwrap();
-    p
+/// Fast checks so that tests take seconds (inter 100 ms, rise 2, fall 2),
+/// and a stalled accept queue seen within a second.
+fn fast() -> Config {
+    Config::new().fast_checks().check("stall_ms", 1000)
 }
 
-fn agent_with(ns: &Netns, text: &str) -> Agent {
-    let p = config(ns, text);
-    ns.agent(&["--config", p.to_str().unwrap()])
-}
-
-/// What a connect loop saw.
-struct LoopResult {
-    /// connect() calls that succeeded.
-    ok: usize,
-    /// connect() calls that failed.
-    failures: Vec<String>,
-    /// Connections reset before the replica greeted them: at most the one
-    /// in flight when a replica dies with it in its accept queue.
-    lost: usize,
-    /// Greeted connections, when holding.
-    held: Vec<TcpStream>,
-}
-
-/// Connects in a loop until stopped (one connection in flight at a time).
-struct Loop {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<LoopResult>>,
-}
-
-impl Loop {
-    fn start(ns: &Netns, hold: bool) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let file = ns.file.try_clone().unwrap();
-        let handle = std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut r = LoopResult {
-                ok: 0,
-                failures: Vec::new(),
-                lost: 0,
-                held: Vec::new(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline && r.ok < 200_000 {
-                match TcpStream::connect(BALANCED) {
-                    Ok(s) => {
-                        r.ok += 1;
-                        match greeting(&s) {
-                            Ok(_) if hold => r.held.push(s),
-                            Ok(_) => {}
-                            Err(_) => r.lost += 1,
-                        }
-                    }
-                    // The same loss, seen before connect() returned.
-                    Err(e) if cut_in_flight(&e) => r.lost += 1,
-                    Err(e) => r.failures.push(e.to_string()),
-                }
-                // Pace: a steady rate, not a flood.
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            r
-        });
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> LoopResult {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().unwrap().join().unwrap()
-    }
+fn agent_with(ns: &Netns, cfg: Config) -> Agent {
+    ns.agent(&["--config", &cfg.write(ns)])
 }
 
 fn echo(s: &mut TcpStream) -> bool {
@@ -110,9 +37,9 @@ fn killed_replica_fails_over_with_a_down_line() {
     let ns = Netns::new();
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let mut b = ReplicaProcess::start(&ns, "mtp2", B);
-    let agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
-    let l = Loop::start(&ns, false);
+    let agent = agent_with(&ns, fast());
+    agent.wait_state("mtp2", State::Up);
+    let l = ConnectLoop::new().greet().start(&ns);
     // Let the loop run on both replicas first, long enough to mean
     // something however slow the machine.
     wait_counts(&agent.maps(), 2, "traffic on both", |_| {
@@ -121,11 +48,22 @@ fn killed_replica_fails_over_with_a_down_line() {
         b.established > 5 && a.established + b.established > 20
     });
     b.kill();
-    agent.wait_for("backend mtp2 is DOWN");
+    // The operator's line, in HAProxy's format (where this suite tests
+    // it): the kernel is told first, so the state is DOWN by then too.
+    let line = agent.wait_for("backend mtp2 is DOWN");
+    assert!(
+        line.contains("backend mtp2 is DOWN, reason: ")
+            && line.contains(", info: \"")
+            && line.contains(", check duration: ")
+            && line.contains("ms. 1 active backends left. ")
+            && line.ends_with(" connections active."),
+        "{line}"
+    );
+    assert!(agent.is_state("mtp2", State::Down));
     let r = l.finish();
     assert!(r.ok > 20, "loop made only {} connections", r.ok);
-    assert!(r.failures.is_empty(), "failed connects: {:?}", r.failures);
-    assert!(r.lost <= 1, "{} connections lost", r.lost);
+    assert!(r.failed.is_empty(), "failed connects: {:?}", r.failed);
+    assert!(r.cut <= 1, "{} connections lost", r.cut);
 }
 
 #[test]
@@ -133,24 +71,26 @@ fn stopped_replica_is_down_by_its_accept_queue_and_back_after_sigcont() {
     let ns = Netns::new();
     let _a = ReplicaProcess::start(&ns, "mtp1", A);
     let b = ReplicaProcess::start(&ns, "mtp2", B);
-    let agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
+    let agent = agent_with(&ns, fast());
+    agent.wait_state("mtp2", State::Up);
     b.signal(Signal::SIGSTOP);
     // New connections queue up at the stopped replica (the kernel still
     // completes their handshakes, so TCP checks pass).
     let queued: Vec<_> = (0..6)
         .map(|_| TcpStream::connect(BALANCED).unwrap())
         .collect();
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(line.contains("accept queue stalled"), "{line}");
-    let from = agent.log_len();
+    // DOWN for its stalled accept queue (its checks pass: the kernel
+    // completes their handshakes).
+    agent.wait_status("mtp2", "DOWN, accept queue stalled", |s| {
+        s.state == mtlb_common::STATE_DOWN && s.flags & mtlb_common::STATUS_STALLED != 0
+    });
     // From now on every connection is served by mtp1.
     for i in 0..20 {
         let (_s, name) = connect(BALANCED).unwrap_or_else(|e| panic!("connect #{i}: {e}"));
         assert_eq!(name, "mtp1", "connection #{i} after DOWN");
     }
     b.signal(Signal::SIGCONT);
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     // The queued connections are served once it runs again.
     let names: Vec<String> = queued.iter().map(|s| greeting(s).unwrap()).collect();
     assert!(names.iter().any(|n| n == "mtp2"), "{names:?}");
@@ -161,12 +101,12 @@ fn drain_and_wait_drained() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
+    let agent = agent_with(&ns, fast());
+    agent.wait_state("mtp2", State::Up);
     let mut held: Vec<(TcpStream, String)> = (0..10).map(|_| connect(BALANCED).unwrap()).collect();
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
     assert!(ok, "{out}");
-    agent.wait_for("backend mtp2 is set to DRAIN mode");
+    agent.wait_state("mtp2", State::Drain);
     // No new connection reaches it; existing ones keep working.
     for _ in 0..10 {
         assert_eq!(connect(BALANCED).unwrap().1, "mtp1");
@@ -231,13 +171,13 @@ fn commands_find_an_agent_placed_by_its_config_file_alone() {
     let bpffs = own.join("bpf");
     let control = own.join("ctl");
     let _unmount = Unmount(bpffs.clone());
-    let p = config(
-        &ns,
-        &format!("bpffs = {bpffs:?}\ncontrol_dir = {control:?}\n{FAST}"),
-    );
-    let c = p.to_str().unwrap();
+    let p = fast()
+        .set("bpffs", bpffs.to_str().unwrap())
+        .set("control_dir", control.to_str().unwrap())
+        .write(&ns);
+    let c = p.as_str();
     let mut agent = ns.agent(&["--config", c]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     assert!(
         agent
             .log()
@@ -264,7 +204,7 @@ fn commands_find_an_agent_placed_by_its_config_file_alone() {
     // With it, each command reaches the agent.
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain", "--config", c]);
     assert!(ok, "{out}");
-    agent.wait_for("backend mtp2 is set to DRAIN mode");
+    agent.wait_state("mtp2", State::Drain);
     let (ok, out) = mtlb_cli(&ns, &["status", "--config", c]);
     assert!(ok, "{out}");
     assert!(
@@ -314,8 +254,8 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let mut agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
+    let mut agent = agent_with(&ns, fast());
+    agent.wait_state("mtp2", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "3"]);
     assert!(ok, "{out}");
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "maint"]);
@@ -324,8 +264,10 @@ fn weights_split_three_to_one_and_survive_a_restart() {
     assert!(!ok && out.contains("1..=256"), "{out}");
     // Operator state survives an agent restart.
     assert!(agent.stop().success());
-    let agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
+    let agent = agent_with(&ns, fast());
+    agent.wait_status("mtp2", "MAINT, UP by its checks", |s| {
+        s.state == mtlb_common::STATE_MAINT && s.oper == mtlb_common::STATE_UP
+    });
     assert_eq!(
         connect(BALANCED).unwrap().1,
         "mtp1",
@@ -349,37 +291,36 @@ fn reload_scales_two_three_two_without_dropping_anything() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let c = Replica::start("mtp3", C);
-    let path = config(&ns, &format!("replicas = 2\n{FAST}"));
-    let agent = ns.agent(&["--config", path.to_str().unwrap()]);
-    agent.wait_for("backend mtp2 is UP");
-    let l = Loop::start(&ns, true);
+    let cfg = fast().replicas(2).write(&ns);
+    let agent = ns.agent(&["--config", &cfg]);
+    agent.wait_state("mtp2", State::Up);
+    let l = ConnectLoop::new().greet().hold(usize::MAX).start(&ns);
     // 2 → 3: mtp3 joins.
-    std::fs::write(&path, format!("replicas = 3\n{FAST}")).unwrap();
+    fast().replicas(3).write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload"]);
     assert!(ok, "{out}");
-    agent.wait_for("backend mtp3 is UP");
+    agent.wait_state("mtp3", State::Up);
     wait_counts(&agent.maps(), 3, "traffic on mtp3", |c| {
         c[2].established > 5
     });
     // 3 → 2 by SIGHUP: mtp3 drains; its connections stay up.
-    std::fs::write(&path, format!("replicas = 2\n{FAST}")).unwrap();
+    fast().replicas(2).write(&ns);
     let from = agent.log_len();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid(&agent)),
         Signal::SIGHUP,
     )
     .unwrap();
-    agent.wait_for_after(from, "configuration reloaded: 2 replicas");
     agent.wait_for_after(from, "backend mtp3 is draining before removal");
     let on_c = c.steered();
     // An invalid config is rejected and the running one stays.
-    std::fs::write(&path, "replicas = 0\n").unwrap();
+    Config::new().set("replicas", 0).write(&ns);
     let (ok, out) = mtlb_cli(&ns, &["reload"]);
     assert!(!ok && out.contains("`replicas`: 0"), "{out}");
     agent.wait_for("reload failed, keeping the running configuration");
     let mut r = l.finish();
-    assert!(r.failures.is_empty(), "failed connects: {:?}", r.failures);
-    assert_eq!(r.lost, 0, "connections lost during reloads");
+    assert!(r.failed.is_empty(), "failed connects: {:?}", r.failed);
+    assert_eq!(r.cut, 0, "connections lost during reloads");
     assert!(r.ok > 10, "only {} connections", r.ok);
     for s in r.held.iter_mut().step_by(7) {
         assert!(
@@ -406,9 +347,9 @@ fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
-    let mut agent = agent_with(&ns, FAST);
-    agent.wait_for("backend mtp2 is UP");
-    let l = Loop::start(&ns, true);
+    let mut agent = agent_with(&ns, fast());
+    agent.wait_state("mtp2", State::Up);
+    let l = ConnectLoop::new().greet().hold(usize::MAX).start(&ns);
     wait_counts(&agent.maps(), 2, "some traffic", |c| {
         c[0].established + c[1].established > 20
     });
@@ -419,11 +360,10 @@ fn agent_kill_9_keeps_steering_and_the_next_one_adopts_counts() {
     wait_counts(&dead, 2, "connections while the agent is dead", |c| {
         c[0].established + c[1].established > before + 20
     });
-    let agent = agent_with(&ns, FAST);
-    agent.wait_for("taking over the pinned state of an earlier agent");
+    let agent = agent_with(&ns, fast());
     let r = l.finish();
-    assert!(r.failures.is_empty(), "failed connects: {:?}", r.failures);
-    assert_eq!(r.lost, 0, "connections lost across the agent restart");
+    assert!(r.failed.is_empty(), "failed connects: {:?}", r.failed);
+    assert_eq!(r.cut, 0, "connections lost across the agent restart");
     let held = r.held;
     // The counts are those of the connections actually held.
     let maps = agent.maps();
@@ -450,15 +390,13 @@ fn flapping_replica_does_not_flip_on_every_check() {
         std::net::TcpListener::bind("127.0.0.1:20000").unwrap(),
         |_| 1,
     );
-    let agent = agent_with(
-        &ns,
-        &format!("{FAST}kind = \"stats\"\nstats_base_port = 20000\n"),
-    );
-    agent.wait_for("backend mtp2 is UP");
+    let agent = agent_with(&ns, fast().check_kind("stats").stats_base_port(20000));
+    agent.wait_state("mtp2", State::Up);
     // Ten failed checks of mtp2, each between successes: with rise 2 and
     // fall 2 it must never change state.
-    agent.wait_count("Health check for backend mtp2 failed", 10);
+    let st = agent.wait_status("mtp2", "10 failed checks", |s| s.check_failures >= 10);
     assert!(served.load(Ordering::Relaxed) >= 10);
+    assert_eq!(st.transitions_down, 0, "flipped: {st:?}");
     let log = agent.log();
     assert!(
         log.contains("Health check for backend mtp2 failed"),

@@ -15,11 +15,11 @@ fn right_up_wrong_down(tls: bool, configured: &str, reason: &str) {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, tls);
     let _wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, tls);
-    let cfg = mtproxy_config(&ns, configured);
+    let cfg = Config::mtproxy(configured).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(line.contains(&format!("reason: {reason}")), "{line}");
-    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    let down = agent.wait_down_by_check("mtp2");
+    assert_eq!(status_reason(&down), reason);
+    agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
     let log = agent.log();
     assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
 }
@@ -46,13 +46,13 @@ fn unreachable_upstream_is_down_with_no_answer() {
     // No fake DC on 20443: the proxies cannot reach their upstream.
     let _dd = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _ee = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    let line = agent.wait_for("backend mtp1 is DOWN");
-    assert!(line.contains("reason: no answer through proxy"), "{line}");
+    let down = agent.wait_down_by_check("mtp1");
+    assert_eq!(status_reason(&down), "no answer through proxy");
     drop(agent);
     // With the ee secret the TLS answer proves the secret first.
-    let cfg = mtproxy_config(&ns, &format!("ee{SECRET}{DOMAIN_HEX}"));
+    let cfg = Config::mtproxy(&format!("ee{SECRET}{DOMAIN_HEX}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
     let line = agent.wait_for("backend mtp2 is DOWN");
     assert!(
@@ -67,15 +67,12 @@ fn plain_tcp_server_is_down() {
     let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _plain = Replica::start("mtp2", "127.0.0.1:10001");
-    let cfg = mtproxy_config(&ns, &format!("dd{SECRET}"));
+    let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(
-        line.contains("reason: wrong secret or not MTProxy"),
-        "{line}"
-    );
+    let down = agent.wait_down_by_check("mtp2");
+    assert_eq!(status_reason(&down), "wrong secret or not MTProxy");
     // Clients go to the real proxy only.
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     let held: Vec<_> = (0..5)
         .map(|_| std::net::TcpStream::connect(BALANCED).unwrap())
         .collect();

@@ -20,7 +20,7 @@ fn metrics_stats_and_healthz_follow_the_replicas() {
     let _a = Replica::start("mtp1", A);
     let mut b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     // 7 and 3 held: 3/3, then mtp2 drained, then 4 more on mtp1.
     let mut held: Vec<_> = (0..6).map(|_| connect(BALANCED).unwrap()).collect();
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
@@ -92,7 +92,7 @@ fn metrics_stats_and_healthz_follow_the_replicas() {
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "ready"]);
     assert!(ok, "{out}");
     b.stop_listening();
-    agent.wait_for("backend mtp2 is DOWN");
+    agent.wait_state("mtp2", State::Down);
     let (_, text) = http_get("/metrics");
     assert_eq!(m(&text, "mtlb_backend_up{backend=\"mtp2\"}"), 0.0);
     assert_eq!(
@@ -119,7 +119,8 @@ fn metrics_stats_and_healthz_follow_the_replicas() {
 fn healthz_is_503_without_replicas() {
     let ns = Netns::new();
     let agent = ns.agent(&[]);
-    agent.wait_for("no replica is listening yet");
+    // Published: DOWN, no replica listens.
+    agent.wait_state("mtp1", State::Down);
     assert_eq!(http_get("/healthz").0, 503);
 }
 
@@ -129,7 +130,7 @@ fn bytes_are_attributed_to_the_replica_that_holds_the_connection() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let mut held: Vec<_> = (0..4).map(|_| connect(BALANCED).unwrap()).collect();
     let i = held
         .iter()
@@ -203,7 +204,7 @@ fn status_json_agrees_with_metrics_and_works_after_the_agent_died() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let mut agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let held: Vec<_> = (0..5).map(|_| connect(BALANCED).unwrap()).collect();
     let (_, text) = http_get("/metrics");
     let (ok, out) = mtlb_cli(&ns, &["status", "--json"]);
@@ -254,7 +255,7 @@ fn bpftool_dumps_readable_maps() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let _held: Vec<_> = (0..3).map(|_| connect(BALANCED).unwrap()).collect();
     let dump = |map: &str| -> serde_json::Value {
         let out = std::process::Command::new("bpftool")
@@ -310,7 +311,7 @@ fn scraping_in_a_loop_does_not_disturb_a_connect_loop() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let file = ns.file.try_clone().unwrap();
     let scraper = std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -365,7 +366,7 @@ fn program_run_statistics_are_reported_when_the_kernel_counts_them() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     for _ in 0..10 {
         connect(BALANCED).unwrap();
     }

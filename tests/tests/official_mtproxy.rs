@@ -19,23 +19,17 @@ const STATS_BASE: u16 = 18000;
 /// with `stats`, the official servers' stats ports as well (then
 /// `total_ready_targets` must be > 0 for any kind of check).
 fn config(ns: &Netns, replicas: u16, kind: &str, stats: bool) -> String {
-    let dir = ns.state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("mtlb.toml");
-    let stats = if stats {
-        format!("stats_base_port = {STATS_BASE}\n")
+    let cfg = Config::new()
+        .secret(&format!("dd{SECRET}"))
+        .replicas(replicas)
+        .check_kind(kind)
+        .mtproxy_timings();
+    if stats {
+        cfg.stats_base_port(STATS_BASE)
     } else {
-        String::new()
-    };
-    std::fs::write(
-        &p,
-        format!(
-            "secret = \"dd{SECRET}\"\nreplicas = {replicas}\n[check]\nkind = \"{kind}\"\n{stats}{}",
-            fast_check_timings()
-        ),
-    )
-    .unwrap();
-    p.to_string_lossy().into_owned()
+        cfg
+    }
+    .write(ns)
 }
 
 /// Official replica `i` (mtp{i+1}) on 10000+i with `secret`, forwarding to
@@ -80,13 +74,13 @@ fn forwarded_from(up: &MiddleProxy, client: &str) -> Option<String> {
 
 fn agent_with_checks_passing(ns: &Netns, cfg: &str, reason: &str) -> Agent {
     let agent = ns.agent_debug(&["--config", cfg]);
-    agent.wait_for(&format!("check mtp1: passed, reason: {reason}"));
-    agent.wait_for(&format!("check mtp2: passed, reason: {reason}"));
+    agent.wait_check_passed("mtp1", reason);
+    agent.wait_check_passed("mtp2", reason);
     // A passed check is not yet UP (rise): only UP replicas are steered to,
     // and a client sent before both are would all land on one (seen under
     // emulation, where a second check comes seconds later).
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     agent
 }
 
@@ -236,19 +230,20 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     // Held, but not without bound: the server serves at most -c
     // connections and past that stops accepting, its checks time out and
     // it goes DOWN (a slow run under emulation got there).
-    let loop_ = FailoverLoop::start(ns, MAX_HELD);
+    let loop_ = ConnectLoop::new()
+        .hold(MAX_HELD)
+        .pace(std::time::Duration::from_millis(5))
+        .start(ns);
     mtp2.kill();
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(line.contains("reason: "), "{line}");
+    agent.wait_state("mtp2", State::Down);
     // Real clients still get through, on mtp1.
     for _ in 0..2 {
         let (c, r) = telethon(ns, 0);
         end(c);
         assert_eq!(r["verdict"], "UP", "{r}");
     }
-    let from = agent.log_len();
     let mtp2 = replica(&bin, ns, 1, SECRET, up);
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let looped = loop_.finish();
     looped.assert_one_replica_killed();
     // mtp1 holds the loop's connections: the next client goes to mtp2.
@@ -280,16 +275,12 @@ fn official_mtproxy_stats_drive_the_stats_check() {
 
     up2.stop();
     mtp2.wait_ready_targets(0);
-    let line = agent.wait_for("backend mtp2 is DOWN");
-    assert!(
-        line.contains("reason: stats: no ready upstream targets"),
-        "{line}"
-    );
-    let from = agent.log_len();
+    let down = agent.wait_state("mtp2", State::Down);
+    assert_eq!(status_reason(&down), "stats: no ready upstream targets");
     up2.restart(&ns);
     mtp2.wait_ready_targets(1);
-    let (_, line) = agent.wait_for_after(from, "backend mtp2 is UP");
-    assert!(line.contains("reason: stats: upstream ready"), "{line}");
+    let up = agent.wait_state("mtp2", State::Up);
+    assert_eq!(status_reason(&up), "stats: upstream ready");
     let log = agent.log();
     assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
 }
@@ -312,15 +303,15 @@ fn official_mtproxy_check_kind_reasons() {
     // Without the stats ports: the mtproxy probe alone decides.
     let cfg = config(&ns, 3, "mtproxy", false);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
     // The official server keeps silent on a header that does not decrypt
     // with its secret (it skips everything the client sends), and it drops
     // a well-formed request it has no ready middle proxy for, also
     // silently: a dd probe gets no answer in both cases (README "Health
     // checks").
     for b in ["mtp2", "mtp3"] {
-        let line = agent.wait_for(&format!("backend {b} is DOWN"));
-        assert!(line.contains("reason: no answer through proxy"), "{line}");
+        let down = agent.wait_down_by_check(b);
+        assert_eq!(status_reason(&down), "no answer through proxy");
     }
     let log = agent.log();
     assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
@@ -331,7 +322,7 @@ fn official_mtproxy_check_kind_reasons() {
     // one leaves the secret as the likely cause.
     let cfg = config(&ns, 3, "mtproxy", true);
     let agent = ns.agent_debug(&["--config", &cfg]);
-    agent.wait_for("check mtp1: passed, reason: MTProxy answered through upstream");
+    agent.wait_check_passed("mtp1", "MTProxy answered through upstream");
     let line = agent.wait_for("backend mtp3 is DOWN");
     assert!(
         line.contains("reason: stats: no ready upstream targets")

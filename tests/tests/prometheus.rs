@@ -190,7 +190,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_series() {
     let _a = Replica::start("mtp1", A);
     let mut b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let held: Vec<_> = (0..4).map(|_| connect(BALANCED).unwrap()).collect();
 
     // What promtool reads: the text format, clean.
@@ -319,7 +319,7 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_series() {
 
     // mtp2 goes: its DOWN alert is pending (it fires after 1m).
     b.stop_listening();
-    agent.wait_for("backend mtp2 is DOWN");
+    agent.wait_state("mtp2", State::Down);
     prom.wait("MtlbBackendDown pending for mtp2", || {
         prom.api("/api/v1/alerts")["alerts"]
             .as_array()

@@ -129,16 +129,13 @@ fn stats_page_in_chromium() {
     // Four replicas, mtp4 never listening; samples every 200 ms so the
     // sparklines have a shape within seconds (scaled on a slower machine:
     // the 60 samples' window must outlast the test's steps and Chromium).
-    let cfg = ns.state_dir().join("mtlb.toml");
-    std::fs::create_dir_all(ns.state_dir()).unwrap();
-    std::fs::write(
-        &cfg,
-        format!("replicas = 4\nstats_sample_ms = {}\n", 200 * time_scale()),
-    )
-    .unwrap();
-    let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
+    let cfg = Config::new()
+        .replicas(4)
+        .set("stats_sample_ms", i64::from(200 * time_scale()))
+        .write(&ns);
+    let agent = ns.agent(&["--config", &cfg]);
     for i in 1..=3 {
-        agent.wait_for(&format!("backend mtp{i} is UP"));
+        agent.wait_state(&format!("mtp{i}"), State::Up);
     }
     // Connections arrive in steps, a few samples apart: 9 over 3 steps,
     // then mtp3 drains and 3 leave.
@@ -219,7 +216,9 @@ fn stats_page_with_64_replicas_and_refreshes() {
         })
         .collect();
     let agent = ns.agent(&["--replicas", "64"]);
-    agent.wait_count("is UP", 64);
+    for i in 1..=64 {
+        agent.wait_state(&format!("mtp{i}"), State::Up);
+    }
     let held: Vec<_> = (0..128).map(|_| connect(BALANCED).unwrap()).collect();
 
     // curl | grep still finds each replica on one line.

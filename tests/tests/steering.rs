@@ -17,8 +17,8 @@ fn setup() -> (Netns, Agent, Replica, Replica) {
     let a = Replica::start("mtp1", A);
     let b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     (ns, agent, a, b)
 }
 
@@ -31,8 +31,8 @@ fn setup_short_handshakes() -> (Netns, Agent, Replica, Replica) {
     let a = Replica::start("mtp1", A);
     let b = Replica::start("mtp2", B);
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     (ns, agent, a, b)
 }
 
@@ -194,7 +194,7 @@ fn full_accept_queue_does_not_leak() {
     let mut a = Replica::start_with("mtp1", A, 1, false, None);
     let mut b = Replica::start_with("mtp2", B, 1, false, None);
     let agent = ns.agent(&["--handshake-timeout-ms", "500"]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let maps = agent.maps();
     let socks = start_connects(BALANCED, 8);
     // Queued (established, never accepted) connections count.
@@ -219,7 +219,7 @@ fn syn_cookies_keep_replica_and_counts() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let held = hold(20);
     let t = tally(held.iter().map(|(_, n)| n));
     assert!(t["mtp1"].abs_diff(10) <= 1, "split {t:?}");
@@ -243,8 +243,8 @@ fn syn_queue_overflow_cookies_reach_the_right_replica() {
     let _a = Replica::start_with("mtp1", A, 1, true, None);
     let _b = Replica::start_with("mtp2", B, 1, true, None);
     agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     ns.slow_lo("400kbit");
     let socks = start_connects(BALANCED, 24);
     // Every connection completes with its replica: a cookie ACK sent to the
@@ -317,13 +317,13 @@ fn failover_and_restart() {
         "after mtp2 stopped: {:?}",
         tally(&after_stop)
     );
-    let (from, _) = agent.wait_for_after(0, "replica mtp2 unregistered");
+    agent.wait_status("mtp2", "unregistered", |s| s.registered == 0);
 
     // Restart on the same port: once its first check passes (run the
     // moment it listens), mtp1 holds ~350 connections, so the very first
     // new connection must go to mtp2, which has none.
     let b2 = Replica::start("mtp2", B);
-    agent.wait_for_after(from, "backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let (_s, name) = connect(BALANCED).unwrap();
     assert_eq!(name, "mtp2", "first connection after restart");
     assert_eq!(b2.steered(), 1);
@@ -337,10 +337,10 @@ fn start_order_and_direct_connections() {
     let a = Replica::start("mtp1", A);
     let agent = ns.agent(&[]);
     agent.wait_for("replica mtp1 registered: 127.0.0.1:10000 (IPv4, via adopted)");
-    agent.wait_for("backend mtp1 is UP");
+    agent.wait_state("mtp1", State::Up);
     let b = Replica::start("mtp2", B);
     agent.wait_for("replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let held = hold(4);
     let t = tally(held.iter().map(|(_, n)| n));
     assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
@@ -367,7 +367,7 @@ fn two_namespaces_stay_independent() {
             let a = Replica::start("mtp1", A);
             let b = Replica::start("mtp2", B);
             let agent = ns2.agent(&[]);
-            agent.wait_for("backend mtp2 is UP");
+            agent.wait_state("mtp2", State::Up);
             (agent, a, b)
         })
         .join()
@@ -396,14 +396,17 @@ fn bad_config_is_rejected_and_attaches_nothing() {
     let ns = Netns::new();
     let dir = std::env::temp_dir().join(format!("mtlb-bad-{}", ns.ino));
     std::fs::create_dir_all(&dir).unwrap();
-    for (text, needle) in [
-        ("replicas = 0\n", "`replicas`: 0"),
-        ("port = 10001\n", "`port`: 10001"),
-        ("replica_adress = \"127.0.0.1\"\n", "replica_adress"),
-        ("port = \"https\"\n", "port"),
+    for (cfg, needle) in [
+        (Config::new().set("replicas", 0), "`replicas`: 0"),
+        (Config::new().port(10001), "`port`: 10001"),
+        (
+            Config::new().set("replica_adress", "127.0.0.1"),
+            "replica_adress",
+        ),
+        (Config::new().set("port", "https"), "port"),
     ] {
-        let path = dir.join("mtlb.toml");
-        std::fs::write(&path, text).unwrap();
+        let path = cfg.write_to(&dir.join("mtlb.toml"));
+        let text = cfg.text();
         let mut agent = ns.spawn_agent(&["--config", path.to_str().unwrap()]);
         let status = agent.wait_exit();
         assert!(!status.success(), "accepted {text:?}");
@@ -442,8 +445,8 @@ fn ipv6_clients_reach_dual_stack_replicas() {
     let _b = Replica::start_with("mtp2", "[::]:10001", 1024, true, Some(false));
     let agent = ns.agent(&[]);
     agent.wait_for("replica mtp2 registered: [::]:10001 (IPv6 dual-stack");
-    agent.wait_for("backend mtp1 is UP");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
     let held6 = hold_at("[::1]:443", 4);
     let t = tally(held6.iter().map(|(_, n)| n));
     assert_eq!((t["mtp1"], t["mtp2"]), (2, 2), "{t:?}");
@@ -473,14 +476,15 @@ fn ipv6_client_refused_cleanly_by_ipv4_only_replicas() {
     );
     assert!(agent.maps().stat(mtlb_common::stat::NO_BACKEND).unwrap() >= 1);
     // IPv4 still works.
-    assert!(connect(BALANCED).is_ok());
+    assert!(can_dial(BALANCED));
 }
 
 #[test]
 fn no_replica_refuses_at_once_and_remove_takes_the_pins() {
     let ns = Netns::new();
     let mut agent = ns.agent(&[]);
-    agent.wait_for("no replica is listening yet");
+    // Published: DOWN, no replica listens.
+    agent.wait_state("mtp1", State::Down);
     let err = TcpStream::connect(BALANCED).expect_err("connected with no replica");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     // Pins: directory 0700, files 0600.
@@ -508,7 +512,7 @@ fn no_replica_refuses_at_once_and_remove_takes_the_pins() {
     assert!(!dir.exists(), "pins left after mtlb remove");
     let (ok, out) = mtlb_cli(&ns, &["remove"]);
     assert!(ok && out.contains("nothing to remove"), "{out}");
-    assert!(TcpStream::connect(BALANCED).is_err());
+    assert!(connect_fails(BALANCED));
 }
 
 fn hold_at(addr: &str, n: usize) -> Vec<(TcpStream, String)> {
@@ -534,17 +538,17 @@ fn kept_pins_keep_steering_and_the_next_agent_replaces_them() {
     agent.wait_for("taking over the pinned state of an earlier agent");
     let m = agent.maps();
     assert_eq!(conns(&m, 0).established + conns(&m, 1).established, 1);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     assert!(agent.stop().success());
     assert!(agent.log().contains("keeping programs attached"));
-    assert!(connect(BALANCED).is_ok(), "steering after a kept-pins exit");
+    assert!(can_dial(BALANCED), "steering after a kept-pins exit");
 
     // With keep_pins false, SIGTERM takes everything down.
     let mut agent = ns.agent(&["--keep-pins", "false"]);
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     assert!(agent.stop().success());
     assert!(!ns.pin_dir().exists());
-    assert!(TcpStream::connect(BALANCED).is_err());
+    assert!(connect_fails(BALANCED));
 }
 
 #[test]
@@ -557,8 +561,7 @@ fn works_under_ip_netns_exec() {
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, &bin, "run"]);
     let agent = Agent::command(cmd, ns.pin_dir());
-    agent.wait_for("steering TCP port");
-    agent.wait_for("backend mtp2 is UP");
+    agent.wait_state("mtp2", State::Up);
     let log = agent.log();
     assert!(log.contains("mounted cgroup2 at"), "{log}");
     assert!(log.contains("using the host's bpffs"), "{log}");

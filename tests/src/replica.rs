@@ -1,0 +1,291 @@
+//! Stand-in replicas: plain TCP servers in a thread or a process of their own.
+
+use crate::*;
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+/// What a replica saw of one accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+struct ReplicaState {
+    accepted: Vec<Accepted>,
+    held: Vec<TcpStream>,
+}
+
+/// A plain TCP server standing in for an MTProxy replica: it greets each
+/// connection with its name and a newline, holds it, and closes it when the
+/// client does.
+pub struct Replica {
+    pub name: String,
+    pub addr: SocketAddr,
+    fd: i32,
+    state: Arc<Mutex<ReplicaState>>,
+    thread: Option<JoinHandle<()>>,
+    idle: Option<TcpListener>,
+}
+
+impl Replica {
+    /// Listens on `addr` (backlog 1024) in the calling thread's namespace.
+    pub fn start(name: &str, addr: &str) -> Self {
+        Self::start_with(name, addr, 1024, true, None)
+    }
+
+    /// `accepting == false`: never accepts (a hung replica).
+    pub fn start_with(
+        name: &str,
+        addr: &str,
+        backlog: i32,
+        accepting: bool,
+        v6only: Option<bool>,
+    ) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        sock.set_reuse_address(true).unwrap();
+        if let Some(v) = v6only {
+            sock.set_only_v6(v).unwrap();
+        }
+        sock.bind(&addr.into())
+            .unwrap_or_else(|e| panic!("{name}: bind {addr}: {e}"));
+        sock.listen(backlog).unwrap();
+        let listener: TcpListener = sock.into();
+        let fd = listener.as_raw_fd();
+        let state = Arc::new(Mutex::new(ReplicaState {
+            accepted: Vec::new(),
+            held: Vec::new(),
+        }));
+        let st = state.clone();
+        let greeting = format!("{name}\n");
+        if !accepting {
+            // A hung replica: the socket listens, nobody accepts.
+            return Self {
+                name: name.into(),
+                addr,
+                fd,
+                state,
+                thread: None,
+                idle: Some(listener),
+            };
+        }
+        let thread = std::thread::spawn(move || {
+            while let Ok((mut s, peer)) = listener.accept() {
+                let local = s.local_addr().unwrap();
+                let mut st = st.lock().unwrap();
+                // Record before greeting: a client that has its greeting
+                // must find its connection recorded.
+                st.accepted.push(Accepted { peer, local });
+                let _ = s.write_all(greeting.as_bytes());
+                // Close our side when the client closes.
+                // Echo what the client sends; close when it does.
+                let s2 = s.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut s2 = s2;
+                    while let Ok(n) = s2.read(&mut buf) {
+                        if n == 0 || s2.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s2.shutdown(Shutdown::Both);
+                });
+                st.held.push(s);
+            }
+            // The listener closes when this thread ends.
+        });
+        Self {
+            name: name.into(),
+            addr,
+            fd,
+            state,
+            thread: Some(thread),
+            idle: None,
+        }
+    }
+
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    /// Connections that came through the balanced port (health checks go
+    /// to the replica's own port).
+    pub fn steered(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .accepted
+            .iter()
+            .filter(|a| a.local.port() == 443)
+            .count()
+    }
+
+    /// Stops listening: the listening socket is closed, as when the
+    /// replica's process exits. Held connections stay open.
+    pub fn stop_listening(&mut self) {
+        self.idle = None;
+        if let Some(t) = self.thread.take() {
+            // shutdown() on a listening socket wakes accept() with EINVAL.
+            // SAFETY: fd is the live listener until the thread ends.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            t.join().unwrap();
+        }
+    }
+
+    /// Closes every held connection (RST-free: FIN).
+    pub fn close_all(&self) {
+        for s in self.state.lock().unwrap().held.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop_listening();
+        self.close_all();
+    }
+}
+
+/// A replica in a process of its own (`mtlb-test-replica`), for tests
+/// that signal it.
+pub struct ReplicaProcess {
+    pub child: Child,
+}
+
+impl ReplicaProcess {
+    /// Starts it inside `ns` and waits until it listens.
+    pub fn start(ns: &Netns, name: &str, addr: &str) -> Self {
+        Self::start_as(ns, name, addr, None, false)
+    }
+
+    /// Like `start`, as `uid` (through setpriv, after entering the
+    /// namespace as root) and with IPV6_V6ONLY on an IPv6 address.
+    pub fn start_as(ns: &Netns, name: &str, addr: &str, uid: Option<u32>, v6only: bool) -> Self {
+        Self::try_start_as(ns, name, addr, uid, v6only).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Like `start_as`; `Err` with what the replica said when it could not
+    /// listen (e.g. "bind failed: Operation not permitted (os error 1)").
+    pub fn try_start_as(
+        ns: &Netns,
+        name: &str,
+        addr: &str,
+        uid: Option<u32>,
+        v6only: bool,
+    ) -> Result<Self, String> {
+        Self::spawn(ns, name, addr, uid, v6only, 0, None)
+    }
+
+    /// A busy replica: it accepts at most `rate` connections a second.
+    pub fn start_busy(ns: &Netns, name: &str, addr: &str, rate: u32) -> Self {
+        Self::spawn(ns, name, addr, None, false, rate, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Like `start`, in cgroup `cg` (it moves itself there before it
+    /// binds, so its sockets are created there).
+    pub fn start_in(ns: &Netns, name: &str, addr: &str, cg: &Cgroup) -> Self {
+        Self::spawn(
+            ns,
+            name,
+            addr,
+            None,
+            false,
+            0,
+            Some(cg.path.join("cgroup.procs")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn spawn(
+        ns: &Netns,
+        name: &str,
+        addr: &str,
+        uid: Option<u32>,
+        v6only: bool,
+        rate: u32,
+        cgroup_procs: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
+            // Next to the test binary's deps directory.
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(|d| d.parent())
+                .unwrap()
+                .join("mtlb-test-replica")
+                .to_string_lossy()
+                .into_owned()
+        });
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={u}"))
+                    .arg(format!("--regid={u}"))
+                    .arg("--clear-groups")
+                    .arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args([name, addr, "4096", if v6only { "v6only" } else { "dual" }])
+            .arg(rate.to_string())
+            .stdout(Stdio::piped());
+        ns.run_inside(&mut cmd);
+        if let Some(procs) = cgroup_procs {
+            let procs =
+                std::ffi::CString::new(procs.into_os_string().into_encoded_bytes()).unwrap();
+            // SAFETY: open/write/close are async-signal-safe; writing "0"
+            // moves the writing process.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.trim() != "listening" {
+            let _ = child.wait();
+            return Err(line.trim().to_string());
+        }
+        Ok(Self { child })
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
