@@ -9,6 +9,7 @@
 //! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
+//! * [`start_facts`]: what start-up and teardown did, told as log lines.
 
 pub mod core;
 pub mod heal;
@@ -17,32 +18,31 @@ pub mod persist;
 pub mod reconcile;
 pub mod serve;
 pub mod slot;
+pub mod start_facts;
 
 use crate::{
     config::{self, Config, ConfigError, Overrides},
     kernel::{
-        loader::{self, Attached, Compat, LoadError, Loaded},
+        dataplane::{Dataplane, DataplaneError, Hooks, Place, TakeoverView},
         maps::{Maps, MapsError},
         pins::{self, NetnsLock, PinError},
-        registry::Registry,
+        registry::Registrations,
     },
     system::{mounts, netns},
 };
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use start_facts::StartFact;
+use std::{net::SocketAddr, path::PathBuf};
 
 /// Where the configuration comes from, to read it again on reload.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub struct ConfigSource {
     pub path: PathBuf,
     /// Named by the operator: a missing file is an error.
     pub explicit: bool,
     pub overrides: Overrides,
 }
 
-impl Source {
+impl ConfigSource {
     /// `path` as given on the command line: `None` is the default path,
     /// which may be missing; a path given is an error when missing, even
     /// the default one.
@@ -69,8 +69,9 @@ pub enum StartError {
     Mount(#[from] mounts::MountError),
     #[error(transparent)]
     Pins(#[from] PinError),
+    /// Boxed: the largest of these by far.
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Dataplane(Box<DataplaneError>),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
@@ -87,13 +88,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} {path}")]
-    Fs {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(
         "replica_cgroup {0} is not a cgroup directory (create it and start the replicas in it, or leave the key out)"
     )]
@@ -106,22 +100,20 @@ pub enum StartError {
     State(#[from] persist::PersistError),
 }
 
-fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError {
-    let path = path.to_owned();
-    move |source| StartError::Fs { what, path, source }
+impl From<DataplaneError> for StartError {
+    fn from(e: DataplaneError) -> Self {
+        Self::Dataplane(Box::new(e))
+    }
 }
 
-/// A running agent: holds the namespace lock, the attached programs, the
-/// maps and the control socket. Dropping it detaches and unpins (or, with
-/// `keep_pins`, leaves steering running from the pins).
+/// A running agent: holds the namespace lock, the dataplane and the
+/// control socket. Dropping it detaches and unpins (or, with `keep_pins`,
+/// leaves steering running from the pins).
 pub struct Agent {
-    source: Source,
+    source: ConfigSource,
     state: core::State,
-    loaded: Loaded,
-    registry: Registry,
-    /// `None` once torn down.
-    attached: Option<Attached>,
-    pin_dir: PathBuf,
+    dataplane: Dataplane,
+    registry: Registrations,
     keep_pins: bool,
     control_path: PathBuf,
     control: Option<tokio::net::UnixListener>,
@@ -133,62 +125,77 @@ pub struct Agent {
     refusals_logged: std::collections::HashMap<u32, (std::time::Instant, u64)>,
     /// Assignments over time: the upper bound of handshakes in flight.
     assignments: heal::Assignments,
+    /// Whether teardown has run.
+    torn_down: bool,
     _lock: NetnsLock,
 }
 
-/// At takeover: per slot, the listener the earlier agent let take clients
-/// (enabled, UP by its checks, its cookie verified, or any listener when it
-/// verified none), written into BACKENDS so the kernel keeps steering to it
-/// under this agent's settings. A replica it had DOWN is not trusted.
-fn seed_verified(maps: &mut Maps, slots: usize) -> Result<Vec<u64>, MapsError> {
-    let verifying = maps.settings()?.require_verified != 0;
-    let mut out = Vec::with_capacity(slots);
-    for slot in 0..slots as u32 {
-        let mut b = maps.backend(slot)?;
-        let st = maps.status(slot)?;
-        let l = maps.listener(slot)?;
-        let trusted = b.enabled != 0
-            && st.oper == mtlb_common::STATE_UP
-            && l.cookie != 0
-            && (!verifying || b.listener_cookie == l.cookie);
-        let cookie = if trusted { l.cookie } else { 0 };
-        if b.listener_cookie != cookie {
-            b.listener_cookie = cookie;
-            maps.set_backend(slot, b)?;
-        }
-        out.push(cookie);
-    }
-    Ok(out)
+/// The takeover trust decision: per slot, the listener the earlier agent
+/// let take clients (enabled, UP by its checks, its cookie verified, or
+/// any listener when it verified none), 0 for none. A replica it had DOWN
+/// is not trusted.
+pub fn trusted_listeners(view: &TakeoverView) -> Vec<u64> {
+    view.slots
+        .iter()
+        .map(|(b, st, l)| {
+            let trusted = b.enabled != 0
+                && st.oper == mtlb_common::STATE_UP
+                && l.cookie != 0
+                && (!view.require_verified || b.listener_cookie == l.cookie);
+            if trusted { l.cookie } else { 0 }
+        })
+        .collect()
 }
 
-/// What start-up has done so far, undone if it fails part way.
-struct Bringup {
-    pin_dir: PathBuf,
-    /// An earlier agent's pins we took over: on failure, leave them (and
-    /// its programs) running.
-    took_over: bool,
-    /// An earlier agent's pins we could not take over, moved aside: put
-    /// back on failure, removed once our programs are attached.
-    stale: Option<PathBuf>,
-    attached: Option<Attached>,
+/// At takeover: the listeners the earlier agent trusted, written into
+/// BACKENDS so the kernel keeps steering to them under this agent's
+/// settings.
+fn seed_verified(dataplane: &mut Dataplane, slots: usize) -> Result<Vec<u64>, MapsError> {
+    let trusted = trusted_listeners(&dataplane.takeover_view(slots)?);
+    dataplane.seed_listeners(&trusted)?;
+    Ok(trusted)
 }
 
-impl Drop for Bringup {
-    fn drop(&mut self) {
-        let Some(attached) = self.attached.take() else {
-            return;
-        };
-        if self.took_over {
-            // The earlier agent's programs are still attached and pinned.
-            drop(attached);
-            return;
+/// Makes sure bpffs and cgroup2 are mounted: the bpffs to pin in and the
+/// cgroup2 root.
+fn mounts(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<(PathBuf, PathBuf), StartError> {
+    let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
+        mounts::Bpffs::Present => cfg.bpffs.clone(),
+        mounts::Bpffs::Host(p) => {
+            facts.push(StartFact::BpffsFromHost {
+                configured: cfg.bpffs.clone(),
+                through: p.clone(),
+            });
+            p
         }
-        attached.detach();
-        let _ = pins::remove(&self.pin_dir);
-        if let Some(old) = &self.stale {
-            let _ = std::fs::rename(old, &self.pin_dir);
+        mounts::Bpffs::Mounted => {
+            facts.push(StartFact::BpffsMounted {
+                at: cfg.bpffs.clone(),
+                private: mounts::in_private_mount_ns(),
+            });
+            cfg.bpffs.clone()
         }
+    };
+    let (cgroup, mounted) = mounts::ensure_cgroup2()?;
+    if mounted {
+        facts.push(StartFact::Cgroup2Mounted(cgroup.clone()));
     }
+    Ok((bpffs, cgroup))
+}
+
+/// The maps as this agent's configuration wants them, before anything is
+/// attached (or, after a takeover, before the new programs replace the old).
+fn write_settings(
+    cfg: &Config,
+    state: &core::State,
+    maps: &mut Maps,
+    cookies_seen: &mut Option<crate::kernel::cookies::Observed>,
+) -> Result<(), StartError> {
+    maps.set_settings(state.settings())?;
+    maps.set_allowed_uids(&cfg.replica_uids)?;
+    maps.set_addresses(&reconcile::addresses(cfg))?;
+    serve::watch_cookies(maps, cookies_seen)?;
+    Ok(())
 }
 
 impl Agent {
@@ -196,33 +203,19 @@ impl Agent {
     /// pinned maps when their shapes match), adopts running replicas, binds
     /// the stats endpoint and the control socket. Must run on a
     /// current-thread runtime in the namespace to balance.
-    pub async fn start(cfg: Config, source: Source) -> Result<Self, StartError> {
-        let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
-            mounts::Bpffs::Present => cfg.bpffs.clone(),
-            mounts::Bpffs::Host(p) => {
-                tracing::info!(
-                    "no bpffs at {} in this mount namespace (ip netns exec remounts /sys); using the host's bpffs through {}",
-                    cfg.bpffs.display(),
-                    p.display()
-                );
-                p
-            }
-            mounts::Bpffs::Mounted => {
-                if mounts::in_private_mount_ns() {
-                    tracing::warn!(
-                        "mounted a new bpffs at {}; it is private to this mount namespace, so the pins are not visible from the host and go away with it",
-                        cfg.bpffs.display()
-                    );
-                } else {
-                    tracing::info!("mounted bpffs at {}", cfg.bpffs.display());
-                }
-                cfg.bpffs.clone()
-            }
-        };
-        let (cgroup, mounted) = mounts::ensure_cgroup2()?;
-        if mounted {
-            tracing::info!("mounted cgroup2 at {}", cgroup.display());
-        }
+    pub async fn start(cfg: Config, source: ConfigSource) -> Result<Self, StartError> {
+        let mut facts = Vec::new();
+        let started = Self::bring_up(cfg, source, &mut facts);
+        start_facts::log_all(facts);
+        started
+    }
+
+    fn bring_up(
+        cfg: Config,
+        source: ConfigSource,
+        facts: &mut Vec<StartFact>,
+    ) -> Result<Self, StartError> {
+        let (bpffs, cgroup) = mounts(&cfg, facts)?;
         // Before anything is touched: a cgroup that is not there is a
         // configuration error.
         let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
@@ -239,70 +232,20 @@ impl Agent {
         // Bind the stats endpoint before attaching anything: a port in use
         // is a startup error that leaves nothing behind.
         let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
-        let stats_listener =
-            crate::stats::server::bind(stats_addr).map_err(|source| StartError::Stats {
-                addr: stats_addr,
-                source,
-            })?;
-        let dir = pins::pin_dir(&bpffs, ino);
-        let mut up = Bringup {
-            pin_dir: dir.clone(),
-            took_over: false,
-            stale: None,
-            attached: None,
+        let stats_err = |source| StartError::Stats {
+            addr: stats_addr,
+            source,
         };
+        let stats_listener = crate::stats::server::bind(stats_addr).map_err(stats_err)?;
 
-        // Pins of an earlier agent (killed, or stopped with keep_pins): take
-        // its maps over when their shapes match this build, so
-        // registrations, counts and socket tags carry on; else move them
-        // aside and drop them once our programs are attached. Either way
-        // steering never stops.
         let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
-        if pins::has_pins(&dir) {
-            // Inode numbers of namespaces are reused: pins under ours may
-            // be a dead namespace's. The cookie in their SETTINGS is not
-            // reused (for the boot).
-            let compat = match loader::pins_compatible(&dir)? {
-                Compat::Compatible => match Maps::from_pins(&dir).and_then(|m| m.settings()) {
-                    Ok(s) if s.netns_cookie == cookie => Compat::Compatible,
-                    Ok(_) => Compat::Incompatible(
-                        "they belong to another network namespace that had this inode number"
-                            .into(),
-                    ),
-                    Err(e) => Compat::Incompatible(crate::error::report(&e)),
-                },
-                other => other,
-            };
-            match compat {
-                Compat::Compatible => {
-                    up.took_over = true;
-                    tracing::info!(
-                        "taking over the pinned state of an earlier agent in {}",
-                        dir.display()
-                    );
-                }
-                Compat::Incompatible(why) => {
-                    // bpffs refuses names with a dot.
-                    let aside = dir.with_file_name(format!("{ino}-old-{}", std::process::id()));
-                    std::fs::rename(&dir, &aside)
-                        .map_err(fs_err("moving stale pins aside", &dir))?;
-                    tracing::warn!(
-                        "found pins of an earlier agent in {} that this build cannot take over ({why}); replacing them, counts start from zero",
-                        dir.display()
-                    );
-                    up.stale = Some(aside);
-                }
-            }
-        }
-        pins::create_dir(&dir)?;
-        up.attached = Some(Attached::new());
-        let attached = up.attached.as_mut().expect("set above");
-
-        // Accounting first, so connections steered from the first instant
-        // are counted; running replicas adopted before steering starts.
-        let mut loaded = loader::load(&dir)?;
-        let inp_now = std::time::Instant::now();
-        let counts = loaded.maps.counts(cfg.replicas as usize);
+        let place = Place {
+            bpffs: &bpffs,
+            netns_ino: ino,
+            netns_cookie: cookie,
+        };
+        let mut dataplane = Dataplane::create_or_take_over(place, facts)?;
+        let dir = dataplane.pin_dir().to_owned();
         let state = core::State::new(
             cfg.clone(),
             &saved,
@@ -310,52 +253,39 @@ impl Agent {
             dir.clone(),
             cookie,
             &core::Inputs {
-                now: inp_now,
+                now: std::time::Instant::now(),
                 unix_ms: slot::unix_ms(),
-                conns: &counts,
+                conns: &dataplane.maps().counts(cfg.replicas as usize),
             },
         );
         // Listeners the earlier agent trusted keep their clients: their
         // cookies go into BACKENDS before SETTINGS may require them.
-        let seeded = if up.took_over {
-            seed_verified(&mut loaded.maps, cfg.replicas as usize)?
+        let seeded = if dataplane.took_over() {
+            seed_verified(&mut dataplane, cfg.replicas as usize)?
         } else {
             Vec::new()
         };
-        loaded.maps.set_settings(state.settings())?;
-        loaded.maps.set_allowed_uids(&cfg.replica_uids)?;
-        loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
         let mut cookies_seen = None;
-        serve::watch_cookies(&mut loaded.maps, &mut cookies_seen)?;
-        loaded.attach_accounting(&cgroup, &replica_cgroup, &dir, attached)?;
-        let mut registry = Registry::default();
-        serve::adopt(&cfg, &mut registry, &mut loaded.maps);
-        loaded.attach_steering(&dir, attached)?;
-
-        if let Some(old) = up.stale.take() {
-            pins::remove(&old).map_err(fs_err("removing stale pins", &old))?;
-        }
-        pins::restrict(&dir).map_err(fs_err("restricting", &dir))?;
+        write_settings(&cfg, &state, dataplane.maps_mut(), &mut cookies_seen)?;
+        let mut registry = Registrations::default();
+        let hooks = Hooks {
+            cgroup_root: &cgroup,
+            replica_cgroup: &replica_cgroup,
+        };
+        dataplane.attach(hooks, facts, |maps| {
+            serve::adopt(&cfg, &mut registry, maps);
+        })?;
 
         // The stats endpoint reads the maps through their pins, with
         // handles of its own.
         let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
-            Maps::from_pins(&dir)?,
-            dir.clone(),
+            Dataplane::open_read_only(&dir)?.into_maps(),
+            dir,
             std::time::Duration::from_millis(cfg.stats_sample_ms),
         )?);
-        crate::stats::server::spawn(
-            stats_listener,
-            stats_source,
-            crate::stats::server::Limits::default(),
-        )
-        .map_err(|source| StartError::Stats {
-            addr: stats_addr,
-            source,
-        })?;
-        tracing::info!(
-            "stats on http://{stats_addr}/stats, metrics on http://{stats_addr}/metrics"
-        );
+        let limits = crate::stats::server::Limits::default();
+        crate::stats::server::spawn(stats_listener, stats_source, limits).map_err(stats_err)?;
+        facts.push(StartFact::StatsListening(stats_addr));
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
         let control = serve::bind_control(&control_path).map_err(|source| StartError::Control {
@@ -366,10 +296,8 @@ impl Agent {
         Ok(Self {
             source,
             state,
-            loaded,
+            dataplane,
             registry,
-            attached: up.attached.take(),
-            pin_dir: dir,
             keep_pins: cfg.keep_pins,
             control_path,
             control: Some(control),
@@ -378,6 +306,7 @@ impl Agent {
             seeded,
             refusals_logged: Default::default(),
             assignments: Default::default(),
+            torn_down: false,
             _lock: lock,
         })
     }
@@ -393,22 +322,13 @@ impl Agent {
     }
 
     fn teardown(&mut self) -> Result<(), StartError> {
-        let Some(attached) = self.attached.take() else {
+        if std::mem::replace(&mut self.torn_down, true) {
             return Ok(());
-        };
+        }
         crate::system::notify::notify("STOPPING=1");
         let _ = std::fs::remove_file(&self.control_path);
-        if self.keep_pins {
-            attached.keep();
-            tracing::info!(
-                "keeping programs attached; pins stay in {}",
-                self.pin_dir.display()
-            );
-        } else {
-            attached.detach();
-            pins::remove(&self.pin_dir).map_err(fs_err("removing pins", &self.pin_dir))?;
-            tracing::info!("detached; removed pins in {}", self.pin_dir.display());
-        }
+        let facts = self.dataplane.teardown(self.keep_pins)?;
+        start_facts::log_all(facts.into_iter().map(StartFact::from));
         Ok(())
     }
 }
@@ -416,7 +336,51 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            tracing::error!("{}", crate::error::report(&e));
+            start_facts::log(&StartFact::TeardownFailed(crate::error::report(&e)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtlb_common::{Backend, Listener, STATE_DOWN, STATE_UP, Status};
+
+    fn slot(enabled: u32, oper: u32, seen: u64, verified: u64) -> (Backend, Status, Listener) {
+        let b = Backend {
+            enabled,
+            listener_cookie: verified,
+            ..Default::default()
+        };
+        let st = Status {
+            oper,
+            ..Default::default()
+        };
+        let l = Listener {
+            cookie: seen,
+            ..Default::default()
+        };
+        (b, st, l)
+    }
+
+    #[test]
+    fn takeover_trusts_only_listeners_the_earlier_agent_let_serve() {
+        let view = TakeoverView {
+            require_verified: true,
+            slots: vec![
+                slot(1, STATE_UP, 7, 7),     // verified, UP: kept
+                slot(1, STATE_UP, 8, 9),     // another socket than verified
+                slot(1, STATE_DOWN, 10, 10), // DOWN by its checks
+                slot(0, STATE_UP, 11, 11),   // disabled
+                slot(1, STATE_UP, 0, 0),     // no listener
+            ],
+        };
+        assert_eq!(trusted_listeners(&view), [7, 0, 0, 0, 0]);
+        // An agent that verified nothing: any UP, enabled listener.
+        let view = TakeoverView {
+            require_verified: false,
+            ..view
+        };
+        assert_eq!(trusted_listeners(&view), [7, 8, 0, 0, 0]);
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     kernel::{
         cookies,
         maps::{Maps, MapsError},
-        registry::{self, Change, Refusal, RefuseWhy, Registry},
+        registry::{self, Change, Refusal, RefuseWhy, Registrations},
     },
     system::notify::notify,
 };
@@ -82,8 +82,8 @@ impl Agent {
         // returning replica is checked the moment it listens); without the
         // ring buffer the 100 ms poll still finds every change.
         let mut events = self
-            .loaded
-            .maps
+            .dataplane
+            .maps_mut()
             .take_events()
             // SAFETY: the ring buffer owns its fd, and the AsyncFd owns
             // the ring buffer: the fd outlives its registration.
@@ -191,7 +191,7 @@ impl Agent {
         let mut save_failed: Option<String> = None;
         let mut queue = VecDeque::from([ev]);
         while let Some(ev) = queue.pop_front() {
-            let conns = self.loaded.maps.counts(self.state.slots().len());
+            let conns = self.dataplane.maps().counts(self.state.slots().len());
             let inp = Inputs {
                 now: std::time::Instant::now(),
                 unix_ms: unix_ms(),
@@ -201,24 +201,24 @@ impl Agent {
                 match effect {
                     Effect::Log(level, line) => emit(level, &line),
                     Effect::WriteBackend { slot, backend } => {
-                        if let Err(e) = self.loaded.maps.set_backend(slot, backend) {
+                        if let Err(e) = self.dataplane.maps_mut().set_backend(slot, backend) {
                             tracing::warn!("updating BACKENDS[{slot}]: {}", report(&e));
                             self.state.forget_written(slot);
                         }
                     }
                     Effect::WriteStatus { slot, status } => {
-                        if let Err(e) = self.loaded.maps.set_status(slot, status) {
+                        if let Err(e) = self.dataplane.maps_mut().set_status(slot, status) {
                             tracing::warn!("updating STATUS[{slot}]: {}", report(&e));
                             self.state.forget_written(slot);
                         }
                     }
                     Effect::WriteSettings(s) => {
-                        if let Err(e) = self.loaded.maps.set_settings(s) {
+                        if let Err(e) = self.dataplane.maps_mut().set_settings(s) {
                             tracing::warn!("updating SETTINGS: {}", report(&e));
                         }
                     }
                     Effect::SetAddresses(a) => {
-                        if let Err(e) = self.loaded.maps.set_addresses(&a) {
+                        if let Err(e) = self.dataplane.maps_mut().set_addresses(&a) {
                             tracing::warn!("updating ADDRESSES: {}", report(&e));
                         }
                     }
@@ -249,7 +249,7 @@ impl Agent {
                         });
                     }
                     Effect::SetAllowedUids(uids) => {
-                        if let Err(e) = self.loaded.maps.set_allowed_uids(&uids) {
+                        if let Err(e) = self.dataplane.maps_mut().set_allowed_uids(&uids) {
                             tracing::warn!("updating ALLOWED_UIDS: {}", report(&e));
                         }
                     }
@@ -271,7 +271,7 @@ impl Agent {
                     }),
                     Effect::Adopt => {
                         let cfg = self.state.cfg().clone();
-                        if adopt(&cfg, &mut self.registry, &mut self.loaded.maps) {
+                        if adopt(&cfg, &mut self.registry, self.dataplane.maps_mut()) {
                             // Adopted listeners are noticed (and checked)
                             // now, not on the next poll.
                             if let Some(changes) = self.poll_listeners() {
@@ -286,7 +286,8 @@ impl Agent {
                     }
                     Effect::ExpireHandshakes { older_than } => self.heal_handshakes(older_than),
                     Effect::WatchCookies => {
-                        if let Err(e) = watch_cookies(&mut self.loaded.maps, &mut self.cookies_seen)
+                        if let Err(e) =
+                            watch_cookies(self.dataplane.maps_mut(), &mut self.cookies_seen)
                         {
                             tracing::warn!("watching SYN cookies: {}", report(&e));
                         }
@@ -306,7 +307,7 @@ impl Agent {
         let cfg = self.state.cfg();
         let changes = match self
             .registry
-            .poll(&mut self.loaded.maps, self.state.slots().len())
+            .poll(self.dataplane.maps_mut(), self.state.slots().len())
         {
             Ok(c) => c,
             Err(e) => {
@@ -413,7 +414,7 @@ impl Agent {
         // One scan for however many refusals came in this batch.
         if scan {
             let cfg = self.state.cfg().clone();
-            changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+            changed |= adopt(&cfg, &mut self.registry, self.dataplane.maps_mut());
         }
         if changed && let Some(changes) = self.poll_listeners() {
             self.run(Event::Listeners(changes), None, checks);
@@ -425,7 +426,12 @@ impl Agent {
     fn heal_handshakes(&mut self, window: Duration) {
         let slots = self.state.slots().len();
         let totals = (0..slots as u32)
-            .map(|s| self.loaded.maps.slot_totals(s).map_or(0, |t| t.assigned))
+            .map(|s| {
+                self.dataplane
+                    .maps()
+                    .slot_totals(s)
+                    .map_or(0, |t| t.assigned)
+            })
             .collect();
         // Two samples a window apart and one tick to spare.
         self.assignments.record(
@@ -442,8 +448,8 @@ impl Agent {
                 Some(0)
             };
             if let Some((was, now)) = self
-                .loaded
-                .maps
+                .dataplane
+                .maps()
                 .fix_handshakes(slot as u32, |raw| super::heal::clamp(raw, most))
             {
                 tracing::debug!(
@@ -473,8 +479,8 @@ impl Agent {
                             queued: l.queued,
                             backlog: l.backlog,
                             entered: self
-                                .loaded
-                                .maps
+                                .dataplane
+                                .maps()
                                 .slot_totals(slot as u32)
                                 .map_or(0, |t| t.established),
                         })
@@ -513,7 +519,7 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
 /// Adopts listeners on replica ports that did not register themselves and
 /// whose owner may run replicas; logs the others. True when one was
 /// adopted.
-pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) -> bool {
+pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps) -> bool {
     match registry.adopt_missing(cfg, maps) {
         Ok((adopted, refused)) => {
             for a in &adopted {

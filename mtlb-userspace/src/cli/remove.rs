@@ -6,7 +6,7 @@ use super::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
     control::{self, ControlError, Request},
-    kernel::pins,
+    kernel::{dataplane::Dataplane, pins},
 };
 use std::time::Duration;
 
@@ -37,12 +37,11 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     // No agent answers: it must not be running (its lock says).
     let _lock = pins::lock(at.netns_ino)
         .context("an agent holds this namespace but does not answer on its control socket")?;
-    if !at.pin_dir.exists() {
+    if Dataplane::unload(&at.pin_dir)? {
+        println!("detached; removed {}", at.pin_dir.display());
+    } else {
         println!("nothing to remove: no pins in {}", at.pin_dir.display());
-        return Ok(());
     }
-    pins::remove(&at.pin_dir).with_context(|| format!("removing {}", at.pin_dir.display()))?;
-    println!("detached; removed {}", at.pin_dir.display());
     Ok(())
 }
 

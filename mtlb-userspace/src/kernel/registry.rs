@@ -196,7 +196,7 @@ pub struct Adopted {
 }
 
 #[derive(Default)]
-pub struct Registry {
+pub struct Registrations {
     known: Vec<Option<SlotView>>,
     /// Listener address and IPV6_V6ONLY (when known) by cookie, for logs.
     addrs: HashMap<u64, (SocketAddr, Option<bool>)>,
@@ -204,7 +204,7 @@ pub struct Registry {
     reported: std::collections::HashSet<u64>,
 }
 
-impl Registry {
+impl Registrations {
     pub fn known(&self) -> &[Option<SlotView>] {
         &self.known
     }
