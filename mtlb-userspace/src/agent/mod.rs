@@ -156,9 +156,12 @@ fn seed_verified(dataplane: &mut Dataplane, slots: usize) -> Result<Vec<u64>, Ma
     Ok(trusted)
 }
 
-/// Makes sure bpffs and cgroup2 are mounted: the bpffs to pin in and the
-/// cgroup2 root.
-fn mounts(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<(PathBuf, PathBuf), StartError> {
+/// Makes sure bpffs and cgroup2 are mounted. Returns the bpffs to pin in,
+/// the cgroup2 root and the replicas' cgroup.
+fn mounts(
+    cfg: &Config,
+    facts: &mut Vec<StartFact>,
+) -> Result<(PathBuf, PathBuf, PathBuf), StartError> {
     let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
         mounts::Bpffs::Present => cfg.bpffs.clone(),
         mounts::Bpffs::Host(p) => {
@@ -180,7 +183,13 @@ fn mounts(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<(PathBuf, PathBuf)
     if mounted {
         facts.push(StartFact::Cgroup2Mounted(cgroup.clone()));
     }
-    Ok((bpffs, cgroup))
+    // Before anything is touched: a cgroup that is not there is a
+    // configuration error.
+    let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
+    if !replica_cgroup.is_dir() {
+        return Err(StartError::ReplicaCgroup(replica_cgroup));
+    }
+    Ok((bpffs, cgroup, replica_cgroup))
 }
 
 /// The maps as this agent's configuration wants them, before anything is
@@ -196,6 +205,25 @@ fn write_settings(
     maps.set_addresses(&reconcile::addresses(cfg))?;
     serve::watch_cookies(maps, cookies_seen)?;
     Ok(())
+}
+
+/// Serves /stats and /metrics on `listener`. The endpoint reads the maps
+/// through their pins, with handles of its own.
+fn serve_stats(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    pin_dir: &std::path::Path,
+    cfg: &Config,
+) -> Result<(), StartError> {
+    let source = std::sync::Arc::new(crate::stats::http::Source::new(
+        Dataplane::open_read_only(pin_dir)?.into_maps(),
+        pin_dir.to_owned(),
+        std::time::Duration::from_millis(cfg.stats_sample_ms),
+    )?);
+    let limits = crate::stats::server::Limits::default();
+    crate::stats::server::spawn(listener, source, limits)
+        .map(drop)
+        .map_err(|source| StartError::Stats { addr, source })
 }
 
 impl Agent {
@@ -215,13 +243,7 @@ impl Agent {
         source: ConfigSource,
         facts: &mut Vec<StartFact>,
     ) -> Result<Self, StartError> {
-        let (bpffs, cgroup) = mounts(&cfg, facts)?;
-        // Before anything is touched: a cgroup that is not there is a
-        // configuration error.
-        let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
-        if !replica_cgroup.is_dir() {
-            return Err(StartError::ReplicaCgroup(replica_cgroup));
-        }
+        let (bpffs, cgroup, replica_cgroup) = mounts(&cfg, facts)?;
         let ino = pins::netns_inode()?;
         let lock = pins::lock(ino)?;
         // Operator choices must not be lost silently: a replica in MAINT
@@ -232,11 +254,11 @@ impl Agent {
         // Bind the stats endpoint before attaching anything: a port in use
         // is a startup error that leaves nothing behind.
         let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
-        let stats_err = |source| StartError::Stats {
-            addr: stats_addr,
-            source,
-        };
-        let stats_listener = crate::stats::server::bind(stats_addr).map_err(stats_err)?;
+        let stats_listener =
+            crate::stats::server::bind(stats_addr).map_err(|source| StartError::Stats {
+                addr: stats_addr,
+                source,
+            })?;
 
         let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
         let place = Place {
@@ -276,15 +298,7 @@ impl Agent {
             serve::adopt(&cfg, &mut registry, maps);
         })?;
 
-        // The stats endpoint reads the maps through their pins, with
-        // handles of its own.
-        let stats_source = std::sync::Arc::new(crate::stats::http::Source::new(
-            Dataplane::open_read_only(&dir)?.into_maps(),
-            dir,
-            std::time::Duration::from_millis(cfg.stats_sample_ms),
-        )?);
-        let limits = crate::stats::server::Limits::default();
-        crate::stats::server::spawn(stats_listener, stats_source, limits).map_err(stats_err)?;
+        serve_stats(stats_listener, stats_addr, &dir, &cfg)?;
         facts.push(StartFact::StatsListening(stats_addr));
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
