@@ -75,6 +75,14 @@ pub fn log(fact: &StartFact) {
         StartFact::Dataplane(D::Detached { dir }) => {
             tracing::info!("detached; removed pins in {}", dir.display())
         }
+        StartFact::Dataplane(D::Swept { dir }) => tracing::info!(
+            "removed the pins of a network namespace that is gone in {}; its programs are detached",
+            dir.display()
+        ),
+        StartFact::Dataplane(D::SweepFailed { dir, error }) => tracing::warn!(
+            "cannot remove the pins of a network namespace that is gone in {}: {error}",
+            dir.display()
+        ),
         StartFact::TeardownFailed(report) => tracing::error!("{report}"),
     }
 }

@@ -12,12 +12,20 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct RemoveArgs {
+    /// Instead: remove the pins of network namespaces that are gone (and
+    /// so detach their programs from the host's cgroups); every live
+    /// namespace's are left alone.
+    #[arg(long)]
+    stale: bool,
     #[command(flatten)]
     agent: AgentArgs,
 }
 
 pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     let at = a.agent.locate()?;
+    if a.stale {
+        return sweep(&at.pin_dir);
+    }
     match control::call(
         &at.control_socket,
         &Request::Remove,
@@ -41,6 +49,28 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
         println!("detached; removed {}", at.pin_dir.display());
     } else {
         println!("nothing to remove: no pins in {}", at.pin_dir.display());
+    }
+    Ok(())
+}
+
+fn sweep(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use mtlb::kernel::dataplane::{Fact, sweep_stale};
+    let Some(root) = pin_dir.parent() else {
+        return Ok(());
+    };
+    let mut failed = 0;
+    for f in sweep_stale(root) {
+        match f {
+            Fact::Swept { dir } => println!("detached; removed {}", dir.display()),
+            Fact::SweepFailed { dir, error } => {
+                eprintln!("cannot remove {}: {error}", dir.display());
+                failed += 1;
+            }
+            _ => {}
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} stale pin directories could not be removed");
     }
     Ok(())
 }

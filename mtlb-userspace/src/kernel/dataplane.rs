@@ -74,6 +74,11 @@ pub enum Fact {
     KeepingPins { dir: PathBuf },
     /// Teardown: the programs detached and the pins removed.
     Detached { dir: PathBuf },
+    /// The pins of a network namespace that is gone, removed: its
+    /// programs on the host's cgroups are detached.
+    Swept { dir: PathBuf },
+    /// Such pins could not be removed.
+    SweepFailed { dir: PathBuf, error: String },
 }
 
 /// Where the dataplane lives: the bpffs and the network namespace (its
@@ -140,6 +145,9 @@ impl Dataplane {
         facts: &mut Vec<F>,
     ) -> Result<Self, DataplaneError> {
         let dir = pins::pin_dir(at.bpffs, at.netns_ino);
+        if let Some(root) = dir.parent() {
+            facts.extend(sweep_stale(root).into_iter().map(F::from));
+        }
         let mut took_over = false;
         let mut stale = None;
         if pins::has_pins(&dir) {
@@ -291,6 +299,43 @@ impl Dataplane {
         pins::remove(pin_dir).map_err(fs_err("removing", pin_dir))?;
         Ok(true)
     }
+}
+
+/// Removes the pin directories under `root` (`<bpffs>/mtlb`) of network
+/// namespaces that are gone: their sock_ops and bind programs, attached to
+/// the host's cgroups, would otherwise run for every socket of the host for
+/// good. A directory is swept only when its sk_lookup link reports itself
+/// detached (the kernel detaches a namespace's links when it is
+/// dismantled; a live namespace's link always names it) and no agent holds
+/// the lock of that inode (an agent starting in a namespace that reused
+/// the number; the calling agent holds its own). One without that link (an
+/// agent starting, or pins moved aside) is left alone.
+pub fn sweep_stale(root: &Path) -> Vec<Fact> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut facts = Vec::new();
+    for e in entries.flatten() {
+        let Some(ino) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        let dir = e.path();
+        let link = dir.join(pins::names::LINK_SK_LOOKUP);
+        if !matches!(super::sys::pinned_netns_link_ino(&link), Ok(0)) {
+            continue;
+        }
+        let Ok(_lock) = pins::lock(ino) else {
+            continue;
+        };
+        facts.push(match pins::remove(&dir) {
+            Ok(()) => Fact::Swept { dir },
+            Err(e) => Fact::SweepFailed {
+                dir,
+                error: e.to_string(),
+            },
+        });
+    }
+    facts
 }
 
 /// The maps of a dataplane opened from its pins, for reading.
