@@ -5,7 +5,8 @@
 //!   namespace; an earlier agent's pins are taken over when this build can
 //!   (map shapes match and they are this namespace's), else moved aside.
 //!   The programs are loaded, nothing is attached yet: the caller writes
-//!   the maps first.
+//!   the maps first. Pins of namespaces that are gone are swept first
+//!   ([`sweep_stale`]).
 //! * [`Dataplane::attach`]: accounting and bind hooks, then the caller's
 //!   adoption of running replicas, then steering; the stale pins go, the
 //!   new ones are restricted.
