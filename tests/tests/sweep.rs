@@ -152,7 +152,7 @@ fn assert_swept(ns: &Transient, ids: &[u64]) {
 /// One test, in sequence: any agent sweeps every namespace that is gone,
 /// so two tests in parallel would sweep each other's.
 #[test]
-fn pins_and_programs_of_a_namespace_that_is_gone_are_swept() {
+fn sweep_removes_pins_and_programs_of_namespaces_that_are_gone() {
     // A live namespace whose agent died, keeping its pins: never touched.
     let live = Netns::create();
     let mut kept = live.agent(&[]);
