@@ -36,7 +36,7 @@ impl Agent {
         let mut flow = Flow::Continue;
         let mut queue = VecDeque::from([ev]);
         while let Some(ev) = queue.pop_front() {
-            let conns = self.loaded.maps.counts(self.state.slots().len());
+            let conns = self.dataplane.maps().counts(self.state.slots().len());
             let inp = Inputs {
                 now: std::time::Instant::now(),
                 unix_ms: unix_ms(),
@@ -46,23 +46,23 @@ impl Agent {
                 match effect {
                     Effect::Say(f) => emit(&f),
                     Effect::WriteBackend { slot, backend } => {
-                        let r = self.loaded.maps.set_backend(slot, backend);
+                        let r = self.dataplane.maps_mut().set_backend(slot, backend);
                         self.written(Written::Backend(slot), r);
                     }
                     Effect::WriteStatus { slot, status } => {
-                        let r = self.loaded.maps.set_status(slot, status);
+                        let r = self.dataplane.maps_mut().set_status(slot, status);
                         self.written(Written::Status(slot), r);
                     }
                     Effect::WriteSettings(s) => {
-                        let r = self.loaded.maps.set_settings(s);
+                        let r = self.dataplane.maps_mut().set_settings(s);
                         self.written(Written::Settings, r);
                     }
                     Effect::SetAddresses(a) => {
-                        let r = self.loaded.maps.set_addresses(&a);
+                        let r = self.dataplane.maps_mut().set_addresses(&a);
                         self.written(Written::Addresses, r);
                     }
                     Effect::SetAllowedUids(uids) => {
-                        let r = self.loaded.maps.set_allowed_uids(&uids);
+                        let r = self.dataplane.maps_mut().set_allowed_uids(&uids);
                         self.written(Written::AllowedUids, r);
                     }
                     Effect::Save(saved) => queue.push_back(Event::Saved {
@@ -110,8 +110,8 @@ impl Agent {
                     }
                     Effect::BoundHandshakes { slot, most, window } => {
                         if let Some((was, now)) = self
-                            .loaded
-                            .maps
+                            .dataplane
+                            .maps_mut()
                             .fix_handshakes(slot as u32, |raw| heal::clamp(raw, most))
                         {
                             emit(&Fact::HandshakesBounded {
@@ -123,7 +123,7 @@ impl Agent {
                         }
                     }
                     Effect::WatchCookies => {
-                        match cookies::watch(&mut self.loaded.maps, &mut self.cookies_seen) {
+                        match cookies::watch(self.dataplane.maps_mut(), &mut self.cookies_seen) {
                             Ok(Some(sent)) => emit(&Fact::SynCookies { sent }),
                             Ok(None) => {}
                             Err(e) => emit(&Fact::ReadFailed {

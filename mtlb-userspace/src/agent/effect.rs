@@ -285,15 +285,12 @@ pub enum Fact {
         what: Reading,
         error: String,
     },
-    KeepingPins {
-        dir: PathBuf,
-    },
-    PinsRemoved {
-        dir: PathBuf,
-    },
-    TeardownFailed {
+    /// Adopting a running replica's listener failed.
+    AdoptFailed {
         error: String,
     },
+    /// What bringing the agent up or down did.
+    Start(super::start_facts::StartFact),
 }
 
 /// What the shell failed to read.

@@ -13,7 +13,7 @@ use crate::{
     error::report,
     kernel::{
         maps::Maps,
-        registry::{self, Change, Refusal, RefuseWhy, Registry},
+        registry::{self, Change, Refusal, RefuseWhy, Registrations},
     },
 };
 use mtlb_common::{
@@ -28,7 +28,7 @@ impl Agent {
         let cfg = self.state.cfg();
         let changes = match self
             .registry
-            .poll(&mut self.loaded.maps, self.state.slots().len())
+            .poll(self.dataplane.maps_mut(), self.state.slots().len())
         {
             Ok(c) => c,
             Err(e) => {
@@ -122,7 +122,7 @@ impl Agent {
         // One scan for however many refusals came in this batch.
         if scan {
             let cfg = self.state.cfg().clone();
-            changed |= adopt(&cfg, &mut self.registry, &mut self.loaded.maps);
+            changed |= adopt(&cfg, &mut self.registry, self.dataplane.maps_mut());
         }
         if changed && let Some(changes) = self.poll_listeners() {
             out.push(Event::Listeners(changes));
@@ -134,7 +134,7 @@ impl Agent {
     /// the adopted ones, read back as registrations.
     pub(super) fn adopt_missing(&mut self) -> Option<Vec<ListenerChange>> {
         let cfg = self.state.cfg().clone();
-        if adopt(&cfg, &mut self.registry, &mut self.loaded.maps) {
+        if adopt(&cfg, &mut self.registry, self.dataplane.maps_mut()) {
             self.poll_listeners()
         } else {
             None
@@ -159,8 +159,8 @@ impl Agent {
                             queued: l.queued,
                             backlog: l.backlog,
                             entered: self
-                                .loaded
-                                .maps
+                                .dataplane
+                                .maps()
                                 .slot_totals(slot as u32)
                                 .map_or(0, |t| t.established),
                         })
@@ -176,7 +176,12 @@ impl Agent {
         let known = self.registry.known();
         Event::Assigned {
             totals: (0..slots as u32)
-                .map(|s| self.loaded.maps.slot_totals(s).map_or(0, |t| t.assigned))
+                .map(|s| {
+                    self.dataplane
+                        .maps()
+                        .slot_totals(s)
+                        .map_or(0, |t| t.assigned)
+                })
                 .collect(),
             listening: (0..slots)
                 .map(|s| known.get(s).copied().flatten().is_some())
@@ -204,9 +209,12 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
 /// Adopts listeners on replica ports that did not register themselves and
 /// whose owner may run replicas; reports the others. True when one was
 /// adopted.
-pub(super) fn adopt(cfg: &Config, registry: &mut Registry, maps: &mut Maps) -> bool {
+pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps) -> bool {
     match registry.adopt_missing(cfg, maps) {
-        Ok((adopted, refusals)) => {
+        Ok((adopted, refusals, failed)) => {
+            for e in &failed {
+                emit(&Fact::AdoptFailed { error: report(e) });
+            }
             for a in &adopted {
                 emit(&Fact::Adopted {
                     slot: a.slot,

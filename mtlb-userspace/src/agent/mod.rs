@@ -3,15 +3,16 @@
 //! signal, and dropping it tears down what it set up.
 //!
 //! * [`core`]: every decision, as a pure `step(state, event) -> effects`.
-//! * [`effect`]: what goes in (events) and comes out (effects, facts).
-//! * [`render`]: facts as journal lines and notifications, in one place.
 //! * [`slot`]: one [`slot::Slot`] per replica, its typed state.
 //! * [`reconcile`]: state → map contents (SETTINGS, BACKENDS, STATUS).
+//! * [`effect`]: what goes in (events) and comes out (effects, facts).
+//! * [`render`]: facts as journal lines and notifications, in one place.
 //! * [`serve`]: the loop that waits for events; [`apply`] carries effects
 //!   out; [`listeners`] reads replica listeners from the kernel.
 //! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
+//! * [`start_facts`]: what start-up and teardown did, as typed facts.
 
 mod apply;
 pub mod core;
@@ -24,32 +25,31 @@ pub mod reconcile;
 pub mod render;
 pub mod serve;
 pub mod slot;
+pub mod start_facts;
 
 use crate::{
     config::{self, Config, ConfigError, Overrides},
     kernel::{
-        loader::{self, Attached, Compat, LoadError, Loaded},
+        dataplane::{Dataplane, DataplaneError, Hooks, Place},
         maps::{Maps, MapsError},
         pins::{self, NetnsLock, PinError},
-        registry::Registry,
+        registry::Registrations,
     },
     system::{mounts, netns},
 };
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use start_facts::StartFact;
+use std::{net::SocketAddr, path::PathBuf};
 
 /// Where the configuration comes from, to read it again on reload.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub struct ConfigSource {
     pub path: PathBuf,
     /// Named by the operator: a missing file is an error.
     pub explicit: bool,
     pub overrides: Overrides,
 }
 
-impl Source {
+impl ConfigSource {
     /// `path` as given on the command line: `None` is the default path,
     /// which may be missing; a path given is an error when missing, even
     /// the default one.
@@ -76,8 +76,9 @@ pub enum StartError {
     Mount(#[from] mounts::MountError),
     #[error(transparent)]
     Pins(#[from] PinError),
+    /// Boxed: the largest of these by far.
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Dataplane(Box<DataplaneError>),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
@@ -94,13 +95,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} {path}")]
-    Fs {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(
         "replica_cgroup {0} is not a cgroup directory (create it and start the replicas in it, or leave the key out)"
     )]
@@ -113,22 +107,20 @@ pub enum StartError {
     State(#[from] persist::PersistError),
 }
 
-fn fs_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StartError {
-    let path = path.to_owned();
-    move |source| StartError::Fs { what, path, source }
+impl From<DataplaneError> for StartError {
+    fn from(e: DataplaneError) -> Self {
+        Self::Dataplane(Box::new(e))
+    }
 }
 
-/// A running agent: holds the namespace lock, the attached programs, the
-/// maps and the control socket. Dropping it detaches and unpins (or, with
-/// `keep_pins`, leaves steering running from the pins).
+/// A running agent: holds the namespace lock, the dataplane and the
+/// control socket. Dropping it detaches and unpins (or, with `keep_pins`,
+/// leaves steering running from the pins).
 pub struct Agent {
-    source: Source,
+    source: ConfigSource,
     state: core::State,
-    loaded: Loaded,
-    registry: Registry,
-    /// `None` once torn down.
-    attached: Option<Attached>,
-    pin_dir: PathBuf,
+    dataplane: Dataplane,
+    registry: Registrations,
     keep_pins: bool,
     control_path: PathBuf,
     control: Option<tokio::net::UnixListener>,
@@ -136,60 +128,102 @@ pub struct Agent {
     cookies_seen: Option<crate::kernel::cookies::Observed>,
     /// Per slot, the listener an earlier agent had proven (0: none).
     seeded: Vec<u64>,
+    /// Whether teardown has run.
+    torn_down: bool,
     _lock: NetnsLock,
 }
 
 /// At takeover: reads each slot as the earlier agent left it; the core
 /// decides which listeners keep their clients, and their cookies are
 /// written into BACKENDS here, before SETTINGS may require them.
-fn seed_verified(maps: &mut Maps, slots: usize) -> Result<Vec<u64>, MapsError> {
-    let verifying = maps.settings()?.require_verified != 0;
-    let inherited = (0..slots as u32)
-        .map(|slot| {
-            Ok(effect::Inherited {
-                backend: maps.backend(slot)?,
-                oper: maps.status(slot)?.oper,
-                listener: maps.listener(slot)?.cookie,
-            })
+fn seed_verified(dataplane: &mut Dataplane, slots: usize) -> Result<Vec<u64>, MapsError> {
+    let view = dataplane.takeover_view(slots)?;
+    let inherited: Vec<_> = view
+        .slots
+        .iter()
+        .map(|(backend, status, listener)| effect::Inherited {
+            backend: *backend,
+            oper: status.oper,
+            listener: listener.cookie,
         })
-        .collect::<Result<Vec<_>, MapsError>>()?;
-    let (trusted, writes) = core::inherit(verifying, &inherited);
+        .collect();
+    let (trusted, writes) = core::inherit(view.require_verified, &inherited);
     for w in writes {
         if let effect::Effect::WriteBackend { slot, backend } = w {
-            maps.set_backend(slot, backend)?;
+            dataplane.maps_mut().set_backend(slot, backend)?;
         }
     }
     Ok(trusted)
 }
 
-/// What start-up has done so far, undone if it fails part way.
-struct Bringup {
-    pin_dir: PathBuf,
-    /// An earlier agent's pins we took over: on failure, leave them (and
-    /// its programs) running.
-    took_over: bool,
-    /// An earlier agent's pins we could not take over, moved aside: put
-    /// back on failure, removed once our programs are attached.
-    stale: Option<PathBuf>,
-    attached: Option<Attached>,
+/// Makes sure bpffs and cgroup2 are mounted. Returns the bpffs to pin in,
+/// the cgroup2 root and the replicas' cgroup.
+fn mounts(
+    cfg: &Config,
+    facts: &mut Vec<StartFact>,
+) -> Result<(PathBuf, PathBuf, PathBuf), StartError> {
+    let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
+        mounts::Bpffs::Present => cfg.bpffs.clone(),
+        mounts::Bpffs::Host(p) => {
+            facts.push(StartFact::BpffsFromHost {
+                configured: cfg.bpffs.clone(),
+                through: p.clone(),
+            });
+            p
+        }
+        mounts::Bpffs::Mounted => {
+            facts.push(StartFact::BpffsMounted {
+                at: cfg.bpffs.clone(),
+                private: mounts::in_private_mount_ns(),
+            });
+            cfg.bpffs.clone()
+        }
+    };
+    let (cgroup, mounted) = mounts::ensure_cgroup2()?;
+    if mounted {
+        facts.push(StartFact::Cgroup2Mounted(cgroup.clone()));
+    }
+    // Before anything is touched: a cgroup that is not there is a
+    // configuration error.
+    let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
+    if !replica_cgroup.is_dir() {
+        return Err(StartError::ReplicaCgroup(replica_cgroup));
+    }
+    Ok((bpffs, cgroup, replica_cgroup))
 }
 
-impl Drop for Bringup {
-    fn drop(&mut self) {
-        let Some(attached) = self.attached.take() else {
-            return;
-        };
-        if self.took_over {
-            // The earlier agent's programs are still attached and pinned.
-            drop(attached);
-            return;
-        }
-        attached.detach();
-        let _ = pins::remove(&self.pin_dir);
-        if let Some(old) = &self.stale {
-            let _ = std::fs::rename(old, &self.pin_dir);
-        }
-    }
+/// The maps as this agent's configuration wants them, before anything is
+/// attached (or, after a takeover, before the new programs replace the old).
+fn write_settings(
+    cfg: &Config,
+    state: &core::State,
+    maps: &mut Maps,
+    cookies_seen: &mut Option<crate::kernel::cookies::Observed>,
+) -> Result<(), StartError> {
+    maps.set_settings(state.settings())?;
+    maps.set_allowed_uids(&cfg.replica_uids)?;
+    maps.set_addresses(&reconcile::addresses(cfg))?;
+    crate::kernel::cookies::watch(maps, cookies_seen)?;
+    Ok(())
+}
+
+/// Serves /stats and /metrics on `listener`. The endpoint reads the maps
+/// through their pins, with handles of its own.
+fn serve_stats(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    pin_dir: &std::path::Path,
+    cfg: &Config,
+) -> Result<(), StartError> {
+    let collector = std::sync::Arc::new(crate::stats::Collector::new(
+        Dataplane::open_read_only(pin_dir)?.into_maps(),
+        pin_dir.to_owned(),
+        std::time::Duration::from_millis(cfg.stats_sample_ms),
+    )?);
+    let limits = crate::stats::server::Limits::default();
+    crate::stats::server::spawn(listener, collector, limits)
+        .map(drop)
+        .map_err(|source| StartError::Stats { addr, source })
 }
 
 impl Agent {
@@ -197,39 +231,21 @@ impl Agent {
     /// pinned maps when their shapes match), adopts running replicas, binds
     /// the stats endpoint and the control socket. Must run on a
     /// current-thread runtime in the namespace to balance.
-    pub async fn start(cfg: Config, source: Source) -> Result<Self, StartError> {
-        let bpffs = match mounts::ensure_bpffs(&cfg.bpffs)? {
-            mounts::Bpffs::Present => cfg.bpffs.clone(),
-            mounts::Bpffs::Host(p) => {
-                tracing::info!(
-                    "no bpffs at {} in this mount namespace (ip netns exec remounts /sys); using the host's bpffs through {}",
-                    cfg.bpffs.display(),
-                    p.display()
-                );
-                p
-            }
-            mounts::Bpffs::Mounted => {
-                if mounts::in_private_mount_ns() {
-                    tracing::warn!(
-                        "mounted a new bpffs at {}; it is private to this mount namespace, so the pins are not visible from the host and go away with it",
-                        cfg.bpffs.display()
-                    );
-                } else {
-                    tracing::info!("mounted bpffs at {}", cfg.bpffs.display());
-                }
-                cfg.bpffs.clone()
-            }
-        };
-        let (cgroup, mounted) = mounts::ensure_cgroup2()?;
-        if mounted {
-            tracing::info!("mounted cgroup2 at {}", cgroup.display());
+    pub async fn start(cfg: Config, source: ConfigSource) -> Result<Self, StartError> {
+        let mut facts = Vec::new();
+        let started = Self::bring_up(cfg, source, &mut facts);
+        for f in facts {
+            render::emit(&effect::Fact::Start(f));
         }
-        // Before anything is touched: a cgroup that is not there is a
-        // configuration error.
-        let replica_cgroup = cfg.replica_cgroup_in(&cgroup);
-        if !replica_cgroup.is_dir() {
-            return Err(StartError::ReplicaCgroup(replica_cgroup));
-        }
+        started
+    }
+
+    fn bring_up(
+        cfg: Config,
+        source: ConfigSource,
+        facts: &mut Vec<StartFact>,
+    ) -> Result<Self, StartError> {
+        let (bpffs, cgroup, replica_cgroup) = mounts(&cfg, facts)?;
         let ino = pins::netns_inode()?;
         let lock = pins::lock(ino)?;
         // Operator choices must not be lost silently: a replica in MAINT
@@ -245,65 +261,15 @@ impl Agent {
                 addr: stats_addr,
                 source,
             })?;
-        let dir = pins::pin_dir(&bpffs, ino);
-        let mut up = Bringup {
-            pin_dir: dir.clone(),
-            took_over: false,
-            stale: None,
-            attached: None,
-        };
 
-        // Pins of an earlier agent (killed, or stopped with keep_pins): take
-        // its maps over when their shapes match this build, so
-        // registrations, counts and socket tags carry on; else move them
-        // aside and drop them once our programs are attached. Either way
-        // steering never stops.
         let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
-        if pins::has_pins(&dir) {
-            // Inode numbers of namespaces are reused: pins under ours may
-            // be a dead namespace's. The cookie in their SETTINGS is not
-            // reused (for the boot).
-            let compat = match loader::pins_compatible(&dir)? {
-                Compat::Compatible => match Maps::from_pins(&dir).and_then(|m| m.settings()) {
-                    Ok(s) if s.netns_cookie == cookie => Compat::Compatible,
-                    Ok(_) => Compat::Incompatible(
-                        "they belong to another network namespace that had this inode number"
-                            .into(),
-                    ),
-                    Err(e) => Compat::Incompatible(crate::error::report(&e)),
-                },
-                other => other,
-            };
-            match compat {
-                Compat::Compatible => {
-                    up.took_over = true;
-                    tracing::info!(
-                        "taking over the pinned state of an earlier agent in {}",
-                        dir.display()
-                    );
-                }
-                Compat::Incompatible(why) => {
-                    // bpffs refuses names with a dot.
-                    let aside = dir.with_file_name(format!("{ino}-old-{}", std::process::id()));
-                    std::fs::rename(&dir, &aside)
-                        .map_err(fs_err("moving stale pins aside", &dir))?;
-                    tracing::warn!(
-                        "found pins of an earlier agent in {} that this build cannot take over ({why}); replacing them, counts start from zero",
-                        dir.display()
-                    );
-                    up.stale = Some(aside);
-                }
-            }
-        }
-        pins::create_dir(&dir)?;
-        up.attached = Some(Attached::new());
-        let attached = up.attached.as_mut().expect("set above");
-
-        // Accounting first, so connections steered from the first instant
-        // are counted; running replicas adopted before steering starts.
-        let mut loaded = loader::load(&dir)?;
-        let inp_now = std::time::Instant::now();
-        let counts = loaded.maps.counts(cfg.replicas as usize);
+        let place = Place {
+            bpffs: &bpffs,
+            netns_ino: ino,
+            netns_cookie: cookie,
+        };
+        let mut dataplane = Dataplane::create_or_take_over(place, facts)?;
+        let dir = dataplane.pin_dir().to_owned();
         let state = core::State::new(
             cfg.clone(),
             &saved,
@@ -311,52 +277,31 @@ impl Agent {
             dir.clone(),
             cookie,
             &effect::Inputs {
-                now: inp_now,
+                now: std::time::Instant::now(),
                 unix_ms: slot::unix_ms(),
-                conns: &counts,
+                conns: &dataplane.maps().counts(cfg.replicas as usize),
             },
         );
         // Listeners the earlier agent trusted keep their clients: their
         // cookies go into BACKENDS before SETTINGS may require them.
-        let seeded = if up.took_over {
-            seed_verified(&mut loaded.maps, cfg.replicas as usize)?
+        let seeded = if dataplane.took_over() {
+            seed_verified(&mut dataplane, cfg.replicas as usize)?
         } else {
             Vec::new()
         };
-        loaded.maps.set_settings(state.settings())?;
-        loaded.maps.set_allowed_uids(&cfg.replica_uids)?;
-        loaded.maps.set_addresses(&reconcile::addresses(&cfg))?;
         let mut cookies_seen = None;
-        crate::kernel::cookies::watch(&mut loaded.maps, &mut cookies_seen)?;
-        loaded.attach_accounting(&cgroup, &replica_cgroup, &dir, attached)?;
-        let mut registry = Registry::default();
-        listeners::adopt(&cfg, &mut registry, &mut loaded.maps);
-        loaded.attach_steering(&dir, attached)?;
-
-        if let Some(old) = up.stale.take() {
-            pins::remove(&old).map_err(fs_err("removing stale pins", &old))?;
-        }
-        pins::restrict(&dir).map_err(fs_err("restricting", &dir))?;
-
-        // The stats endpoint reads the maps through their pins, with
-        // handles of its own.
-        let stats = std::sync::Arc::new(crate::stats::Collector::new(
-            Maps::from_pins(&dir)?,
-            dir.clone(),
-            std::time::Duration::from_millis(cfg.stats_sample_ms),
-        )?);
-        crate::stats::server::spawn(
-            stats_listener,
-            stats,
-            crate::stats::server::Limits::default(),
-        )
-        .map_err(|source| StartError::Stats {
-            addr: stats_addr,
-            source,
+        write_settings(&cfg, &state, dataplane.maps_mut(), &mut cookies_seen)?;
+        let mut registry = Registrations::default();
+        let hooks = Hooks {
+            cgroup_root: &cgroup,
+            replica_cgroup: &replica_cgroup,
+        };
+        dataplane.attach(hooks, facts, |maps| {
+            listeners::adopt(&cfg, &mut registry, maps);
         })?;
-        tracing::info!(
-            "stats on http://{stats_addr}/stats, metrics on http://{stats_addr}/metrics"
-        );
+
+        serve_stats(stats_listener, stats_addr, &dir, &cfg)?;
+        facts.push(StartFact::StatsListening(stats_addr));
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
         let control =
@@ -368,16 +313,15 @@ impl Agent {
         Ok(Self {
             source,
             state,
-            loaded,
+            dataplane,
             registry,
-            attached: up.attached.take(),
-            pin_dir: dir,
             keep_pins: cfg.keep_pins,
             control_path,
             control: Some(control),
             saved_path,
             cookies_seen,
             seeded,
+            torn_down: false,
             _lock: lock,
         })
     }
@@ -393,22 +337,14 @@ impl Agent {
     }
 
     fn teardown(&mut self) -> Result<(), StartError> {
-        let Some(attached) = self.attached.take() else {
+        if std::mem::replace(&mut self.torn_down, true) {
             return Ok(());
-        };
+        }
         render::notify(&effect::Notice::Stopping);
         let _ = std::fs::remove_file(&self.control_path);
-        if self.keep_pins {
-            attached.keep();
-            render::emit(&effect::Fact::KeepingPins {
-                dir: self.pin_dir.clone(),
-            });
-        } else {
-            attached.detach();
-            pins::remove(&self.pin_dir).map_err(fs_err("removing pins", &self.pin_dir))?;
-            render::emit(&effect::Fact::PinsRemoved {
-                dir: self.pin_dir.clone(),
-            });
+        let facts = self.dataplane.teardown(self.keep_pins)?;
+        for f in facts {
+            render::emit(&effect::Fact::Start(f.into()));
         }
         Ok(())
     }
@@ -417,9 +353,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            render::emit(&effect::Fact::TeardownFailed {
-                error: crate::error::report(&e),
-            });
+            render::emit(&effect::Fact::Start(StartFact::TeardownFailed(
+                crate::error::report(&e),
+            )));
         }
     }
 }

@@ -3,11 +3,14 @@
 //! systemd notifications and the operator-facing answers that repeat a
 //! line. The only `tracing` calls of the agent are here.
 
-use super::effect::{Fact, Notice, Reading, Signal, Written};
+use super::{
+    effect::{Fact, Notice, Reading, Signal, Written},
+    start_facts::StartFact,
+};
 use crate::{
     checks::health::{Admin, CheckResult, Oper},
     config::replica_name,
-    kernel::registry::RefuseWhy,
+    kernel::{dataplane, registry::RefuseWhy},
 };
 use tracing::Level;
 
@@ -268,18 +271,86 @@ pub fn line(f: &Fact) -> (Level, String) {
             };
             (L::WARN, format!("{what}: {error}"))
         }
-        Fact::KeepingPins { dir } => (
+        Fact::AdoptFailed { error } => (L::WARN, error.clone()),
+        Fact::Start(f) => start_line(f),
+    }
+}
+
+/// Start-up and teardown, in the agent's wording.
+fn start_line(f: &StartFact) -> (Level, String) {
+    use dataplane::Fact as D;
+    type L = Level;
+    match f {
+        StartFact::BpffsFromHost {
+            configured,
+            through,
+        } => (
             L::INFO,
             format!(
-                "keeping programs attached; pins stay in {}",
+                "no bpffs at {} in this mount namespace (ip netns exec remounts /sys); using the host's bpffs through {}",
+                configured.display(),
+                through.display()
+            ),
+        ),
+        StartFact::BpffsMounted { at, private: true } => (
+            L::WARN,
+            format!(
+                "mounted a new bpffs at {}; it is private to this mount namespace, so the pins are not visible from the host and go away with it",
+                at.display()
+            ),
+        ),
+        StartFact::BpffsMounted { at, private: false } => {
+            (L::INFO, format!("mounted bpffs at {}", at.display()))
+        }
+        StartFact::Cgroup2Mounted(at) => (L::INFO, format!("mounted cgroup2 at {}", at.display())),
+        StartFact::StatsListening(addr) => (
+            L::INFO,
+            format!("stats on http://{addr}/stats, metrics on http://{addr}/metrics"),
+        ),
+        StartFact::Dataplane(D::TookOver { dir }) => (
+            L::INFO,
+            format!(
+                "taking over the pinned state of an earlier agent in {}",
                 dir.display()
             ),
         ),
-        Fact::PinsRemoved { dir } => (
+        StartFact::Dataplane(D::ReplacedStale { dir, why }) => (
+            L::WARN,
+            format!(
+                "found pins of an earlier agent in {} that this build cannot take over ({why}); replacing them, counts start from zero",
+                dir.display()
+            ),
+        ),
+        StartFact::Dataplane(D::ReplacedLink { path }) => (
+            L::DEBUG,
+            format!("replaced the previous agent's link {}", path.display()),
+        ),
+        StartFact::Dataplane(D::UnpinFailed { path, error }) => {
+            (L::WARN, format!("cannot unpin {}: {error}", path.display()))
+        }
+        StartFact::Dataplane(D::KeepingPins { dir }) => (
+            L::INFO,
+            format!("keeping programs attached; pins stay in {}", dir.display()),
+        ),
+        StartFact::Dataplane(D::Detached { dir }) => (
             L::INFO,
             format!("detached; removed pins in {}", dir.display()),
         ),
-        Fact::TeardownFailed { error } => (L::ERROR, error.clone()),
+        StartFact::Dataplane(D::Swept { dir }) => (
+            L::INFO,
+            format!(
+                "removed the pins of a network namespace that is gone in {}; its programs are detached",
+                dir.display()
+            ),
+        ),
+        StartFact::Dataplane(D::SweepFailed { dir, error }) => (
+            L::WARN,
+            format!(
+                "cannot remove the pins of a network namespace that is gone in {}: {error}",
+                dir.display()
+            ),
+        ),
+        StartFact::TeardownFailed(report) => (L::ERROR, report.clone()),
     }
 }
 

@@ -63,8 +63,8 @@ impl Agent {
         // returning replica is checked the moment it listens); without the
         // ring buffer the 100 ms poll still finds every change.
         let mut events = self
-            .loaded
-            .maps
+            .dataplane
+            .maps_mut()
             .take_events()
             // SAFETY: the ring buffer owns its fd, and the AsyncFd owns
             // the ring buffer: the fd outlives its registration.

@@ -17,7 +17,7 @@ pub struct LinkArgs {
 }
 
 pub fn run(a: LinkArgs) -> anyhow::Result<()> {
-    let cfg = mtlb::agent::Source::new(a.config, Default::default()).read()?;
+    let cfg = mtlb::agent::ConfigSource::new(a.config, Default::default()).read()?;
     let server = match a.server {
         Some(s) if s.is_empty() || s.contains(['&', '?', '#', ' ', '/']) => {
             bail!("--server {s:?}: give a host name or an address")

@@ -11,7 +11,7 @@ mod status;
 
 use clap::{Parser, Subcommand};
 use mtlb::{
-    agent::{Source, locate::Location},
+    agent::{ConfigSource, locate::Location},
     config::{Config, Overrides},
 };
 use std::path::PathBuf;
@@ -92,7 +92,7 @@ impl AgentArgs {
             bpffs: self.bpffs.clone(),
             ..Overrides::default()
         };
-        Ok(Source::new(self.config.clone(), overrides).read()?)
+        Ok(ConfigSource::new(self.config.clone(), overrides).read()?)
     }
 
     pub fn locate(&self) -> anyhow::Result<Location> {

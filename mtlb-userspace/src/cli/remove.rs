@@ -6,18 +6,26 @@ use super::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
     control::{self, ControlError, Request},
-    kernel::pins,
+    kernel::{dataplane::Dataplane, pins},
 };
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct RemoveArgs {
+    /// Instead: remove the pins of network namespaces that are gone (and
+    /// so detach their programs from the host's cgroups); every live
+    /// namespace's are left alone.
+    #[arg(long)]
+    stale: bool,
     #[command(flatten)]
     agent: AgentArgs,
 }
 
 pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     let at = a.agent.locate()?;
+    if a.stale {
+        return sweep(&at.pin_dir);
+    }
     match control::call(
         &at.control_socket,
         &Request::Remove,
@@ -37,12 +45,33 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     // No agent answers: it must not be running (its lock says).
     let _lock = pins::lock(at.netns_ino)
         .context("an agent holds this namespace but does not answer on its control socket")?;
-    if !at.pin_dir.exists() {
+    if Dataplane::unload(&at.pin_dir)? {
+        println!("detached; removed {}", at.pin_dir.display());
+    } else {
         println!("nothing to remove: no pins in {}", at.pin_dir.display());
-        return Ok(());
     }
-    pins::remove(&at.pin_dir).with_context(|| format!("removing {}", at.pin_dir.display()))?;
-    println!("detached; removed {}", at.pin_dir.display());
+    Ok(())
+}
+
+fn sweep(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use mtlb::kernel::dataplane::{Fact, sweep_stale};
+    let Some(root) = pin_dir.parent() else {
+        return Ok(());
+    };
+    let mut failed = 0;
+    for f in sweep_stale(root) {
+        match f {
+            Fact::Swept { dir } => println!("detached; removed {}", dir.display()),
+            Fact::SweepFailed { dir, error } => {
+                eprintln!("cannot remove {}: {error}", dir.display());
+                failed += 1;
+            }
+            _ => {}
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} stale pin directories could not be removed");
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, bail};
 use mtlb::{
-    agent::{Agent, Source, serve::Signals},
+    agent::{Agent, ConfigSource, serve::Signals},
     config::Overrides,
     system::caps,
 };
@@ -19,7 +19,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let source = Source::new(args.config, args.overrides);
+    let source = ConfigSource::new(args.config, args.overrides);
     // Validate before touching the kernel: a bad config attaches nothing.
     let cfg = source.read()?;
     if let Err(e) = mtlb::system::raise_nofile_limit() {

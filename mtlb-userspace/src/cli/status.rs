@@ -2,8 +2,7 @@
 //! works while the agent runs and after it has died.
 
 use super::AgentArgs;
-use anyhow::Context as _;
-use mtlb::{kernel::maps::Maps, stats::snapshot};
+use mtlb::{kernel::dataplane::Dataplane, stats::snapshot};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -16,12 +15,7 @@ pub struct StatusArgs {
 
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let dir = a.agent.locate()?.pin_dir;
-    let maps = Maps::from_pins(&dir).with_context(|| {
-        format!(
-            "no mtlb pins for this network namespace in {} (has `mtlb run` run in this namespace, and was it not removed with `mtlb remove`?)",
-            dir.display()
-        )
-    })?;
+    let maps = Dataplane::open_read_only(&dir)?;
     let s = snapshot::collect(&maps, &dir, &snapshot::bytes(&maps)?)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

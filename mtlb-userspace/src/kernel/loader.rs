@@ -70,6 +70,8 @@ pub struct Loaded {
 /// agent when pins are kept.
 pub struct Attached {
     links: Vec<(PathBuf, PinnedLink)>,
+    /// Links of a previous agent replaced by ours, to be told.
+    replaced: Vec<PathBuf>,
 }
 
 /// Loads the object and verifies every program with the kernel. Each map
@@ -254,7 +256,10 @@ impl Loaded {
 
 impl Attached {
     pub fn new() -> Self {
-        Self { links: Vec::new() }
+        Self {
+            links: Vec::new(),
+            replaced: Vec::new(),
+        }
     }
 
     /// Pins `link` at `path`. A link pinned there before (a previous
@@ -262,7 +267,7 @@ impl Attached {
     /// new one is attached already, so steering never stops.
     fn pin(&mut self, link: FdLink, path: PathBuf) -> Result<(), LoadError> {
         match std::fs::remove_file(&path) {
-            Ok(()) => tracing::debug!("replaced the previous agent's link {}", path.display()),
+            Ok(()) => self.replaced.push(path.clone()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(LoadError::Open { path, source }),
         }
@@ -274,15 +279,23 @@ impl Attached {
         Ok(())
     }
 
+    /// The pins of a previous agent's links replaced so far.
+    pub fn take_replaced(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.replaced)
+    }
+
     /// Detaches everything: unpins each link and closes it. (Maps are
-    /// unpinned by the caller with the directory.)
-    pub fn detach(self) {
+    /// unpinned by the caller with the directory.) Returns the links that
+    /// could not be unpinned, with why.
+    pub fn detach(self) -> Vec<(PathBuf, String)> {
+        let mut failed = Vec::new();
         for (path, link) in self.links {
             match link.unpin() {
                 Ok(fd) => drop(fd),
-                Err(e) => tracing::warn!("cannot unpin {}: {e}", path.display()),
+                Err(e) => failed.push((path, e.to_string())),
             }
         }
+        failed
     }
 
     /// Leaves the links pinned: the programs stay attached after exit.

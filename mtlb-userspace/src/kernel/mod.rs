@@ -7,6 +7,7 @@
 //! module only feeds and reads their maps.
 
 pub mod cookies;
+pub mod dataplane;
 pub mod loader;
 pub mod maps;
 pub mod pins;

@@ -196,7 +196,7 @@ pub struct Adopted {
 }
 
 #[derive(Default)]
-pub struct Registry {
+pub struct Registrations {
     known: Vec<Option<SlotView>>,
     /// Listener address and IPV6_V6ONLY (when known) by cookie, for logs.
     addrs: HashMap<u64, (SocketAddr, Option<bool>)>,
@@ -204,7 +204,7 @@ pub struct Registry {
     reported: std::collections::HashSet<u64>,
 }
 
-impl Registry {
+impl Registrations {
     pub fn known(&self) -> &[Option<SlotView>] {
         &self.known
     }
@@ -255,12 +255,13 @@ impl Registry {
     /// Finds listeners on replica ports that are not registered (started
     /// before the agent, or registered while their slot was being cleared)
     /// and adopts those whose owner may run replicas. Returns the
-    /// adoptions, and the listeners refused for their owner (each once).
+    /// adoptions, the listeners refused for their owner (each once), and
+    /// the adoptions that failed (the others are still tried).
     pub fn adopt_missing(
         &mut self,
         cfg: &Config,
         maps: &mut Maps,
-    ) -> Result<(Vec<Adopted>, Vec<Refusal>), RegistryError> {
+    ) -> Result<(Vec<Adopted>, Vec<Refusal>, Vec<RegistryError>), RegistryError> {
         let mut current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
             .iter()
             .map(Self::view)
@@ -305,9 +306,10 @@ impl Registry {
             }
         }
         if wanted.is_empty() && refused.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), Vec::new(), Vec::new()));
         }
         let mut adopted = Vec::new();
+        let mut failed = Vec::new();
         let inodes: std::collections::HashSet<u64> =
             wanted.keys().chain(refused.keys()).copied().collect();
         for (inode, (pid, fd)) in owners(&inodes)? {
@@ -321,10 +323,10 @@ impl Registry {
             match self.adopt(maps, pid, fd, slot, addr) {
                 Ok(true) => adopted.push(Adopted { slot, addr, pid }),
                 Ok(false) => {}
-                Err(e) => tracing::warn!("{}", crate::error::report(&e)),
+                Err(e) => failed.push(e),
             }
         }
-        Ok((adopted, refused.into_values().collect()))
+        Ok((adopted, refused.into_values().collect(), failed))
     }
 
     /// Describes listeners the listen hook refused (from its event): who

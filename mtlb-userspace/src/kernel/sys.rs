@@ -1,5 +1,5 @@
-//! Raw `bpf(2)` element operations for the sockmap, and a program's run
-//! statistics by id.
+//! Raw `bpf(2)` element operations for the sockmap, a program's run
+//! statistics by id, and where a pinned netns link is attached.
 //!
 //! aya's `SockMap` assumes 4-byte values; ours has 8-byte values so that a
 //! lookup returns the socket cookie (see `mtlb-ebpf/src/maps.rs`). With an
@@ -91,7 +91,6 @@ pub fn sockmap_delete(map: BorrowedFd<'_>, slot: u32) -> io::Result<()> {
 /// the host, which a scrape should not do).
 pub fn prog_stats(id: u32) -> io::Result<(String, u64, u64)> {
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // bpf_attr for GET_FD_BY_ID: prog_id, next_id, open_flags.
     let mut by_id = [id, 0u32, 0u32];
     // SAFETY: a valid bpf_attr prefix for the command, alive for the call.
@@ -110,29 +109,7 @@ pub fn prog_stats(id: u32) -> io::Result<(String, u64, u64)> {
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     // SAFETY: bpf_prog_info is plain data; all zeroes is its empty value.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: &mut info as *mut _ as u64,
-    };
-    // SAFETY: as above; the kernel writes at most info_len bytes to info.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    obj_info(fd.as_fd(), &mut info)?;
     let name: Vec<u8> = info
         .name
         .iter()
@@ -144,4 +121,84 @@ pub fn prog_stats(id: u32) -> io::Result<(String, u64, u64)> {
         info.run_cnt,
         info.run_time_ns,
     ))
+}
+
+/// Fills `info` (a `bpf_*_info` struct, plain data) for the object `fd`.
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<T>() as u32,
+        info: info as *mut T as u64,
+    };
+    // SAFETY: a valid bpf_attr prefix for the command, alive for the call;
+    // the kernel writes at most info_len bytes to info.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The inode of the network namespace the netns link (sk_lookup) pinned at
+/// `path` is attached to: 0 once that namespace is gone (the kernel
+/// detaches a namespace's links when it is dismantled, and the link then
+/// reports no namespace).
+pub fn pinned_netns_link_ino(path: &std::path::Path) -> io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // bpf_attr for OBJ_GET: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for the command; `name` outlives it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: bpf_link_info is plain data; all zeroes is its empty value.
+    let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
+    obj_info(fd.as_fd(), &mut info)?;
+    if info.type_ != BPF_LINK_TYPE_NETNS {
+        return Err(io::Error::other(format!(
+            "{} is not a netns link (type {})",
+            path.display(),
+            info.type_
+        )));
+    }
+    // SAFETY: the kernel filled the union's netns member (checked above).
+    Ok(unsafe { info.__bindgen_anon_1.netns.netns_ino })
 }
