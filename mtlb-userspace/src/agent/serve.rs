@@ -391,7 +391,7 @@ impl Agent {
                         "refused a bind to {} ({}'s port) by uid {}: its owner is not in replica_uids {:?}{}",
                         event_addr(&ev),
                         replica_name(ev.slot as usize),
-                        ev.cookie,
+                        ev.refused_uid(),
                         self.state.cfg().replica_uids,
                         if more > 0 {
                             format!(" ({more} more refusals reported since the last line)")
