@@ -8,8 +8,8 @@
 //! `cargo:warning=`, so a build printed dozens of "warning: … Compiling"
 //! lines that are not warnings. Here the inner build's whole output goes to
 //! `OUT_DIR/ebpf-build.log`; only what the compiler reports as a warning
-//! is relayed, and a failed build prints everything on stderr, which cargo
-//! shows in full.
+//! is relayed, and a failed build prints the compiler's messages and
+//! cargo's errors on stderr, which cargo shows in full.
 
 use anyhow::{Context as _, anyhow, bail};
 use cargo_metadata::{Artifact, CompilerMessage, Message, diagnostic::DiagnosticLevel};
@@ -20,6 +20,8 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::mpsc,
+    thread,
 };
 
 /// The kernel programs' package and the binary target it builds.
@@ -28,7 +30,16 @@ const BINARY: &str = "mtlb";
 /// The eBPF build needs nightly (`-Z build-std=core`, core_intrinsics).
 const TOOLCHAIN: &str = "nightly";
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // Printed with its causes and no backtrace: the eBPF build's own
+    // output, above it, says what went wrong.
+    if let Err(e) = build() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> anyhow::Result<()> {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let root_dir = manifest_dir
@@ -126,9 +137,19 @@ fn build_std(rustc: Command) -> anyhow::Result<bool> {
     })
 }
 
+/// What the inner build said, from either pipe.
+enum Output {
+    /// The object built.
+    Object(PathBuf),
+    /// A compiler message, rendered as rustc prints it.
+    Compiler { warning: bool, rendered: String },
+    /// A line of progress or of cargo's own errors.
+    Text(String),
+}
+
 /// Runs the inner build with its output in `log_path`, and returns the
 /// object it built. Compiler warnings are relayed to cargo as warnings; on
-/// failure the whole output goes to stderr.
+/// failure everything but the progress lines goes to stderr.
 fn run(mut cargo: Command, log_path: &Path) -> anyhow::Result<PathBuf> {
     let mut log =
         File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -138,60 +159,81 @@ fn run(mut cargo: Command, log_path: &Path) -> anyhow::Result<PathBuf> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cargo:?}"))?;
-    // stderr (progress, cargo's own errors) is read beside stdout, so
-    // neither pipe fills up while the other is read.
-    let stderr = child.stderr.take().context("stderr")?;
-    let stderr = std::thread::spawn(move || -> std::io::Result<Vec<String>> {
-        BufReader::new(stderr).lines().collect()
+    // Both pipes are read at once (neither may fill up while the other is
+    // read), into one channel, so the log keeps the order cargo wrote in.
+    let (tx, rx) = mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let to_out = tx.clone();
+    let stdout = thread::spawn(move || -> anyhow::Result<()> {
+        for message in Message::parse_stream(stdout) {
+            let out = match message.context("reading the eBPF build's JSON messages")? {
+                Message::CompilerArtifact(Artifact {
+                    executable: Some(exe),
+                    target,
+                    ..
+                }) if target.name == BINARY => Output::Object(exe.into_std_path_buf()),
+                Message::CompilerMessage(CompilerMessage { message, .. }) => Output::Compiler {
+                    warning: message.level == DiagnosticLevel::Warning,
+                    rendered: message.rendered.unwrap_or(message.message),
+                },
+                Message::TextLine(line) => Output::Text(line),
+                _ => continue,
+            };
+            if to_out.send(out).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let stderr = BufReader::new(child.stderr.take().context("stderr")?);
+    let stderr = thread::spawn(move || -> anyhow::Result<()> {
+        for line in stderr.lines() {
+            let line = line.context("reading the eBPF build's stderr")?;
+            if tx.send(Output::Text(line)).is_err() {
+                break;
+            }
+        }
+        Ok(())
     });
 
     let mut object = None;
-    // Rendered compiler messages, in order, for the log and a failure.
-    let mut messages = Vec::new();
-    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-    for message in Message::parse_stream(stdout) {
-        match message.context("reading the eBPF build's JSON messages")? {
-            Message::CompilerArtifact(Artifact {
-                executable: Some(exe),
-                target,
-                ..
-            }) if target.name == BINARY => object = Some(exe.into_std_path_buf()),
-            Message::CompilerMessage(CompilerMessage { message, .. }) => {
-                let rendered = message.rendered.unwrap_or(message.message);
-                if message.level == DiagnosticLevel::Warning {
-                    for line in rendered.lines() {
+    // What a failure shows: compiler messages and cargo's own lines.
+    let mut shown = Vec::new();
+    for out in rx {
+        match out {
+            Output::Object(path) => object = Some(path),
+            Output::Compiler { warning, rendered } => {
+                if warning {
+                    for line in rendered.trim_end().lines() {
                         println!("cargo:warning={line}");
                     }
                 }
-                messages.push(rendered);
+                write!(log, "{rendered}")?;
+                shown.push(rendered);
             }
-            Message::TextLine(line) => messages.push(line),
-            _ => {}
+            Output::Text(line) => {
+                writeln!(log, "{line}")?;
+                let t = line.trim_start();
+                if !(t.starts_with("Compiling ") || t.starts_with("Finished ")) {
+                    shown.push(line + "\n");
+                }
+            }
         }
     }
     let status = child
         .wait()
         .with_context(|| format!("waiting for {cargo:?}"))?;
-    let stderr = stderr
-        .join()
-        .map_err(|_| anyhow!("the thread reading the eBPF build's stderr panicked"))?
-        .context("reading the eBPF build's stderr")?;
-
-    for line in &stderr {
-        writeln!(log, "{line}")?;
-    }
-    for m in &messages {
-        writeln!(log, "{m}")?;
+    for reader in [stdout, stderr] {
+        reader
+            .join()
+            .map_err(|_| anyhow!("a thread reading the eBPF build panicked"))??;
     }
     if !status.success() {
-        for m in &messages {
-            eprintln!("{m}");
-        }
-        for line in &stderr {
-            eprintln!("{line}");
+        for m in &shown {
+            eprint!("{m}");
         }
         bail!(
-            "building the eBPF programs failed ({status}); the output above is also in {}",
+            "building the eBPF programs failed ({status}); the whole output is in {}",
             log_path.display()
         );
     }
