@@ -40,15 +40,12 @@ fn main() {
 }
 
 fn build() -> anyhow::Result<()> {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let root_dir = manifest_dir
-        .parent()
-        .context("no workspace directory")?
-        .join(PACKAGE);
     // The build-dependency on mtlb-ebpf only covers its library target;
-    // this covers the programs (the binary target) too.
-    println!("cargo:rerun-if-changed={}", root_dir.display());
+    // this covers the programs (the binary target) too. Relative to this
+    // package, so that a target directory copied from another checkout
+    // (or shared with one) watches this checkout's sources, not those it
+    // was built from.
+    println!("cargo:rerun-if-changed=../{PACKAGE}");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?);
     let target = match env::var("CARGO_CFG_TARGET_ENDIAN")
