@@ -146,6 +146,10 @@ pub const MAX_ALLOWED_UIDS: u32 = 64;
 
 /// What the programs tell the agent at once (the EVENTS ring buffer), so it
 /// reacts to a listener without waiting for its next poll.
+///
+/// 40 bytes, no implicit padding (asserted below). A ring buffer's map
+/// shape has no value size, so the agent's pin compatibility check cannot
+/// see a change here: keep the size and every offset.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenEvent {
@@ -153,14 +157,36 @@ pub struct ListenEvent {
     pub kind: u32,
     /// The replica slot of the port.
     pub slot: u32,
-    /// Socket cookie of the listener.
+    /// Socket cookie of the listener; 0 for EV_REFUSED_BIND.
     pub cookie: u64,
     pub family: u16,
     /// Port, host byte order.
     pub port: u16,
-    pub _pad: u32,
+    /// EV_REFUSED_BIND: the uid whose bind was refused; 0 otherwise.
+    pub uid: u32,
     /// Local address, IPv4-mapped for IPv4.
     pub addr: [u8; 16],
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ListenEvent>() == 40);
+    assert!(core::mem::offset_of!(ListenEvent, cookie) == 8);
+    assert!(core::mem::offset_of!(ListenEvent, uid) == 20);
+    assert!(core::mem::offset_of!(ListenEvent, addr) == 24);
+};
+
+impl ListenEvent {
+    /// The uid of an EV_REFUSED_BIND. Bind hooks of an older build (still
+    /// attached while a new agent takes their pins over, or whose events
+    /// wait in the ring) put it in `cookie` and left `uid` 0; these put it
+    /// in `uid` and leave `cookie` 0, so either reads right here.
+    pub fn refused_uid(&self) -> u32 {
+        if self.uid != 0 {
+            self.uid
+        } else {
+            self.cookie as u32
+        }
+    }
 }
 
 /// A listener was registered in its slot.
@@ -174,7 +200,7 @@ pub const EV_REFUSED_OWNER: u32 = 3;
 /// listener already.
 pub const EV_REFUSED_TAKEN: u32 = 4;
 /// A bind() to a replica port by a uid not allowed to run replicas was
-/// refused (EPERM); `cookie` holds that uid.
+/// refused (EPERM); `uid` holds that uid.
 pub const EV_REFUSED_BIND: u32 = 5;
 
 /// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
@@ -381,4 +407,32 @@ mod pod {
     unsafe impl aya::Pod for Status {}
     unsafe impl aya::Pod for LastChoice {}
     unsafe impl aya::Pod for ListenEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_uid_reads_either_field() {
+        let ours = ListenEvent {
+            kind: EV_REFUSED_BIND,
+            uid: 1000,
+            ..Default::default()
+        };
+        assert_eq!(ours.refused_uid(), 1000);
+        // An older bind hook's event: the uid in the cookie, uid left 0.
+        let older = ListenEvent {
+            kind: EV_REFUSED_BIND,
+            cookie: 1000,
+            ..Default::default()
+        };
+        assert_eq!(older.refused_uid(), 1000);
+        // root, refused: 0 either way.
+        let root = ListenEvent {
+            kind: EV_REFUSED_BIND,
+            ..Default::default()
+        };
+        assert_eq!(root.refused_uid(), 0);
+    }
 }

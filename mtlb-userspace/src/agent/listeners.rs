@@ -103,7 +103,7 @@ impl Agent {
                     out.push(Event::BindRefused {
                         slot: ev.slot,
                         addr: event_addr(&ev),
-                        uid: ev.cookie as u32,
+                        uid: ev.refused_uid(),
                     });
                     continue;
                 }

@@ -1,0 +1,259 @@
+//! `mtlb_steer` (sk_lookup): hands each new connection to the balanced
+//! port to the listening socket of the least-loaded enabled replica.
+
+use crate::{
+    maps::{ADDRESSES, BACKENDS, CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SLOT_TOTALS, SOCKETS},
+    shared::{IPPROTO_TCP, add, ctx_addr, replica_slot, settings, stat},
+};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_SK_LOOKUP_F_REPLACE},
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_release},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use mtlb_common::{
+    AF_INET, AF_INET6, FlowKey, LastChoice, MAX_ATTEMPTS, MAX_REPLICAS, Settings, stat,
+};
+
+/// sk_lookup verdicts (enum sk_action).
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+
+const EEXIST: i64 = 17;
+const EAFNOSUPPORT: i64 = 97;
+const EPROTOTYPE: i64 = 91;
+const ESOCKTNOSUPPORT: i64 = 94;
+
+#[sk_lookup]
+pub fn mtlb_steer(ctx: SkLookupContext) -> u32 {
+    try_steer(&ctx)
+}
+
+#[inline(always)]
+fn try_steer(ctx: &SkLookupContext) -> u32 {
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let Some(s) = settings() else {
+        return SK_PASS;
+    };
+    // local_port is host byte order (unlike remote_port).
+    if l.local_port != s.port as u32 {
+        // Other ports, including direct connections to replica ports
+        // (health checks), take the normal lookup.
+        return SK_PASS;
+    }
+    let family = l.family;
+    let local = ctx_addr!(family, ctx.lookup, local_ip4, local_ip6);
+    if s.all_addresses == 0 && unsafe { ADDRESSES.get(&local) }.is_none() {
+        return SK_PASS;
+    }
+    // An mtlb program that runs before this one in the namespace (the
+    // previous agent's, while a restart attaches ours before detaching
+    // its) has chosen a replica already: its choice stands, and it has
+    // counted it. (Another program's choice of some other socket does not
+    // stop us: the last assignment wins.)
+    let prior = unsafe {
+        core::ptr::read_volatile(&raw const (*ctx.lookup).__bindgen_anon_1.__bindgen_anon_1.sk)
+    };
+    if !prior.is_null() {
+        let p = unsafe { core::ptr::read_volatile(&raw const (*prior).src_port) };
+        if replica_slot(s, p).is_some() {
+            return SK_PASS;
+        }
+    }
+    stat(stat::LOOKUPS);
+
+    let key = FlowKey {
+        remote_addr: ctx_addr!(family, ctx.lookup, remote_ip4, remote_ip6),
+        local_addr: local,
+        // remote_port is network byte order in a 16-bit field.
+        remote_port: u16::from_be(l.remote_port),
+        local_port: l.local_port as u16,
+    };
+
+    // While SYN cookies are in use, a flow that comes back (the ACK that
+    // completes a cookie handshake) must reach the listener that sent the
+    // cookie, or the cookie check fails there. Outside those periods the
+    // flow table is skipped: it is most of the cost of a lookup.
+    let track = tracking_flows();
+    let mut tried: u64 = 0;
+    if track {
+        if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
+            // A drained or failed replica takes no flow, remembered or not
+            // (a cookie handshake in flight then fails and is retried).
+            if slot < MAX_REPLICAS && steerable(s, slot) {
+                if assign(ctx, slot) {
+                    stat(stat::FLOW_HITS);
+                    // The usual hit is the ACK of a SYN-cookie handshake:
+                    // no request socket was created for its SYN, so its
+                    // handshake counts from here (its child takes the -1).
+                    assigned(slot);
+                    if let Some(c) = CONNS.get_ptr_mut(slot) {
+                        add(unsafe { &raw mut (*c).handshakes }, 1);
+                    }
+                    return SK_PASS;
+                }
+                tried |= 1u64 << slot;
+            }
+        }
+    }
+
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS {
+        let Some(slot) = pick(s, family, tried) else {
+            break;
+        };
+        tried |= 1u64 << slot;
+        if assign(ctx, slot) {
+            if track && FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
+                stat(stat::FLOW_TABLE_FULL);
+            }
+            // Hand the choice to the sock_ops callbacks that run next on
+            // this CPU for the same SYN.
+            if let Some(last) = LAST.get_ptr_mut(0) {
+                unsafe { *last = LastChoice { key, slot } };
+            }
+            assigned(slot);
+            return SK_PASS;
+        }
+        attempt += 1;
+    }
+    stat(stat::NO_BACKEND);
+    // Refuse at once: the client gets a RST instead of waiting for a SYN
+    // retransmit timeout.
+    SK_DROP
+}
+
+/// Counts a connection handed to `slot` (SLOT_TOTALS.assigned). Its
+/// handshake is not counted here: sk_lookup also runs for stray segments
+/// that match no socket (an ACK or RST after a close), and only a SYN makes
+/// a request socket (see on_request). Every handshake counted follows an
+/// assignment counted, which bounds what can be in flight (agent::heal).
+#[inline(always)]
+fn assigned(slot: u32) {
+    if let Some(t) = SLOT_TOTALS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { (*t).assigned += 1 };
+    }
+}
+
+/// Whether a remembered flow may still go to `slot`: enabled, and its
+/// listener the one the agent verified (as `pick` requires).
+#[inline(always)]
+fn steerable(s: &Settings, slot: u32) -> bool {
+    let Some(b) = BACKENDS.get(slot) else {
+        return false;
+    };
+    if b.enabled == 0 {
+        return false;
+    }
+    s.require_verified == 0
+        || LISTENERS
+            .get(slot)
+            .is_some_and(|l| l.cookie == b.listener_cookie)
+}
+
+#[inline(always)]
+fn tracking_flows() -> bool {
+    match RUNTIME.get(0) {
+        Some(r) => {
+            let until = unsafe { core::ptr::read_volatile(&r.track_flows_until_ns) };
+            until != 0 && (until == u64::MAX || unsafe { bpf_ktime_get_ns() } < until)
+        }
+        None => false,
+    }
+}
+
+/// Least connections / weight among enabled slots with a live listener that
+/// can take this family, skipping `tried`. The scan starts at a random slot
+/// and only a strictly smaller load replaces the best, so ties are broken at
+/// random instead of always favouring the lowest slot.
+#[inline(always)]
+fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
+    let n = s.replicas as u32;
+    if n == 0 || n > MAX_REPLICAS {
+        return None;
+    }
+    let start = unsafe { bpf_get_prandom_u32() } % n;
+    let mut best: Option<u32> = None;
+    let mut best_load: u64 = 0;
+    let mut best_weight: u64 = 1;
+    let mut k = 0;
+    while k < MAX_REPLICAS {
+        if k >= n {
+            break;
+        }
+        let mut i = start + k;
+        if i >= n {
+            i -= n;
+        }
+        k += 1;
+        if tried & (1u64 << (i & 63)) != 0 {
+            continue;
+        }
+        let Some(b) = BACKENDS.get(i) else { continue };
+        if b.enabled == 0 || b.weight == 0 {
+            continue;
+        }
+        let Some(lst) = LISTENERS.get(i) else {
+            continue;
+        };
+        if lst.cookie == 0 {
+            continue;
+        }
+        // A listener the agent has not verified yet (a replica that just
+        // came back) proves itself with a check before it gets clients.
+        if s.require_verified != 0 && b.listener_cookie != lst.cookie {
+            continue;
+        }
+        // An AF_INET listener cannot take an IPv6 connection.
+        if family == AF_INET6 as u32 && lst.family == AF_INET {
+            continue;
+        }
+        let Some(c) = CONNS.get_ptr(i) else { continue };
+        // Plain reads of counters other CPUs add to atomically: a stale
+        // value only makes this choice slightly less exact.
+        // handshakes may dip below zero for a moment (see Conns): as i64,
+        // clamped.
+        let load = unsafe {
+            let h = core::ptr::read_volatile(&(*c).handshakes) as i64;
+            (if h > 0 { h as u64 } else { 0 }) + core::ptr::read_volatile(&(*c).established)
+        };
+        let w = b.weight as u64;
+        // load/w < best_load/best_weight without division.
+        if best.is_none() || load * best_weight < best_load * w {
+            best = Some(i);
+            best_load = load;
+            best_weight = w;
+        }
+    }
+    best
+}
+
+/// Assigns the slot's listener to this lookup. false when the socket is
+/// gone or the kernel refused it (e.g. an IPv6 flow and a V6ONLY listener
+/// for IPv4, or the reverse); the caller then tries the next best slot.
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, slot: u32) -> bool {
+    let Some(sk) = SOCKETS.lookup(slot) else {
+        stat(stat::ERR_NO_SOCKET);
+        return false;
+    };
+    let ret =
+        unsafe { bpf_sk_assign(ctx.lookup.cast(), sk.cast(), BPF_SK_LOOKUP_F_REPLACE as u64) };
+    // The sockmap lookup took a reference the verifier wants released.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if ret == 0 {
+        return true;
+    }
+    stat(match -ret {
+        EAFNOSUPPORT => stat::ERR_EAFNOSUPPORT,
+        EPROTOTYPE => stat::ERR_EPROTOTYPE,
+        ESOCKTNOSUPPORT => stat::ERR_ESOCKTNOSUPPORT,
+        EEXIST => stat::ERR_EEXIST,
+        _ => stat::ERR_OTHER,
+    });
+    false
+}
