@@ -135,7 +135,7 @@ pub fn check(root: &Path, deb: &Path) -> anyhow::Result<()> {
         .collect();
     let mut want: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
     for md in docs_md(root)? {
-        want.push(format!("/usr/share/doc/mtlb/{md}"));
+        want.push(format!("/usr/share/doc/mtlb/docs/{md}"));
     }
     let missing: Vec<&String> = want
         .iter()
