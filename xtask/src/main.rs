@@ -50,7 +50,8 @@ enum Cmd {
     /// Run every test: unit tests, then the privileged integration tests
     /// (root; each in its own network namespace).
     Test {
-        /// Only integration tests whose name contains this.
+        /// One suite (a file name in tests/tests/, e.g. `health`), or else
+        /// the integration tests whose name contains this.
         filter: Option<String>,
         /// Run the integration tests on this kernel, booted in QEMU with
         /// virtme-ng: `6.1` (Debian 12), `6.12` (Debian 13 / 12 backports),
@@ -175,10 +176,12 @@ fn main() -> anyhow::Result<()> {
             let python = prereqs::ensure_python_env(&root.join("target"))?;
             let bin = root.join("target/debug/mtlb");
             let mut cmd = Command::new("cargo");
-            cmd.args(["test", "-p", "mtlb-tests", "--"])
-                .args(filter)
-                .env("MTLB_BIN", &bin)
-                .env("MTLB_PYTHON", &python);
+            cmd.args(["test", "-p", "mtlb-tests"]);
+            match filter.as_deref().filter(|f| is_suite(&root, f)) {
+                Some(suite) => cmd.args(["--test", suite]),
+                None => cmd.arg("--").args(filter),
+            };
+            cmd.env("MTLB_BIN", &bin).env("MTLB_PYTHON", &python);
             // Unset, the official MTProxy tests skip (and say why).
             if let Some(official) = official::ensure(&root)? {
                 // The Docker tests' replica image holds that server.
@@ -260,6 +263,17 @@ impl mtlb_vm_deploy::Host for VmDeployHost<'_> {
         let archive = image::mtproxy_rootfs(self.root, &bin)?;
         Ok((bin, archive))
     }
+}
+
+/// Whether `filter` names an integration test file (tests/tests/NAME.rs):
+/// then `cargo xtask test NAME` runs that whole suite, not the tests whose
+/// names contain NAME.
+pub fn is_suite(root: &Path, filter: &str) -> bool {
+    !filter.contains(['/', '.'])
+        && root
+            .join("tests/tests")
+            .join(format!("{filter}.rs"))
+            .is_file()
 }
 
 fn workspace_root() -> PathBuf {

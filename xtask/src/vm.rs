@@ -49,7 +49,10 @@ pub fn run(
     })?;
     ensure_tools(python)?;
     let vmlinuz = ensure_kernel(root, series)?;
-    let tests = test_binaries(root)?;
+    // A suite's name runs that whole test binary.
+    let suite = filter.filter(|f| crate::is_suite(root, f));
+    let tests = test_binaries(root, suite)?;
+    let filter = if suite.is_some() { None } else { filter };
     let script = write_script(root, python, official, &tests, filter)?;
     let vng = python.with_file_name("vng");
     let kvm = kvm_works(&vng, &vmlinuz);
@@ -279,7 +282,7 @@ const HOST_ONLY: &[(&str, &str)] = &[
 ];
 
 /// The integration test executables, built.
-fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn test_binaries(root: &Path, only: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("cargo")
         .args([
             "test",
@@ -307,6 +310,9 @@ fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
             && let Some(exe) = v["executable"].as_str()
         {
             let name = v["target"]["name"].as_str().unwrap_or_default();
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
             if let Some(why) = HOST_ONLY.iter().find(|(n, _)| *n == name).map(|(_, w)| w) {
                 eprintln!("xtask: {name} runs on the host suite only: {why}");
                 continue;
