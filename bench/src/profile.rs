@@ -87,23 +87,7 @@ fn sym((pct, symbol): &(f64, String)) -> Sym {
 /// time including callees (where a busy agent spends its time).
 pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Result<PerfPid, String> {
     let data = dir.join("perf-agent.data");
-    let rec = Command::new("perf")
-        .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
-        .arg(pid.to_string())
-        .arg("-o")
-        .arg(&data)
-        .args(["--", "sleep", &secs.to_string()])
-        .output();
-    match rec {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            return Err(format!(
-                "perf record: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Err(e) => return Err(format!("perf: {e}")),
-    }
+    perf_record(&["-F", "999", "-g", "-p", &pid.to_string()], &data, secs)?;
     let report = |children: bool| -> Vec<Sym> {
         let out = Command::new("perf")
             .args(["report", "-i"])
@@ -153,32 +137,28 @@ pub fn perf_pid(pid: u32, dir: &Path, secs: u32) -> Result<PerfPid, String> {
     })
 }
 
-fn perf(dir: &Path) -> Result<Samples, String> {
-    let data = dir.join("perf.data");
+/// `perf record -e cpu-clock ARGS -o DATA -- sleep SECS`.
+fn perf_record(args: &[&str], data: &Path, secs: u32) -> Result<(), String> {
     let rec = Command::new("perf")
-        .args([
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            &PERF_HZ.to_string(),
-            "-a",
-            "-g",
-            "-o",
-        ])
-        .arg(&data)
-        .args(["--", "sleep", &PERF_SECS.to_string()])
+        .args(["record", "-e", "cpu-clock"])
+        .args(args)
+        .arg("-o")
+        .arg(data)
+        .args(["--", "sleep", &secs.to_string()])
         .output();
     match rec {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            return Err(format!(
-                "perf record: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Err(e) => return Err(format!("perf: {e}")),
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "perf record: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("perf: {e}")),
     }
+}
+
+fn perf(dir: &Path) -> Result<Samples, String> {
+    let data = dir.join("perf.data");
+    perf_record(&["-F", &PERF_HZ.to_string(), "-a", "-g"], &data, PERF_SECS)?;
     let rep = Command::new("perf")
         .args(["report", "-i"])
         .arg(&data)

@@ -211,7 +211,11 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
 /// adopted.
 pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps) -> bool {
     match registry.adopt_missing(cfg, maps) {
-        Ok((adopted, refusals, failed)) => {
+        Ok(registry::Adoption {
+            adopted,
+            refused: refusals,
+            failed,
+        }) => {
             for e in &failed {
                 emit(&Fact::AdoptFailed { error: report(e) });
             }

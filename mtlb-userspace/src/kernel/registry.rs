@@ -195,6 +195,16 @@ pub struct Adopted {
     pub pid: i32,
 }
 
+/// What one look for unregistered listeners found.
+#[derive(Default)]
+pub struct Adoption {
+    pub adopted: Vec<Adopted>,
+    /// Listeners refused for their owner (each reported once).
+    pub refused: Vec<Refusal>,
+    /// Adoptions that failed; the others were still tried.
+    pub failed: Vec<RegistryError>,
+}
+
 #[derive(Default)]
 pub struct Registrations {
     known: Vec<Option<SlotView>>,
@@ -261,7 +271,7 @@ impl Registrations {
         &mut self,
         cfg: &Config,
         maps: &mut Maps,
-    ) -> Result<(Vec<Adopted>, Vec<Refusal>, Vec<RegistryError>), RegistryError> {
+    ) -> Result<Adoption, RegistryError> {
         let mut current: Vec<Option<SlotView>> = Self::read_raw(maps, cfg.replicas as usize)?
             .iter()
             .map(Self::view)
@@ -306,7 +316,7 @@ impl Registrations {
             }
         }
         if wanted.is_empty() && refused.is_empty() {
-            return Ok((Vec::new(), Vec::new(), Vec::new()));
+            return Ok(Adoption::default());
         }
         let mut adopted = Vec::new();
         let mut failed = Vec::new();
@@ -326,7 +336,11 @@ impl Registrations {
                 Err(e) => failed.push(e),
             }
         }
-        Ok((adopted, refused.into_values().collect(), failed))
+        Ok(Adoption {
+            adopted,
+            refused: refused.into_values().collect(),
+            failed,
+        })
     }
 
     /// Describes listeners the listen hook refused (from its event): who

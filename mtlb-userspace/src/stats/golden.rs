@@ -2,26 +2,14 @@
 //! reading columns by position depend on both, so any change to them shows
 //! here as a diff against the files in `testdata/`.
 
+use super::testutil::state;
 use super::{
     csv, metrics,
     snapshot::{BackendRow, ProgStat, Snapshot},
     textfmt,
 };
-use mtlb_common::state::{Admin, ListenerState, Oper, OperState, ReplicaState};
+use mtlb_common::state::{Admin, ListenerState, Oper, ReplicaState};
 use std::collections::BTreeMap;
-
-fn state(oper: Oper, progress: u32, admin: Admin, listener: ListenerState) -> ReplicaState {
-    ReplicaState {
-        oper: OperState {
-            oper,
-            progress,
-            rise: 2,
-            fall: 3,
-        },
-        admin,
-        listener,
-    }
-}
 
 fn row(slot: u16, state: ReplicaState) -> BackendRow {
     let n = u64::from(slot) + 1;

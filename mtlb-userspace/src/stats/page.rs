@@ -274,20 +274,11 @@ fn totals(s: &Snapshot, up: usize, cx: &Context) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mtlb_common::state::{Admin, ListenerState, Oper, OperState, ReplicaState};
+    use mtlb_common::state::{Admin, ListenerState, Oper, ReplicaState};
     use std::collections::BTreeMap;
 
     fn st(oper: Oper, progress: u32, admin: Admin) -> ReplicaState {
-        ReplicaState {
-            oper: OperState {
-                oper,
-                progress,
-                rise: 2,
-                fall: 3,
-            },
-            admin,
-            listener: ListenerState::Registered,
-        }
+        crate::stats::testutil::state(oper, progress, admin, ListenerState::Registered)
     }
 
     fn row(slot: usize, state: ReplicaState, active: u64) -> BackendRow {

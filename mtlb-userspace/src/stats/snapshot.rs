@@ -266,7 +266,7 @@ mod tests {
     use super::*;
     use mtlb_common::{
         STATE_DOWN, STATE_UP, Status,
-        state::{Admin, ListenerState, Oper, OperState},
+        state::{Admin, ListenerState, Oper},
     };
 
     /// Every typed state survives STATUS, and the label is the one the
@@ -277,16 +277,7 @@ mod tests {
             for progress in [0, 1, 2] {
                 for admin in [Admin::Ready, Admin::Drain, Admin::Maint] {
                     for listener in [ListenerState::Registered, ListenerState::Missing] {
-                        let st = ReplicaState {
-                            oper: OperState {
-                                oper,
-                                progress,
-                                rise: 2,
-                                fall: 3,
-                            },
-                            admin,
-                            listener,
-                        };
+                        let st = crate::stats::testutil::state(oper, progress, admin, listener);
                         let mut s = Status::default();
                         st.write(&mut s);
                         assert_eq!(ReplicaState::read(&s), Some(st));

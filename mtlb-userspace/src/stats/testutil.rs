@@ -3,7 +3,8 @@
 use super::snapshot::{BackendRow, Snapshot};
 use mtlb_common::state::{Admin, ListenerState, Oper, OperState, ReplicaState};
 
-pub fn st(oper: Oper, progress: u32) -> ReplicaState {
+/// A replica's state with rise 2 and fall 3.
+pub fn state(oper: Oper, progress: u32, admin: Admin, listener: ListenerState) -> ReplicaState {
     ReplicaState {
         oper: OperState {
             oper,
@@ -11,9 +12,14 @@ pub fn st(oper: Oper, progress: u32) -> ReplicaState {
             rise: 2,
             fall: 3,
         },
-        admin: Admin::Ready,
-        listener: ListenerState::Registered,
+        admin,
+        listener,
     }
+}
+
+/// A ready, registered replica's state.
+pub fn st(oper: Oper, progress: u32) -> ReplicaState {
+    state(oper, progress, Admin::Ready, ListenerState::Registered)
 }
 
 /// mtp1 UP with 7 connections, mtp2 DOWN 1/2 with 3.
