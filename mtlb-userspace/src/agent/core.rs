@@ -2106,24 +2106,29 @@ mod tests {
             // Nothing listening.
             seen(1, 0, up, 0),
         ];
-        let (trusted, fx) = inherit(true, &slots);
-        assert_eq!(trusted, [1000, 0, 0, 0]);
-        assert_transcript(
-            &fx,
-            r#"
+        let cases = [
+            (
+                true,
+                [1000, 0, 0, 0],
+                r#"
         BACKENDS[1] enabled=1 weight=1 listener=0
         BACKENDS[2] enabled=0 weight=1 listener=0
         "#,
-        );
-        // The earlier agent verified nothing: any listener it steered to.
-        let (trusted, fx) = inherit(false, &slots);
-        assert_eq!(trusted, [1000, 2001, 0, 0]);
-        assert_transcript(
-            &fx,
-            r#"
+            ),
+            // The earlier agent verified nothing: any listener it steered to.
+            (
+                false,
+                [1000, 2001, 0, 0],
+                r#"
         BACKENDS[1] enabled=1 weight=1 listener=2001
         BACKENDS[2] enabled=0 weight=1 listener=0
         "#,
-        );
+            ),
+        ];
+        for (verifying, want, transcript) in cases {
+            let (trusted, fx) = inherit(verifying, &slots);
+            assert_eq!(trusted, want);
+            assert_transcript(&fx, transcript);
+        }
     }
 }
