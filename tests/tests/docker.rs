@@ -158,7 +158,7 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
     let stop_at = unix_now();
     // Timed where it is seen (docker stop itself may return later): from
     // the listener closing on, every client must be served.
-    let (_, down_at) = std::thread::scope(|s| {
+    let (down, down_at) = std::thread::scope(|s| {
         let seen = s.spawn(|| {
             // When the agent saw the listener close: the change's own
             // timestamp in STATUS.
@@ -168,6 +168,7 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
         dockerd.docker(&["stop", "mtproxy2"]);
         seen.join().unwrap()
     });
+    assert_ne!(down.reason[0], 0, "mtp2 DOWN with no reason in STATUS");
     assert!(!names_up(&dockerd).contains(&"mtproxy2".into()));
     // mtp1 alone serves the clients that keep coming.
     let t1 = wait_backend_total_above("mtp1", t1 + 20.0);

@@ -462,7 +462,10 @@ fn a_restart_keeps_steering_and_counts() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(agent.stop().success());
     let agent = ns.agent(&[]);
-    agent.wait_state("mtp2", State::Up);
+    // STATUS still says UP from the earlier agent: only the new agent's
+    // own lines show it took over and checked mtp2.
+    agent.wait_for("taking over the pinned state of an earlier agent");
+    agent.wait_for("backend mtp2 is UP");
     std::thread::sleep(Duration::from_millis(50));
     let LoopOutcome { ok, failed, .. } = looping.finish();
     assert!(failed.is_empty(), "refused across the restart: {failed:?}");
@@ -1037,10 +1040,13 @@ fn a_restart_does_not_revive_a_replica_down_by_checks() {
     agent.wait_down_by_check("mtp2");
     assert!(agent.stop().success());
     let agent = ns.agent(&["--config", &cfg]);
+    agent.wait_for("taking over the pinned state of an earlier agent");
     let (seen, failed) = names(BALANCED, 20);
     assert_eq!(failed, 0);
     assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
-    agent.wait_state("mtp1", State::Up);
+    // STATUS still holds the earlier agent's UP: wait for the new agent's
+    // own check of mtp1, after which mtp2 has been checked too.
+    agent.wait_for("backend mtp1 is UP");
     assert!(
         !agent.log().contains("backend mtp2 is UP"),
         "{}",
