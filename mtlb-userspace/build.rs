@@ -3,13 +3,13 @@
 //! `kernel/loader.rs` embeds.
 //!
 //! The inner cargo runs as `aya_build::build_ebpf` 0.2 runs it (same
-//! toolchain, target, flags, environment and target directory). The
-//! difference is its output: aya-build relays every line as
-//! `cargo:warning=`, so a build printed dozens of "warning: … Compiling"
-//! lines that are not warnings. Here the inner build's whole output goes to
-//! `OUT_DIR/ebpf-build.log`; only what the compiler reports as a warning
-//! is relayed, and a failed build prints the compiler's messages and
-//! cargo's errors on stderr, which cargo shows in full.
+//! toolchain, target, flags, environment and target directory), but its
+//! output is not relayed line by line: cargo shows every `cargo:warning=`
+//! of a build script as a warning, and the inner build's progress lines
+//! are not warnings. Its whole output goes to `OUT_DIR/ebpf-build.log`;
+//! only what the compiler reports as a warning is relayed, and a failed
+//! build prints the compiler's messages and cargo's errors on stderr, which
+//! cargo shows in full.
 
 use anyhow::{Context as _, anyhow, bail};
 use cargo_metadata::{Artifact, CompilerMessage, Message, diagnostic::DiagnosticLevel};

@@ -132,13 +132,18 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 
 /// Accepts control connections and hands their requests to `tx`; each
 /// connection sends one request line per answer. An accept error (out of
-/// file descriptors) is logged and waited out: the socket keeps accepting.
-pub async fn accept(l: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sender<Incoming>) {
+/// file descriptors) goes to `failed` and is waited out: the socket keeps
+/// accepting.
+pub async fn accept(
+    l: tokio::net::UnixListener,
+    tx: tokio::sync::mpsc::Sender<Incoming>,
+    failed: impl Fn(&std::io::Error),
+) {
     loop {
         let s = match l.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!("control socket: accepting: {e}");
+                failed(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -27,7 +27,7 @@ fn right_up_wrong_down(tls: bool, configured: &str, reason: &str) {
 #[test]
 fn dd_right_secret_up_wrong_secret_down() {
     // A dd probe cannot tell a wrong secret from an unreachable upstream:
-    // the server stays silent (see mtlb-userspace/src/mtproxy.rs).
+    // the server stays silent (see mtlb-userspace/src/checks/mtproxy.rs).
     right_up_wrong_down(false, &format!("dd{SECRET}"), "no answer through proxy");
 }
 

@@ -285,6 +285,10 @@ pub enum Fact {
         what: Reading,
         error: String,
     },
+    /// Accepting a control connection failed (out of file descriptors).
+    ControlAcceptFailed {
+        error: String,
+    },
     /// Adopting a running replica's listener failed.
     AdoptFailed {
         error: String,

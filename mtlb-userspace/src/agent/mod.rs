@@ -156,6 +156,14 @@ fn seed_verified(dataplane: &mut Dataplane, slots: usize) -> Result<Vec<u64>, Ma
     Ok(trusted)
 }
 
+/// Logs the start-up facts gathered so far, in order, as start-up goes:
+/// a start that hangs or fails shows how far it got.
+fn tell(facts: &mut Vec<StartFact>) {
+    for f in facts.drain(..) {
+        render::emit(&effect::Fact::Start(f));
+    }
+}
+
 /// Makes sure bpffs and cgroup2 are mounted. Returns the bpffs to pin in,
 /// the cgroup2 root and the replicas' cgroup.
 fn mounts(
@@ -234,9 +242,7 @@ impl Agent {
     pub async fn start(cfg: Config, source: ConfigSource) -> Result<Self, StartError> {
         let mut facts = Vec::new();
         let started = Self::bring_up(cfg, source, &mut facts);
-        for f in facts {
-            render::emit(&effect::Fact::Start(f));
-        }
+        tell(&mut facts);
         started
     }
 
@@ -268,7 +274,10 @@ impl Agent {
             netns_ino: ino,
             netns_cookie: cookie,
         };
+        tell(facts);
         let mut dataplane = Dataplane::create_or_take_over(place, facts)?;
+        // Told before attaching: adopting running replicas logs as it goes.
+        tell(facts);
         let dir = dataplane.pin_dir().to_owned();
         let state = core::State::new(
             cfg.clone(),

@@ -271,6 +271,9 @@ pub fn line(f: &Fact) -> (Level, String) {
             };
             (L::WARN, format!("{what}: {error}"))
         }
+        Fact::ControlAcceptFailed { error } => {
+            (L::WARN, format!("control socket: accepting: {error}"))
+        }
         Fact::AdoptFailed { error } => (L::WARN, error.clone()),
         Fact::Start(f) => start_line(f),
     }

@@ -75,7 +75,11 @@ impl Agent {
 
         let (tx, mut rx) = mpsc::channel::<control::Incoming>(16);
         if let Some(l) = self.control.take() {
-            tokio::spawn(control::accept(l, tx));
+            tokio::spawn(control::accept(l, tx, |e| {
+                emit(&Fact::ControlAcceptFailed {
+                    error: e.to_string(),
+                })
+            }));
         }
         // Registration itself happens in the kernel at listen(); this only
         // notices it, so 100 ms is plenty.

@@ -103,10 +103,6 @@ impl Slot {
         self.removing
     }
 
-    pub fn check_schedule(&self) -> CheckSchedule {
-        self.check
-    }
-
     /// Whether a listener is registered in the slot.
     pub fn listener(&self) -> ListenerState {
         if self.listener_cookie != 0 {

@@ -216,20 +216,6 @@ impl Dataplane {
         })
     }
 
-    /// Writes, per slot, the listener the kernel may steer to before this
-    /// agent has verified one itself (0: none) into BACKENDS.
-    pub fn seed_listeners(&mut self, cookies: &[u64]) -> Result<(), MapsError> {
-        let maps = &mut self.loaded.maps;
-        for (slot, &cookie) in (0u32..).zip(cookies) {
-            let mut b = maps.backend(slot)?;
-            if b.listener_cookie != cookie {
-                b.listener_cookie = cookie;
-                maps.set_backend(slot, b)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Attaches accounting first, so connections steered from the first
     /// instant are counted; then `adopt` registers replicas already
     /// running; then steering. The pins moved aside are removed (their
