@@ -1,20 +1,17 @@
 //! The listener glue: reads what the kernel knows about replica listeners
 //! (registrations, listen events, accept queues, assignment totals) and
-//! turns it into the core's events. Adopting running replicas happens here
-//! too; what to make of it is the core's.
+//! turns it into the core's events; what to make of it is the core's.
 
 use super::{
     Agent,
+    adopt::{adopt, refused},
     effect::{Event, Fact, ListenerChange, QueueReading, Reading},
     render::emit,
 };
 use crate::{
     config::Config,
     error::report,
-    kernel::{
-        maps::Maps,
-        registry::{self, Change, Refusal, RefuseWhy, Registrations},
-    },
+    kernel::registry::{self, Change, RefuseWhy},
 };
 use mtlb_common::{
     EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent,
@@ -204,52 +201,4 @@ fn show(addr: Option<SocketAddr>, cfg: &Config, slot: u32) -> String {
     addr.map(|a| a.to_string()).unwrap_or_else(|| {
         SocketAddr::new(cfg.replica_address, cfg.replica_port(slot as usize)).to_string()
     })
-}
-
-/// Adopts listeners on replica ports that did not register themselves and
-/// whose owner may run replicas; reports the others. True when one was
-/// adopted.
-pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps) -> bool {
-    match registry.adopt_missing(cfg, maps) {
-        Ok(registry::Adoption {
-            adopted,
-            refused: refusals,
-            failed,
-        }) => {
-            for e in &failed {
-                emit(&Fact::AdoptFailed { error: report(e) });
-            }
-            for a in &adopted {
-                emit(&Fact::Adopted {
-                    slot: a.slot,
-                    addr: a.addr,
-                    pid: a.pid,
-                });
-            }
-            for r in &refusals {
-                emit(&refused(cfg, r));
-            }
-            !adopted.is_empty()
-        }
-        Err(e) => {
-            emit(&Fact::ReadFailed {
-                what: Reading::RunningReplicas,
-                error: report(&e),
-            });
-            false
-        }
-    }
-}
-
-/// A refused listener, with who owns it.
-fn refused(cfg: &Config, r: &Refusal) -> Fact {
-    Fact::ListenerRefused {
-        slot: r.slot,
-        addr: r.addr,
-        pid: r.pid,
-        uid: r.uid,
-        why: r.why,
-        replica_uids: cfg.replica_uids.clone(),
-        replica_cgroup: cfg.replica_cgroup.clone(),
-    }
 }

@@ -8,12 +8,14 @@
 //! * [`effect`]: what goes in (events) and comes out (effects, facts).
 //! * [`render`]: facts as journal lines and notifications, in one place.
 //! * [`serve`]: the loop that waits for events; [`apply`] carries effects
-//!   out; [`listeners`] reads replica listeners from the kernel.
+//!   out; [`listeners`] reads replica listeners from the kernel; [`adopt`]
+//!   registers replicas that were listening before they could say so.
 //! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
 //! * [`start_facts`]: what start-up and teardown did, as typed facts.
 
+mod adopt;
 mod apply;
 pub mod core;
 pub mod effect;
@@ -306,7 +308,7 @@ impl Agent {
             replica_cgroup: &replica_cgroup,
         };
         dataplane.attach(hooks, facts, |maps| {
-            listeners::adopt(&cfg, &mut registry, maps);
+            adopt::adopt(&cfg, &mut registry, maps);
         })?;
 
         serve_stats(stats_listener, stats_addr, &dir, &cfg)?;

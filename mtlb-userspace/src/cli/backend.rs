@@ -1,6 +1,6 @@
 //! `mtlb backend NAME …`: operator control of one replica.
 
-use super::AgentArgs;
+use super::agent_args::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
     checks::health::Admin,

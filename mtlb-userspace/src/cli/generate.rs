@@ -3,7 +3,6 @@
 //! release build runs it for the Debian package (`cargo xtask deb`).
 
 use anyhow::Context as _;
-use clap::CommandFactory as _;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
@@ -24,18 +23,19 @@ enum What {
 /// Section 8: the binary is an administrator's command (/usr/sbin).
 const MAN_SECTION: &str = "8";
 
-pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+/// `cli`: the whole command line, as clap describes it.
+pub fn run(a: GenerateArgs, cli: clap::Command) -> anyhow::Result<()> {
     let (What::Man { dir } | What::Completions { dir }) = &a.what;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     match &a.what {
-        What::Man { dir } => man(dir),
-        What::Completions { dir } => completions(dir),
+        What::Man { dir } => man(dir, cli),
+        What::Completions { dir } => completions(dir, cli),
     }
 }
 
-fn man(dir: &Path) -> anyhow::Result<()> {
+fn man(dir: &Path, cli: clap::Command) -> anyhow::Result<()> {
     // build() names each subcommand `mtlb-<name>`, the page's title.
-    let mut cmd = super::Cli::command().disable_help_subcommand(true);
+    let mut cmd = cli.disable_help_subcommand(true);
     cmd.build();
     let mut pages = vec![cmd.clone()];
     pages.extend(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
@@ -49,10 +49,10 @@ fn man(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn completions(dir: &Path) -> anyhow::Result<()> {
+fn completions(dir: &Path, mut cli: clap::Command) -> anyhow::Result<()> {
     use clap_complete::Shell;
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        let path = clap_complete::generate_to(shell, &mut super::Cli::command(), "mtlb", dir)
+        let path = clap_complete::generate_to(shell, &mut cli, "mtlb", dir)
             .with_context(|| format!("writing {shell} completions into {}", dir.display()))?;
         println!("{}", path.display());
     }

@@ -1,5 +1,6 @@
 //! Command line: one file per subcommand.
 
+mod agent_args;
 mod backend;
 mod check_config;
 mod generate;
@@ -9,12 +10,7 @@ mod remove;
 mod run;
 mod status;
 
-use clap::{Parser, Subcommand};
-use mtlb::{
-    agent::{ConfigSource, locate::Location},
-    config::{Config, Overrides},
-};
-use std::path::PathBuf;
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// mtlb: eBPF balancer for MTProxy replicas on one host. New connections to
 /// the balanced port go straight to the least-loaded replica's listening
@@ -62,40 +58,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a),
         Command::Link(a) => link::run(a),
         Command::CheckConfig(a) => check_config::run(a),
-        Command::Generate(a) => generate::run(a),
-    }
-}
-
-/// Which agent a command talks to: the one of this network namespace,
-/// found as `mtlb run` with the same config file and flags would place it.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {
-    /// The agent's config file, for `control_dir` and `bpffs` [default:
-    /// /etc/mtlb/mtlb.toml; when that is missing and not named here,
-    /// built-in defaults].
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
-    /// Directory of the agent's control socket [config: control_dir,
-    /// default /run/mtlb].
-    #[arg(long, global = true)]
-    control_dir: Option<PathBuf>,
-    /// bpffs mount the agent pins under [config: bpffs, default
-    /// /sys/fs/bpf].
-    #[arg(long, global = true)]
-    bpffs: Option<PathBuf>,
-}
-
-impl AgentArgs {
-    pub fn config(&self) -> anyhow::Result<Config> {
-        let overrides = Overrides {
-            control_dir: self.control_dir.clone(),
-            bpffs: self.bpffs.clone(),
-            ..Overrides::default()
-        };
-        Ok(ConfigSource::new(self.config.clone(), overrides).read()?)
-    }
-
-    pub fn locate(&self) -> anyhow::Result<Location> {
-        Ok(Location::of(&self.config()?)?)
+        Command::Generate(a) => generate::run(a, Cli::command()),
     }
 }

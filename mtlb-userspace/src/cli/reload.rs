@@ -1,6 +1,6 @@
 //! `mtlb reload`: make the running agent re-read its configuration.
 
-use super::AgentArgs;
+use super::agent_args::AgentArgs;
 use anyhow::bail;
 use mtlb::control::{self, Request};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! programs detached, the pins removed. A running agent is asked to do it
 //! and stop; without one, the pins an earlier agent kept are removed here.
 
-use super::AgentArgs;
+use super::agent_args::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
     control::{self, ControlError, Request},

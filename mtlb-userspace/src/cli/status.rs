@@ -1,7 +1,7 @@
 //! `mtlb status`: the replicas' table, read from the pinned maps, so it
 //! works while the agent runs and after it has died.
 
-use super::AgentArgs;
+use super::agent_args::AgentArgs;
 use mtlb::{kernel::dataplane::Dataplane, stats::snapshot};
 
 #[derive(Debug, clap::Args)]
