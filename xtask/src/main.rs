@@ -170,6 +170,8 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "mtlb-vm-deploy",
             ])?;
+            // The agent's modules stay free of circles (issue 19).
+            run(Command::new("python3").args(["tools/modcycles.py", "mtlb-userspace/src"]))?;
             prereqs::ensure_deb_tools()?;
             let package = deb::build(&root)?;
             deb::check(&root, &package)?;
@@ -230,6 +232,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Deb { check } => {
             prereqs::ensure()?;
+            // The agent's modules stay free of circles (issue 19).
+            run(Command::new("python3").args(["tools/modcycles.py", "mtlb-userspace/src"]))?;
             prereqs::ensure_deb_tools()?;
             let package = deb::build(&root)?;
             if check {
