@@ -42,6 +42,12 @@ const REQUIRED: &[&str] = &[
 
 /// Builds target/debian/mtlb_<version>_amd64.deb; returns its path.
 pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
+    build_as(root, env!("CARGO_PKG_VERSION"))
+}
+
+/// Builds the package of this tree as `version` (the workspace's, or a
+/// later one: vm-deploy upgrades the first to a second of the same code).
+pub fn build_as(root: &Path, version: &str) -> anyhow::Result<PathBuf> {
     crate::cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
     let assets = root.join("target/release/deb-assets");
     let _ = std::fs::remove_dir_all(&assets);
@@ -62,7 +68,7 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
                 .arg(page?.path()),
         )?;
     }
-    changelog(root, &assets)?;
+    changelog(root, &assets, version)?;
     // One unit for both installs: the role's file, with the package's
     // binary path (a package must not ship under /usr/local).
     let unit = std::fs::read_to_string(root.join("deploy/roles/mtlb/files/mtlb.service"))?;
@@ -81,19 +87,16 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
     std::fs::write(assets.join("unit/mtlb.service"), unit)?;
 
     let out_dir = root.join("target/debian");
-    let deb = out_dir.join(format!("mtlb_{}_amd64.deb", env!("CARGO_PKG_VERSION")));
+    let deb = out_dir.join(format!("mtlb_{version}_amd64.deb"));
     let _ = std::fs::remove_file(&deb);
     crate::run(
         Command::new("cargo")
-            .args(["deb", "-p", "mtlb-userspace", "--no-build", "--output"])
+            .args(["deb", "-p", "mtlb-userspace", "--no-build"])
+            .args(["--deb-version", version, "--output"])
             .arg(&out_dir),
     )?;
     if !deb.exists() {
-        bail!(
-            "cargo deb did not write {} (is the workspace version {}?)",
-            deb.display(),
-            env!("CARGO_PKG_VERSION")
-        );
+        bail!("cargo deb did not write {}", deb.display());
     }
     Ok(deb)
 }
@@ -102,7 +105,7 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
 /// (usr/share/doc/mtlb/changelog.gz): one entry for this version pointing
 /// at CHANGELOG.md, the one kept by hand. Dated by the last commit, so a
 /// rebuild of the same commit gives the same file.
-fn changelog(root: &Path, assets: &Path) -> anyhow::Result<()> {
+fn changelog(root: &Path, assets: &Path, version: &str) -> anyhow::Result<()> {
     let manifest = std::fs::read_to_string(root.join("mtlb-userspace/Cargo.toml"))?;
     let maintainer = manifest
         .lines()
@@ -110,7 +113,6 @@ fn changelog(root: &Path, assets: &Path) -> anyhow::Result<()> {
         .map(|m| m.trim_matches('"'))
         .context("no maintainer in mtlb-userspace/Cargo.toml [package.metadata.deb]")?;
     let date = output(Command::new("git").args(["log", "-1", "--format=%aD"]))?;
-    let version = env!("CARGO_PKG_VERSION");
     let text = format!(
         "mtlb ({version}) unstable; urgency=medium\n\n  \
          * mtlb {version}: see /usr/share/doc/mtlb/CHANGELOG.md for the changes.\n\n \

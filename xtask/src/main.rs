@@ -249,8 +249,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// What vm-deploy takes from xtask: Debian packages and the official
-/// server's replica image.
+/// What vm-deploy takes from xtask: Debian packages installed here, the
+/// official server's replica image, and mtlb's own package.
 struct VmDeployHost<'a> {
     root: &'a Path,
 }
@@ -266,6 +266,14 @@ impl mtlb_vm_deploy::Host for VmDeployHost<'_> {
         )?;
         let archive = image::mtproxy_rootfs(self.root, &bin)?;
         Ok((bin, archive))
+    }
+
+    fn deb(&self, version: Option<&str>) -> anyhow::Result<PathBuf> {
+        prereqs::ensure_deb_tools()?;
+        match version {
+            None => deb::build(self.root),
+            Some(v) => deb::build_as(self.root, v),
+        }
     }
 }
 

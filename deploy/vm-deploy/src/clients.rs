@@ -4,14 +4,17 @@
 //! served only when it completed an MTProxy exchange: `probe.py` sends an
 //! obfuscated2 (dd) handshake and one padded-intermediate frame and waits
 //! for the reply frame (the middle-proxy stand-in's echo, relayed by the
-//! replica); verdict `UP`. Anything else is a failed client.
+//! replica); verdict `UP`. A client closed before it got a byte is a
+//! refused one (what a guest port with no listener looks like through the
+//! forward: QEMU accepts, the guest resets, QEMU closes); anything else is
+//! a failed client.
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, SystemTime},
@@ -23,6 +26,18 @@ use std::{
 #[derive(serde::Deserialize)]
 struct Verdict {
     verdict: String,
+    /// How the connection ended (`FIN`, `RST`, …), and bytes received.
+    #[serde(default)]
+    close: Option<String>,
+    #[serde(default)]
+    rx: Option<u64>,
+}
+
+impl Verdict {
+    fn refused(&self) -> bool {
+        self.verdict == "CONNECT_FAILED"
+            || (self.rx == Some(0) && matches!(self.close.as_deref(), Some("FIN" | "RST")))
+    }
 }
 
 pub struct Outcome {
@@ -30,6 +45,9 @@ pub struct Outcome {
     pub start: SystemTime,
     pub end: SystemTime,
     pub ok: bool,
+    /// Not served, and closed before the first byte (see the module's
+    /// comment).
+    pub refused: bool,
     /// probe.py's JSON line (or why there was none).
     pub detail: String,
 }
@@ -37,6 +55,8 @@ pub struct Outcome {
 /// Client exchanges in a loop, `workers` at a time, until [`Load::finish`].
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// Clients ended so far.
+    done: Arc<AtomicUsize>,
     workers: Vec<JoinHandle<Vec<Outcome>>>,
 }
 
@@ -59,24 +79,27 @@ impl Probe {
             .current_dir(&self.fixtures)
             .output();
         let end = SystemTime::now();
-        let (ok, detail) = match out {
+        let (ok, refused, detail) = match out {
             Ok(o) => {
                 let text = String::from_utf8_lossy(&o.stdout);
                 let line = text.lines().last().unwrap_or("").to_string();
-                let ok = serde_json::from_str::<Verdict>(&line).is_ok_and(|v| v.verdict == "UP");
+                let v = serde_json::from_str::<Verdict>(&line).ok();
+                let ok = v.as_ref().is_some_and(|v| v.verdict == "UP");
+                let refused = !ok && v.as_ref().is_some_and(Verdict::refused);
                 let detail = if line.is_empty() {
                     String::from_utf8_lossy(&o.stderr).trim().to_string()
                 } else {
                     line
                 };
-                (ok, detail)
+                (ok, refused, detail)
             }
-            Err(e) => (false, format!("probe.py: {e}")),
+            Err(e) => (false, false, format!("probe.py: {e}")),
         };
         Outcome {
             start,
             end,
             ok,
+            refused,
             detail,
         }
     }
@@ -109,13 +132,15 @@ impl Load {
     /// `workers` loops of one client after another, `pause` between two.
     pub fn start(probe: Arc<Probe>, workers: usize, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicUsize::new(0));
         let workers = (0..workers)
             .map(|_| {
-                let (stop, probe) = (stop.clone(), probe.clone());
+                let (stop, probe, count) = (stop.clone(), probe.clone(), count.clone());
                 std::thread::spawn(move || {
                     let mut done = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         done.push(probe.once());
+                        count.fetch_add(1, Ordering::Relaxed);
                         // A steady trickle of new clients rather than a
                         // flood: the guest is emulated, and what the load
                         // takes from it the playbook runs without.
@@ -125,7 +150,28 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, workers }
+        Load {
+            stop,
+            done: count,
+            workers,
+        }
+    }
+
+    /// Waits until `n` more clients have ended than when called; bounded
+    /// by `timeout`.
+    pub fn wait_more(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let target = self.done.load(Ordering::Relaxed) + n;
+        let deadline = std::time::Instant::now() + timeout;
+        while self.done.load(Ordering::Relaxed) < target {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "fewer than {n} clients ended within {} s",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
     }
 
     pub fn finish(self) -> Vec<Outcome> {
@@ -147,6 +193,18 @@ pub fn summary(outcomes: &[Outcome]) -> (usize, usize, String) {
         .collect::<Vec<_>>()
         .join("; ");
     (outcomes.len(), failed.len(), detail)
+}
+
+/// "N clients (…): S served, R refused, F failed otherwise".
+pub fn counts(outcomes: &[Outcome]) -> String {
+    let served = outcomes.iter().filter(|o| o.ok).count();
+    let refused = outcomes.iter().filter(|o| o.refused).count();
+    format!(
+        "{} clients (complete MTProxy exchanges from this machine): {served} served, \
+         {refused} refused, {} failed otherwise",
+        outcomes.len(),
+        outcomes.len() - served - refused
+    )
 }
 
 /// The fixtures' directory.

@@ -11,13 +11,16 @@
 //!    variables an offline host needs;
 //! 4. the checks of the issue, each a step of the printed report: a
 //!    Telethon client through the guest's port 443, the stats page, the
-//!    unit, the journal, failover, scaling 2→3→2, `mtlb link`.
+//!    unit, the journal, failover, scaling 2→3→2, `mtlb link`, then the
+//!    package's life (package.rs): upgrade, `apt remove` and reinstall,
+//!    `apt purge`.
 //!
 //! The guest and the run's files are removed at the end, failed or not.
 
 mod clients;
 mod disk;
 mod guest;
+mod package;
 mod stats;
 
 use anyhow::{Context as _, bail};
@@ -128,6 +131,9 @@ pub trait Host {
     /// system tarball of the replica image holding it (for `docker
     /// import`).
     fn replica_image(&self) -> anyhow::Result<(PathBuf, PathBuf)>;
+    /// mtlb's Debian package built from this tree (`cargo xtask deb`), as
+    /// the workspace's version or as `version`.
+    fn deb(&self, version: Option<&str>) -> anyhow::Result<PathBuf>;
 }
 
 pub fn run(root: &Path, python: &Path, host: &dyn Host) -> anyhow::Result<()> {
@@ -145,6 +151,8 @@ struct Deployed {
     probe: Arc<Probe>,
     stats: Stats,
     ansible: Ansible,
+    /// The same code packaged as a later version, for the upgrade.
+    upgrade: package::Deb,
 }
 
 /// A check of the deployed guest: its report line's name and the check.
@@ -172,6 +180,16 @@ const CHECKS: &[Check] = &[
         check_scale_down,
     ),
     ("mtlb link, used by a client", check_link),
+    (
+        "upgrade: the role installs a later package under client load",
+        package::check_upgrade,
+    ),
+    (
+        "apt remove mtlb under client load, then the role reinstalls it",
+        package::check_remove,
+    ),
+    // Last: nothing of mtlb is left after it.
+    ("apt purge mtlb under client load", package::check_purge),
 ];
 
 fn steps(root: &Path, python: &Path, host: &dyn Host, report: &mut Report) -> anyhow::Result<()> {
@@ -188,6 +206,10 @@ fn steps(root: &Path, python: &Path, host: &dyn Host, report: &mut Report) -> an
     let _ = std::fs::remove_dir_all(&run_dir.0);
     std::fs::create_dir_all(&run_dir.0)?;
     let files = write_run_files(&run_dir.0, &archive)?;
+    let (first, upgrade) = report.step(
+        "packages: cargo xtask deb, and the same code as a later version",
+        || package::build(host),
+    )?;
 
     let vm = report.step(
         &format!(
@@ -215,9 +237,13 @@ fn steps(root: &Path, python: &Path, host: &dyn Host, report: &mut Report) -> an
         inventory: write_inventory(&run_dir.0, &vm)?,
         offline: files.offline_vars.clone(),
         logs: run_dir.0.clone(),
+        deb: first.path.clone(),
     };
     report.step(
-        "ansible-playbook playbooks/deploy.yml (mtproxy_replicas=2)",
+        &format!(
+            "ansible-playbook playbooks/deploy.yml (mtproxy_replicas=2, mtlb_deb_src={})",
+            first.file_name()
+        ),
         || Ok(((), ansible.run(2, "first")?)),
     )?;
 
@@ -234,6 +260,7 @@ fn steps(root: &Path, python: &Path, host: &dyn Host, report: &mut Report) -> an
         vm,
         vars,
         ansible,
+        upgrade,
     };
     report.step(
         "stats page (over ssh, it is on loopback): mtp1 and mtp2 UP",
@@ -518,7 +545,6 @@ fn clock_offset(vm: &Guest) -> anyhow::Result<(f64, f64)> {
     Ok((guest - (t0 + t1) / 2.0, (t1 - t0) / 2.0))
 }
 
-/// Passes when every client completed its exchange.
 /// Runs `f` under a light client load (one client at a time, every half
 /// second): a playbook run takes minutes. The clients' outcomes and what
 /// `f` returned.
@@ -528,10 +554,12 @@ fn under_light_load<T>(probe: &Arc<Probe>, f: impl FnOnce() -> T) -> (Vec<client
     (load.finish(), out)
 }
 
+/// Passes when every client completed its exchange.
 fn clients_verdict(outcomes: &[clients::Outcome], rest: String) -> anyhow::Result<String> {
-    let (n, failed, why) = clients::summary(outcomes);
+    let (_, failed, why) = clients::summary(outcomes);
     let d = format!(
-        "{n} clients (complete MTProxy exchanges from this machine), {failed} failed{}\n{rest}",
+        "{}{}\n{rest}",
+        clients::counts(outcomes),
         if failed > 0 {
             format!(": {why}")
         } else {
@@ -556,6 +584,8 @@ fn health_lines(vm: &Guest) -> anyhow::Result<String> {
 struct GroupVars {
     secret: String,
     stats_port: u16,
+    /// mtproxyN listens on base_port + N - 1.
+    base_port: u16,
 }
 
 impl GroupVars {
@@ -571,6 +601,7 @@ impl GroupVars {
         Ok(GroupVars {
             secret: get("mtproxy_secret")?,
             stats_port: get("mtlb_stats_port")?.parse()?,
+            base_port: get("mtproxy_base_port")?.parse()?,
         })
     }
 }
@@ -676,6 +707,8 @@ struct Ansible {
     inventory: PathBuf,
     offline: PathBuf,
     logs: PathBuf,
+    /// The package the role installs (`mtlb_deb_src`).
+    deb: PathBuf,
 }
 
 impl Ansible {
@@ -684,6 +717,11 @@ impl Ansible {
     /// variables), with this run's inventory, the offline variables and
     /// the replica count. Its PLAY RECAP line, or its log's tail.
     fn run(&self, replicas: u32, name: &str) -> anyhow::Result<String> {
+        self.run_deb(replicas, name, &self.deb)
+    }
+
+    /// [`Ansible::run`] with the package `deb`.
+    fn run_deb(&self, replicas: u32, name: &str, deb: &Path) -> anyhow::Result<String> {
         let log = self.logs.join(format!("ansible-{name}.log"));
         let out = std::fs::File::create(&log)?;
         let t0 = Instant::now();
@@ -709,7 +747,7 @@ impl Ansible {
             .arg("-e")
             .arg(format!("@{}", self.offline.display()))
             .arg("-e")
-            .arg(format!("{{\"mtproxy_replicas\": {replicas}}}"))
+            .arg(serde_json::json!({"mtproxy_replicas": replicas, "mtlb_deb_src": deb}).to_string())
             .stdout(out.try_clone()?)
             .stderr(out)
             .status()
