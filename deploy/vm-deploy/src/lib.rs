@@ -208,7 +208,7 @@ fn steps(root: &Path, python: &Path, host: &dyn Host, report: &mut Report) -> an
     let files = write_run_files(&run_dir.0, &archive)?;
     let (first, upgrade) = report.step(
         "packages: cargo xtask deb, and the same code as a later version",
-        || package::build(host),
+        || package::build(host, &run_dir.0),
     )?;
 
     let vm = report.step(

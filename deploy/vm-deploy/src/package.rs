@@ -52,19 +52,27 @@ impl Deb {
 }
 
 /// The package of this tree, and the same code as a later version ("+1":
-/// Debian orders `X+1` after `X`).
-pub fn build(host: &dyn Host) -> anyhow::Result<((Deb, Deb), String)> {
-    let first = Deb::new(host.deb(None)?)?;
+/// Debian orders `X+1` after `X`), each copied into `dir` at once: cargo-deb
+/// deletes the other versions' packages from its output directory.
+pub fn build(host: &dyn Host, dir: &Path) -> anyhow::Result<((Deb, Deb), String)> {
+    let keep = |built: PathBuf| -> anyhow::Result<Deb> {
+        let kept = dir.join(built.file_name().context("a package path without a name")?);
+        std::fs::copy(&built, &kept)
+            .with_context(|| format!("copying {} to {}", built.display(), dir.display()))?;
+        Deb::new(kept)
+    };
+    let first = keep(host.deb(None)?)?;
     let later = format!("{}+1", first.version);
-    let second = Deb::new(host.deb(Some(&later))?)?;
+    let second = keep(host.deb(Some(&later))?)?;
     if second.version != later {
         bail!("{} says version {}", second.file_name(), second.version);
     }
     let d = format!(
-        "{} ({:.1} MB); {} for the upgrade",
-        first.path.display(),
+        "{} ({:.1} MB) and {} for the upgrade, in {}",
+        first.file_name(),
         size_mb(&first.path),
-        second.file_name()
+        second.file_name(),
+        dir.display()
     );
     Ok(((first, second), d))
 }
