@@ -211,3 +211,36 @@ pub fn counts(outcomes: &[Outcome]) -> String {
 pub fn fixtures(root: &Path) -> PathBuf {
     root.join("tests/fixtures/mtproxy")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(line: &str) -> bool {
+        serde_json::from_str::<Verdict>(line).unwrap().refused()
+    }
+
+    /// probe.py's lines: closed before the first byte is refused; a reply
+    /// cut short, a silent peer or a served client is not.
+    #[test]
+    fn refused_is_closed_before_any_byte() {
+        assert!(refused(
+            r#"{"verdict": "CONNECT_FAILED", "error": "ConnectionRefusedError()"}"#
+        ));
+        assert!(refused(
+            r#"{"verdict": "CLOSED_NO_DATA", "close": "FIN", "rx": 0}"#
+        ));
+        assert!(refused(
+            r#"{"verdict": "CLOSED_NO_DATA", "close": "RST", "rx": 0}"#
+        ));
+        assert!(!refused(
+            r#"{"verdict": "CLOSED_NO_DATA", "close": "FIN", "rx": 12}"#
+        ));
+        assert!(!refused(
+            r#"{"verdict": "SILENT_TIMEOUT", "close": "TIMEOUT", "rx": 0}"#
+        ));
+        assert!(!refused(
+            r#"{"verdict": "UP", "close": "open(we closed)", "rx": 40}"#
+        ));
+    }
+}
