@@ -498,7 +498,8 @@ fn check_scale_down(d: &Deployed) -> anyhow::Result<String> {
 }
 
 fn check_link(d: &Deployed) -> anyhow::Result<String> {
-    let out = d.vm.sh("mtlb link")?;
+    // The package's /usr/sbin is not in a user's PATH on Debian.
+    let out = d.vm.sh("/usr/sbin/mtlb link")?;
     let link = out
         .lines()
         .find(|l| l.starts_with("tg://proxy?"))
