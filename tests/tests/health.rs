@@ -312,6 +312,24 @@ fn reload_scales_two_three_two_without_dropping_anything() {
     )
     .unwrap();
     agent.wait_for_after(from, "backend mtp3 is draining before removal");
+    // That line comes before BACKENDS is written, and a connection steered
+    // to mtp3 just before the write is accepted a moment later: count
+    // mtp3's clients once the kernel no longer steers to it and it has
+    // accepted every connection it was given.
+    let maps = agent.maps();
+    let deadline = std::time::Instant::now() + wait_limit();
+    while !(maps.backend(2).is_ok_and(|b| b.enabled == 0) && {
+        let k = conns(&maps, 2);
+        k.handshakes_now() == 0 && k.established as usize == c.steered()
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mtp3 still steered to or not settled: {:?}, {} accepted",
+            conns(&maps, 2),
+            c.steered()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let on_c = c.steered();
     // An invalid config is rejected and the running one stays.
     Config::new().set("replicas", 0).write(&ns);
@@ -334,7 +352,6 @@ fn reload_scales_two_three_two_without_dropping_anything() {
         "mtp3 took connections after it was scaled away"
     );
     // Every connection mtp3 holds is still established.
-    let maps = agent.maps();
     assert_eq!(conns(&maps, 2).established as usize, on_c);
 }
 
