@@ -730,6 +730,10 @@ impl Ansible {
             .current_dir(&self.deploy)
             .env("ANSIBLE_CONFIG", self.deploy.join("ansible.cfg"))
             .env("ANSIBLE_NOCOLOR", "1")
+            // The emulated guest can take longer than ansible's default 10 s
+            // to answer sudo's prompt when the host is busy; a real host
+            // keeps the operator's ansible.cfg value.
+            .env("ANSIBLE_TIMEOUT", "120")
             .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
             // ansible-playbook finds ansible's other programs in PATH.
             .env(
