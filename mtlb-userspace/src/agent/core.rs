@@ -8,8 +8,8 @@
 
 use super::{
     effect::{
-        Effect, Event, Fact, Inherited, Inputs, ListenerChange, Notice, Origin, QueueReading,
-        Signal,
+        Effect, Event, Fact, Inherited, Inputs, Notice, Origin, QueueReading, Registration,
+        Registrations, Signal,
     },
     heal::Assignments,
     persist::Saved,
@@ -242,7 +242,7 @@ impl State {
 
     fn started(
         &mut self,
-        listeners: Vec<ListenerChange>,
+        listeners: Registrations,
         verified: Vec<u64>,
         inp: &Inputs,
         out: &mut Vec<Effect>,
@@ -280,56 +280,83 @@ impl State {
         }));
     }
 
-    fn listeners(&mut self, changes: Vec<ListenerChange>, inp: &Inputs, out: &mut Vec<Effect>) {
-        let verify = reconcile::verifies(&self.cfg);
-        for c in changes {
-            match c {
-                ListenerChange::Registered { slot, cookie, desc } => {
-                    say(out, Fact::Registered { slot, desc });
-                    let Some(s) = self.slots.get_mut(slot) else {
-                        continue;
-                    };
-                    s.listener_cookie = cookie;
-                    if !verify || s.verified == cookie {
-                        // Checks off (registration alone decides), or a
-                        // listener already proven (taken over).
-                        let ev = s.health.listener_back(CheckResult::pass(
-                            reason::LISTENER_REGISTERED,
-                            Duration::ZERO,
-                        ));
-                        self.health_event(slot, ev, inp, out);
-                    } else {
-                        // It gets clients once a check passes: check now.
-                        self.check_now(slot, out);
-                    }
-                }
-                ListenerChange::Closed { slot, cookie, desc } => {
-                    say(out, Fact::Unregistered { slot, desc });
-                    let Some(s) = self.slots.get_mut(slot) else {
-                        continue;
-                    };
-                    if s.listener_cookie == cookie {
-                        s.listener_cookie = 0;
-                    }
-                    if s.verified == cookie {
-                        s.verified = 0;
-                    }
-                    let ev = s.health.force_down(
-                        DownCause::Listener,
-                        CheckResult::fail(
-                            reason::NO_LISTENER,
-                            Some("listener closed".into()),
-                            Duration::ZERO,
-                        ),
-                    );
-                    self.health_event(slot, ev, inp, out);
-                    // A replica that listened while this one still held the
-                    // slot (a quick restart) may take it now.
-                    out.push(Effect::Adopt);
-                }
+    /// Compares the registrations read from the maps with what each slot
+    /// knows: a listener that left is unregistered, a new one registered.
+    /// A slot the core has forgotten (scaled away and back) learns its
+    /// listener again here, whatever the shell saw before.
+    fn listeners(&mut self, now: Registrations, inp: &Inputs, out: &mut Vec<Effect>) {
+        for (slot, reg) in now.into_iter().enumerate().take(self.slots.len()) {
+            let known = self.slots[slot].listener_cookie;
+            if reg.as_ref().map_or(0, |r| r.cookie) == known {
+                continue;
+            }
+            if known != 0 {
+                self.listener_closed(slot, inp, out);
+            }
+            if let Some(r) = reg {
+                self.listener_registered(slot, r, inp, out);
             }
         }
         self.apply(inp, out);
+    }
+
+    fn listener_registered(
+        &mut self,
+        slot: usize,
+        reg: Registration,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        let verify = reconcile::verifies(&self.cfg);
+        say(
+            out,
+            Fact::Registered {
+                slot,
+                desc: reg.desc,
+            },
+        );
+        let s = &mut self.slots[slot];
+        s.listener_cookie = reg.cookie;
+        s.listener_desc = reg.short;
+        if !verify || s.verified == reg.cookie {
+            // Checks off (registration alone decides), or a listener
+            // already proven (taken over).
+            let ev = s.health.listener_back(CheckResult::pass(
+                reason::LISTENER_REGISTERED,
+                Duration::ZERO,
+            ));
+            self.health_event(slot, ev, inp, out);
+        } else {
+            // It gets clients once a check passes: check now.
+            self.check_now(slot, out);
+        }
+    }
+
+    fn listener_closed(&mut self, slot: usize, inp: &Inputs, out: &mut Vec<Effect>) {
+        let s = &mut self.slots[slot];
+        say(
+            out,
+            Fact::Unregistered {
+                slot,
+                desc: std::mem::take(&mut s.listener_desc),
+            },
+        );
+        if s.verified == s.listener_cookie {
+            s.verified = 0;
+        }
+        s.listener_cookie = 0;
+        let ev = s.health.force_down(
+            DownCause::Listener,
+            CheckResult::fail(
+                reason::NO_LISTENER,
+                Some("listener closed".into()),
+                Duration::ZERO,
+            ),
+        );
+        self.health_event(slot, ev, inp, out);
+        // A replica that listened while this one still held the slot (a
+        // quick restart) may take it now.
+        out.push(Effect::Adopt);
     }
 
     /// Launches a check of `slot` now, under a new generation: results of
@@ -863,6 +890,8 @@ mod tests {
         st: State,
         now: Instant,
         conns: Vec<u64>,
+        /// What the kernel's maps register, by slot.
+        kernel: Vec<Option<Registration>>,
     }
 
     impl H {
@@ -888,6 +917,7 @@ mod tests {
                 ),
                 now,
                 conns: vec![0; MAX_REPLICAS as usize],
+                kernel: vec![None; MAX_REPLICAS as usize],
             }
         }
 
@@ -896,11 +926,7 @@ mod tests {
         /// checks on) their first checks passed.
         fn running(cfg: Config, up: &[usize]) -> Self {
             let mut h = Self::new(cfg);
-            let listeners = up.iter().map(|&s| reg(s)).collect();
-            let fx = h.step(Event::Started {
-                listeners,
-                verified: vec![],
-            });
+            let fx = h.start(up.iter().map(|&s| reg(s)).collect());
             for slot in started_checks(&fx) {
                 h.check(slot, true);
             }
@@ -908,10 +934,52 @@ mod tests {
         }
 
         fn start(&mut self, listeners: Vec<ListenerChange>) -> Vec<Effect> {
+            self.start_verified(listeners, vec![])
+        }
+
+        fn start_verified(
+            &mut self,
+            listeners: Vec<ListenerChange>,
+            verified: Vec<u64>,
+        ) -> Vec<Effect> {
+            self.kernel_sees(listeners);
+            let listeners = self.registrations();
             self.step(Event::Started {
                 listeners,
-                verified: vec![],
+                verified,
             })
+        }
+
+        /// Listeners registering or closing in the kernel, then read by
+        /// the shell.
+        fn listeners(&mut self, changes: Vec<ListenerChange>) -> Vec<Effect> {
+            self.kernel_sees(changes);
+            let now = self.registrations();
+            self.step(Event::Listeners(now))
+        }
+
+        fn kernel_sees(&mut self, changes: Vec<ListenerChange>) {
+            for c in changes {
+                match c {
+                    ListenerChange::Registered { slot, cookie } => {
+                        let addr = format!("127.0.0.1:{}", 10000 + slot);
+                        self.kernel[slot] = Some(Registration {
+                            cookie,
+                            desc: format!("{addr} (IPv4, via listen hook)"),
+                            short: format!("{addr} (IPv4)"),
+                        })
+                    }
+                    ListenerChange::Closed { slot, cookie } => {
+                        assert_eq!(self.kernel[slot].as_ref().map(|r| r.cookie), Some(cookie));
+                        self.kernel[slot] = None;
+                    }
+                }
+            }
+        }
+
+        /// The registrations of the slots in use, as the shell reads them.
+        fn registrations(&self) -> Registrations {
+            self.kernel[..self.st.slots().len()].to_vec()
         }
 
         /// Steps `ev`; a save it asks for succeeds (its outcome is
@@ -982,6 +1050,12 @@ mod tests {
         (slot as u64 + 1) * 1000 + n
     }
 
+    /// A listener registering in or leaving a slot, in the kernel.
+    enum ListenerChange {
+        Registered { slot: usize, cookie: u64 },
+        Closed { slot: usize, cookie: u64 },
+    }
+
     fn reg(slot: usize) -> ListenerChange {
         reg_as(slot, 0)
     }
@@ -990,7 +1064,6 @@ mod tests {
         ListenerChange::Registered {
             slot,
             cookie: cookie(slot, n),
-            desc: format!("127.0.0.1:{} (IPv4, via listen hook)", 10000 + slot),
         }
     }
 
@@ -1002,7 +1075,6 @@ mod tests {
         ListenerChange::Closed {
             slot,
             cookie: cookie(slot, n),
-            desc: format!("127.0.0.1:{} (IPv4)", 10000 + slot),
         }
     }
 
@@ -1188,10 +1260,7 @@ mod tests {
     #[test]
     fn listeners_an_earlier_agent_proved_keep_their_clients() {
         let mut h = H::new(cfg(2));
-        let fx = h.step(Event::Started {
-            listeners: vec![reg(0), reg(1)],
-            verified: vec![cookie(0, 0), cookie(1, 7)],
-        });
+        let fx = h.start_verified(vec![reg(0), reg(1)], vec![cookie(0, 0), cookie(1, 7)]);
         // mtp1's listener is the one proven before: UP at once, unchanged
         // in BACKENDS. mtp2's is another: checked first.
         assert!(has_log(
@@ -1214,7 +1283,7 @@ mod tests {
             &fx,
             "backend mtp2 is UP, reason: listener registered"
         ));
-        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        let fx = h.listeners(vec![closed(1), reg_as(1, 1)]);
         assert!(has_log(
             &fx,
             "backend mtp2 is UP, reason: listener registered"
@@ -1225,7 +1294,7 @@ mod tests {
     fn a_closing_listener_is_down_at_once_and_stays_eligible() {
         let mut h = H::running(cfg(2), &[0, 1]);
         h.conns[1] = 4;
-        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        let fx = h.listeners(vec![closed(1)]);
         assert!(has_log(
             &fx,
             "replica mtp2 unregistered: 127.0.0.1:10001 (IPv4): its listener closed"
@@ -1256,8 +1325,8 @@ mod tests {
     #[test]
     fn a_returning_listener_proves_itself_with_one_check() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Listeners(vec![closed(1)]));
-        let fx = h.after(MS(500)).step(Event::Listeners(vec![reg_as(1, 1)]));
+        h.listeners(vec![closed(1)]);
+        let fx = h.after(MS(500)).listeners(vec![reg_as(1, 1)]);
         assert_eq!(started_checks(&fx), [1], "checked at once");
         assert!(!has_log(&fx, "is UP"));
         let b = h.slot(1).backend(h.st.cfg(), 1, h.now);
@@ -1277,7 +1346,7 @@ mod tests {
     #[test]
     fn a_returning_listener_that_fails_its_check_gets_no_clients() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        h.listeners(vec![closed(1), reg_as(1, 1)]);
         let fx = h.check(1, false);
         assert!(has_log(
             &fx,
@@ -1309,7 +1378,7 @@ mod tests {
         h.step(Event::ChecksDue);
         let old = h.slot(1).check.generation;
         // Restarted while its scheduled check was in flight.
-        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        let fx = h.listeners(vec![closed(1), reg_as(1, 1)]);
         assert_eq!(started_checks(&fx), [1], "a new check for the new listener");
         let fx = h.step(Event::CheckDone {
             slot: 1,
@@ -1325,7 +1394,7 @@ mod tests {
     #[test]
     fn a_closing_listener_asks_for_a_scan() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        let fx = h.listeners(vec![closed(1)]);
         assert!(
             fx.contains(&Effect::Adopt),
             "a replica waiting for the slot"
@@ -1334,8 +1403,8 @@ mod tests {
     #[test]
     fn the_last_replica_going_says_no_backend_available_once() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Listeners(vec![closed(0)]));
-        let fx = h.step(Event::Listeners(vec![closed(1)]));
+        h.listeners(vec![closed(0)]);
+        let fx = h.listeners(vec![closed(1)]);
         let said = |fx: &[Effect]| {
             logs(fx)
                 .iter()
@@ -1344,15 +1413,15 @@ mod tests {
         };
         assert_eq!(said(&fx), 1);
         assert_eq!(said(&h.step(Event::Elapsed)), 0);
-        h.step(Event::Listeners(vec![reg_as(0, 1)]));
+        h.listeners(vec![reg_as(0, 1)]);
         h.check(0, true);
-        let fx = h.step(Event::Listeners(vec![closed_as(0, 1)]));
+        let fx = h.listeners(vec![closed_as(0, 1)]);
         assert_eq!(said(&fx), 1, "said again after one came back");
     }
     #[test]
     fn a_listener_replaced_in_place_is_checked_before_clients() {
         let mut h = H::running(cfg(1), &[0]);
-        let fx = h.step(Event::Listeners(vec![closed(0), reg_as(0, 1)]));
+        let fx = h.listeners(vec![closed(0), reg_as(0, 1)]);
         assert!(has_log(&fx, "backend mtp1 is DOWN"));
         assert!(!has_log(&fx, "backend mtp1 is UP"));
         assert_eq!(backend(&fx, 0).unwrap().listener_cookie, 0);
@@ -1601,7 +1670,7 @@ mod tests {
     #[test]
     fn the_last_replica_taking_connections_is_kept_when_it_stalls() {
         let mut h = H::running(cfg(2), &[0, 1]);
-        h.step(Event::Listeners(vec![closed(0)]));
+        h.listeners(vec![closed(0)]);
         h.step(Event::Queues(queued(3, 3)));
         let fx = h.after(MS(2100)).step(Event::Queues(queued(3, 3)));
         assert!(!has_log(&fx, "backend mtp2 is DOWN"), "{fx:?}");
@@ -1614,7 +1683,7 @@ mod tests {
         assert!(logs(&fx).is_empty(), "said once: {fx:?}");
         assert!(h.slot(1).active());
         // Once another takes connections, the stalled one goes.
-        h.step(Event::Listeners(vec![reg_as(0, 1)]));
+        h.listeners(vec![reg_as(0, 1)]);
         h.check(0, true);
         let fx = h.after(MS(100)).step(Event::Queues(queued(3, 3)));
         assert!(has_log(
@@ -1795,7 +1864,7 @@ mod tests {
         assert!(fx.contains(&Effect::Adopt) && fx.contains(&Effect::PollListeners));
         assert_eq!(backend(&fx, 2).unwrap().enabled, 1);
         assert_eq!(h.label(2), "DOWN");
-        let fx = h.step(Event::Listeners(vec![reg(2)]));
+        let fx = h.listeners(vec![reg(2)]);
         assert_eq!(started_checks(&fx), [2]);
         let fx = h.check(2, true);
         assert!(has_log(&fx, "backend mtp3 is UP"));
@@ -1962,7 +2031,7 @@ mod tests {
     fn transcript_a_replica_restarts() {
         let mut h = H::running(cfg(2), &[0, 1]);
         h.conns[1] = 4;
-        let fx = h.step(Event::Listeners(vec![closed(1), reg_as(1, 1)]));
+        let fx = h.listeners(vec![closed(1), reg_as(1, 1)]);
         assert_transcript(
             &fx,
             r#"

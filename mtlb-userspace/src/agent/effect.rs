@@ -51,21 +51,21 @@ pub enum Origin {
     Control,
 }
 
-/// A listener appearing in or leaving a slot (by socket cookie), with how
-/// to show it ("127.0.0.1:10001 (IPv4, via listen hook)").
+/// The listener registered in a slot, as the kernel's maps show it, with
+/// how to show it: `desc` when it registers ("127.0.0.1:10001 (IPv4, via
+/// listen hook)"), `short` when it goes ("127.0.0.1:10001 (IPv4)").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenerChange {
-    Registered {
-        slot: usize,
-        cookie: u64,
-        desc: String,
-    },
-    Closed {
-        slot: usize,
-        cookie: u64,
-        desc: String,
-    },
+pub struct Registration {
+    pub cookie: u64,
+    pub desc: String,
+    pub short: String,
 }
+
+/// Every slot's registration as read from the maps, indexed by slot (the
+/// slots in use when it was read). The core compares it with what it
+/// knows, so a slot it forgot (scaled away and back) learns its listener
+/// again from the next reading.
+pub type Registrations = Vec<Option<Registration>>;
 
 /// One accept-queue sample of a slot's listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub enum Event {
     /// registrations found at start, `verified` the listener cookie each
     /// slot's BACKENDS entry held (an earlier agent's proven listeners).
     Started {
-        listeners: Vec<ListenerChange>,
+        listeners: Registrations,
         verified: Vec<u64>,
     },
     Signal(Signal),
@@ -116,7 +116,8 @@ pub enum Event {
         cookie: u64,
         result: CheckResult,
     },
-    Listeners(Vec<ListenerChange>),
+    /// The registrations read now.
+    Listeners(Registrations),
     /// Accept-queue samples, indexed by slot (`None`: no listener seen).
     Queues(Vec<Option<QueueReading>>),
     /// Time passed (a tenth of a second): drained slots can go, slowstart

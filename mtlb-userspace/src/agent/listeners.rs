@@ -5,13 +5,13 @@
 use super::{
     Agent,
     adopt::{adopt, refused},
-    effect::{Event, Fact, ListenerChange, QueueReading, Reading},
+    effect::{Event, Fact, QueueReading, Reading, Registration, Registrations},
     render::emit,
 };
 use crate::{
     config::Config,
     error::report,
-    kernel::registry::{self, Change, RefuseWhy},
+    kernel::registry::{self, RefuseWhy},
 };
 use mtlb_common::{
     EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent,
@@ -19,15 +19,14 @@ use mtlb_common::{
 use std::net::SocketAddr;
 
 impl Agent {
-    /// Registrations and departures since the last look, with how to show
-    /// each listener.
-    pub(super) fn poll_listeners(&mut self) -> Option<Vec<ListenerChange>> {
+    /// Every slot's registration now, with how to show each listener.
+    pub(super) fn poll_listeners(&mut self) -> Option<Registrations> {
         let cfg = self.state.cfg();
-        let changes = match self
+        let views = match self
             .registry
             .poll(self.dataplane.maps_mut(), self.state.slots().len())
         {
-            Ok(c) => c,
+            Ok(v) => v,
             Err(e) => {
                 emit(&Fact::ReadFailed {
                     what: Reading::Registrations,
@@ -37,37 +36,23 @@ impl Agent {
             }
         };
         Some(
-            changes
+            views
                 .into_iter()
-                .map(|c| match c {
-                    Change::Registered { slot, view } => {
-                        let (addr, v6only) = match self.registry.addr_of(view.cookie) {
-                            Some((a, v)) => (Some(a), v),
-                            None => (registry::find_addr(cfg, slot), None),
-                        };
-                        ListenerChange::Registered {
-                            slot: slot as usize,
-                            cookie: view.cookie,
-                            desc: format!(
-                                "{} ({}, via {})",
-                                show(addr, cfg, slot),
-                                registry::family_name(view.family, v6only),
-                                registry::how_name(view.how),
-                            ),
-                        }
-                    }
-                    Change::Unregistered { slot, view } => {
-                        let known = self.registry.addr_of(view.cookie);
-                        ListenerChange::Closed {
-                            slot: slot as usize,
-                            cookie: view.cookie,
-                            desc: format!(
-                                "{} ({})",
-                                show(known.map(|k| k.0), cfg, slot),
-                                registry::family_name(view.family, known.and_then(|k| k.1)),
-                            ),
-                        }
-                    }
+                .enumerate()
+                .map(|(slot, view)| {
+                    let view = view?;
+                    let slot = slot as u32;
+                    let (addr, v6only) = match self.registry.addr_of(view.cookie) {
+                        Some((a, v)) => (Some(a), v),
+                        None => (registry::find_addr(cfg, slot), None),
+                    };
+                    let addr = show(addr, cfg, slot);
+                    let family = registry::family_name(view.family, v6only);
+                    Some(Registration {
+                        cookie: view.cookie,
+                        desc: format!("{addr} ({family}, via {})", registry::how_name(view.how)),
+                        short: format!("{addr} ({family})"),
+                    })
                 })
                 .collect(),
         )
@@ -129,7 +114,7 @@ impl Agent {
 
     /// Adopts listeners on replica ports that did not register themselves;
     /// the adopted ones, read back as registrations.
-    pub(super) fn adopt_missing(&mut self) -> Option<Vec<ListenerChange>> {
+    pub(super) fn adopt_missing(&mut self) -> Option<Registrations> {
         let cfg = self.state.cfg().clone();
         if adopt(&cfg, &mut self.registry, self.dataplane.maps_mut()) {
             self.poll_listeners()

@@ -23,6 +23,8 @@ pub struct Slot {
     /// Cookie of the registered listener (0: none; sockets' cookies never
     /// are 0).
     pub(super) listener_cookie: u64,
+    /// How to show that listener when it goes ("127.0.0.1:10001 (IPv4)").
+    pub(super) listener_desc: String,
     /// Cookie of the listener a check has proven (0: none): the kernel
     /// steers to this slot only while it is the registered one.
     pub(super) verified: u64,
@@ -69,6 +71,7 @@ impl Slot {
             health: Health::waiting_for_listener(),
             admin: Admin::Ready,
             listener_cookie: 0,
+            listener_desc: String::new(),
             verified: 0,
             weight_override: None,
             removing: false,

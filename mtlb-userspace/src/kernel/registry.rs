@@ -61,31 +61,6 @@ pub struct SlotView {
     pub how: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    Registered { slot: u32, view: SlotView },
-    Unregistered { slot: u32, view: SlotView },
-}
-
-/// Compares what was known with what the maps say now.
-pub fn diff(prev: &[Option<SlotView>], now: &[Option<SlotView>]) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (slot, (p, n)) in prev.iter().zip(now).enumerate() {
-        let slot = slot as u32;
-        match (p, n) {
-            (Some(p), Some(n)) if p.cookie == n.cookie => {}
-            (Some(p), Some(n)) => {
-                out.push(Change::Unregistered { slot, view: *p });
-                out.push(Change::Registered { slot, view: *n });
-            }
-            (Some(p), None) => out.push(Change::Unregistered { slot, view: *p }),
-            (None, Some(n)) => out.push(Change::Registered { slot, view: *n }),
-            (None, None) => {}
-        }
-    }
-    out
-}
-
 /// The slot a listener on `addr` belongs to, if any: its port is a replica
 /// port and its address is the replica address (or the wildcard, or the
 /// IPv4-mapped form of it).
@@ -243,11 +218,15 @@ impl Registrations {
         }
     }
 
-    /// Looks at the first `slots` slots (the ones in use) and returns what
-    /// changed since the last call. Slots whose listener is gone from the
-    /// sockmap but still described in LISTENERS (adopted listeners get no
-    /// close callback) are cleared.
-    pub fn poll(&mut self, maps: &mut Maps, slots: usize) -> Result<Vec<Change>, RegistryError> {
+    /// Reads the first `slots` slots (the ones in use): each one's
+    /// registered listener. Slots whose listener is gone from the sockmap
+    /// but still described in LISTENERS (adopted listeners get no close
+    /// callback) are cleared.
+    pub fn poll(
+        &mut self,
+        maps: &mut Maps,
+        slots: usize,
+    ) -> Result<Vec<Option<SlotView>>, RegistryError> {
         let raw = Self::read_raw(maps, slots)?;
         for (slot, (l, cookie)) in raw.iter().enumerate() {
             if l.cookie != 0 && l.how == REG_ADOPTED && cookie.is_none() {
@@ -255,11 +234,8 @@ impl Registrations {
             }
         }
         let now: Vec<Option<SlotView>> = raw.iter().map(Self::view).collect();
-        // Slots beyond `slots` (scaled away) are forgotten without a change.
-        self.known.resize(slots, None);
-        let changes = diff(&self.known, &now);
-        self.known = now;
-        Ok(changes)
+        self.known = now.clone();
+        Ok(now)
     }
 
     /// Finds listeners on replica ports that are not registered (started
@@ -491,43 +467,6 @@ pub fn find_addr(cfg: &Config, slot: u32) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn v(cookie: u64) -> Option<SlotView> {
-        Some(SlotView {
-            cookie,
-            family: AF_INET,
-            how: REG_LISTEN_HOOK,
-        })
-    }
-
-    #[test]
-    fn diff_reports_each_change() {
-        let prev = vec![v(1), None, v(3), v(4)];
-        let now = vec![v(1), v(2), None, v(5)];
-        let d = diff(&prev, &now);
-        assert_eq!(
-            d,
-            vec![
-                Change::Registered {
-                    slot: 1,
-                    view: v(2).unwrap()
-                },
-                Change::Unregistered {
-                    slot: 2,
-                    view: v(3).unwrap()
-                },
-                Change::Unregistered {
-                    slot: 3,
-                    view: v(4).unwrap()
-                },
-                Change::Registered {
-                    slot: 3,
-                    view: v(5).unwrap()
-                },
-            ]
-        );
-        assert!(diff(&now, &now).is_empty());
-    }
 
     #[test]
     fn slots_by_address_and_port() {
