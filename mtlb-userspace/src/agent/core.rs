@@ -88,6 +88,10 @@ pub struct State {
     refusals_logged: HashMap<u32, (Instant, u64)>,
     /// Assignments over time: the upper bound of handshakes in flight.
     assignments: Assignments,
+    /// The operator's choices (admin state, weight) by replica name, as
+    /// saved: a slot takes them when it is created, so a replica scaled
+    /// away and back keeps its DRAIN, as a restart would.
+    operator: Saved,
 }
 
 impl State {
@@ -112,12 +116,12 @@ impl State {
             awaiting_save: None,
             refusals_logged: HashMap::new(),
             assignments: Assignments::default(),
+            operator: saved.clone(),
         };
         for i in 0..n {
             // Spread the first checks over one interval.
             let next = inp.now + inter.mul_f64(i as f64 / n as f64);
-            let mut s = st.new_slot(i, next, inp);
-            saved.apply(&mut s);
+            let s = st.new_slot(i, next, inp);
             st.slots.push(s);
         }
         st
@@ -125,7 +129,7 @@ impl State {
 
     fn new_slot(&mut self, i: usize, next: Instant, inp: &Inputs) -> Slot {
         let generation = self.next_generation();
-        Slot::new(
+        let mut s = Slot::new(
             i,
             inp.now,
             inp.unix_ms,
@@ -134,7 +138,9 @@ impl State {
                 generation,
                 running: None,
             },
-        )
+        );
+        self.operator.apply(&mut s);
+        s
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -188,7 +194,12 @@ impl State {
     }
 
     fn save(&self, out: &mut Vec<Effect>) {
-        out.push(Effect::Save(Saved::from_slots(&self.slots)));
+        out.push(Effect::Save(self.operator.clone()));
+    }
+
+    /// The operator's choices as saved (and as the live slots hold them).
+    pub fn operator(&self) -> &Saved {
+        &self.operator
     }
 
     /// Logs what a health event did; a state change is written to the
@@ -630,8 +641,22 @@ impl State {
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) -> Result<Response, Response> {
-        let slot = self.find(name)?;
+        let slot = match self.find(name) {
+            Ok(slot) => slot,
+            // Scaled away with a choice saved: the operator may clear it
+            // (anything else waits until the replica is configured, so a
+            // mistyped name is an error).
+            Err(_) if admin == Admin::Ready && self.operator.backends.contains_key(name) => {
+                self.operator.set_admin(name, admin);
+                self.save(out);
+                return Ok(Response::ok(format!(
+                    "{name} is not configured; its saved choices are cleared"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         self.slots[slot].admin = admin;
+        self.operator.set_admin(name, admin);
         self.apply(inp, out);
         self.save(out);
         say(
@@ -652,7 +677,6 @@ impl State {
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) -> Result<Response, Response> {
-        let slot = self.find(name)?;
         if !WEIGHTS.contains(&weight) {
             return Err(Response::err(format!(
                 "weight {weight}: must be {}..={}",
@@ -660,7 +684,9 @@ impl State {
                 WEIGHTS.end()
             )));
         }
+        let slot = self.find(name)?;
         self.slots[slot].weight_override = Some(weight);
+        self.operator.set_weight(name, weight);
         self.apply(inp, out);
         self.save(out);
         say(
@@ -1926,6 +1952,66 @@ mod tests {
         assert!(h.slot(2).active());
         h.conns[2] = 0;
         assert!(!has_log(&h.step(Event::Elapsed), "removed"));
+    }
+
+    #[test]
+    fn a_replica_scaled_away_and_back_is_registered_again() {
+        let mut h = H::running(cfg(3), &[0, 1, 2]);
+        // The shell read the registrations (mtp3's too) just before the
+        // slot went.
+        h.reload(Ok(cfg(2)));
+        h.listeners(vec![]);
+        h.step(Event::Elapsed);
+        assert_eq!(h.st.slots().len(), 2);
+        h.reload(Ok(cfg(3)));
+        // mtp3's listener never left the kernel: the next reading shows it.
+        let fx = h.listeners(vec![]);
+        assert!(has_log(
+            &fx,
+            "replica mtp3 registered: 127.0.0.1:10002 (IPv4, via listen hook)"
+        ));
+        assert_eq!(started_checks(&fx), [2]);
+        let fx = h.check(2, true);
+        assert!(has_log(&fx, "backend mtp3 is UP"), "{:?}", logs(&fx));
+    }
+
+    #[test]
+    fn a_drained_replica_scaled_away_and_back_stays_drained() {
+        let mut h = H::running(cfg(3), &[0, 1, 2]);
+        h.control(Request::Admin {
+            name: "mtp3".into(),
+            state: Admin::Drain,
+        });
+        h.reload(Ok(cfg(2)));
+        h.step(Event::Elapsed);
+        assert_eq!(h.st.slots().len(), 2);
+        // Saved while mtp3 is away: its DRAIN is kept.
+        let (_, fx) = h.control(Request::Weight {
+            name: "mtp1".into(),
+            weight: 2,
+        });
+        assert_eq!(saved(&fx).unwrap().backends["mtp3"].admin, Admin::Drain);
+        h.reload(Ok(cfg(3)));
+        assert_eq!(h.label(2), "DRAIN");
+        let fx = h.listeners(vec![]);
+        h.check(2, true);
+        assert!(!h.slot(2).active(), "{:?}", logs(&fx));
+        assert_eq!(h.st.operator(), &Saved::from_slots(h.st.slots()));
+        // The operator may clear it while it is away.
+        h.reload(Ok(cfg(2)));
+        h.step(Event::Elapsed);
+        let (r, fx) = h.control(Request::Admin {
+            name: "mtp3".into(),
+            state: Admin::Ready,
+        });
+        assert!(r.ok, "{r:?}");
+        assert!(!saved(&fx).unwrap().backends.contains_key("mtp3"));
+        assert_eq!(
+            h.st.operator().backends.keys().collect::<Vec<_>>(),
+            ["mtp1"]
+        );
+        h.reload(Ok(cfg(3)));
+        assert_eq!(h.label(2), "DOWN");
     }
 
     #[test]

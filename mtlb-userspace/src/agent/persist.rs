@@ -100,7 +100,30 @@ impl Saved {
             .map_err(write)
     }
 
-    /// The choices worth keeping: replicas not READY or with a weight set.
+    /// Sets `name`'s admin state; an entry that says nothing beyond the
+    /// defaults (READY, no weight) is not kept.
+    pub fn set_admin(&mut self, name: &str, admin: Admin) {
+        self.backends.entry(name.to_string()).or_default().admin = admin;
+        self.prune(name);
+    }
+
+    pub fn set_weight(&mut self, name: &str, weight: u32) {
+        self.backends.entry(name.to_string()).or_default().weight = Some(weight);
+    }
+
+    fn prune(&mut self, name: &str) {
+        if self
+            .backends
+            .get(name)
+            .is_some_and(|b| b.admin == Admin::Ready && b.weight.is_none())
+        {
+            self.backends.remove(name);
+        }
+    }
+
+    /// The choices the slots hold (not READY, or a weight set): what the
+    /// saved state says of the replicas configured.
+    #[cfg(test)]
     pub fn from_slots(slots: &[Slot]) -> Self {
         Self {
             backends: slots
