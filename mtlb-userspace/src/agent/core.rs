@@ -124,6 +124,15 @@ impl State {
             let s = st.new_slot(i, next, inp);
             st.slots.push(s);
         }
+        // An earlier agent's replicas beyond ours that still hold
+        // connections drain and go, as after a reload that scaled them
+        // away: their counts stay in use until then.
+        let held = (n..MAX_REPLICAS as usize).rev().find(|&i| inp.conns(i) > 0);
+        for i in held.map_or(n..n, |last| n..last + 1) {
+            let mut s = st.new_slot(i, inp.now, inp);
+            s.removing = true;
+            st.slots.push(s);
+        }
         st
     }
 
@@ -261,6 +270,14 @@ impl State {
         say(out, self.summary());
         if self.cfg.any_replica_owner {
             say(out, Fact::AnyReplicaOwner);
+        }
+        for s in self.slots.iter().filter(|s| s.removing) {
+            say(
+                out,
+                Fact::Draining {
+                    name: s.name.clone(),
+                },
+            );
         }
         // Listeners an earlier agent proved keep their clients across the
         // restart.
@@ -2012,6 +2029,38 @@ mod tests {
         );
         h.reload(Ok(cfg(3)));
         assert_eq!(h.label(2), "DOWN");
+    }
+
+    #[test]
+    fn a_restart_with_fewer_replicas_drains_the_ones_holding_connections() {
+        let now = Instant::now();
+        let mut conns = vec![0; MAX_REPLICAS as usize];
+        // The earlier agent ran 4; mtp4 still holds connections.
+        conns[3] = 5;
+        let inp = Inputs {
+            now,
+            unix_ms: 1,
+            conns: &conns,
+        };
+        let st = State::new(cfg(2), &Saved::default(), "/c".into(), "/p".into(), 7, &inp);
+        let mut h = H {
+            st,
+            now,
+            conns,
+            kernel: vec![None; MAX_REPLICAS as usize],
+        };
+        let fx = h.start(vec![reg(0), reg(1)]);
+        assert!(has_log(&fx, "backend mtp3 is draining before removal"));
+        assert!(has_log(&fx, "backend mtp4 is draining before removal"));
+        assert_eq!(h.st.settings().replicas, 4, "their counts stay in use");
+        assert!(!h.slot(3).active() && !h.slot(2).active());
+        assert_eq!(backend(&fx, 3).map(|b| b.enabled), Some(0));
+        assert!(!has_log(&h.step(Event::Elapsed), "removed"));
+        h.conns[3] = 0;
+        let fx = h.step(Event::Elapsed);
+        assert!(has_log(&fx, "backend mtp4 removed: drained"));
+        assert!(has_log(&fx, "backend mtp3 removed: drained"));
+        assert_eq!(settings(&fx).unwrap().replicas, 2);
     }
 
     #[test]

@@ -290,7 +290,8 @@ impl Agent {
             &effect::Inputs {
                 now: std::time::Instant::now(),
                 unix_ms: slot::unix_ms(),
-                conns: &dataplane.maps().counts(cfg.replicas as usize),
+                // All slots: an earlier agent's beyond ours may hold some.
+                conns: &dataplane.maps().counts(mtlb_common::MAX_REPLICAS as usize),
             },
         );
         // Listeners the earlier agent trusted keep their clients: their
