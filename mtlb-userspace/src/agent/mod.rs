@@ -17,6 +17,8 @@
 
 mod adopt;
 mod apply;
+#[cfg(test)]
+mod converge;
 pub mod core;
 pub mod effect;
 pub mod heal;
