@@ -68,6 +68,12 @@ impl Netns {
         std::env::temp_dir().join(format!("mtlb-state-{}", self.name))
     }
 
+    /// The agent's saved operator choices (`mtlb run --state-dir` is
+    /// [`state_dir`](Self::state_dir)).
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir().join(format!("state-{}.json", self.ino))
+    }
+
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/mtlb/{}", self.ino))
     }
