@@ -96,7 +96,7 @@ pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
         let t = maps.slot_totals(slot)?;
         out.insert(slot, (t.bytes_in, t.bytes_out));
     }
-    match diag::connections(settings.port, maps.tags_fd()) {
+    match diag::connections(maps.tags_fd()) {
         Ok(conns) => {
             for c in conns {
                 // Direct connections to a replica port carry a tag too

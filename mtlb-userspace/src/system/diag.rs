@@ -35,10 +35,7 @@ const TCP_TIME_WAIT: u32 = 6;
 const TCP_NEW_SYN_RECV: u32 = 12;
 
 /// Request attributes (enum in inet_diag.h).
-const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-/// Bytecode: source (local) port equal to the next op's `no` field.
-const INET_DIAG_BC_S_EQ: u8 = 11;
 /// Answer attributes.
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
@@ -73,20 +70,14 @@ pub struct Conn {
     pub bytes_acked: u64,
 }
 
-/// Every connected TCP socket whose local port is `port` and that has a
-/// value in the socket storage map `tags` (SK_TAGS): steered connections
-/// and direct ones to replica listeners (the caller tells them apart by the
-/// tag's state). Needs CAP_SYS_ADMIN (storage) like the agent has.
-pub fn connections(port: u16, tags: BorrowedFd<'_>) -> std::io::Result<Vec<Conn>> {
+/// Every connected TCP socket of the namespace that has a value in the
+/// socket storage map `tags` (SK_TAGS): steered connections and direct
+/// ones to replica listeners (the caller tells them apart by the tag's
+/// state). Not filtered by port: connections steered on a balanced port
+/// the agent no longer serves (changed by a reload or a restart) are still
+/// open and still count. Needs CAP_SYS_ADMIN (storage) like the agent has.
+pub fn connections(tags: BorrowedFd<'_>) -> std::io::Result<Vec<Conn>> {
     let mut attrs = Vec::new();
-    // Bytecode: one S_EQ op; `yes` jumps to the end (accept), `no` past it
-    // (reject); the port rides in the second op's `no` field.
-    let mut bc = Vec::with_capacity(8);
-    bc.extend_from_slice(&[INET_DIAG_BC_S_EQ, 8]);
-    bc.extend_from_slice(&12u16.to_ne_bytes());
-    bc.extend_from_slice(&[0, 0]);
-    bc.extend_from_slice(&port.to_ne_bytes());
-    put_attr(&mut attrs, INET_DIAG_REQ_BYTECODE, &bc);
     let mut nested = Vec::new();
     put_attr(
         &mut nested,
