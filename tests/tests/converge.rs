@@ -182,13 +182,16 @@ fn rapid_flips_converge() {
     assert_eq!(live, fresh, "the running agent and a fresh one differ");
 }
 
+/// Bytes received, by replica name.
+type ByName = Vec<(String, f64)>;
+
 /// Bytes received per replica as /metrics and `mtlb status` show them.
-fn bytes_in(ns: &Netns) -> (Vec<(String, f64)>, Vec<(String, f64)>) {
+fn bytes_in(ns: &Netns) -> (ByName, ByName) {
     let (_, text) = http_get("/metrics");
     let (ok, out) = mtlb_cli(ns, &["status", "--json"]);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
-    let status: Vec<(String, f64)> = v["backends"]
+    let status: ByName = v["backends"]
         .as_array()
         .expect("backends")
         .iter()
@@ -240,7 +243,7 @@ fn counters_hold_across_port_changes_and_restarts() {
         let on = held.iter().filter(|(_, n)| n == name).count() as f64;
         assert!(*b >= on * 50_000.0, "{name}: {b} bytes in");
     }
-    let not_lower = |before: &[(String, f64)], after: &[(String, f64)], what: &str| {
+    let not_lower = |before: &ByName, after: &ByName, what: &str| {
         for (name, b) in before {
             let a = after.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
             assert!(
@@ -278,4 +281,93 @@ fn counters_hold_across_port_changes_and_restarts() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(held);
+}
+
+/// Sets the soft open-file limit of process `pid` (prlimit(2) through
+/// util-linux's prlimit); the hard limit stays, so it can be raised again.
+fn set_nofile(pid: u32, n: u64) {
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+        .output()
+        .expect("running prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+}
+
+/// The lowest descriptor number `pid` leaves free, over a few looks (a
+/// check's socket holds one for a moment): below it are the descriptors
+/// it keeps, so with it as the limit no new one can be opened.
+fn lowest_free_fd(pid: u32) -> u64 {
+    (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            lowest_free_now(pid)
+        })
+        .min()
+        .expect("looked")
+}
+
+fn lowest_free_now(pid: u32) -> u64 {
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the agent's fds")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).expect("a free number")
+}
+
+/// The agent runs out of file descriptors: its checks cannot run, which
+/// says nothing about the replicas. They stay UP and keep taking clients,
+/// the journal tells the agent's problem, and once it has descriptors
+/// again /metrics and /healthz show it.
+#[test]
+fn the_agents_own_fd_shortage_downs_no_replica() {
+    let ns = Netns::new();
+    let _a = Replica::start("mtp1", PORTS[0]);
+    let _b = Replica::start("mtp2", PORTS[1]);
+    let agent = ns.agent(&["--config", &cfg(2).write(&ns)]);
+    agent.wait_state("mtp2", State::Up);
+    let pid = agent.pid();
+    let from = agent.log_len();
+    // No descriptor number left below the limit: every check's socket()
+    // fails with EMFILE.
+    set_nofile(pid, lowest_free_fd(pid));
+    agent.wait_for_after(from, "agent problem:");
+    // Fast checks fall after 2 failures 100 ms apart: 2 s is twenty
+    // intervals in which a replica would have gone DOWN.
+    let until = Instant::now() + scaled(Duration::from_secs(2));
+    let mut clients = 0;
+    while Instant::now() < until {
+        for name in ["mtp1", "mtp2"] {
+            assert!(
+                agent.is_state(name, State::Up),
+                "{name} left UP on the agent's own shortage: {}",
+                agent.log()
+            );
+        }
+        TcpStream::connect(BALANCED).expect("a client served");
+        clients += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(clients > 10);
+    set_nofile(pid, 4096);
+    let deadline = Instant::now() + wait_limit();
+    let text = loop {
+        let (_, text) = http_get("/metrics");
+        let n = metric(&text, "mtlb_agent_check_errors_total{reason=\"files\"}");
+        if n.is_some_and(|n| n >= 2.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no check errors counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        metric(&text, "mtlb_agent_check_errors_total{reason=\"memory\"}"),
+        Some(0.0)
+    );
+    let (code, body) = http_get("/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("agent problem"), "{body}");
+    assert!(!agent.log().contains("is DOWN"), "{}", agent.log());
 }

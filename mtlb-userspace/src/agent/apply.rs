@@ -126,12 +126,23 @@ impl Agent {
                         match cookies::watch(self.dataplane.maps_mut(), &mut self.cookies_seen) {
                             Ok(Some(sent)) => emit(&Fact::SynCookies { sent }),
                             Ok(None) => {}
-                            Err(e) => emit(&Fact::ReadFailed {
-                                what: Reading::SynCookies,
-                                error: report(&e),
-                            }),
+                            // Read every tick: a lasting failure (out of
+                            // file descriptors) is told once a minute.
+                            Err(e) => {
+                                let now = std::time::Instant::now();
+                                if self.cookies_failed.is_none_or(|t| {
+                                    now.duration_since(t) >= Duration::from_secs(60)
+                                }) {
+                                    self.cookies_failed = Some(now);
+                                    emit(&Fact::ReadFailed {
+                                        what: Reading::SynCookies,
+                                        error: report(&e),
+                                    });
+                                }
+                            }
                         }
                     }
+                    Effect::CountLocalFault(f) => self.faults.count(f),
                     Effect::Notify(n) => render::notify(&n),
                     Effect::Remove => self.keep_pins = false,
                     Effect::Stop => flow = Flow::Stop,

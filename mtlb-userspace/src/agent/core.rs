@@ -19,7 +19,7 @@ use super::{
 use crate::{
     checks::{
         CheckSpec,
-        health::{Admin, CheckResult, DownCause, Thresholds, Transition},
+        health::{Admin, CheckResult, DownCause, LocalFault, Thresholds, Transition},
         reason,
     },
     config::WEIGHTS,
@@ -86,6 +86,9 @@ pub struct State {
     awaiting_save: Option<Response>,
     /// Refused binds per slot: when last logged, and how many since.
     refusals_logged: HashMap<u32, (Instant, u64)>,
+    /// Checks the agent could not run, per kind: when last told, and how
+    /// many since.
+    faults_logged: HashMap<LocalFault, (Option<Instant>, u64)>,
     /// Assignments over time: the upper bound of handshakes in flight.
     assignments: Assignments,
     /// The operator's choices (admin state, weight) by replica name, as
@@ -115,6 +118,7 @@ impl State {
             generations: 0,
             awaiting_save: None,
             refusals_logged: HashMap::new(),
+            faults_logged: HashMap::new(),
             assignments: Assignments::default(),
             operator: saved.clone(),
         };
@@ -502,6 +506,13 @@ impl State {
             // Launched before a reload (or for a slot since removed).
             return;
         }
+        if let Some(fault) = result.local {
+            // The agent could not run it: the replica keeps its state and
+            // is checked again at its usual interval.
+            s.check.next = inp.now + s.health.interval(&t);
+            self.local_fault(fault, result, inp, out);
+            return;
+        }
         say(
             out,
             Fact::Checked {
@@ -843,6 +854,33 @@ impl State {
         );
     }
 
+    /// A check the agent could not run: counted, and told once a minute
+    /// per kind with how many since.
+    fn local_fault(
+        &mut self,
+        fault: LocalFault,
+        result: CheckResult,
+        inp: &Inputs,
+        out: &mut Vec<Effect>,
+    ) {
+        out.push(Effect::CountLocalFault(fault));
+        let (logged, since) = self.faults_logged.entry(fault).or_insert((None, 0));
+        *since += 1;
+        if logged.is_some_and(|t| inp.now.duration_since(t) < Duration::from_secs(60)) {
+            return;
+        }
+        let checks = std::mem::take(since);
+        *logged = Some(inp.now);
+        say(
+            out,
+            Fact::ChecksNotRun {
+                fault,
+                error: result.info.unwrap_or_default(),
+                checks,
+            },
+        );
+    }
+
     /// Handshakes older than the handshake timeout no longer count (see
     /// `heal`): per slot, how many can still be in flight.
     fn assigned(
@@ -1170,6 +1208,7 @@ mod tests {
                 format!("reply {}: {}", if r.ok { "ok" } else { "error" }, r.message)
             }
             Effect::ReadConfig(o) => format!("read the configuration ({o:?})"),
+            Effect::CountLocalFault(f) => format!("count local fault {f:?}"),
             Effect::BoundHandshakes { slot, most, .. } => match most {
                 Some(m) => format!(
                     "handshakes of {} at most {m}",
@@ -2061,6 +2100,58 @@ mod tests {
         assert!(has_log(&fx, "backend mtp4 removed: drained"));
         assert!(has_log(&fx, "backend mtp3 removed: drained"));
         assert_eq!(settings(&fx).unwrap().replicas, 2);
+    }
+
+    #[test]
+    fn checks_the_agent_cannot_run_leave_replicas_as_they_are() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let not_run = |h: &mut H, slot: usize| {
+            let generation = h.slot(slot).check.generation;
+            let cookie = h.slot(slot).listener_cookie;
+            h.step(Event::CheckDone {
+                slot,
+                generation,
+                cookie,
+                result: CheckResult::io_fail(
+                    reason::L4_CON,
+                    &emfile,
+                    "Too many open files".into(),
+                    MS(0),
+                ),
+            })
+        };
+        let fx = not_run(&mut h, 0);
+        assert_transcript(
+            &fx,
+            r#"
+        count local fault Files
+        ERROR agent problem: 1 health check could not run (out of file descriptors: Too many open files); replicas keep their state until checks run again
+        "#,
+        );
+        // Many more within the minute: counted, not told, and no replica
+        // falls however many there are.
+        for i in 0..20 {
+            let fx = not_run(h.after(MS(100)), i % 2);
+            assert_eq!(logs(&fx), Vec::<String>::new());
+        }
+        assert_eq!((h.label(0), h.label(1)), ("UP".into(), "UP".into()));
+        assert!(h.slot(0).active() && h.slot(1).active());
+        // A minute on: told again, with how many since.
+        let fx = not_run(h.after(Duration::from_secs(60)), 1);
+        assert!(
+            has_log(
+                &fx,
+                "agent problem: 21 health checks could not run (out of file descriptors: Too many open files)"
+            ),
+            "{:?}",
+            logs(&fx)
+        );
+        // A real failure still counts against the replica.
+        h.check(1, false);
+        h.check(1, false);
+        h.check(1, false);
+        assert_eq!(h.label(1), "DOWN");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::persist::Saved;
 use crate::{
     checks::{
         CheckSpec,
-        health::{Admin, CheckResult, Oper, OperState},
+        health::{Admin, CheckResult, LocalFault, Oper, OperState},
     },
     config::{CheckKind, Config, ConfigError},
     control::{Request, Response},
@@ -286,6 +286,13 @@ pub enum Fact {
         what: Reading,
         error: String,
     },
+    /// Checks the agent could not run for a shortage of its own (`checks`
+    /// of them since the last line, the last with `error`).
+    ChecksNotRun {
+        fault: LocalFault,
+        error: String,
+        checks: u64,
+    },
     /// Accepting a control connection failed (out of file descriptors).
     ControlAcceptFailed {
         error: String,
@@ -348,6 +355,8 @@ pub enum Effect {
     },
     /// Look at the SYN-cookie counter and track flows while it moves.
     WatchCookies,
+    /// A check the agent could not run, for `mtlb_agent_check_errors_total`.
+    CountLocalFault(LocalFault),
     Notify(Notice),
     Stop,
 }

@@ -130,6 +130,10 @@ pub struct Agent {
     control: Option<tokio::net::UnixListener>,
     saved_path: PathBuf,
     cookies_seen: Option<crate::kernel::cookies::Observed>,
+    /// When reading the SYN-cookie counter last failed and was told.
+    cookies_failed: Option<std::time::Instant>,
+    /// Checks the agent could not run, shared with the stats endpoint.
+    faults: std::sync::Arc<crate::stats::LocalFaults>,
     /// Per slot, the listener an earlier agent had proven (0: none).
     seeded: Vec<u64>,
     /// Whether teardown has run.
@@ -226,11 +230,13 @@ fn serve_stats(
     addr: SocketAddr,
     pin_dir: &std::path::Path,
     cfg: &Config,
+    faults: std::sync::Arc<crate::stats::LocalFaults>,
 ) -> Result<(), StartError> {
     let collector = std::sync::Arc::new(crate::stats::Collector::new(
         Dataplane::open_read_only(pin_dir)?.into_maps(),
         pin_dir.to_owned(),
         std::time::Duration::from_millis(cfg.stats_sample_ms),
+        faults,
     )?);
     let limits = crate::stats::server::Limits::default();
     crate::stats::server::spawn(listener, collector, limits)
@@ -314,7 +320,8 @@ impl Agent {
             adopt::adopt(&cfg, &mut registry, maps);
         })?;
 
-        serve_stats(stats_listener, stats_addr, &dir, &cfg)?;
+        let faults = std::sync::Arc::new(crate::stats::LocalFaults::default());
+        serve_stats(stats_listener, stats_addr, &dir, &cfg, faults.clone())?;
         facts.push(StartFact::StatsListening(stats_addr));
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
@@ -334,6 +341,8 @@ impl Agent {
             control: Some(control),
             saved_path,
             cookies_seen,
+            cookies_failed: None,
+            faults,
             seeded,
             torn_down: false,
             _lock: lock,

@@ -8,7 +8,7 @@ use super::{
     start_facts::StartFact,
 };
 use crate::{
-    checks::health::{Admin, CheckResult, Oper},
+    checks::health::{Admin, CheckResult, LocalFault, Oper},
     config::replica_name,
     kernel::{dataplane, registry::RefuseWhy},
 };
@@ -271,6 +271,21 @@ pub fn line(f: &Fact) -> (Level, String) {
             };
             (L::WARN, format!("{what}: {error}"))
         }
+        Fact::ChecksNotRun {
+            fault,
+            error,
+            checks,
+        } => (
+            L::ERROR,
+            format!(
+                "agent problem: {checks} health {} could not run ({}: {error}); replicas keep their state until checks run again",
+                if *checks == 1 { "check" } else { "checks" },
+                match fault {
+                    LocalFault::Files => "out of file descriptors",
+                    LocalFault::Memory => "out of memory",
+                },
+            ),
+        ),
         Fact::ControlAcceptFailed { error } => {
             (L::WARN, format!("control socket: accepting: {error}"))
         }

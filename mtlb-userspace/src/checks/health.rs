@@ -20,6 +20,41 @@ pub struct CheckResult {
     /// Detail, e.g. the OS error.
     pub info: Option<String>,
     pub duration: Duration,
+    /// The check could not run for a reason of the agent's own (out of
+    /// file descriptors or memory): it says nothing about the replica.
+    pub local: Option<LocalFault>,
+}
+
+/// Why the agent itself could not run a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LocalFault {
+    /// EMFILE, ENFILE: the agent's or the system's open-file limit.
+    Files,
+    /// ENOMEM, ENOBUFS.
+    Memory,
+}
+
+impl LocalFault {
+    pub const ALL: [LocalFault; 2] = [LocalFault::Files, LocalFault::Memory];
+
+    /// The agent's own shortage behind `e`, if it is one. A connection
+    /// refused, reset or timed out is the replica's answer; running out of
+    /// descriptors or memory before a packet is sent is not.
+    pub fn of(e: &std::io::Error) -> Option<Self> {
+        match e.raw_os_error()? {
+            libc::EMFILE | libc::ENFILE => Some(Self::Files),
+            libc::ENOMEM | libc::ENOBUFS => Some(Self::Memory),
+            _ => None,
+        }
+    }
+
+    /// The `reason` label of `mtlb_agent_check_errors_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Files => "files",
+            Self::Memory => "memory",
+        }
+    }
 }
 
 impl CheckResult {
@@ -29,6 +64,7 @@ impl CheckResult {
             reason: reason.into(),
             info: None,
             duration,
+            local: None,
         }
     }
 
@@ -38,6 +74,21 @@ impl CheckResult {
             reason: reason.into(),
             info,
             duration,
+            local: None,
+        }
+    }
+
+    /// A failure on an OS error `e`, with `info` telling it; marked as the
+    /// agent's own when it is (see [`LocalFault::of`]).
+    pub fn io_fail(
+        reason: impl Into<String>,
+        e: &std::io::Error,
+        info: String,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            local: LocalFault::of(e),
+            ..Self::fail(reason, Some(info), duration)
         }
     }
 }

@@ -136,9 +136,10 @@ pub async fn stats(addr: SocketAddr, timeout: Duration) -> CheckResult {
     let body = match body {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
-            return CheckResult::fail(
+            return CheckResult::io_fail(
                 reason::STATS_UNREACHABLE,
-                Some(os_error_text(&e)),
+                &e,
+                os_error_text(&e),
                 t0.elapsed(),
             );
         }

@@ -12,9 +12,10 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     let t0 = Instant::now();
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(CheckResult::fail(
+        Ok(Err(e)) => Err(CheckResult::io_fail(
             reason::L4_CON,
-            Some(os_error_text(&e)),
+            &e,
+            os_error_text(&e),
             t0.elapsed(),
         )),
         Err(_) => Err(CheckResult::fail(reason::L4_TOUT, None, t0.elapsed())),

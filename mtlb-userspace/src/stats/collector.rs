@@ -10,7 +10,10 @@ use super::{
     history::History,
     snapshot::{self, Bytes, Snapshot},
 };
-use crate::kernel::maps::{Maps, MapsError};
+use crate::{
+    checks::health::LocalFault,
+    kernel::maps::{Maps, MapsError},
+};
 use std::{
     collections::HashMap,
     path::PathBuf,
@@ -25,6 +28,44 @@ pub const BYTES_MAX_AGE: Duration = Duration::from_secs(1);
 /// one: readings of a few thousand connections take less, of a hundred
 /// thousand more.
 pub const BYTES_WAIT: Duration = Duration::from_millis(20);
+
+/// Health checks the agent could not run, by kind: counted by the agent's
+/// loop, served by /metrics and /healthz.
+#[derive(Debug, Default)]
+pub struct LocalFaults {
+    counts: [std::sync::atomic::AtomicU64; LocalFault::ALL.len()],
+    last: Mutex<Option<Instant>>,
+}
+
+impl LocalFaults {
+    pub fn count(&self, f: LocalFault) {
+        let i = LocalFault::ALL
+            .iter()
+            .position(|x| *x == f)
+            .expect("listed");
+        self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.last) = Some(Instant::now());
+    }
+
+    /// Every kind, counted or not (a counter is there from the start).
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        LocalFault::ALL
+            .iter()
+            .zip(&self.counts)
+            .map(|(f, n)| {
+                (
+                    f.as_str().to_string(),
+                    n.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether a check could not run within `within`.
+    pub fn recent(&self, within: Duration) -> bool {
+        lock(&self.last).is_some_and(|t| t.elapsed() < within)
+    }
+}
 
 pub struct Collector {
     maps: Mutex<Maps>,
@@ -42,6 +83,7 @@ pub struct Collector {
     history: Mutex<History>,
     /// When the agent started serving, for the page's uptime.
     started: Instant,
+    faults: std::sync::Arc<LocalFaults>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +108,7 @@ impl Collector {
         maps: Maps,
         pin_dir: PathBuf,
         sample_every: Duration,
+        faults: std::sync::Arc<LocalFaults>,
     ) -> Result<Self, CollectorError> {
         let reader = Maps::from_pins(&pin_dir)?;
         let bytes = Shared::start(BYTES_MAX_AGE, BYTES_WAIT, move || {
@@ -85,6 +128,7 @@ impl Collector {
             bytes,
             history: Mutex::new(History::new(sample_every)),
             started: Instant::now(),
+            faults,
         })
     }
 
@@ -95,7 +139,13 @@ impl Collector {
         let bytes = self.bytes.get(Duration::from_secs(5)).unwrap_or_default();
         let mut s = snapshot::collect(&lock(&self.maps), &self.pin_dir, &bytes)?;
         monotonic_bytes(&mut s, &mut lock(&self.served_bytes));
+        s.check_errors = self.faults.counts();
         Ok(s)
+    }
+
+    /// Whether the agent could not run a check within `within`.
+    pub fn faulted_within(&self, within: Duration) -> bool {
+        self.faults.recent(within)
     }
 
     /// How long the agent has served.

@@ -70,6 +70,7 @@ fn fixed() -> Snapshot {
             ("no_socket".to_string(), 1),
             ("tag_miss".to_string(), 3),
         ]),
+        check_errors: BTreeMap::from([("files".to_string(), 7), ("memory".to_string(), 0)]),
         programs: vec![
             ProgStat {
                 name: "mtlb_steer".into(),

@@ -105,8 +105,18 @@ fn serve_csv(s: &Snapshot) -> Response {
         .into_response()
 }
 
+/// How long /healthz tells of checks the agent could not run.
+const FAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn healthz(State(src): State<Arc<Collector>>) -> Response {
     match src.snapshot() {
+        // Steering goes on while the agent cannot run checks (replicas
+        // keep their state): still 200, with the problem said.
+        Ok(s) if s.backends.iter().any(|b| b.up) && src.faulted_within(FAULT_WINDOW) => (
+            StatusCode::OK,
+            "OK\nagent problem: health checks could not run in the last minute (mtlb_agent_check_errors_total)\n",
+        )
+            .into_response(),
         Ok(s) if s.backends.iter().any(|b| b.up) => (StatusCode::OK, "OK\n").into_response(),
         Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n").into_response(),
         Err(e) => failed(e),

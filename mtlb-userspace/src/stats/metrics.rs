@@ -262,6 +262,16 @@ fn steering(r: &mut prom::Registry, s: &Snapshot) {
             .get_or_create(&vec![("reason".into(), reason.clone())])
             .inc_by(*n);
     }
+    let local: C = family(
+        r,
+        "mtlb_agent_check_errors",
+        "Health checks the agent could not run for a shortage of its own (files: out of file descriptors, memory), by reason; replicas keep their state",
+    );
+    for (reason, n) in &s.check_errors {
+        local
+            .get_or_create(&vec![("reason".into(), reason.clone())])
+            .inc_by(*n);
+    }
 }
 
 fn build_info(r: &mut prom::Registry) {

@@ -23,4 +23,4 @@ mod testutil;
 pub mod textfmt;
 pub mod units;
 
-pub use collector::{Collector, CollectorError};
+pub use collector::{Collector, CollectorError, LocalFaults};

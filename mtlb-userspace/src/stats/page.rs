@@ -315,6 +315,7 @@ mod tests {
             flow_hits: 0,
             cookie_synacks: 0,
             steer_errors: BTreeMap::from([("no_socket".to_string(), 1)]),
+            check_errors: Default::default(),
             programs: vec![],
         }
     }

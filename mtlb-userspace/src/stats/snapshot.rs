@@ -72,6 +72,10 @@ pub struct Snapshot {
     pub steer_errors: BTreeMap<String, u64>,
     /// Present when kernel.bpf_stats_enabled is on.
     pub programs: Vec<ProgStat>,
+    /// Health checks the agent could not run, by reason (served by the
+    /// agent only: `mtlb status` reads the maps, which do not keep them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub check_errors: BTreeMap<String, u64>,
 }
 
 fn as_label<S: Serializer>(s: &ReplicaState, ser: S) -> Result<S::Ok, S::Error> {
@@ -150,6 +154,7 @@ pub fn collect_at(
         flow_hits: get("flow_hits"),
         cookie_synacks: get("cookie_synacks"),
         steer_errors: steer_errors(&stats),
+        check_errors: BTreeMap::new(),
         programs: programs(pin_dir),
     })
 }

@@ -57,6 +57,7 @@ pub fn snap() -> Snapshot {
         flow_hits: 0,
         cookie_synacks: 0,
         steer_errors: [("eafnosupport".to_string(), 0)].into(),
+        check_errors: Default::default(),
         programs: vec![],
     }
 }
