@@ -75,7 +75,7 @@ impl Agent {
 
         let (tx, mut rx) = mpsc::channel::<control::Incoming>(16);
         if let Some(l) = self.control.take() {
-            tokio::spawn(control::accept(l, tx, |e| {
+            tokio::spawn(control::accept(l, tx, control::Limits::default(), |e| {
                 emit(&Fact::ControlAcceptFailed {
                     error: e.to_string(),
                 })
