@@ -216,6 +216,35 @@ impl Agent {
         self.child.as_ref().expect("agent running").id()
     }
 
+    /// The agent's resident memory, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {path}"))
+    }
+
+    /// How many file descriptors the agent has open.
+    pub fn open_fds(&self) -> usize {
+        let path = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .count()
+    }
+
+    /// Sets the agent's open-file limit, soft and hard, to `n`.
+    pub fn limit_open_files(&self, n: u64) {
+        use rustix::process::{Pid, Resource, Rlimit, prlimit};
+        let limit = Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        prlimit(Pid::from_raw(self.pid() as i32), Resource::Nofile, limit)
+            .unwrap_or_else(|e| panic!("prlimit NOFILE {n} on the agent: {e}"));
+    }
+
     /// SIGKILL: the agent dies with no cleanup, its pins stay.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("agent running");
@@ -428,7 +457,29 @@ pub fn mtlb_cli_spawn(ns: &Netns, args: &[&str]) -> Child {
 
 /// Runs `mtlb ARGS` (a CLI command) inside `ns`; returns (success, output).
 pub fn mtlb_cli(ns: &Netns, args: &[&str]) -> (bool, String) {
-    let out = cli_command(ns, args).output().unwrap();
+    cli_result(cli_command(ns, args).output().unwrap())
+}
+
+/// Like [`mtlb_cli`], but `None` (and the command killed) when it has not
+/// finished within `limit`.
+pub fn mtlb_cli_within(ns: &Netns, args: &[&str], limit: Duration) -> Option<(bool, String)> {
+    let child = cli_command(ns, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let out = rx.recv_timeout(limit).ok();
+    if out.is_none() {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = waiter.join();
+    out.map(cli_result)
+}
+
+fn cli_result(out: std::process::Output) -> (bool, String) {
     (
         out.status.success(),
         format!(

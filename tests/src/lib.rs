@@ -12,14 +12,15 @@
 //! map, so tests await states rather than log lines), [`config`] (one
 //! builder for `mtlb.toml`), [`replica`] (stand-in replicas), [`peers`]
 //! (MTProxy servers, Python fixtures, middle-proxy stand-in), [`conn`]
-//! (clients and the one connect loop), [`http`] (stats endpoint and
-//! Prometheus text), [`cgroup`], [`files`] (temp dirs, bounded commands),
-//! [`docker`].
+//! (clients and the one connect loop), [`control`] (misbehaving control
+//! clients), [`http`] (stats endpoint and Prometheus text), [`cgroup`],
+//! [`files`] (temp dirs, bounded commands), [`docker`].
 
 pub mod agent;
 pub mod cgroup;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod docker;
 pub mod files;
 pub mod http;
@@ -31,6 +32,7 @@ pub use agent::*;
 pub use cgroup::*;
 pub use config::*;
 pub use conn::*;
+pub use control::*;
 pub use files::*;
 pub use http::*;
 pub use netns::*;

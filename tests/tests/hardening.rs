@@ -752,15 +752,6 @@ fn a_burst_does_not_down_busy_replicas() {
     );
 }
 
-/// Kilobytes of resident memory of process `pid`.
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// 2000 idle and 300 slow-header connections to the stats port from an
 /// unprivileged user, against an agent allowed 1024 open files: checks
 /// keep passing, no replica changes state, clients are served, control
@@ -840,7 +831,7 @@ fn nothing_on_the_stats_port_starves_the_agent() {
             let (ok, out) = mtlb_cli(&ns, &["backend", "mtp1", "weight", "1"]);
             slowest = slowest.max(t0.elapsed());
             assert!(ok, "{out}");
-            max_rss = max_rss.max(rss_kib(agent.pid()));
+            max_rss = max_rss.max(agent.rss_kib());
             std::thread::sleep(Duration::from_millis(200));
         }
         let _ = flood.wait();
