@@ -45,9 +45,80 @@ pub enum ConfigError {
 fn invalid(key: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
     ConfigError::Invalid {
         key,
-        value: value.to_string(),
+        value: short(&value.to_string()),
         reason: reason.to_string(),
     }
+}
+
+/// How much of a value an error quotes: a value can be megabytes (a long
+/// array on one line), and its start is enough to find it.
+const QUOTED: usize = 64;
+
+/// `s`, cut to [`QUOTED`] characters and "…".
+fn short(s: &str) -> String {
+    match s.char_indices().nth(QUOTED) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
+}
+
+/// `m` with every run between backquotes or double quotes cut as by
+/// [`short`]: serde's messages quote the offending value or key.
+fn short_quotes(m: &str) -> String {
+    let mut out = String::new();
+    // The quote that opened the run we are in, and the run's length.
+    let mut open: Option<(char, usize)> = None;
+    let mut escaped = false;
+    for c in m.chars() {
+        match &mut open {
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    open = Some((c, 0));
+                }
+            }
+            // A string quoted with escapes (`{:?}`) holds \" inside.
+            Some((q, n)) if c == *q && !escaped => {
+                if *n > QUOTED {
+                    out.push('…');
+                }
+                out.push(c);
+                open = None;
+            }
+            Some((_, n)) => {
+                *n += 1;
+                if *n <= QUOTED {
+                    out.push(c);
+                }
+                escaped = c == '\\' && !escaped;
+            }
+        }
+    }
+    if open.is_some_and(|(_, n)| n > QUOTED) {
+        out.push('…');
+    }
+    out
+}
+
+/// What toml found wrong with `text`, on one line: its message, the key,
+/// and where, quoting only the start of the line. (toml's own Display
+/// quotes the whole line: megabytes for a long array written on one.)
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    // Without the input, toml says the message and the key path only.
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let mut m = short_quotes(&bare.to_string().trim_end().replace('\n', ", "));
+    if let Some(before) = e.span().and_then(|s| text.get(..s.start)) {
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = text[line_start..].lines().next().unwrap_or_default();
+        m += &format!(
+            " (line {}, column {}: {})",
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+            short(line.trim())
+        );
+    }
+    m
 }
 
 /// The balancing algorithm. Only HAProxy's `leastconn` for now: it is what
@@ -303,7 +374,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: parse_message(text, &e),
         })
     }
 
@@ -824,5 +895,52 @@ mod tests {
         });
         assert_eq!(c.replica_uids, [995]);
         assert!(!c.keep_pins);
+    }
+
+    /// The error for `text`: under 1 KiB, naming `key`.
+    fn short_error(text: &str, key: &str) -> String {
+        let e = crate::error::report(&parse(text).unwrap_err());
+        assert!(e.len() < 1024, "{} bytes: {}…", e.len(), &e[..1024]);
+        assert!(e.contains(key), "{e}");
+        e
+    }
+
+    #[test]
+    fn errors_quote_only_the_start_of_a_long_value() {
+        let ones = "1, ".repeat(2_000_000);
+        let e = short_error(&format!("weights = [{ones}]"), "`weights`");
+        assert!(e.contains("2000000 weights for 2 replicas"), "{e}");
+        for bad in ["-1", "\"x\"", "1.5"] {
+            let e = short_error(&format!("weights = [{ones}{bad}]"), "weights");
+            assert!(e.contains("line 1, column 6000012: weights = [1, 1"), "{e}");
+        }
+        let long = "f".repeat(100_000);
+        short_error(&format!("secret = \"{long}\""), "`secret`");
+        let e = short_error(&format!("algorithm = \"{long}\""), "algorithm");
+        assert!(e.contains("expected `leastconn`"), "{e}");
+        let e = short_error(&format!("{long} = 1"), "unknown field");
+        assert!(e.contains("expected one of `port`"), "{e}");
+        short_error(
+            &format!("replica_cgroup = \"../{long}\""),
+            "`replica_cgroup`",
+        );
+        let e = short_error(&format!("port = \"{long}\""), "port");
+        assert!(e.contains(&format!("\"{}…\"", "f".repeat(QUOTED))), "{e}");
+    }
+
+    #[test]
+    fn quoted_runs_are_cut() {
+        let long = "a".repeat(100);
+        let cut = format!("{}…", "a".repeat(QUOTED));
+        assert_eq!(
+            short_quotes(&format!("unknown variant `{long}`, expected `x`")),
+            format!("unknown variant `{cut}`, expected `x`")
+        );
+        // An escaped quote does not end a run.
+        assert_eq!(
+            short_quotes(&format!("string \"\\\"{long}\" and `y`")),
+            format!("string \"\\\"{}…\" and `y`", "a".repeat(QUOTED - 2))
+        );
+        assert_eq!(short_quotes("no quotes"), "no quotes");
     }
 }
