@@ -586,6 +586,29 @@ impl Config {
                 ),
             ));
         }
+        // Rejected whatever the check kind: a config whose ports collide
+        // does not say what the operator meant, and a later change of kind
+        // would find it.
+        if let Some(b) = self.check.stats_base_port {
+            for i in 0..self.replicas {
+                let p = b + i;
+                let what = if p == self.port {
+                    "the balanced port (`port`)".to_string()
+                } else if p == self.stats_port {
+                    "the agent's own stats port (`stats_port`)".to_string()
+                } else if let Some(j) = p.checked_sub(self.base_port).filter(|j| *j < self.replicas)
+                {
+                    format!("{}'s port (`base_port` + {j})", replica_name(j.into()))
+                } else {
+                    continue;
+                };
+                return Err(invalid(
+                    "check.stats_base_port",
+                    b,
+                    format!("{}'s stats port {p} is {what}", replica_name(i.into())),
+                ));
+            }
+        }
         for (key, p) in [
             ("state_dir", &self.state_dir),
             ("control_dir", &self.control_dir),
@@ -895,6 +918,44 @@ mod tests {
         });
         assert_eq!(c.replica_uids, [995]);
         assert!(!c.keep_pins);
+    }
+
+    #[test]
+    fn replica_stats_ports_collide_with_no_other_port() {
+        for (check, why) in [
+            (
+                "stats_base_port = 442",
+                "mtp2's stats port 443 is the balanced port (`port`)",
+            ),
+            (
+                "stats_base_port = 10001",
+                "mtp1's stats port 10001 is mtp2's port (`base_port` + 1)",
+            ),
+            (
+                "stats_base_port = 9999",
+                "mtp2's stats port 10000 is mtp1's port (`base_port` + 0)",
+            ),
+            (
+                "stats_base_port = 8403",
+                "mtp2's stats port 8404 is the agent's own stats port (`stats_port`)",
+            ),
+            // Whatever the kind, even one that reads no stats port.
+            (
+                "kind = \"none\"\nstats_base_port = 443",
+                "mtp1's stats port 443 is the balanced port",
+            ),
+        ] {
+            let e = err(&format!("[check]\n{check}"));
+            assert!(
+                e.contains("`check.stats_base_port`") && e.contains(why),
+                "{check}: {e}"
+            );
+        }
+        let c = parse("[check]\nkind = \"stats\"\nstats_base_port = 11000").unwrap();
+        assert_eq!(c.check.stats_base_port, Some(11000));
+        // Beside the ports, not on them.
+        parse("replicas = 3\n[check]\nstats_base_port = 10003").unwrap();
+        parse("[check]\nstats_base_port = 8405").unwrap();
     }
 
     /// The error for `text`: under 1 KiB, naming `key`.
