@@ -472,6 +472,30 @@ impl Config {
                 "list concrete local addresses, or leave it empty for all",
             ));
         }
+        // An IPv4 client can be handed to an IPv6 listener (one without
+        // IPV6_V6ONLY takes it, IPv4-mapped: the kernel allows that
+        // assignment), so IPv4 balanced addresses with an IPv6
+        // replica_address work. An IPv6 client never reaches an IPv4
+        // listener: IPv6 balanced addresses with an IPv4 replica_address
+        // refuse every client of theirs unless the replicas happen to
+        // listen dual-stack on [::], which the config does not say. An
+        // empty list means whatever addresses the host has, not a choice
+        // of IPv6. IPv4-mapped addresses are IPv4 to the programs (see
+        // `reconcile::addr16`).
+        if self.replica_address.to_canonical().is_ipv4()
+            && let Some(a) = self.addresses.iter().find(|a| a.to_canonical().is_ipv6())
+        {
+            return Err(invalid(
+                "addresses",
+                a,
+                format!(
+                    "IPv6 clients can only be handed to replicas listening on IPv6, and \
+                     replica_address {} is IPv4; for replicas listening dual-stack on [::], \
+                     set replica_address = \"::1\" (they then take IPv4 clients too)",
+                    self.replica_address
+                ),
+            ));
+        }
         if self.replica_uids.len() > mtlb_common::MAX_ALLOWED_UIDS as usize {
             return Err(invalid(
                 "replica_uids",
@@ -956,6 +980,38 @@ mod tests {
         // Beside the ports, not on them.
         parse("replicas = 3\n[check]\nstats_base_port = 10003").unwrap();
         parse("[check]\nstats_base_port = 8405").unwrap();
+    }
+
+    #[test]
+    fn balanced_ipv6_addresses_need_an_ipv6_replica_address() {
+        for (text, addr) in [
+            ("addresses = [\"::1\"]", "::1"),
+            (
+                "addresses = [\"127.0.0.1\", \"2001:db8::1\"]",
+                "2001:db8::1",
+            ),
+        ] {
+            let e = err(text);
+            assert!(
+                e.contains(&format!("`addresses`: {addr}:"))
+                    && e.contains("replica_address 127.0.0.1 is IPv4")
+                    && e.contains("replica_address = \"::1\""),
+                "{text}: {e}"
+            );
+        }
+        for text in [
+            // Dual-stack replicas take both.
+            "addresses = [\"::1\", \"127.0.0.1\"]\nreplica_address = \"::1\"",
+            // IPv4 clients are handed to an IPv6 listener, IPv4-mapped.
+            "addresses = [\"127.0.0.1\"]\nreplica_address = \"::1\"",
+            // IPv4, written as IPv6.
+            "addresses = [\"::ffff:127.0.0.1\"]",
+            // Whatever the host has.
+            "addresses = []",
+            "addresses = []\nreplica_address = \"::1\"",
+        ] {
+            parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
     }
 
     /// The error for `text`: under 1 KiB, naming `key`.
