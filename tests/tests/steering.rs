@@ -404,6 +404,16 @@ fn bad_config_is_rejected_and_attaches_nothing() {
             "replica_adress",
         ),
         (Config::new().set("port", "https"), "port"),
+        // Cross-checks: a replica's stats port on the balanced port, IPv6
+        // clients with IPv4 replicas.
+        (
+            Config::new().stats_base_port(442),
+            "`check.stats_base_port`: 442: mtp2's stats port 443 is the balanced port",
+        ),
+        (
+            Config::new().set("addresses", vec!["::1"]),
+            "`addresses`: ::1: IPv6 clients",
+        ),
     ] {
         let path = cfg.write_to(&dir.join("mtlb.toml"));
         let text = cfg.text();
