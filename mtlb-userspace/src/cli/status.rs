@@ -2,7 +2,10 @@
 //! works while the agent runs and after it has died.
 
 use super::agent_args::AgentArgs;
-use mtlb::{kernel::dataplane::Dataplane, stats::snapshot};
+use mtlb::{
+    kernel::dataplane::Dataplane,
+    stats::{snapshot, table},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -19,42 +22,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let s = snapshot::collect(&maps, &dir, &snapshot::bytes(&maps)?)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+    } else {
+        print!("{}", table::render(&s));
     }
-    println!(
-        "{:<6} {:<22} {:<10} {:>7} {:>9} {:>6} {:<34} {:>12} {:>12}",
-        "NAME",
-        "ADDRESS",
-        "STATE",
-        "ACTIVE",
-        "TOTAL",
-        "WEIGHT",
-        "LAST CHECK",
-        "BYTES IN",
-        "BYTES OUT"
-    );
-    for b in &s.backends {
-        let check = if b.check == "-" {
-            "-".to_string()
-        } else {
-            format!("{} {} ({}ms)", b.check, b.check_reason, b.check_duration_ms)
-        };
-        println!(
-            "{:<6} {:<22} {:<10} {:>7} {:>9} {:>6} {:<34} {:>12} {:>12}",
-            b.name,
-            b.address,
-            b.state.to_string(),
-            b.active,
-            b.total,
-            b.weight,
-            check,
-            b.bytes_in,
-            b.bytes_out
-        );
-    }
-    println!(
-        "port {}: {} lookups, {} refused (no backend)",
-        s.port, s.lookups, s.no_backend
-    );
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! [`http`] routes requests to the renderers: [`metrics`] (with
 //! [`textfmt`] for readers of the older text format), [`csv`] and the HTML
 //! [`page`] (with [`sparkline`] and [`units`]); [`server`] runs it all on
-//! a thread of its own, with limits.
+//! a thread of its own, with limits. [`table`] is `mtlb status`'s text.
 
 pub mod bytes;
 pub mod collector;
@@ -18,6 +18,7 @@ pub mod page;
 pub mod server;
 pub mod snapshot;
 pub mod sparkline;
+pub mod table;
 #[cfg(test)]
 mod testutil;
 pub mod textfmt;
