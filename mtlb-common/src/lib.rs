@@ -102,6 +102,11 @@ impl Conns {
     pub fn handshakes_now(&self) -> u64 {
         (self.handshakes as i64).max(0) as u64
     }
+
+    /// Connections now: established plus handshakes in flight.
+    pub fn active(&self) -> u64 {
+        self.established + self.handshakes_now()
+    }
 }
 
 /// The listening socket registered in a slot; kept beside the sockmap because

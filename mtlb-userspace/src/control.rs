@@ -109,6 +109,9 @@ pub enum ControlError {
     },
     #[error("bad request")]
     BadRequest(#[source] serde_json::Error),
+    /// The agent answered and said no (an unknown name, a bad weight).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A control request, where to answer, and (from the connection's task)
@@ -427,6 +430,16 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, C
     let mut answer = String::new();
     BufReader::new(&s).read_line(&mut answer).map_err(io)?;
     serde_json::from_str(&answer).map_err(|source| ControlError::Protocol { answer, source })
+}
+
+/// Like [`call`], with a refusal as an error: the answer when the agent
+/// did what was asked.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let r = call(path, req, timeout)?;
+    if !r.ok {
+        return Err(ControlError::Refused(r.message));
+    }
+    Ok(r)
 }
 
 /// Parses one request line.

@@ -40,13 +40,7 @@ enum Action {
 
 pub fn run(a: BackendArgs) -> anyhow::Result<()> {
     let sock = a.agent.locate()?.control_socket;
-    let call = |req: Request| -> anyhow::Result<control::Response> {
-        let r = control::call(&sock, &req, Duration::from_secs(10))?;
-        if !r.ok {
-            bail!("{}", r.message);
-        }
-        Ok(r)
-    };
+    let call = |req: Request| control::request(&sock, &req, Duration::from_secs(10));
     let admin = |state: Admin| {
         call(Request::Admin {
             name: a.name.clone(),
@@ -89,8 +83,7 @@ fn wait_drained(
         Maps::from_pins(dir).with_context(|| format!("opening pins in {}", dir.display()))?;
     let t0 = Instant::now();
     loop {
-        let c = maps.conns(slot)?;
-        let n = c.established + c.handshakes;
+        let n = maps.conns(slot)?.active();
         if n == 0 {
             println!("{name} drained after {:.1}s", t0.elapsed().as_secs_f64());
             return Ok(());

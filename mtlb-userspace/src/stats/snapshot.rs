@@ -192,7 +192,7 @@ fn backend(
             .to_string(),
         state,
         up: state.takes_connections(),
-        active: c.established + c.handshakes,
+        active: c.active(),
         handshakes: c.handshakes,
         total: t.established,
         weight: s.weight,
