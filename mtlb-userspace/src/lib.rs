@@ -9,6 +9,8 @@
 //! * [`stats`]: the snapshot behind /metrics, /stats and `mtlb status`.
 //! * [`config`], [`control`]: configuration and the control protocol.
 //! * [`system`]: mounts, capabilities, namespaces, sock_diag, sd_notify.
+//! * [`rollout`]: every replica restarted by the operator's command, one
+//!   at a time, drained first.
 
 pub mod agent;
 pub mod checks;
@@ -17,5 +19,6 @@ pub mod control;
 pub mod error;
 pub mod kernel;
 pub mod link;
+pub mod rollout;
 pub mod stats;
 pub mod system;

@@ -27,6 +27,7 @@ const REQUIRED: &[&str] = &[
     "/usr/share/man/man8/mtlb-run.8.gz",
     "/usr/share/man/man8/mtlb-backend.8.gz",
     "/usr/share/man/man8/mtlb-status.8.gz",
+    "/usr/share/man/man8/mtlb-rollout.8.gz",
     "/usr/share/man/man8/mtlb-remove.8.gz",
     "/usr/share/bash-completion/completions/mtlb",
     "/usr/share/zsh/vendor-completions/_mtlb",

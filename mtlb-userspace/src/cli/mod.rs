@@ -7,6 +7,7 @@ mod generate;
 mod link;
 mod reload;
 mod remove;
+mod rollout;
 mod run;
 mod status;
 
@@ -30,6 +31,19 @@ pub enum Command {
     /// Control one replica of the running agent: drain, maint, ready,
     /// weight N, wait-drained.
     Backend(backend::BackendArgs),
+    /// Restart every replica with a command, one at a time, each drained
+    /// first and readied once its new listener is UP.
+    ///
+    /// Each replica in turn: set it DRAIN, wait until its connections close
+    /// (at most --grace; the restart cuts the rest, and they are counted),
+    /// run the command, wait until a new listener of the replica is UP (at
+    /// most --up-timeout), set it READY. Refuses to start unless two
+    /// replicas are UP and READY, and goes on to a replica only while
+    /// another one takes clients. Replicas the operator put in DRAIN or
+    /// MAINT, and replicas that are DOWN, are skipped and left as they
+    /// are. Stops at the first failure, or on SIGINT or SIGTERM, leaving
+    /// the replica it was at in DRAIN, and says how to undo that.
+    Rollout(rollout::RolloutArgs),
     /// Make the running agent re-read its configuration (as SIGHUP does);
     /// an invalid one is rejected and the running one stays.
     Reload(reload::ReloadArgs),
@@ -53,6 +67,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a),
         Command::Backend(a) => backend::run(a),
+        Command::Rollout(a) => rollout::run(a),
         Command::Reload(a) => reload::run(a),
         Command::Remove(a) => remove::run(a),
         Command::Status(a) => status::run(a),
