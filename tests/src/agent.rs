@@ -442,7 +442,8 @@ pub fn wait_counts(maps: &Maps, slots: u32, what: &str, pred: impl Fn(&[Conns]) 
     }
 }
 
-fn cli_command(ns: &Netns, args: &[&str]) -> Command {
+/// `mtlb ARGS` (a CLI command), to be started inside `ns`.
+pub fn mtlb_cli_command(ns: &Netns, args: &[&str]) -> Command {
     let bin = std::env::var("MTLB_BIN").expect("MTLB_BIN");
     let mut cmd = Command::new(&bin);
     cmd.args(args);
@@ -452,18 +453,18 @@ fn cli_command(ns: &Netns, args: &[&str]) -> Command {
 
 /// Starts `mtlb ARGS` (a CLI command) inside `ns`.
 pub fn mtlb_cli_spawn(ns: &Netns, args: &[&str]) -> Child {
-    cli_command(ns, args).spawn().unwrap()
+    mtlb_cli_command(ns, args).spawn().unwrap()
 }
 
 /// Runs `mtlb ARGS` (a CLI command) inside `ns`; returns (success, output).
 pub fn mtlb_cli(ns: &Netns, args: &[&str]) -> (bool, String) {
-    cli_result(cli_command(ns, args).output().unwrap())
+    cli_result(mtlb_cli_command(ns, args).output().unwrap())
 }
 
 /// Like [`mtlb_cli`], but `None` (and the command killed) when it has not
 /// finished within `limit`.
 pub fn mtlb_cli_within(ns: &Netns, args: &[&str], limit: Duration) -> Option<(bool, String)> {
-    let child = cli_command(ns, args)
+    let child = mtlb_cli_command(ns, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

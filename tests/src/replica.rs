@@ -160,6 +160,21 @@ impl Drop for Replica {
     }
 }
 
+/// The `mtlb-test-replica` binary: `$MTLB_TEST_REPLICA`, else the one
+/// built with the tests.
+fn replica_bin() -> String {
+    std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
+        // Next to the test binary's deps directory.
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .and_then(|d| d.parent())
+            .unwrap()
+            .join("mtlb-test-replica")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
 /// A replica in a process of its own (`mtlb-test-replica`), for tests
 /// that signal it.
 pub struct ReplicaProcess {
@@ -220,16 +235,7 @@ impl ReplicaProcess {
         rate: u32,
         cgroup_procs: Option<PathBuf>,
     ) -> Result<Self, String> {
-        let bin = std::env::var("MTLB_TEST_REPLICA").unwrap_or_else(|_| {
-            // Next to the test binary's deps directory.
-            let exe = std::env::current_exe().unwrap();
-            exe.parent()
-                .and_then(|d| d.parent())
-                .unwrap()
-                .join("mtlb-test-replica")
-                .to_string_lossy()
-                .into_owned()
-        });
+        let bin = replica_bin();
         let mut cmd = match uid {
             Some(u) => {
                 let mut c = Command::new("setpriv");
@@ -287,5 +293,128 @@ impl Drop for ReplicaProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Replicas `mtp1..=mtpN` on 127.0.0.1:10000.. in processes of their own
+/// that a shell command restarts, as `mtlb rollout --exec` does:
+/// [`command`](Self::command) stops replica N's process, waits until its
+/// port is free and starts a new one there. Each process's pid is in a
+/// file, so a test tells a restarted replica by its new pid; dropping the
+/// set kills them.
+pub struct RestartableReplicas {
+    dir: TempDir,
+    count: u16,
+}
+
+impl RestartableReplicas {
+    /// Writes the restart script; starts no replica.
+    pub fn new(count: u16) -> Self {
+        let dir = TempDir::new("replicas");
+        let script = format!(
+            r#"# Restarts stand-in replica $1 (mtp$1): stops its process, if it
+# has one, and starts a new one on the same port.
+set -eu
+n=$1
+dir='{dir}'
+port=$((10000 + n - 1))
+if [ -e "$dir/fail-mtp$n" ]; then
+    echo "mtp$n: not restarting (the test says so)" >&2
+    exit 3
+fi
+if [ -e "$dir/mtp$n.pid" ]; then
+    kill "$(cat "$dir/mtp$n.pid")"
+    # The new one can listen once the old listener has closed.
+    i=0
+    while ss -Hltn "sport = :$port" | grep -q .; do
+        i=$((i + 1))
+        [ "$i" -le 1000 ] || {{ echo "port $port still taken" >&2; exit 4; }}
+        sleep 0.01
+    done
+    echo "$n" >>"$dir/restarts"
+    echo "mtp$n: stopped, starting a new one"
+fi
+'{bin}' "mtp$n" "127.0.0.1:$port" >"$dir/mtp$n.log" 2>&1 </dev/null &
+echo $! >"$dir/mtp$n.pid"
+"#,
+            dir = dir.path.display(),
+            bin = replica_bin(),
+        );
+        std::fs::write(dir.path.join("restart.sh"), script).unwrap();
+        Self { dir, count }
+    }
+
+    /// Starts every replica inside `ns` (the agent finds them listening,
+    /// or sees them listen).
+    pub fn start_all(ns: &Netns, count: u16) -> Self {
+        let set = Self::new(count);
+        for n in 1..=count {
+            set.start(ns, n);
+        }
+        set
+    }
+
+    /// Starts replica `n` (1-based) inside `ns` with the script.
+    pub fn start(&self, ns: &Netns, n: u16) {
+        let mut cmd = Command::new("sh");
+        cmd.arg(self.dir.path.join("restart.sh")).arg(n.to_string());
+        ns.run_inside(&mut cmd);
+        let (status, _, err) = run_bounded(&mut cmd, wait_limit());
+        assert!(status.success(), "starting mtp{n}: {status}: {err}");
+    }
+
+    /// The restart command for `mtlb rollout --exec`.
+    pub fn command(&self) -> String {
+        format!("sh '{}' {{n}}", self.dir.path.join("restart.sh").display())
+    }
+
+    /// The pid of replica `n`'s process now.
+    pub fn pid(&self, n: u16) -> u32 {
+        let path = self.dir.path.join(format!("mtp{n}.pid"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
+    }
+
+    /// Every replica's pid, mtp1 first.
+    pub fn pids(&self) -> Vec<u32> {
+        (1..=self.count).map(|n| self.pid(n)).collect()
+    }
+
+    /// The replicas the command has restarted, in order (not the first
+    /// starts).
+    pub fn restarts(&self) -> Vec<u16> {
+        std::fs::read_to_string(self.dir.path.join("restarts"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    }
+
+    /// Makes the command fail (exit 3) for replica `n`, leaving its
+    /// process as it is.
+    pub fn fail_for(&self, n: u16) {
+        std::fs::write(self.dir.path.join(format!("fail-mtp{n}")), "").unwrap();
+    }
+
+    /// A directory of the set's own, for a test's files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir.path
+    }
+}
+
+impl Drop for RestartableReplicas {
+    fn drop(&mut self) {
+        for n in 1..=self.count {
+            let pid = std::fs::read_to_string(self.dir.path.join(format!("mtp{n}.pid")));
+            if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
