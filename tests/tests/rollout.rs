@@ -17,12 +17,12 @@ fn agent(ns: &Netns, replicas: u16) -> Agent {
     ns.agent(&["--config", &cfg])
 }
 
-/// A namespace with replicas mtp1..=mtp3 UP under its agent.
-fn three_up() -> (Netns, RestartableReplicas, Agent) {
+/// A namespace with replicas mtp1..=mtpN UP under its agent.
+fn up(replicas: u16) -> (Netns, RestartableReplicas, Agent) {
     let ns = Netns::new();
-    let set = RestartableReplicas::start_all(&ns, 3);
-    let agent = agent(&ns, 3);
-    for n in NAMES {
+    let set = RestartableReplicas::start_all(&ns, replicas);
+    let agent = agent(&ns, replicas);
+    for n in &NAMES[..replicas as usize] {
         agent.wait_state(n, State::Up);
     }
     (ns, set, agent)
@@ -81,7 +81,7 @@ fn closed_by_peer(s: &mut TcpStream) -> bool {
 
 #[test]
 fn restarts_every_replica_in_turn_without_refusing_a_client() {
-    let (ns, set, agent) = three_up();
+    let (ns, set, agent) = up(3);
     let before = set.pids();
     // Clients that hold their connections across the rollout, as
     // Telegram clients do: each replica's restart cuts its share.
@@ -186,7 +186,7 @@ fn refuses_to_start_with_one_replica_taking_clients() {
 
 #[test]
 fn a_failing_command_stops_the_rollout_at_its_replica() {
-    let (ns, set, agent) = three_up();
+    let (ns, set, agent) = up(3);
     let before = set.pids();
     set.fail_for(2);
 
@@ -224,8 +224,33 @@ fn a_failing_command_stops_the_rollout_at_its_replica() {
 }
 
 #[test]
+fn a_replica_not_back_in_time_stops_the_rollout() {
+    let (ns, set, agent) = up(2);
+    let before = set.pids();
+    // A command that succeeds without restarting anything.
+    let (ok, out) = mtlb_cli_within(
+        &ns,
+        &["rollout", "--exec", "true {n}", "--up-timeout", "1s"],
+        scaled(Duration::from_secs(60)),
+    )
+    .expect("mtlb rollout did not end within 60 s");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "rollout stopped at mtp1: no new listener UP within 1s: \
+             still its old listener: the command did not restart it. \
+             mtp1 is left in DRAIN"
+        ),
+        "{out}"
+    );
+    assert_eq!(set.pids(), before);
+    assert!(agent.is_state("mtp1", State::Drain));
+    assert!(agent.is_state("mtp2", State::Up));
+}
+
+#[test]
 fn skips_replicas_the_operator_drained_and_restarts_only_those_named() {
-    let (ns, set, agent) = three_up();
+    let (ns, set, agent) = up(3);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
     assert!(ok, "{out}");
     let before = set.pids();
@@ -251,11 +276,7 @@ fn skips_replicas_the_operator_drained_and_restarts_only_those_named() {
 
 #[test]
 fn an_interrupt_stops_the_command_and_leaves_its_replica_draining() {
-    let ns = Netns::new();
-    let set = RestartableReplicas::start_all(&ns, 2);
-    let agent = agent(&ns, 2);
-    agent.wait_state("mtp1", State::Up);
-    agent.wait_state("mtp2", State::Up);
+    let (ns, set, agent) = up(2);
     let started = set.dir().join("started");
     let cmd_pid = set.dir().join("command.pid");
     let exec = format!(
