@@ -14,9 +14,11 @@
 //! (MTProxy servers, Python fixtures, middle-proxy stand-in), [`conn`]
 //! (clients and the one connect loop), [`control`] (misbehaving control
 //! clients), [`http`] (stats endpoint and Prometheus text), [`cgroup`],
-//! [`files`] (temp dirs, bounded commands), [`docker`].
+//! [`files`] (temp dirs, bounded commands), [`docker`], [`ansible`] (deploy/
+//! and its Ansible, offline).
 
 pub mod agent;
+pub mod ansible;
 pub mod cgroup;
 pub mod config;
 pub mod conn;
@@ -29,6 +31,7 @@ pub mod peers;
 pub mod replica;
 
 pub use agent::*;
+pub use ansible::*;
 pub use cgroup::*;
 pub use config::*;
 pub use conn::*;

@@ -2,16 +2,8 @@
 //! template for 2 and 3 replicas checked by `mtlb check-config`, the
 //! systemd unit, and `mtlb link`. Offline; no VM is booted.
 
+use mtlb_tests::{ansible_template, deploy_dir, venv_bin};
 use std::{path::PathBuf, process::Command};
-
-fn deploy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-fn venv_bin(tool: &str) -> PathBuf {
-    let py = PathBuf::from(mtlb_tests::python());
-    py.parent().unwrap().join(tool)
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -59,39 +51,12 @@ fn ansible_lint_is_clean() {
 /// `mtlb check-config` accepted it.
 fn render(name: &str, extra: &[&str], with_group_vars: bool) -> String {
     let out = std::env::temp_dir().join(format!("mtlb-deploy-{}-{name}.toml", std::process::id()));
-    let mut cmd = Command::new(venv_bin("ansible"));
-    cmd.current_dir(deploy_dir())
-        .env("ANSIBLE_LOCALHOST_WARNING", "false")
-        .env("ANSIBLE_INVENTORY_UNPARSED_WARNING", "false")
-        .args([
-            "localhost",
-            "-c",
-            "local",
-            "-i",
-            "localhost,",
-            "-m",
-            "ansible.builtin.template",
-        ])
-        .arg("-a")
-        .arg(format!(
-            "src=roles/mtlb/templates/mtlb.toml.j2 dest={}",
-            out.display()
-        ))
-        .args(["-e", "@roles/mtlb/defaults/main.yml"])
-        // The module runs with this environment's Python, not whatever
-        // interpreter discovery would pick.
-        .arg("-e")
-        .arg(format!(
-            "ansible_python_interpreter={}",
-            mtlb_tests::python()
-        ));
+    let mut vars = vec!["@roles/mtlb/defaults/main.yml"];
     if with_group_vars {
-        cmd.args(["-e", "@inventory/group_vars/all.yml"]);
+        vars.push("@inventory/group_vars/all.yml");
     }
-    for e in extra {
-        cmd.args(["-e", e]);
-    }
-    run(&mut cmd);
+    vars.extend(extra);
+    ansible_template("roles/mtlb/templates/mtlb.toml.j2", &out, &vars);
     let text = std::fs::read_to_string(&out).unwrap();
     let checked = run(mtlb().args(["check-config", "--config"]).arg(&out));
     assert!(checked.contains(": OK:"), "{checked}");
