@@ -1,6 +1,7 @@
 //! The deployment (deploy/): Ansible syntax, the mtlb role's config
 //! template for 2 and 3 replicas checked by `mtlb check-config`, the
-//! systemd unit, and `mtlb link`. Offline; no VM is booted.
+//! systemd units, and `mtlb link`. Offline; no VM is booted. The refresh
+//! program itself: tests/tests/refresh.rs.
 
 use mtlb_tests::{ansible_template, deploy_dir, venv_bin};
 use std::{path::PathBuf, process::Command};
@@ -103,6 +104,38 @@ fn original_haproxy_variable_names_still_work() {
     assert!(t.contains("algorithm = \"leastconn\"\n"), "{t}");
 }
 
+/// `systemd-analyze verify` of `units` (files in one directory), failing
+/// on any line about them; skipped, with the reason printed, where
+/// systemd-analyze is missing.
+fn verify_units(units: &[PathBuf]) {
+    let out = match Command::new("systemd-analyze")
+        .arg("verify")
+        .args(units)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: systemd-analyze verify: systemd-analyze is not installed");
+            return;
+        }
+        Err(e) => panic!("systemd-analyze: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    // Lines about other units of this machine are not ours.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            units
+                .iter()
+                .any(|u| l.contains(u.file_name().unwrap().to_str().unwrap()))
+        })
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}
+
 #[test]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(deploy_dir().join("roles/mtlb/files/mtlb.service")).unwrap();
@@ -110,26 +143,60 @@ fn systemd_unit_verifies() {
     assert!(unit.contains("Restart=always") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     assert!(unit.contains("Type=notify"));
     // systemd-analyze checks that the binaries exist: point at this build.
-    let dir = std::env::temp_dir().join(format!("mtlb-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("mtlb.service");
+    let dir = mtlb_tests::TempDir::new("unit");
+    let path = dir.path.join("mtlb.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/mtlb", &bin)).unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
+    verify_units(&[path]);
+}
+
+/// The refresh's service and timer as the mtproxy role installs them: the
+/// timer from its template, with the role's defaults and with a schedule
+/// of the inventory's.
+#[test]
+fn refresh_units_verify() {
+    let roles = deploy_dir().join("roles/mtproxy");
+    let unit = std::fs::read_to_string(roles.join("files/mtproxy-refresh.service")).unwrap();
+    assert!(unit.contains("Type=oneshot"), "{unit}");
+    // JSON: a key=value argument ends at a space.
+    let inventory = [
+        r#"{"mtproxy_refresh_on_calendar": "*-*-* 04:30:00"}"#,
+        "mtproxy_refresh_randomized_delay=20min",
+    ];
+    for (extra, calendar, delay) in [
+        (&[][..], "daily", "1h"),
+        (&inventory[..], "*-*-* 04:30:00", "20min"),
+    ] {
+        let dir = mtlb_tests::TempDir::new("refresh-units");
+        let service = dir.path.join("mtproxy-refresh.service");
+        // systemd-analyze checks that ExecStart exists: the role's copy.
+        let program = roles.join("files/mtproxy-refresh").canonicalize().unwrap();
+        std::fs::write(
+            &service,
+            unit.replace("/usr/local/sbin/mtproxy-refresh", program.to_str().unwrap()),
+        )
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    // Lines about other units of this machine are not ours.
-    let ours: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("mtlb.service"))
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success() && ours.is_empty(),
-        "systemd-analyze verify:\n{text}"
-    );
+        let timer = dir.path.join("mtproxy-refresh.timer");
+        let mut vars = vec!["@roles/mtproxy/defaults/main.yml"];
+        vars.extend(extra);
+        ansible_template(
+            "roles/mtproxy/templates/mtproxy-refresh.timer.j2",
+            &timer,
+            &vars,
+        );
+        let text = std::fs::read_to_string(&timer).unwrap();
+        for line in ["Persistent=true", "WantedBy=timers.target"] {
+            assert!(text.lines().any(|l| l == line), "{text}");
+        }
+        assert!(
+            text.contains(&format!("\nOnCalendar={calendar}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\nRandomizedDelaySec={delay}\n")),
+            "{text}"
+        );
+        verify_units(&[timer, service]);
+    }
 }
 
 #[test]
