@@ -1,10 +1,12 @@
-//! The deployment (deploy/): Ansible syntax, the mtlb role's config
-//! template for 2 and 3 replicas checked by `mtlb check-config`, the
-//! systemd units, and `mtlb link`. Offline; no VM is booted. The refresh
-//! program itself: tests/tests/refresh.rs.
+//! The deployment (deploy/): Ansible syntax and lint of both playbooks,
+//! the mtlb role's config template for 2 and 3 replicas checked by `mtlb
+//! check-config`, the systemd units, and `mtlb link`. Offline; no VM is
+//! booted. The refresh program itself: tests/tests/refresh.rs.
 
 use mtlb_tests::{ansible_template, deploy_dir, venv_bin};
 use std::{path::PathBuf, process::Command};
+
+const PLAYBOOKS: [&str; 2] = ["playbooks/deploy.yml", "playbooks/refresh.yml"];
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -24,9 +26,11 @@ fn mtlb() -> Command {
 #[test]
 fn playbook_syntax() {
     for inventory in ["inventory/hosts.ini", "inventory/multi-host.ini"] {
-        run(Command::new(venv_bin("ansible-playbook"))
-            .current_dir(deploy_dir())
-            .args(["--syntax-check", "-i", inventory, "playbooks/deploy.yml"]));
+        for playbook in PLAYBOOKS {
+            run(Command::new(venv_bin("ansible-playbook"))
+                .current_dir(deploy_dir())
+                .args(["--syntax-check", "-i", inventory, playbook]));
+        }
     }
 }
 
@@ -43,7 +47,8 @@ fn ansible_lint_is_clean() {
         .current_dir(deploy_dir())
         .env("PATH", path)
         .env("NO_COLOR", "1")
-        .args(["--offline", "playbooks/deploy.yml"]));
+        .arg("--offline")
+        .args(PLAYBOOKS));
     assert!(out.contains("0 failure(s), 0 warning(s)"), "{out}");
 }
 
