@@ -8,7 +8,7 @@
 use mtlb_tests::{docker::Dockerd, *};
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -29,10 +29,6 @@ fn rootfs() -> Option<String> {
     p
 }
 
-fn deploy_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
 /// Runs the mtproxy role (only it: the common role would configure this
 /// host) against this machine with the engine's socket as DOCKER_HOST.
 fn run_mtproxy_role(d: &Dockerd, dir: &Path, rootfs: &str, extra: &[&str]) -> String {
@@ -43,8 +39,7 @@ fn run_mtproxy_role(d: &Dockerd, dir: &Path, rootfs: &str, extra: &[&str]) -> St
     )
     .unwrap();
     let py = python();
-    let bin = Path::new(&py).parent().unwrap().join("ansible-playbook");
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(venv_bin("ansible-playbook"));
     cmd.env("DOCKER_HOST", &d.host)
         .env("ANSIBLE_ROLES_PATH", deploy_dir().join("roles"))
         .env("ANSIBLE_LOCAL_TEMP", dir.join("ansible-tmp"))
