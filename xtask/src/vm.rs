@@ -275,6 +275,17 @@ const HOST_ONLY: &[(&str, &str)] = &[
         "a Prometheus server and promtool, no kernel feature of their own",
     ),
     (
+        "deploy",
+        "Ansible syntax, lint and templates, the unit file and `mtlb link`: no kernel feature; \
+         ansible-lint alone takes minutes under software emulation",
+    ),
+    (
+        "refresh",
+        "the proxy-config refresh program against a file server: Python and files, no kernel \
+         feature",
+    ),
+    ("docs", "links and anchors in the documentation"),
+    (
         "docker",
         "a Docker engine and image import; the official servers it runs are tested in the VM by \
          the official_mtproxy suite, and `cargo xtask vm-deploy` runs Docker on Debian 12's kernel",
