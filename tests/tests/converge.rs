@@ -98,19 +98,26 @@ fn state_file_says(ns: &Netns, name: &str) -> Option<String> {
     v["backends"][name]["admin"].as_str().map(str::to_string)
 }
 
+/// Three stand-in replicas and an agent steering to them, all UP; the
+/// config file's path.
+fn three_up(ns: &Netns) -> (Vec<Replica>, String, Agent) {
+    let replicas = PORTS
+        .iter()
+        .enumerate()
+        .map(|(i, a)| Replica::start(&format!("mtp{}", i + 1), a))
+        .collect();
+    let file = cfg(3).write(ns);
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_state("mtp3", State::Up);
+    (replicas, file, agent)
+}
+
 /// 3 → 2 → 3 with gaps around the agent's 100 ms tick (the removal of a
 /// drained slot happens on it): mtp3 comes back UP and takes clients,
 /// and the agent then shows what a fresh one does.
 fn scale_down_and_up(drain: bool) {
     let ns = Netns::new();
-    let replicas: Vec<Replica> = PORTS
-        .iter()
-        .enumerate()
-        .map(|(i, a)| Replica::start(&format!("mtp{}", i + 1), a))
-        .collect();
-    let file = cfg(3).write(&ns);
-    let mut agent = ns.agent(&["--config", &file]);
-    agent.wait_state("mtp3", State::Up);
+    let (replicas, file, mut agent) = three_up(&ns);
     if drain {
         let (ok, out) = mtlb_cli(&ns, &["backend", "mtp3", "drain"]);
         assert!(ok, "{out}");
@@ -148,14 +155,7 @@ fn quick_scale_down_and_up_keeps_an_operators_drain() {
 #[test]
 fn rapid_flips_converge() {
     let ns = Netns::new();
-    let replicas: Vec<Replica> = PORTS
-        .iter()
-        .enumerate()
-        .map(|(i, a)| Replica::start(&format!("mtp{}", i + 1), a))
-        .collect();
-    let file = cfg(3).write(&ns);
-    let mut agent = ns.agent(&["--config", &file]);
-    agent.wait_state("mtp3", State::Up);
+    let (replicas, file, mut agent) = three_up(&ns);
     let (ok, out) = mtlb_cli(&ns, &["backend", "mtp2", "drain"]);
     assert!(ok, "{out}");
     let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
