@@ -129,11 +129,7 @@ impl Agent {
                             // Read every tick: a lasting failure (out of
                             // file descriptors) is told once a minute.
                             Err(e) => {
-                                let now = std::time::Instant::now();
-                                if self.cookies_failed.is_none_or(|t| {
-                                    now.duration_since(t) >= Duration::from_secs(60)
-                                }) {
-                                    self.cookies_failed = Some(now);
+                                if self.cookies_failed.event((), inp.now).is_some() {
                                     emit(&Fact::ReadFailed {
                                         what: Reading::SynCookies,
                                         error: report(&e),

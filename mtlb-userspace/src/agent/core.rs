@@ -15,6 +15,7 @@ use super::{
     persist::Saved,
     reconcile, render,
     slot::{CheckSchedule, Slot},
+    throttle::Throttle,
 };
 use crate::{
     checks::{
@@ -28,7 +29,6 @@ use crate::{
 };
 use mtlb_common::{MAX_REPLICAS, Settings, state::ListenerState};
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -84,11 +84,10 @@ pub struct State {
     generations: u64,
     /// The answer to an operator's change, sent once its saving is done.
     awaiting_save: Option<Response>,
-    /// Refused binds per slot: when last logged, and how many since.
-    refusals_logged: HashMap<u32, (Instant, u64)>,
-    /// Checks the agent could not run, per kind: when last told, and how
-    /// many since.
-    faults_logged: HashMap<LocalFault, (Option<Instant>, u64)>,
+    /// Refused binds, told once a minute per slot.
+    refusals_logged: Throttle<u32>,
+    /// Checks the agent could not run, told once a minute per kind.
+    faults_logged: Throttle<LocalFault>,
     /// Assignments over time: the upper bound of handshakes in flight.
     assignments: Assignments,
     /// The operator's choices (admin state, weight) by replica name, as
@@ -117,8 +116,8 @@ impl State {
             any_active: false,
             generations: 0,
             awaiting_save: None,
-            refusals_logged: HashMap::new(),
-            faults_logged: HashMap::new(),
+            refusals_logged: Throttle::default(),
+            faults_logged: Throttle::default(),
             assignments: Assignments::default(),
             operator: saved.clone(),
         };
@@ -833,15 +832,9 @@ impl State {
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) {
-        let mut more = 0;
-        if let Some((logged, since)) = self.refusals_logged.get_mut(&slot) {
-            if inp.now.duration_since(*logged) < Duration::from_secs(60) {
-                *since += 1;
-                return;
-            }
-            more = *since;
-        }
-        self.refusals_logged.insert(slot, (inp.now, 0));
+        let Some(more) = self.refusals_logged.event(slot, inp.now) else {
+            return;
+        };
         say(
             out,
             Fact::BindRefused {
@@ -864,19 +857,15 @@ impl State {
         out: &mut Vec<Effect>,
     ) {
         out.push(Effect::CountLocalFault(fault));
-        let (logged, since) = self.faults_logged.entry(fault).or_insert((None, 0));
-        *since += 1;
-        if logged.is_some_and(|t| inp.now.duration_since(t) < Duration::from_secs(60)) {
+        let Some(untold) = self.faults_logged.event(fault, inp.now) else {
             return;
-        }
-        let checks = std::mem::take(since);
-        *logged = Some(inp.now);
+        };
         say(
             out,
             Fact::ChecksNotRun {
                 fault,
                 error: result.info.unwrap_or_default(),
-                checks,
+                checks: untold + 1,
             },
         );
     }

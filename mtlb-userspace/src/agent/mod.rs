@@ -30,6 +30,7 @@ pub mod render;
 pub mod serve;
 pub mod slot;
 pub mod start_facts;
+mod throttle;
 
 use crate::{
     config::{self, Config, ConfigError, Overrides},
@@ -130,8 +131,9 @@ pub struct Agent {
     control: Option<tokio::net::UnixListener>,
     saved_path: PathBuf,
     cookies_seen: Option<crate::kernel::cookies::Observed>,
-    /// When reading the SYN-cookie counter last failed and was told.
-    cookies_failed: Option<std::time::Instant>,
+    /// Failed reads of the SYN-cookie counter (every tick), told once a
+    /// minute.
+    cookies_failed: throttle::Throttle<()>,
     /// Checks the agent could not run, shared with the stats endpoint.
     faults: std::sync::Arc<crate::stats::LocalFaults>,
     /// Per slot, the listener an earlier agent had proven (0: none).
@@ -341,7 +343,7 @@ impl Agent {
             control: Some(control),
             saved_path,
             cookies_seen,
-            cookies_failed: None,
+            cookies_failed: throttle::Throttle::default(),
             faults,
             seeded,
             torn_down: false,
