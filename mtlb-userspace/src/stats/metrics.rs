@@ -252,24 +252,30 @@ fn steering(r: &mut prom::Registry, s: &Snapshot) {
         "SYN-ACKs with a SYN cookie sent by replica listeners",
         s.cookie_synacks,
     );
-    let errors: C = family(
+    by_reason(
         r,
         "mtlb_steer_errors",
         "Steering errors and bookkeeping misses, by reason",
+        &s.steer_errors,
     );
-    for (reason, n) in &s.steer_errors {
-        errors
-            .get_or_create(&vec![("reason".into(), reason.clone())])
-            .inc_by(*n);
-    }
-    let local: C = family(
+    by_reason(
         r,
         "mtlb_agent_check_errors",
         "Health checks the agent could not run for a shortage of its own (files: out of file descriptors, memory), by reason; replicas keep their state",
+        &s.check_errors,
     );
-    for (reason, n) in &s.check_errors {
-        local
-            .get_or_create(&vec![("reason".into(), reason.clone())])
+}
+
+/// A counter family with one sample per `reason`.
+fn by_reason(
+    r: &mut prom::Registry,
+    name: &str,
+    help: &str,
+    counts: &std::collections::BTreeMap<String, u64>,
+) {
+    let f: C = family(r, name, help);
+    for (reason, n) in counts {
+        f.get_or_create(&vec![("reason".into(), reason.clone())])
             .inc_by(*n);
     }
 }
