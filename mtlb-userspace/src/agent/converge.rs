@@ -89,6 +89,16 @@ fn config(replicas: u16) -> Config {
     }
 }
 
+/// The core as `Agent::start` makes it.
+fn core_state(cfg: Config, saved: &Saved, now: Instant, conns: &[u64]) -> State {
+    let inp = Inputs {
+        now,
+        unix_ms: 1,
+        conns,
+    };
+    State::new(cfg, saved, "/c".into(), "/p".into(), 7, &inp)
+}
+
 /// A check in flight, as the shell launched it.
 #[derive(Debug, Clone, Copy)]
 struct Running {
@@ -130,36 +140,43 @@ fn registration(slot: usize, cookie: u64) -> Registration {
 impl World {
     /// Every replica listening and healthy, under `replicas`.
     fn new(replicas: u16) -> Self {
-        let now = Instant::now();
+        let kernel = (0..MAX_REPLICAS as u64)
+            .map(|i| (i < PORTS as u64).then_some(i + 1))
+            .collect();
         let cfg = config(replicas);
+        Self::started(
+            Ok(cfg),
+            Saved::default(),
+            kernel,
+            vec![true; PORTS],
+            Instant::now(),
+        )
+    }
+
+    /// A fresh agent over `kernel`'s listeners (cookies up to their
+    /// highest used) and maps that hold nothing yet, started.
+    fn started(
+        file: Result<Config, ()>,
+        saved: Saved,
+        kernel: Vec<Option<u64>>,
+        healthy: Vec<bool>,
+        now: Instant,
+    ) -> Self {
         let n = MAX_REPLICAS as usize;
+        let cfg = file.clone().expect("a fresh agent starts on a valid file");
         let mut w = Self {
-            st: State::new(
-                cfg.clone(),
-                &Saved::default(),
-                "/c".into(),
-                "/p".into(),
-                7,
-                &Inputs {
-                    now,
-                    unix_ms: 1,
-                    conns: &[],
-                },
-            ),
+            st: core_state(cfg, &saved, now, &[]),
             now,
-            file: Ok(cfg),
-            saved: Saved::default(),
-            kernel: vec![None; n],
-            cookies: 0,
+            file,
+            saved,
+            cookies: kernel.iter().flatten().copied().max().unwrap_or(0),
+            kernel,
             backends: vec![Backend::default(); n],
             opers: vec![0; n],
             conns: vec![0; n],
-            healthy: vec![true; PORTS],
+            healthy,
             checks: Vec::new(),
         };
-        for slot in 0..PORTS {
-            w.listen(slot);
-        }
         let listeners = w.registrations();
         w.step(Event::Started {
             listeners,
@@ -292,18 +309,7 @@ impl World {
                 self.backends[slot as usize] = backend;
             }
         }
-        self.st = State::new(
-            cfg,
-            &self.saved,
-            "/c".into(),
-            "/p".into(),
-            7,
-            &Inputs {
-                now: self.now,
-                unix_ms: 1,
-                conns: &self.conns,
-            },
-        );
+        self.st = core_state(cfg, &self.saved, self.now, &self.conns);
         let listeners = self.registrations();
         self.step(Event::Started {
             listeners,
@@ -440,35 +446,13 @@ fn converges(start: u16, actions: &[Action]) -> Result<(), TestCaseError> {
         "the core's choices are not the saved ones"
     );
 
-    let mut fresh = World {
-        st: State::new(
-            w.st.cfg().clone(),
-            &w.saved,
-            "/c".into(),
-            "/p".into(),
-            7,
-            &Inputs {
-                now: w.now,
-                unix_ms: 1,
-                conns: &[],
-            },
-        ),
-        now: w.now,
-        file: w.file.clone(),
-        saved: w.saved.clone(),
-        kernel: w.kernel.clone(),
-        cookies: w.cookies,
-        backends: vec![Backend::default(); MAX_REPLICAS as usize],
-        opers: vec![0; MAX_REPLICAS as usize],
-        conns: vec![0; MAX_REPLICAS as usize],
-        healthy: w.healthy.clone(),
-        checks: Vec::new(),
-    };
-    let listeners = fresh.registrations();
-    fresh.step(Event::Started {
-        listeners,
-        verified: vec![],
-    });
+    let mut fresh = World::started(
+        w.file.clone(),
+        w.saved.clone(),
+        w.kernel.clone(),
+        w.healthy.clone(),
+        w.now,
+    );
     fresh.settle();
     prop_assert_eq!(w.shown(), fresh.shown());
     let kernel = |w: &World| w.backends.iter().copied().map(acted_on).collect::<Vec<_>>();
