@@ -181,6 +181,11 @@ const _: () = {
 };
 
 impl ListenEvent {
+    /// The pid and signal of an EV_STOPPING.
+    pub fn stopping(&self) -> (u32, u32) {
+        (self.uid, self.family as u32)
+    }
+
     /// The uid of an EV_REFUSED_BIND. Bind hooks of an older build (still
     /// attached while a new agent takes their pins over, or whose events
     /// wait in the ring) put it in `cookie` and left `uid` 0; these put it
@@ -207,6 +212,46 @@ pub const EV_REFUSED_TAKEN: u32 = 4;
 /// A bind() to a replica port by a uid not allowed to run replicas was
 /// refused (EPERM); `uid` holds that uid.
 pub const EV_REFUSED_BIND: u32 = 5;
+
+/// A process that owns a replica listener was sent a stop signal: `cookie`
+/// is the slot's listener then, `uid` holds the pid signalled and `family`
+/// the signal number (read them with [`ListenEvent::stopping`]).
+pub const EV_STOPPING: u32 = 6;
+
+/// The signals that mark a replica "stopping" when sent to a process that
+/// owns its listener: what `docker stop`, systemd, Ctrl-C and an operator's
+/// `kill` send to make a server shut down. (SIGKILL is not one: the
+/// process is gone at once and its listener closes with it.)
+pub const SIGINT: u32 = 2;
+pub const SIGQUIT: u32 = 3;
+pub const SIGTERM: u32 = 15;
+
+/// A slot's listener marked "stopping" by the signal program (the
+/// `STOPPING` array): sk_lookup skips the slot while `cookie` is the slot's
+/// listener. A new listener (the replica restarted) has another cookie, so
+/// it is never skipped by an old mark; the agent clears a mark whose
+/// listener is still there after its grace (a process that ignored the
+/// signal) by zeroing `cookie`. The counters stay, across agents.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stopping {
+    /// Cookie of the listener marked; 0: no mark.
+    pub cookie: u64,
+    /// bpf_ktime_get_ns() of the signal.
+    pub at_ns: u64,
+    /// The pid (tgid, in the initial pid namespace) the signal was sent to.
+    pub pid: u32,
+    pub signal: u32,
+    /// Marks made in this slot (the kernel counts).
+    pub marks: u64,
+    /// Connections that were in the listener's accept queue when it was
+    /// marked, summed (the agent adds them): those no balancer can move.
+    pub queued: u64,
+}
+
+/// Most processes (replica masters and workers) the signal program knows
+/// as listener owners (the `OWNER_PIDS` hash: pid -> bitmask of slots).
+pub const MAX_OWNER_PIDS: u32 = 4096;
 
 /// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
 /// network byte order) and ports in host byte order.
@@ -381,6 +426,9 @@ pub const STATUS_STALLED: u32 = 1;
 /// Status::flags: its accept queue is stalled, but it is kept taking
 /// connections as the last replica that does.
 pub const STATUS_STALL_KEPT: u32 = 2;
+/// Status::flags: a process owning its listener was sent a stop signal;
+/// it gets no new connection until the listener goes or the grace ends.
+pub const STATUS_STOPPING: u32 = 4;
 
 pub const STATE_UP: u32 = 1;
 pub const STATE_DOWN: u32 = 2;
@@ -411,6 +459,7 @@ mod pod {
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for Status {}
     unsafe impl aya::Pod for LastChoice {}
+    unsafe impl aya::Pod for Stopping {}
     unsafe impl aya::Pod for ListenEvent {}
 }
 

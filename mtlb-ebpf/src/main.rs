@@ -6,6 +6,9 @@
 //!   they call listen(), and counts handshakes and connections per replica.
 //! * [`bind`]: `mtlb_bind4`/`mtlb_bind6` (cgroup bind hooks) let only
 //!   allowed owners bind replica ports.
+//! * [`signal`]: `mtlb_signal` (tracepoint `signal:signal_generate`) marks
+//!   a replica "stopping" the instant a process owning its listener is
+//!   sent SIGTERM, SIGINT or SIGQUIT.
 //!
 //! [`maps`] holds the maps they share with the agent, [`shared`] the
 //! helpers more than one program uses. Program and map names are what the
@@ -13,7 +16,7 @@
 //!
 //! fentry/fexit would see request sockets die, but BPF_PROG_TYPE_TRACING is
 //! not available on the kernels mtlb targets, so everything here runs from
-//! sk_lookup, sock_ops and the bind hooks.
+//! sk_lookup, sock_ops, the bind hooks and a classic tracepoint.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -22,6 +25,7 @@
 mod bind;
 mod maps;
 mod shared;
+mod signal;
 mod sockops;
 mod steer;
 

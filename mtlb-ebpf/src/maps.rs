@@ -12,6 +12,9 @@
 //! * CONNS: atomic adds only, by the programs, and the agent's clamp of
 //!   handshakes (compare-and-swap).
 //! * STATS, SLOT_TOTALS: per-CPU, the programs only.
+//! * OWNER_PIDS: the agent. STOPPING: the signal program sets a mark, the
+//!   agent clears it (whole-value writes; a mark is only ever replaced by
+//!   another or by zeros).
 
 use aya_ebpf::{
     bindings::{
@@ -79,6 +82,15 @@ pub static SLOT_TOTALS: PerCpuArray<SlotTotals, { MAX_REPLICAS as usize }> = Per
 /// Replica states as the agent last saw them; the programs do not read it.
 #[btf_map]
 pub static STATUS: Array<Status, { MAX_REPLICAS as usize }> = Array::new();
+
+/// Per slot, the listener a stop signal marked (see `Stopping`).
+#[btf_map]
+pub static STOPPING: Array<Stopping, { MAX_REPLICAS as usize }> = Array::new();
+
+/// Processes that hold a replica listener (masters and their workers), as
+/// the agent found them in /proc: pid (tgid) -> bitmask of slots.
+#[btf_map]
+pub static OWNER_PIDS: HashMap<u32, u64, { MAX_OWNER_PIDS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static SOCKETS: SockMap64<{ MAX_REPLICAS as usize }> = SockMap64::new();

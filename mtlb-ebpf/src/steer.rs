@@ -2,7 +2,9 @@
 //! port to the listening socket of the least-loaded enabled replica.
 
 use crate::{
-    maps::{ADDRESSES, BACKENDS, CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SLOT_TOTALS, SOCKETS},
+    maps::{
+        ADDRESSES, BACKENDS, CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SLOT_TOTALS, SOCKETS, STOPPING,
+    },
     shared::{IPPROTO_TCP, add, ctx_addr, replica_slot, settings, stat},
 };
 use aya_ebpf::{
@@ -149,10 +151,20 @@ fn steerable(s: &Settings, slot: u32) -> bool {
     if b.enabled == 0 {
         return false;
     }
-    s.require_verified == 0
-        || LISTENERS
-            .get(slot)
-            .is_some_and(|l| l.cookie == b.listener_cookie)
+    let Some(l) = LISTENERS.get(slot) else {
+        return false;
+    };
+    (s.require_verified == 0 || l.cookie == b.listener_cookie) && !stopping(slot, l.cookie)
+}
+
+/// Whether a stop signal marked the slot's listener `cookie` (see
+/// `signal.rs`): a replica shutting down takes no new connection, even
+/// before the agent has heard of it.
+#[inline(always)]
+fn stopping(slot: u32, cookie: u64) -> bool {
+    STOPPING
+        .get(slot)
+        .is_some_and(|m| unsafe { core::ptr::read_volatile(&m.cookie) } == cookie)
 }
 
 #[inline(always)]
@@ -210,6 +222,9 @@ fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
         }
         // An AF_INET listener cannot take an IPv6 connection.
         if family == AF_INET6 as u32 && lst.family == AF_INET {
+            continue;
+        }
+        if stopping(i, lst.cookie) {
             continue;
         }
         let Some(c) = CONNS.get_ptr(i) else { continue };
