@@ -80,6 +80,9 @@ pub enum Fact {
     Swept { dir: PathBuf },
     /// Such pins could not be removed.
     SweepFailed { dir: PathBuf, error: String },
+    /// The stop-signal watch could not be attached: replicas are taken out
+    /// of rotation when their listener closes, not at the signal.
+    NoStopWatch { error: String },
 }
 
 /// Where the dataplane lives: the bpffs and the network namespace (its
@@ -230,6 +233,16 @@ impl Dataplane {
         let dir = &self.pin_dir;
         self.loaded
             .attach_accounting(hooks.cgroup_root, hooks.replica_cgroup, dir, attached)?;
+        // Not fatal: steering and checks work without it, a stopping
+        // replica is then noticed when its listener closes.
+        if let Err(e) = self.loaded.attach_signal(dir, attached) {
+            facts.push(
+                Fact::NoStopWatch {
+                    error: crate::error::report(&e),
+                }
+                .into(),
+            );
+        }
         adopt(&mut self.loaded.maps);
         self.loaded.attach_steering(dir, attached)?;
         facts.extend(

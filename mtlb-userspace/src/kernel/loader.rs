@@ -7,7 +7,7 @@ use super::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -53,12 +53,23 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Maps(#[from] maps::MapsError),
+    #[error("cannot find the tracefs (mount it at /sys/kernel/tracing)")]
+    Tracefs(#[source] crate::system::mounts::MountError),
+    #[error("{path}: {why}")]
+    TraceFormat { path: PathBuf, why: String },
 }
 
 /// The bind hooks and their link pins: they mark sockets an allowed owner
 /// binds to a replica port.
 const BIND_PROGRAMS: [&str; 2] = ["mtlb_bind4", "mtlb_bind6"];
 const BIND_LINKS: [&str; 2] = [names::LINK_BIND4, names::LINK_BIND6];
+
+/// The stop-signal watch: tracepoint signal:signal_generate.
+const SIGNAL_PROGRAM: &str = "mtlb_signal";
+const SIGNAL_EVENT: (&str, &str) = ("signal", "signal_generate");
+/// Where mtlb_signal reads the fields of the tracepoint's record (see
+/// mtlb-ebpf/src/signal.rs): name, offset, size.
+const SIGNAL_FIELDS: [(&str, usize, usize); 3] = [("sig", 8, 4), ("pid", 36, 4), ("result", 44, 4)];
 
 /// A loaded, not yet attached balancer.
 pub struct Loaded {
@@ -103,6 +114,13 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
             what: "sock_ops",
             source,
         })?;
+    prog::<TracePoint>(&mut ebpf, SIGNAL_PROGRAM)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: SIGNAL_PROGRAM,
+            what: "tracepoint",
+            source,
+        })?;
     for name in BIND_PROGRAMS {
         prog::<CgroupSockAddr>(&mut ebpf, name)?
             .load()
@@ -137,7 +155,12 @@ pub fn pins_compatible(pin_dir: &Path) -> Result<Compat, LoadError> {
             )));
         };
         let ours = maps::data(name, ours)?.info();
-        let theirs = aya::maps::MapData::from_pin(pin_dir.join(name)).and_then(|m| m.info());
+        let path = pin_dir.join(name);
+        // A map this build added is created beside the rest.
+        if maps::names::ADDED.contains(name) && !path.exists() {
+            continue;
+        }
+        let theirs = aya::maps::MapData::from_pin(path).and_then(|m| m.info());
         let (ours, theirs) = match (ours, theirs) {
             (Ok(a), Ok(b)) => (a, b),
             (_, Err(e)) => {
@@ -163,6 +186,41 @@ pub fn pins_compatible(pin_dir: &Path) -> Result<Compat, LoadError> {
         }
     }
     Ok(Compat::Compatible)
+}
+
+/// Whether the tracepoint format `text` has each (name, offset, size) of
+/// `fields`; else which one differs.
+fn check_format(text: &str, fields: &[(&str, usize, usize)]) -> Result<(), String> {
+    for (name, offset, size) in fields {
+        // "\tfield:int sig;\toffset:8;\tsize:4;\tsigned:1;"
+        let found = text.lines().find_map(|l| {
+            let mut parts = l.trim().split(';').map(str::trim);
+            let decl = parts.next()?.strip_prefix("field:")?;
+            if decl.rsplit([' ', '*']).next()? != *name {
+                return None;
+            }
+            let mut off = None;
+            let mut sz = None;
+            for p in parts {
+                if let Some(v) = p.strip_prefix("offset:") {
+                    off = v.parse::<usize>().ok();
+                } else if let Some(v) = p.strip_prefix("size:") {
+                    sz = v.parse::<usize>().ok();
+                }
+            }
+            Some((off, sz))
+        });
+        match found {
+            Some((Some(o), Some(s))) if o == *offset && s == *size => {}
+            Some((o, s)) => {
+                return Err(format!(
+                    "field {name} at offset {o:?} size {s:?}, mtlb reads offset {offset} size {size}"
+                ));
+            }
+            None => return Err(format!("no field {name}")),
+        }
+    }
+    Ok(())
 }
 
 fn prog<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
@@ -238,6 +296,43 @@ impl Loaded {
         Ok(())
     }
 
+    /// Attaches the stop-signal watch (a tracepoint, for the whole
+    /// machine; it acts only on the pids the agent lists in OWNER_PIDS).
+    /// Needs the tracefs, mounted here when missing, and the record layout
+    /// the program reads, checked against the kernel's format file.
+    pub fn attach_signal(&mut self, pin_dir: &Path, out: &mut Attached) -> Result<(), LoadError> {
+        let tracefs = crate::system::mounts::ensure_tracefs().map_err(LoadError::Tracefs)?;
+        let format = tracefs
+            .join("events")
+            .join(SIGNAL_EVENT.0)
+            .join(SIGNAL_EVENT.1)
+            .join("format");
+        let text = std::fs::read_to_string(&format).map_err(|source| LoadError::Open {
+            path: format.clone(),
+            source,
+        })?;
+        check_format(&text, &SIGNAL_FIELDS).map_err(|why| LoadError::TraceFormat {
+            path: format.clone(),
+            why,
+        })?;
+        let p = prog::<TracePoint>(&mut self.ebpf, SIGNAL_PROGRAM)?;
+        let err = |source| LoadError::Attach {
+            name: SIGNAL_PROGRAM,
+            target: format!("tracepoint {}:{}", SIGNAL_EVENT.0, SIGNAL_EVENT.1),
+            source,
+        };
+        let id = p.attach(SIGNAL_EVENT.0, SIGNAL_EVENT.1).map_err(err)?;
+        let link = p.take_link(id).map_err(err)?;
+        // A perf-event bpf_link (Linux 5.15+): pinned like the others, so
+        // the watch outlives the agent with the rest.
+        let fd = FdLink::try_from(link).map_err(|e| LoadError::Attach {
+            name: SIGNAL_PROGRAM,
+            target: format!("a bpf_link ({e})"),
+            source: aya::programs::ProgramError::AlreadyAttached,
+        })?;
+        out.pin(fd, pin_dir.join(names::LINK_SIGNAL))
+    }
+
     /// Attaches the sk_lookup program to this thread's network namespace.
     pub fn attach_steering(&mut self, pin_dir: &Path, out: &mut Attached) -> Result<(), LoadError> {
         let path = PathBuf::from("/proc/thread-self/ns/net");
@@ -307,5 +402,44 @@ impl Attached {
 impl Default for Attached {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: signal_generate
+ID: 261
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int sig;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:int errno;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:int code;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:20;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:36;\tsize:4;\tsigned:1;
+\tfield:int group;\toffset:40;\tsize:4;\tsigned:1;
+\tfield:int result;\toffset:44;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn the_signal_record_layout_is_checked() {
+        assert_eq!(check_format(FORMAT, &SIGNAL_FIELDS), Ok(()));
+        let moved = FORMAT.replace("offset:36", "offset:40");
+        let e = check_format(&moved, &SIGNAL_FIELDS).unwrap_err();
+        assert!(e.contains("field pid at offset Some(40)"), "{e}");
+        let gone = FORMAT.replace("int result;", "int outcome;");
+        assert_eq!(
+            check_format(&gone, &SIGNAL_FIELDS),
+            Err("no field result".into())
+        );
+        // common_pid is not pid.
+        let only_common = FORMAT.replace("pid_t pid;", "pid_t tid;");
+        assert_eq!(
+            check_format(&only_common, &SIGNAL_FIELDS),
+            Err("no field pid".into())
+        );
     }
 }

@@ -9,7 +9,8 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
 use mtlb_common::{
-    Backend, Conns, Listener, MAX_REPLICAS, Runtime, Settings, SlotTotals, SockTag, Status, stat,
+    Backend, Conns, Listener, MAX_REPLICAS, Runtime, Settings, SlotTotals, SockTag, Status,
+    Stopping, stat,
 };
 use std::{
     os::fd::AsFd,
@@ -69,6 +70,8 @@ pub mod names {
     pub const ALLOWED_UIDS: &str = "ALLOWED_UIDS";
     pub const EVENTS: &str = "EVENTS";
     pub const REFUSED_AT: &str = "REFUSED_AT";
+    pub const STOPPING: &str = "STOPPING";
+    pub const OWNER_PIDS: &str = "OWNER_PIDS";
     /// Every map of the object. FLOWS and LAST are the kernel's alone (no
     /// userspace handle) but are pinned and taken over like the rest.
     pub const ALL: &[&str] = &[
@@ -88,7 +91,13 @@ pub mod names {
         ALLOWED_UIDS,
         EVENTS,
         REFUSED_AT,
+        STOPPING,
+        OWNER_PIDS,
     ];
+    /// Maps an earlier build did not have: their pins may be missing from
+    /// a pin directory that is otherwise taken over (they are created
+    /// then), and a read-only view of such pins goes without them.
+    pub const ADDED: &[&str] = &[STOPPING, OWNER_PIDS];
 }
 
 pub struct Maps {
@@ -108,6 +117,9 @@ pub struct Maps {
     allowed_uids: HashMap<MapData, u32, u8>,
     /// The EVENTS ring buffer, until the agent takes it to read.
     events: Option<MapData>,
+    /// `None` in a read-only view of an older build's pins.
+    stopping: Option<Array<MapData, Stopping>>,
+    owner_pids: Option<HashMap<MapData, u32, u64>>,
     /// CONNS mapped into this process, for atomic reads and subtraction.
     conns_shared: SharedConns,
 }
@@ -257,6 +269,14 @@ impl Maps {
             status: open!(STATUS, Array, Array),
             allowed_uids: open!(ALLOWED_UIDS, HashMap, HashMap),
             events: Some(get(EVENTS)?),
+            stopping: get(STOPPING)
+                .ok()
+                .map(|m| conv(STOPPING, Array::try_from(Map::Array(m))))
+                .transpose()?,
+            owner_pids: get(OWNER_PIDS)
+                .ok()
+                .map(|m| conv(OWNER_PIDS, HashMap::try_from(Map::HashMap(m))))
+                .transpose()?,
         })
     }
 
@@ -321,6 +341,91 @@ impl Maps {
         for u in old {
             if !uids.contains(&u) {
                 conv(names::ALLOWED_UIDS, self.allowed_uids.remove(&u))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stop mark of `slot` (see [`Stopping`]); `None`: no mark, or
+    /// pins of a build without marks.
+    pub fn stopping(&self, slot: u32) -> Result<Option<Stopping>, MapsError> {
+        let Some(m) = &self.stopping else {
+            return Ok(None);
+        };
+        let v = conv(names::STOPPING, m.get(&slot, 0))?;
+        Ok((v.cookie != 0).then_some(v))
+    }
+
+    /// The stop record of `slot` as it is, counters included.
+    pub fn stop_record(&self, slot: u32) -> Result<Stopping, MapsError> {
+        match &self.stopping {
+            Some(m) => conv(names::STOPPING, m.get(&slot, 0)),
+            None => Ok(Stopping::default()),
+        }
+    }
+
+    /// Removes the stop mark of `slot` if it still marks `cookie`, and
+    /// adds `queued` to its count of stranded connections. (A read, then a
+    /// write of the whole value: the program writes only at a new mark,
+    /// and a new mark of the same listener within this window is the one
+    /// lost, counted as told already.)
+    pub fn settle_stopping(
+        &mut self,
+        slot: u32,
+        clear: Option<u64>,
+        queued: u64,
+    ) -> Result<(), MapsError> {
+        let Some(m) = &mut self.stopping else {
+            return Ok(());
+        };
+        let mut v = conv(names::STOPPING, m.get(&slot, 0))?;
+        if let Some(c) = clear
+            && v.cookie == c
+        {
+            v.cookie = 0;
+        }
+        v.queued += queued;
+        conv(names::STOPPING, m.set(slot, v, 0))
+    }
+
+    /// What OWNER_PIDS holds: pid -> bitmask of slots.
+    pub fn owner_pids(&self) -> Result<std::collections::HashMap<u32, u64>, MapsError> {
+        let Some(m) = &self.owner_pids else {
+            return Ok(Default::default());
+        };
+        m.iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: names::OWNER_PIDS,
+                source,
+            })
+    }
+
+    /// Makes OWNER_PIDS hold exactly `owners` (pid -> slot bitmask),
+    /// adding and updating before removing. At most
+    /// `MAX_OWNER_PIDS` fit: the rest fail with E2BIG, reported.
+    pub fn set_owner_pids(
+        &mut self,
+        owners: &std::collections::HashMap<u32, u64>,
+    ) -> Result<(), MapsError> {
+        let Some(m) = &mut self.owner_pids else {
+            return Ok(());
+        };
+        let old: Vec<(u32, u64)> =
+            m.iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| MapsError::Map {
+                    name: names::OWNER_PIDS,
+                    source,
+                })?;
+        for (pid, mask) in owners {
+            if !old.contains(&(*pid, *mask)) {
+                conv(names::OWNER_PIDS, m.insert(*pid, *mask, 0))?;
+            }
+        }
+        for (pid, _) in old {
+            if !owners.contains_key(&pid) {
+                conv(names::OWNER_PIDS, m.remove(&pid))?;
             }
         }
         Ok(())

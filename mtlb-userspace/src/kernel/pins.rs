@@ -52,7 +52,14 @@ pub mod names {
     pub const LINK_SOCK_OPS: &str = "link_sock_ops";
     pub const LINK_BIND4: &str = "link_bind4";
     pub const LINK_BIND6: &str = "link_bind6";
-    pub const LINKS: &[&str] = &[LINK_SK_LOOKUP, LINK_SOCK_OPS, LINK_BIND4, LINK_BIND6];
+    pub const LINK_SIGNAL: &str = "link_signal";
+    pub const LINKS: &[&str] = &[
+        LINK_SK_LOOKUP,
+        LINK_SOCK_OPS,
+        LINK_BIND4,
+        LINK_BIND6,
+        LINK_SIGNAL,
+    ];
 }
 
 /// Where the per-namespace lock files live. Not configurable on purpose:

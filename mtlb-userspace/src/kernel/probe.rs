@@ -46,6 +46,13 @@ fn needs() -> Vec<(Feature, &'static str)> {
             Program(ProgramType::CgroupSockAddr, "cgroup bind hooks"),
             "4.17",
         ),
+        (
+            Program(
+                ProgramType::TracePoint,
+                "tracepoint programs (signal:signal_generate, the stop-signal watch)",
+            ),
+            "4.7",
+        ),
         (Map(MapType::SockMap, "sockmaps"), "4.14"),
         (Map(MapType::SkStorage, "socket-local storage"), "5.2"),
         (Map(MapType::RingBuf, "BPF ring buffers"), "5.8"),
@@ -79,6 +86,14 @@ fn needs() -> Vec<(Feature, &'static str)> {
                 ProgramType::SockOps,
                 BpfHelper::BPF_FUNC_ringbuf_output,
                 "ring buffers in sock_ops",
+            ),
+            "5.8",
+        ),
+        (
+            Helper(
+                ProgramType::TracePoint,
+                BpfHelper::BPF_FUNC_ringbuf_output,
+                "ring buffers in tracepoint programs",
             ),
             "5.8",
         ),

@@ -436,6 +436,66 @@ fn owners(
     Ok(found)
 }
 
+/// The socket inodes of the registered listeners, each with the bitmask
+/// of the slots it holds (from sock_diag, in this thread's network
+/// namespace): what [`owner_pids`] looks for.
+pub fn listener_inodes(known: &[Option<SlotView>]) -> Result<HashMap<u64, u64>, RegistryError> {
+    let by_cookie: HashMap<u64, usize> = known
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, v)| v.map(|v| (v.cookie, slot)))
+        .collect();
+    let mut slots_of: HashMap<u64, u64> = HashMap::new();
+    if !by_cookie.is_empty() {
+        for l in listeners()? {
+            if let Some(slot) = by_cookie.get(&l.cookie) {
+                *slots_of.entry(l.inode).or_default() |= 1u64 << slot;
+            }
+        }
+    }
+    Ok(slots_of)
+}
+
+/// The processes holding the listener sockets `inodes` (a replica's
+/// master and the workers it forked, which inherit the socket), as pid ->
+/// bitmask of the slots whose listener they hold: what the stop-signal
+/// watch looks a signalled pid up in. Pids are those of this /proc, which
+/// are the kernel's (the tracepoint's) when the agent runs in the initial
+/// pid namespace, as its service does.
+///
+/// Reads every process's fd table: slow on a host with many connections,
+/// so it runs off the agent's loop, when registrations change.
+pub fn owner_pids(inodes: &HashMap<u64, u64>) -> Result<HashMap<u32, u64>, RegistryError> {
+    let mut owners = HashMap::new();
+    if inodes.is_empty() {
+        return Ok(owners);
+    }
+    let me = std::process::id() as i32;
+    let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
+        what: "/proc",
+        source,
+    })?;
+    for p in procs.flatten() {
+        if p.pid == me {
+            continue;
+        }
+        // A process that exits meanwhile is skipped.
+        let Ok(fds) = p.fd() else { continue };
+        let mut mask = 0u64;
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target
+                && let Some(m) = inodes.get(&inode)
+            {
+                mask |= m;
+            }
+        }
+        if mask != 0 {
+            owners.insert(p.pid as u32, mask);
+        }
+    }
+    Ok(owners)
+}
+
 /// Duplicates `fd` of process `pid` into this process.
 fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     let pid = rustix::process::Pid::from_raw(pid)

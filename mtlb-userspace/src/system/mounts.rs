@@ -141,6 +141,34 @@ pub fn visible_bpffs(path: &Path) -> PathBuf {
     }
 }
 
+/// Where the tracefs is (the tracepoint's id is read there): an existing
+/// tracefs mount, else one made at /sys/kernel/tracing. Tracepoint
+/// programs are attached by id; the mount only serves that lookup.
+pub fn ensure_tracefs() -> Result<PathBuf, MountError> {
+    // aya looks at these two places, in this order, and takes the first
+    // that is not empty.
+    const PLACES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    for p in PLACES {
+        if std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()) {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    let path = PathBuf::from(PLACES[0]);
+    mount(
+        Some("tracefs"),
+        &path,
+        Some("tracefs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| MountError::Mount {
+        fstype: "tracefs",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
 /// Where the cgroup2 hierarchy's root is mounted; mounts it under
 /// /run/mtlb/cgroup2 when it is nowhere. Returns (path, mounted_now).
 pub fn ensure_cgroup2() -> Result<(PathBuf, bool), MountError> {
