@@ -261,6 +261,13 @@ pub struct Config {
     /// client gone, full accept queue); this bounds how long it weighs.
     /// Default 3000.
     pub handshake_timeout_ms: u64,
+    /// After a stop signal (SIGTERM, SIGINT, SIGQUIT) to a process
+    /// holding a replica's listener, the replica takes no new connection;
+    /// if the same listener is still there this many milliseconds later
+    /// (the process ignored the signal), the mark is lifted and the replica
+    /// is checked as usual. Default 10000 (`docker stop` sends SIGKILL
+    /// after 10 s).
+    pub stop_grace_ms: u64,
     /// Where operator choices (drain/maint/ready, weights) are kept across
     /// agent restarts. Default /var/lib/mtlb.
     pub state_dir: PathBuf,
@@ -292,6 +299,7 @@ impl Default for Config {
             replica_cgroup: PathBuf::new(),
             scan_interval_ms: 500,
             handshake_timeout_ms: 3000,
+            stop_grace_ms: 10_000,
             state_dir: PathBuf::from("/var/lib/mtlb"),
             control_dir: PathBuf::from(RUN_DIR),
             check: CheckConfig::default(),
@@ -558,6 +566,13 @@ impl Config {
                 "bpffs",
                 self.bpffs.display(),
                 "must be an absolute path",
+            ));
+        }
+        if !(100..=600_000).contains(&self.stop_grace_ms) {
+            return Err(invalid(
+                "stop_grace_ms",
+                self.stop_grace_ms,
+                "must be 100..=600000",
             ));
         }
         if !(10..=60_000).contains(&self.scan_interval_ms) {

@@ -138,6 +138,20 @@ impl Agent {
                             }
                         }
                     }
+                    Effect::SettleStop {
+                        slot,
+                        clear,
+                        queued,
+                    } => {
+                        let r = self
+                            .dataplane
+                            .maps_mut()
+                            .settle_stopping(slot, clear, queued);
+                        self.written(Written::Stopping(slot), r);
+                    }
+                    // Off the loop (it reads every process's fd table):
+                    // the serve loop starts a scan after this turn.
+                    Effect::FindOwners => self.owners_wanted = true,
                     Effect::CountLocalFault(f) => self.faults.count(f),
                     Effect::Notify(n) => render::notify(&n),
                     Effect::Remove => self.keep_pins = false,

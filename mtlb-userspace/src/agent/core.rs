@@ -20,7 +20,7 @@ use super::{
 use crate::{
     checks::{
         CheckSpec,
-        health::{Admin, CheckResult, DownCause, LocalFault, Thresholds, Transition},
+        health::{Admin, CheckResult, DownCause, LocalFault, Oper, Thresholds, Transition},
         reason,
     },
     config::WEIGHTS,
@@ -32,6 +32,10 @@ use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
+
+mod stopping;
+
+pub use stopping::signal_name;
 
 fn say(out: &mut Vec<Effect>, f: Fact) {
     out.push(Effect::Say(f));
@@ -233,6 +237,11 @@ impl State {
                 );
             }
             Transition::Changed(to) => {
+                if to == Oper::Up {
+                    // Its workers have been forked by now: the stop-signal
+                    // watch learns their pids.
+                    out.push(Effect::FindOwners);
+                }
                 self.slots[slot].changed(to, inp.now, inp.unix_ms);
                 self.apply(inp, out);
                 let active = self.active_count();
@@ -346,6 +355,7 @@ impl State {
                 desc: reg.desc,
             },
         );
+        out.push(Effect::FindOwners);
         let s = &mut self.slots[slot];
         s.listener_cookie = reg.cookie;
         s.listener_desc = reg.short;
@@ -376,6 +386,9 @@ impl State {
             s.verified = 0;
         }
         s.listener_cookie = 0;
+        self.stop_done(slot, out);
+        out.push(Effect::FindOwners);
+        let s = &mut self.slots[slot];
         let ev = s.health.force_down(
             DownCause::Listener,
             CheckResult::fail(
@@ -468,6 +481,12 @@ impl State {
             if s.check.running.is_some() || s.check.next > inp.now {
                 continue;
             }
+            if s.stopping.is_some() {
+                // Its grace (or its listener closing) decides; checked
+                // again after.
+                s.check.next = inp.now + Duration::from_millis(self.cfg.check.inter_ms);
+                continue;
+            }
             match CheckSpec::for_slot(&self.cfg, i) {
                 Some(spec) => {
                     s.check.running = Some(s.check.generation);
@@ -503,6 +522,9 @@ impl State {
         }
         if s.check.generation != generation {
             // Launched before a reload (or for a slot since removed).
+            return;
+        }
+        if s.stopping.is_some() {
             return;
         }
         if let Some(fault) = result.local {
@@ -932,12 +954,14 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
             state.apply(inp, &mut out);
         }
         Event::Elapsed => {
+            state.stop_graces(inp, &mut out);
             state.finish_removals(inp, &mut out);
             // Slowstart ramps need rewriting as time passes.
             state.apply(inp, &mut out);
             out.push(Effect::WatchCookies);
         }
         Event::Assigned { totals, listening } => state.assigned(totals, listening, inp, &mut out),
+        Event::StopMarks(marks) => state.stop_marks(marks, inp, &mut out),
         Event::BindRefused { slot, addr, uid } => {
             state.bind_refused(slot, addr, uid, inp, &mut out)
         }
@@ -2251,11 +2275,13 @@ mod tests {
             &fx,
             r#"
         INFO  replica mtp2 unregistered: 127.0.0.1:10001 (IPv4): its listener closed
+        FindOwners
         BACKENDS[1] enabled=1 weight=1 listener=0
         STATUS[1] state=2 count=0 registered=0 flags=0
         WARN  backend mtp2 is DOWN, reason: no listener registered, info: "listener closed", check duration: 0ms. 1 active backends left. 4 connections active.
         Adopt
         INFO  replica mtp2 registered: 127.0.0.1:10001 (IPv4, via listen hook)
+        FindOwners
         check mtp2 (listener 2001)
         STATUS[1] state=2 count=0 registered=1 flags=0
         "#,
@@ -2265,6 +2291,7 @@ mod tests {
             &fx,
             r#"
         DEBUG check mtp2: passed, reason: Layer4 check passed, 1ms
+        FindOwners
         BACKENDS[1] enabled=1 weight=1 listener=2001
         STATUS[1] state=1 count=0 registered=1 flags=0
         INFO  backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online.
@@ -2414,5 +2441,118 @@ mod tests {
             assert_eq!(trusted, want);
             assert_transcript(&fx, transcript);
         }
+    }
+
+    /// A stop mark of `slot`'s listener incarnation `n`, made at `at_ns`.
+    fn mark(slot: usize, n: u64, at_ns: u64, queued: u32) -> super::super::effect::StopMark {
+        super::super::effect::StopMark {
+            cookie: cookie(slot, n),
+            at_ns,
+            pid: 4242,
+            signal: mtlb_common::SIGTERM,
+            queued: Some(queued),
+        }
+    }
+
+    fn marks(slot: usize, m: super::super::effect::StopMark) -> Event {
+        let mut v = vec![None; 2];
+        v[slot] = Some(m);
+        Event::StopMarks(v)
+    }
+
+    fn settles(fx: &[Effect]) -> Vec<(u32, Option<u64>, u64)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::SettleStop {
+                    slot,
+                    clear,
+                    queued,
+                } => Some((*slot, *clear, *queued)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stop_mark_takes_the_replica_down_once() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let fx = h.step(marks(1, mark(1, 0, 5, 3)));
+        assert!(
+            has_log(
+                &fx,
+                "backend mtp2 is DOWN, reason: stopping (SIGTERM to pid 4242), info: \"3 connections were in its accept queue\""
+            ),
+            "{:?}",
+            logs(&fx)
+        );
+        assert_eq!(backend(&fx, 1).unwrap().enabled, 0);
+        assert_eq!(settles(&fx), [(1, None, 3)]);
+        assert_ne!(
+            h.slot(1).status(h.st.cfg(), 1, h.now).flags & mtlb_common::STATUS_STOPPING,
+            0
+        );
+        // Read again on the next poll: nothing new.
+        let fx = h.step(marks(1, mark(1, 0, 5, 3)));
+        assert!(logs(&fx).is_empty() && settles(&fx).is_empty(), "{fx:?}");
+        // Checks wait: a passing one does not bring it back.
+        h.check(1, true);
+        assert!(!h.slot(1).active());
+        let fx = h.after(MS(200)).step(Event::ChecksDue);
+        assert!(!started_checks(&fx).contains(&1));
+    }
+
+    #[test]
+    fn a_stopping_replica_whose_listener_closes_comes_back_with_the_next() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.step(marks(1, mark(1, 0, 5, 0)));
+        let fx = h.listeners(vec![closed(1)]);
+        assert_eq!(settles(&fx), [(1, Some(cookie(1, 0)), 0)]);
+        assert!(h.slot(1).stopping.is_none());
+        // The mark stays in the map until settled; a read of it now (its
+        // listener gone) changes nothing.
+        let fx = h.step(marks(1, mark(1, 0, 6, 0)));
+        assert!(logs(&fx).is_empty(), "{:?}", logs(&fx));
+        let fx = h.listeners(vec![reg_as(1, 1)]);
+        assert_eq!(started_checks(&fx), [1]);
+        h.check(1, true);
+        assert!(h.slot(1).active());
+    }
+
+    #[test]
+    fn a_stop_mark_is_lifted_after_the_grace_and_the_replica_checked() {
+        let mut c = cfg(2);
+        c.stop_grace_ms = 1000;
+        let mut h = H::running(c, &[0, 1]);
+        h.step(marks(1, mark(1, 0, 5, 0)));
+        let fx = h.after(MS(900)).step(Event::Elapsed);
+        assert!(settles(&fx).is_empty());
+        let fx = h.after(MS(200)).step(Event::Elapsed);
+        assert_eq!(settles(&fx), [(1, Some(cookie(1, 0)), 0)]);
+        assert!(
+            has_log(
+                &fx,
+                "backend mtp2 still listens 1.0s after SIGTERM to pid 4242"
+            ),
+            "{:?}",
+            logs(&fx)
+        );
+        assert_eq!(started_checks(&fx), [1]);
+        // DOWN by its checks now: `rise` of them bring it back.
+        assert_eq!(h.slot(1).health().down_cause(), Some(DownCause::Checks));
+        h.check(1, true);
+        h.check(1, true);
+        assert!(h.slot(1).active());
+        // A new signal later is a new mark.
+        let fx = h.step(marks(1, mark(1, 0, 99, 0)));
+        assert!(has_log(&fx, "backend mtp2 is DOWN, reason: stopping"));
+    }
+
+    #[test]
+    fn a_mark_of_a_listener_the_slot_no_longer_has_is_tidied() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        h.listeners(vec![closed(1), reg_as(1, 1)]);
+        let fx = h.step(marks(1, mark(1, 0, 5, 0)));
+        assert!(!has_log(&fx, "stopping"), "{:?}", logs(&fx));
+        assert_eq!(settles(&fx), [(1, Some(cookie(1, 0)), 0)]);
     }
 }

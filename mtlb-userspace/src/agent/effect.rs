@@ -130,6 +130,9 @@ pub enum Event {
         totals: Vec<u64>,
         listening: Vec<bool>,
     },
+    /// The stop marks the kernel holds now, indexed by slot (`None`: no
+    /// mark), read at a stop event or on the poll.
+    StopMarks(Vec<Option<StopMark>>),
     /// The kernel refused a bind to a replica port by a uid not in
     /// `replica_uids` (the socket never got the port).
     BindRefused {
@@ -137,6 +140,20 @@ pub enum Event {
         addr: SocketAddr,
         uid: u32,
     },
+}
+
+/// A slot's stop mark as read from the kernel (see `mtlb_common::Stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopMark {
+    /// The listener marked.
+    pub cookie: u64,
+    /// When (bpf_ktime_get_ns): with the cookie, tells one mark from the next.
+    pub at_ns: u64,
+    pub pid: u32,
+    pub signal: u32,
+    /// The listener's accept queue when the mark was read (`None`: not
+    /// found): connections no balancer can move any more.
+    pub queued: Option<u32>,
 }
 
 /// A systemd notification (sd_notify(3)).
@@ -159,6 +176,8 @@ pub enum Written {
     Settings,
     Addresses,
     AllowedUids,
+    Stopping(u32),
+    OwnerPids,
 }
 
 /// What happened that an operator reads in the journal: one line each,
@@ -293,6 +312,18 @@ pub enum Fact {
         error: String,
         checks: u64,
     },
+    /// A replica told to stop still listens after the grace: checked again.
+    StopGraceOver {
+        name: String,
+        pid: u32,
+        signal: u32,
+        grace: Duration,
+    },
+    /// Finding the owners of the replica listeners failed (or their table
+    /// is full): stop signals to them are not seen.
+    OwnersUnknown {
+        error: String,
+    },
     /// Accepting a control connection failed (out of file descriptors).
     ControlAcceptFailed {
         error: String,
@@ -312,6 +343,7 @@ pub enum Reading {
     RefusedListener,
     RunningReplicas,
     SynCookies,
+    StopMarks,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -355,6 +387,16 @@ pub enum Effect {
     },
     /// Look at the SYN-cookie counter and track flows while it moves.
     WatchCookies,
+    /// Record a stop mark as handled: clear it when it still marks `clear`,
+    /// add `queued` to the slot's stranded connections.
+    SettleStop {
+        slot: u32,
+        clear: Option<u64>,
+        queued: u64,
+    },
+    /// Find the processes holding the registered listeners again (for the
+    /// stop-signal watch).
+    FindOwners,
     /// A check the agent could not run, for `mtlb_agent_check_errors_total`.
     CountLocalFault(LocalFault),
     Notify(Notice),

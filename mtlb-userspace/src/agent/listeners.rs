@@ -5,7 +5,7 @@
 use super::{
     Agent,
     adopt::{adopt, refused},
-    effect::{Event, Fact, QueueReading, Reading, Registration, Registrations},
+    effect::{Event, Fact, QueueReading, Reading, Registration, Registrations, StopMark},
     render::emit,
 };
 use crate::{
@@ -14,9 +14,13 @@ use crate::{
     kernel::registry::{self, RefuseWhy},
 };
 use mtlb_common::{
-    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, ListenEvent,
+    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, EV_STOPPING,
+    ListenEvent,
 };
 use std::net::SocketAddr;
+
+/// pid -> bitmask of the slots whose listener it holds.
+pub(super) type OwnerPids = std::collections::HashMap<u32, u64>;
 
 impl Agent {
     /// Every slot's registration now, with how to show each listener.
@@ -65,8 +69,13 @@ impl Agent {
         let mut out = Vec::new();
         let mut changed = false;
         let mut scan = false;
+        let mut stop = false;
         for ev in evs {
             let why = match ev.kind {
+                EV_STOPPING => {
+                    stop = true;
+                    continue;
+                }
                 EV_REGISTERED | EV_CLOSED => {
                     changed = true;
                     continue;
@@ -109,7 +118,68 @@ impl Agent {
         if changed && let Some(changes) = self.poll_listeners() {
             out.push(Event::Listeners(changes));
         }
+        if stop && let Some(marks) = self.stop_marks() {
+            out.push(Event::StopMarks(marks));
+        }
         out
+    }
+
+    /// The kernel's stop marks of the slots in use, each with the accept
+    /// queue of its listener now (read only when some slot is marked).
+    pub(super) fn stop_marks(&mut self) -> Option<Vec<Option<StopMark>>> {
+        let maps = self.dataplane.maps();
+        let mut marks = Vec::with_capacity(self.state.slots().len());
+        for slot in 0..self.state.slots().len() as u32 {
+            match maps.stopping(slot) {
+                Ok(m) => marks.push(m),
+                Err(e) => {
+                    emit(&Fact::ReadFailed {
+                        what: Reading::StopMarks,
+                        error: report(&e),
+                    });
+                    return None;
+                }
+            }
+        }
+        if marks.iter().all(Option::is_none) {
+            return Some(Vec::new());
+        }
+        let queues: std::collections::HashMap<u64, u32> = registry::listeners()
+            .map(|ls| ls.into_iter().map(|l| (l.cookie, l.queued)).collect())
+            .unwrap_or_default();
+        Some(
+            marks
+                .into_iter()
+                .map(|m| {
+                    m.map(|m| StopMark {
+                        cookie: m.cookie,
+                        at_ns: m.at_ns,
+                        pid: m.pid,
+                        signal: m.signal,
+                        queued: queues.get(&m.cookie).copied(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Writes what a scan for the listeners' owners found into OWNER_PIDS
+    /// (the stop-signal watch's table).
+    pub(super) fn owners_found(&mut self, found: Result<OwnerPids, registry::RegistryError>) {
+        let r = found.map_err(|e| report(&e)).and_then(|owners| {
+            self.dataplane
+                .maps_mut()
+                .set_owner_pids(&owners)
+                .map_err(|e| report(&e))
+        });
+        if let Err(error) = r
+            && self
+                .owners_failed
+                .event((), std::time::Instant::now())
+                .is_some()
+        {
+            emit(&Fact::OwnersUnknown { error });
+        }
     }
 
     /// Adopts listeners on replica ports that did not register themselves;

@@ -134,6 +134,11 @@ pub struct Agent {
     /// Failed reads of the SYN-cookie counter (every tick), told once a
     /// minute.
     cookies_failed: throttle::Throttle<()>,
+    /// Failures to find (or write) the listeners' owner pids, told once a
+    /// minute.
+    owners_failed: throttle::Throttle<()>,
+    /// A scan for the listeners' owners is asked for.
+    owners_wanted: bool,
     /// Checks the agent could not run, shared with the stats endpoint.
     faults: std::sync::Arc<crate::stats::LocalFaults>,
     /// Per slot, the listener an earlier agent had proven (0: none).
@@ -344,6 +349,8 @@ impl Agent {
             saved_path,
             cookies_seen,
             cookies_failed: throttle::Throttle::default(),
+            owners_failed: throttle::Throttle::default(),
+            owners_wanted: false,
             faults,
             seeded,
             torn_down: false,

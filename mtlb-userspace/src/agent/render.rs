@@ -259,6 +259,8 @@ pub fn line(f: &Fact) -> (Level, String) {
                 Written::Settings => "SETTINGS".into(),
                 Written::Addresses => "ADDRESSES".into(),
                 Written::AllowedUids => "ALLOWED_UIDS".into(),
+                Written::Stopping(slot) => format!("STOPPING[{slot}]"),
+                Written::OwnerPids => "OWNER_PIDS".into(),
             };
             (L::WARN, format!("updating {what}: {error}"))
         }
@@ -268,6 +270,7 @@ pub fn line(f: &Fact) -> (Level, String) {
                 Reading::RefusedListener => "looking up a refused listener",
                 Reading::RunningReplicas => "looking for running replicas",
                 Reading::SynCookies => "watching SYN cookies",
+                Reading::StopMarks => "reading the stop marks",
             };
             (L::WARN, format!("{what}: {error}"))
         }
@@ -284,6 +287,25 @@ pub fn line(f: &Fact) -> (Level, String) {
                     LocalFault::Files => "out of file descriptors",
                     LocalFault::Memory => "out of memory",
                 },
+            ),
+        ),
+        Fact::StopGraceOver {
+            name,
+            pid,
+            signal,
+            grace,
+        } => (
+            L::WARN,
+            format!(
+                "backend {name} still listens {:.1}s after {} to pid {pid}; checking it again",
+                grace.as_secs_f64(),
+                super::core::signal_name(*signal)
+            ),
+        ),
+        Fact::OwnersUnknown { error } => (
+            L::WARN,
+            format!(
+                "cannot tell which processes hold the replica listeners ({error}): a stop signal to them is noticed only when the listener closes"
             ),
         ),
         Fact::ControlAcceptFailed { error } => {
@@ -366,6 +388,12 @@ fn start_line(f: &StartFact) -> (Level, String) {
             format!(
                 "cannot remove the pins of a network namespace that is gone in {}: {error}",
                 dir.display()
+            ),
+        ),
+        StartFact::Dataplane(D::NoStopWatch { error }) => (
+            L::WARN,
+            format!(
+                "cannot watch for replicas told to stop ({error}): a replica being stopped keeps getting clients until its listener closes"
             ),
         ),
         StartFact::TeardownFailed(report) => (L::ERROR, report.clone()),

@@ -88,6 +88,15 @@ impl Agent {
         let mut scan = every(scan_ms);
         // Handshakes that never completed stop counting within a tick.
         let mut expire = every(250);
+        // Workers a replica forks (or respawns) after its listener
+        // registered and came UP; registrations and UP changes find the
+        // rest at once.
+        let mut owners = every(30_000);
+        let mut owners_scan: Option<
+            tokio::task::JoinHandle<
+                Result<super::listeners::OwnerPids, crate::kernel::registry::RegistryError>,
+            >,
+        > = None;
         loop {
             let due = self
                 .state
@@ -133,9 +142,20 @@ impl Agent {
                     if let Some(samples) = self.sample_queues() {
                         evs.push(Event::Queues(samples));
                     }
+                    // A mark whose event the ring lost is found here.
+                    if let Some(marks) = self.stop_marks() {
+                        evs.push(Event::StopMarks(marks));
+                    }
                     evs.push(Event::Elapsed);
                 }
                 _ = expire.tick() => evs.push(self.assigned()),
+                _ = owners.tick() => self.owners_wanted = true,
+                done = async { owners_scan.as_mut().expect("guarded").await }, if owners_scan.is_some() => {
+                    owners_scan = None;
+                    if let Ok(found) = done {
+                        self.owners_found(found);
+                    }
+                }
                 _ = scan.tick() => {
                     emit(&Fact::Scanning);
                     if let Some(changes) = self.adopt_missing() {
@@ -152,6 +172,22 @@ impl Agent {
                         let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
                     }
                     return;
+                }
+            }
+            // One scan at a time, in a blocking thread: it reads every
+            // process's fd table, which must not hold up checks or steering
+            // decisions. Asked again meanwhile: another scan after it.
+            if self.owners_wanted && owners_scan.is_none() {
+                self.owners_wanted = false;
+                // sock_diag here (this thread is in the namespace), /proc
+                // there.
+                match crate::kernel::registry::listener_inodes(self.registry.known()) {
+                    Ok(inodes) => {
+                        owners_scan = Some(tokio::task::spawn_blocking(move || {
+                            crate::kernel::registry::owner_pids(&inodes)
+                        }))
+                    }
+                    Err(e) => self.owners_found(Err(e)),
                 }
             }
             // A reload may have changed the scan interval.

@@ -2,6 +2,7 @@
 //! its health, the operator's choices, its listener, its check schedule and
 //! what the kernel was last told about it.
 
+use super::effect::StopMark;
 use crate::{
     checks::{
         health::{Admin, DownCause, Health, Oper, Thresholds},
@@ -46,6 +47,12 @@ pub struct Slot {
     pub(super) transitions_down: u64,
     pub(super) check_failures: u64,
     pub(super) check: CheckSchedule,
+    /// Told to stop (a stop signal to a process holding its listener):
+    /// what, and when the agent heard of it.
+    pub(super) stopping: Option<(StopMark, Instant)>,
+    /// The last stop mark handled, (cookie, at_ns): a mark is acted on
+    /// once, however often it is read.
+    pub(super) stop_seen: (u64, u64),
     /// What BACKENDS and STATUS hold for this slot, as last written.
     pub(super) written_backend: Option<Backend>,
     pub(super) written_status: Option<Status>,
@@ -85,6 +92,8 @@ impl Slot {
             transitions_down: 0,
             check_failures: 0,
             check,
+            stopping: None,
+            stop_seen: (0, 0),
             written_backend: None,
             written_status: None,
         }
@@ -214,6 +223,10 @@ impl Slot {
                 mtlb_common::STATUS_STALLED
             } else if self.stall_kept {
                 mtlb_common::STATUS_STALL_KEPT
+            } else {
+                0
+            } | if self.stopping.is_some() {
+                mtlb_common::STATUS_STOPPING
             } else {
                 0
             },

@@ -128,6 +128,10 @@ pub enum DownCause {
     /// Its accept queue stalled: checks count as failed while it stays
     /// stalled, then `rise` passing checks bring it back.
     Stalled,
+    /// A process holding its listener was sent a stop signal: it takes no
+    /// new connection; its listener closing (then a new one) or the end of
+    /// the grace (then its checks) decides what comes next.
+    Stopping,
 }
 
 /// Health of one replica: the check state machine.
@@ -291,6 +295,15 @@ impl Health {
             Transition::Changed(Oper::Down)
         } else {
             Transition::Steady
+        }
+    }
+
+    /// The stop grace ended with the listener still there: DOWN by its
+    /// checks from here (`rise` passing checks bring it back).
+    pub fn stop_lifted(&mut self) {
+        if self.oper == Oper::Down && self.cause == DownCause::Stopping {
+            self.cause = DownCause::Checks;
+            self.count = 0;
         }
     }
 

@@ -14,3 +14,5 @@ pub const STATS_UNREACHABLE: &str = "stats endpoint unreachable";
 pub const QUEUE_STALLED: &str = "accept queue stalled";
 pub const NO_LISTENER: &str = "no listener registered";
 pub const LISTENER_REGISTERED: &str = "listener registered";
+/// The start of a stopping replica's reason: "stopping (SIGTERM to pid 42)".
+pub const STOPPING: &str = "stopping";

@@ -32,6 +32,9 @@ fn row(slot: u16, state: ReplicaState) -> BackendRow {
         downtime_s: 4.25 * n as f64,
         accept_queue: slot as u32,
         queue_stalled: false,
+        stopping: false,
+        stop_signals: 0,
+        stop_queued: 0,
         bytes_in: 3 << (10 * n),
         bytes_out: (5 << (10 * n)) + 1,
     }
@@ -57,6 +60,9 @@ fn fixed() -> Snapshot {
     b[3].check_reason = String::new();
     b[3].check_duration_ms = 0;
     b[1].queue_stalled = true;
+    b[1].stopping = true;
+    b[1].stop_signals = 2;
+    b[1].stop_queued = 3;
     b[1].accept_queue = 129;
     Snapshot {
         port: 443,

@@ -30,12 +30,14 @@ pub fn render(s: &Snapshot) -> String {
     let checks = Checks::register(&mut r);
     let queue = Queue::register(&mut r);
     let traffic = Traffic::register(&mut r);
+    let stops = Stops::register(&mut r);
     for b in &s.backends {
         let l = backend(&b.name);
         load.observe(b, &l);
         checks.observe(b, &l);
         queue.observe(b, &l);
         traffic.observe(b, &l);
+        stops.observe(b, &l);
     }
     steering(&mut r, s);
     build_info(&mut r);
@@ -190,6 +192,42 @@ impl Queue {
         self.handshakes
             .get_or_create(l)
             .set(b.handshakes.min(i64::MAX as u64) as i64);
+    }
+}
+
+/// Replicas told to stop (a stop signal to a process holding the
+/// listener).
+struct Stops {
+    stopping: G,
+    signals: C,
+    queued: C,
+}
+
+impl Stops {
+    fn register(r: &mut prom::Registry) -> Self {
+        Self {
+            stopping: family(
+                r,
+                "mtlb_backend_stopping",
+                "1 while a process holding the replica's listener has been sent a stop signal and the replica takes no new connection",
+            ),
+            signals: family(
+                r,
+                "mtlb_backend_stop_signals",
+                "Stop signals (SIGTERM, SIGINT, SIGQUIT) to a process holding the replica's listener",
+            ),
+            queued: family(
+                r,
+                "mtlb_backend_stop_queued_connections",
+                "Connections in the replica's accept queue when it was sent a stop signal: accepted by the kernel before the signal, no balancer can move them",
+            ),
+        }
+    }
+
+    fn observe(&self, b: &BackendRow, l: &Labels) {
+        self.stopping.get_or_create(l).set(b.stopping as i64);
+        self.signals.get_or_create(l).inc_by(b.stop_signals);
+        self.queued.get_or_create(l).inc_by(b.stop_queued);
     }
 }
 

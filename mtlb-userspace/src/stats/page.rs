@@ -301,6 +301,9 @@ mod tests {
             downtime_s: 4.6,
             accept_queue: 0,
             queue_stalled: false,
+            stopping: false,
+            stop_signals: 0,
+            stop_queued: 0,
             bytes_in: 3 << 20,
             bytes_out: 5 << 30,
         }

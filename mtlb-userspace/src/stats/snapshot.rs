@@ -47,6 +47,14 @@ pub struct BackendRow {
     /// Its accept queue is stalled: DOWN for it, or (when still UP) kept
     /// as the last replica taking connections.
     pub queue_stalled: bool,
+    /// A process holding its listener was sent a stop signal: it takes no
+    /// new connection until the listener closes or the grace ends.
+    pub stopping: bool,
+    /// Stop signals seen for it (kept across agent restarts).
+    pub stop_signals: u64,
+    /// Connections in its accept queue at those signals: accepted by the
+    /// kernel before, so no balancer can move them.
+    pub stop_queued: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -180,6 +188,7 @@ fn backend(
     };
     let c = maps.conns(slot)?;
     let t = maps.slot_totals(slot)?;
+    let stop = maps.stop_record(slot)?;
     let (bytes_in, bytes_out) = bytes.get(&slot).copied().unwrap_or_default();
     let reason_len = s
         .reason
@@ -212,6 +221,9 @@ fn backend(
         accept_queue: s.accept_queue,
         queue_stalled: s.flags & (mtlb_common::STATUS_STALLED | mtlb_common::STATUS_STALL_KEPT)
             != 0,
+        stopping: s.flags & mtlb_common::STATUS_STOPPING != 0,
+        stop_signals: stop.marks,
+        stop_queued: stop.queued,
         bytes_in,
         bytes_out,
     }))

@@ -43,6 +43,9 @@ pub fn snap() -> Snapshot {
         downtime_s: 0.5,
         accept_queue: 0,
         queue_stalled: false,
+        stopping: false,
+        stop_signals: 0,
+        stop_queued: 0,
         bytes_in: 100,
         bytes_out: 200,
     };
