@@ -175,6 +175,20 @@ fn replica_bin() -> String {
     })
 }
 
+/// How to start a `mtlb-test-replica`.
+#[derive(Default)]
+struct Spawn<'a> {
+    /// Run as this uid (through setpriv).
+    uid: Option<u32>,
+    v6only: bool,
+    /// Accepts per second at most (0: no limit).
+    rate: u32,
+    /// Moves itself into this cgroup before it binds.
+    cgroup_procs: Option<PathBuf>,
+    /// `MTLB_TEST_ON_TERM`.
+    on_term: Option<&'a str>,
+}
+
 /// A replica in a process of its own (`mtlb-test-replica`), for tests
 /// that signal it.
 pub struct ReplicaProcess {
@@ -202,13 +216,49 @@ impl ReplicaProcess {
         uid: Option<u32>,
         v6only: bool,
     ) -> Result<Self, String> {
-        Self::spawn(ns, name, addr, uid, v6only, 0, None)
+        Self::spawn(
+            ns,
+            name,
+            addr,
+            Spawn {
+                uid,
+                v6only,
+                ..Spawn::default()
+            },
+        )
+    }
+
+    /// Like `start`, with what SIGTERM does to it (`MTLB_TEST_ON_TERM`:
+    /// "linger:MS" shuts down as the official server does, "ignore").
+    pub fn start_on_term(ns: &Netns, name: &str, addr: &str, on_term: &str) -> Self {
+        Self::spawn(
+            ns,
+            name,
+            addr,
+            Spawn {
+                on_term: Some(on_term),
+                ..Spawn::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A busy replica: it accepts at most `rate` connections a second.
     pub fn start_busy(ns: &Netns, name: &str, addr: &str, rate: u32) -> Self {
-        Self::spawn(ns, name, addr, None, false, rate, None)
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        Self::spawn(
+            ns,
+            name,
+            addr,
+            Spawn {
+                rate,
+                ..Spawn::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     /// Like `start`, in cgroup `cg` (it moves itself there before it
@@ -218,23 +268,22 @@ impl ReplicaProcess {
             ns,
             name,
             addr,
-            None,
-            false,
-            0,
-            Some(cg.path.join("cgroup.procs")),
+            Spawn {
+                cgroup_procs: Some(cg.path.join("cgroup.procs")),
+                ..Spawn::default()
+            },
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
-    fn spawn(
-        ns: &Netns,
-        name: &str,
-        addr: &str,
-        uid: Option<u32>,
-        v6only: bool,
-        rate: u32,
-        cgroup_procs: Option<PathBuf>,
-    ) -> Result<Self, String> {
+    fn spawn(ns: &Netns, name: &str, addr: &str, o: Spawn<'_>) -> Result<Self, String> {
+        let Spawn {
+            uid,
+            v6only,
+            rate,
+            cgroup_procs,
+            on_term,
+        } = o;
         let bin = replica_bin();
         let mut cmd = match uid {
             Some(u) => {
@@ -250,6 +299,9 @@ impl ReplicaProcess {
         cmd.args([name, addr, "4096", if v6only { "v6only" } else { "dual" }])
             .arg(rate.to_string())
             .stdout(Stdio::piped());
+        if let Some(t) = on_term {
+            cmd.env("MTLB_TEST_ON_TERM", t);
+        }
         ns.run_inside(&mut cmd);
         if let Some(procs) = cgroup_procs {
             let procs =
