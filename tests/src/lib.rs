@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod ansible;
 pub mod cgroup;
+pub mod clients;
 pub mod config;
 pub mod conn;
 pub mod control;
@@ -33,6 +34,7 @@ pub mod replica;
 pub use agent::*;
 pub use ansible::*;
 pub use cgroup::*;
+pub use clients::*;
 pub use config::*;
 pub use conn::*;
 pub use control::*;

@@ -354,6 +354,25 @@ impl OfficialReplica {
         }
     }
 
+    /// Sends `sig` (the process keeps running until it acts on it).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) until it has exited, and reaps it.
+    pub fn wait_exit(&mut self) {
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + wait_limit();
+        while c.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "mtproto-proxy on {} did not exit",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL and reap: its listener and every client connection close.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

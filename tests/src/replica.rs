@@ -362,6 +362,16 @@ pub struct RestartableReplicas {
 impl RestartableReplicas {
     /// Writes the restart script; starts no replica.
     pub fn new(count: u16) -> Self {
+        Self::with_start(
+            count,
+            &format!("'{}' \"mtp$n\" \"127.0.0.1:$port\"", replica_bin()),
+        )
+    }
+
+    /// Like `new`, with the shell command line that starts replica `$n` on
+    /// `$port` in the foreground (the script puts it in the background and
+    /// keeps its pid), e.g. an official server's.
+    pub fn with_start(count: u16, start: &str) -> Self {
         let dir = TempDir::new("replicas");
         let script = format!(
             r#"# Restarts stand-in replica $1 (mtp$1): stops its process, if it
@@ -386,11 +396,10 @@ if [ -e "$dir/mtp$n.pid" ]; then
     echo "$n" >>"$dir/restarts"
     echo "mtp$n: stopped, starting a new one"
 fi
-'{bin}' "mtp$n" "127.0.0.1:$port" >"$dir/mtp$n.log" 2>&1 </dev/null &
+{start} >"$dir/mtp$n.log" 2>&1 </dev/null &
 echo $! >"$dir/mtp$n.pid"
 "#,
             dir = dir.path.display(),
-            bin = replica_bin(),
         );
         std::fs::write(dir.path.join("restart.sh"), script).unwrap();
         Self { dir, count }

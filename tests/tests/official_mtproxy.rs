@@ -338,3 +338,170 @@ fn official_mtproxy_check_kind_reasons() {
     let log = agent.log();
     assert!(!log.contains("backend mtp1 is DOWN"), "{log}");
 }
+
+/// The accept queue of the listener on `port` in `ns` now (`ss`'s Recv-Q).
+fn accept_queue(ns: &Netns, port: u16) -> usize {
+    let mut cmd = std::process::Command::new("ss");
+    cmd.args(["-ltnH", &format!("sport = :{port}")]);
+    ns.run_inside(&mut cmd);
+    let out = cmd.output().expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+/// `docker stop`'s SIGTERM to an official replica under a paced load of
+/// complete clients (300 a second on the host; fewer under emulation):
+/// the kernel takes it out of rotation at the signal, so no client fails
+/// but those already in its accept queue then (the server closes what it
+/// accepts while it shuts down). It comes back after it restarts and
+/// passes its check.
+#[test]
+fn official_mtproxy_sigterm_fails_no_client_it_had_not_queued() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let TwoReplicas {
+        agent,
+        mtp2,
+        up,
+        ns,
+        ..
+    } = &mut two_replicas(&bin);
+    let rate = (300 / time_scale()).max(20);
+    let load = PacedClients::start(ns, rate, &format!("dd{SECRET}"));
+    let totals = |slot| agent.maps().slot_totals(slot).unwrap().established;
+    let deadline = std::time::Instant::now() + wait_limit();
+    // Both take clients, and the watch knows mtp2's pid.
+    while totals(0) < 20
+        || totals(1) < 20
+        || !agent.maps().owner_pids().unwrap().contains_key(&mtp2.pid())
+    {
+        assert!(std::time::Instant::now() < deadline, "no clients on both");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = mtp2.pid();
+    let from = agent.log_len();
+    mtp2.signal(nix::sys::signal::Signal::SIGTERM);
+    // The mark is made inside kill(): from here on nothing new enters.
+    let queued = accept_queue(ns, 10001);
+    mtp2.wait_exit();
+    agent.wait_for_after(from, "replica mtp2 unregistered");
+    let (_, down) = agent.wait_for_after(
+        from,
+        &format!("backend mtp2 is DOWN, reason: stopping (SIGTERM to pid {pid})"),
+    );
+    // Back after a restart, checked, taking clients.
+    *mtp2 = replica(&bin, ns, 1, SECRET, up);
+    agent.wait_state("mtp2", State::Up);
+    let before = totals(1);
+    while totals(1) < before + 10 {
+        assert!(
+            std::time::Instant::now() < deadline + wait_limit(),
+            "the restarted mtp2 took no clients"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = load.finish();
+    println!("{down}");
+    println!(
+        "{} complete clients at {:.0}/s: {} served, {} failed; {queued} in mtp2's accept queue at the signal",
+        out.clients(),
+        out.rate(),
+        out.served,
+        out.failed.len()
+    );
+    assert!(
+        out.failed.len() <= queued,
+        "{} clients failed, {queued} were queued at the signal: {:?}",
+        out.failed.len(),
+        out.failed
+    );
+    if time_scale() == 1 {
+        assert!(out.rate() >= 290.0, "only {:.0} clients/s", out.rate());
+    }
+}
+
+/// `mtlb rollout` over three official replicas, each restarted (SIGTERM,
+/// then a new server on its port) by a shell command, under a paced load
+/// of complete clients (300 a second on the host): no client fails, each
+/// replica is a new process after it, and the connections the restarts
+/// cut are counted apart (the rollout prints them).
+#[test]
+fn official_mtproxy_rollout_under_load_fails_no_client() {
+    let Some(bin) = official_mtproxy() else {
+        return;
+    };
+    let ns = Netns::new();
+    let up = MiddleProxy::start(&ns, UPSTREAM);
+    let dir = TempDir::new("official-rollout");
+    let conf = dir.path.join("proxy-multi.conf");
+    std::fs::write(&conf, up.proxy_multi_conf()).unwrap();
+    // As official_replica starts them, one per port; `exec` keeps the
+    // pid the script records.
+    let start = format!(
+        "( cd '{d}' && exec '{bin}' -u nobody -p $(({STATS_BASE} + n - 1)) --http-stats -H $port -S {SECRET} --aes-pwd '{s}' '{c}' -M 0 -c 4000 )",
+        d = dir.path.display(),
+        s = up.secret_file.display(),
+        c = conf.display(),
+    );
+    let set = RestartableReplicas::with_start(3, &start);
+    for n in 1..=3 {
+        set.start(&ns, n);
+    }
+    let cfg = config(&ns, 3, "mtproxy", true);
+    let agent = ns.agent(&["--config", &cfg]);
+    for n in ["mtp1", "mtp2", "mtp3"] {
+        agent.wait_state(n, State::Up);
+    }
+    let before = set.pids();
+    let rate = (300 / time_scale()).max(20);
+    let load = PacedClients::start(&ns, rate, &format!("dd{SECRET}"));
+    let exec = set.command();
+    let (ok, out) = mtlb_cli_within(
+        &ns,
+        &[
+            "rollout",
+            "--exec",
+            &exec,
+            "--grace",
+            "1s",
+            "--up-timeout",
+            "30s",
+        ],
+        scaled(std::time::Duration::from_secs(120)),
+    )
+    .expect("mtlb rollout did not end within 120 s");
+    let clients = load.finish();
+    eprintln!("mtlb rollout (ok: {ok}):\n{out}");
+    assert!(ok, "{out}");
+    let cut = out
+        .lines()
+        .find(|l| l.starts_with("rollout done"))
+        .unwrap_or("(no summary)")
+        .to_string();
+    println!(
+        "{} complete clients at {:.0}/s during the rollout: {} served, {} failed; {cut}",
+        clients.clients(),
+        clients.rate(),
+        clients.served,
+        clients.failed.len()
+    );
+    assert!(
+        clients.failed.is_empty(),
+        "failed clients: {:?}",
+        clients.failed
+    );
+    assert_eq!(set.restarts(), [1, 2, 3], "{out}");
+    for (n, (old, new)) in before.iter().zip(set.pids()).enumerate() {
+        assert_ne!(*old, new, "mtp{} has the same pid", n + 1);
+    }
+    if time_scale() == 1 {
+        assert!(
+            clients.rate() >= 290.0,
+            "only {:.0} clients/s",
+            clients.rate()
+        );
+    }
+}

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 const MTP1: &str = "127.0.0.1:10000";
 const MTP2: &str = "127.0.0.1:10001";
 
-/// Lingers this long after SIGTERM, closing what it accepts unanswered,
-/// as the official server does for 30–130 ms; longer here, so a balancer
-/// that keeps steering to it fails clients for sure.
-const LINGER_MS: u64 = 600;
+/// Lingers this long after SIGTERM (scaled), closing what it accepts
+/// unanswered, as the official server does for 30–130 ms; longer here, so
+/// a balancer that keeps steering to it fails clients for sure.
+fn linger_ms() -> u128 {
+    scaled(Duration::from_millis(600)).as_millis()
+}
 
 /// Waits until `ok` holds (bounded).
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
@@ -53,7 +55,8 @@ fn a_replica_sent_sigterm_gets_no_new_client() {
     let ns = Netns::new();
     let file = Config::new().fast_checks().replicas(2).write(&ns);
     let r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
-    let mut r2 = ReplicaProcess::start_on_term(&ns, "mtp2", MTP2, &format!("linger:{LINGER_MS}"));
+    let mut r2 =
+        ReplicaProcess::start_on_term(&ns, "mtp2", MTP2, &format!("linger:{}", linger_ms()));
     let agent = ns.agent(&["--config", &file]);
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
@@ -78,7 +81,8 @@ fn a_replica_sent_sigterm_gets_no_new_client() {
         out.cut
     );
     assert!(out.failed.is_empty(), "failed clients: {:?}", out.failed);
-    assert!(out.ok > 100, "only {} clients", out.ok);
+    // A few hundred on the host; tens under emulation.
+    assert!(out.ok > 20, "only {} clients", out.ok);
     let (_, line) = agent.wait_for_after(
         from,
         &format!("backend mtp2 is DOWN, reason: stopping (SIGTERM to pid {pid})"),
