@@ -136,9 +136,15 @@ fn a_replica_that_ignores_sigterm_is_back_after_the_grace() {
             r2.pid()
         ),
     );
-    // While marked, the kernel steers nothing to it.
+    // While marked, the kernel steers nothing to it, and the operator's
+    // views say why.
     let s = agent.status("mtp2");
     assert_ne!(s.flags & mtlb_common::STATUS_STOPPING, 0, "{s:?}");
+    let why = format!("stopping (SIGTERM to pid {})", r2.pid());
+    let (_, page) = http_get("/stats");
+    assert!(page.contains(&why), "{page}");
+    let (ok, status) = mtlb_cli(&ns, &["status"]);
+    assert!(ok && status.contains(&why), "{status}");
     for _ in 0..50 {
         let (_, greeting) = connect(BALANCED).expect("a client served");
         assert_eq!(greeting, "mtp1", "a client went to the stopping replica");
