@@ -114,11 +114,13 @@ fn a_replica_sent_sigterm_gets_no_new_client() {
 /// mark is lifted, the agent says so, and its checks bring it back.
 #[test]
 fn a_replica_that_ignores_sigterm_is_back_after_the_grace() {
+    // Long enough for the checks below to run while it holds.
+    let grace = scaled(Duration::from_millis(1500));
     let ns = Netns::new();
     let file = Config::new()
         .fast_checks()
         .replicas(2)
-        .set("stop_grace_ms", 1500)
+        .set("stop_grace_ms", grace.as_millis() as i64)
         .write(&ns);
     let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
     let r2 = ReplicaProcess::start_on_term(&ns, "mtp2", MTP2, "ignore");
@@ -149,11 +151,14 @@ fn a_replica_that_ignores_sigterm_is_back_after_the_grace() {
         let (_, greeting) = connect(BALANCED).expect("a client served");
         assert_eq!(greeting, "mtp1", "a client went to the stopping replica");
     }
-    agent.wait_for_after(from, "backend mtp2 still listens 1.5s after SIGTERM");
-    assert!(
-        t0.elapsed() >= Duration::from_millis(1500),
-        "lifted before the grace"
+    agent.wait_for_after(
+        from,
+        &format!(
+            "backend mtp2 still listens {:.1}s after SIGTERM",
+            grace.as_secs_f64()
+        ),
     );
+    assert!(t0.elapsed() >= grace, "lifted before the grace");
     agent.wait_state("mtp2", State::Up);
     let s = agent.status("mtp2");
     assert_eq!(s.flags & mtlb_common::STATUS_STOPPING, 0, "{s:?}");
