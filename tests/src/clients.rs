@@ -45,6 +45,8 @@ impl PacedOutcome {
 pub struct PacedClients {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<PacedOutcome>,
+    /// When client 0 started: `at` of each failure counts from here.
+    t0: Instant,
 }
 
 impl PacedClients {
@@ -56,6 +58,7 @@ impl PacedClients {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let secret = secret.to_string();
+        let t0 = Instant::now();
         let handle = std::thread::spawn(move || {
             // Sockets are made in the calling thread's namespace; the
             // runtime runs every client on this thread.
@@ -64,9 +67,14 @@ impl PacedClients {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(run(rate, secret, s2))
+                .block_on(run(t0, rate, secret, s2))
         });
-        Self { stop, handle }
+        Self { stop, handle, t0 }
+    }
+
+    /// Time since the run began, on the clock of the failures' `at`.
+    pub fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
     }
 
     /// Stops starting clients, waits for those under way; what they saw.
@@ -90,12 +98,11 @@ fn tally(out: &mut PacedOutcome, (at, r): Done) {
     }
 }
 
-async fn run(rate: u32, secret: String, stop: Arc<AtomicBool>) -> PacedOutcome {
+async fn run(t0: Instant, rate: u32, secret: String, stop: Arc<AtomicBool>) -> PacedOutcome {
     let addr: SocketAddr = BALANCED.parse().unwrap();
     let gap = Duration::from_secs(1) / rate.max(1);
     let timeout = scaled(Duration::from_secs(5));
     let limit = scaled(Duration::from_secs(120));
-    let t0 = Instant::now();
     let mut out = PacedOutcome {
         served: 0,
         failed: Vec::new(),
