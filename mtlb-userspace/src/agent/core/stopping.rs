@@ -28,8 +28,7 @@ pub fn signal_name(sig: u32) -> String {
 
 impl State {
     /// The kernel's stop marks, read now: a new mark of a slot's listener
-    /// takes the replica DOWN ("stopping (SIGTERM to pid P)"); a mark of a
-    /// listener that is gone already is only tidied away.
+    /// takes the replica DOWN ("stopping (SIGTERM to pid P)").
     pub(super) fn stop_marks(
         &mut self,
         marks: Vec<Option<StopMark>>,
@@ -44,17 +43,15 @@ impl State {
             if s.stop_seen == (m.cookie, m.at_ns) {
                 continue;
             }
-            s.stop_seen = (m.cookie, m.at_ns);
             if s.listener_cookie == 0 || m.cookie != s.listener_cookie {
-                // Its listener is gone (closed before the mark was read):
-                // nothing can reach it.
-                out.push(Effect::SettleStop {
-                    slot: slot as u32,
-                    clear: Some(m.cookie),
-                    queued: 0,
-                });
+                // A mark of a listener this slot does not hold: one that
+                // closed (its next listener is never skipped for it, and
+                // `stop_done` tidied it if it was ours), or one registered
+                // since the registrations were read, taken in on the next
+                // reading.
                 continue;
             }
+            s.stop_seen = (m.cookie, m.at_ns);
             s.stopping = Some((m, inp.now));
             out.push(Effect::SettleStop {
                 slot: slot as u32,
