@@ -26,6 +26,7 @@ mod agent;
 mod anchors;
 pub mod backend;
 mod bpf;
+pub mod docker;
 mod held;
 mod load;
 pub use load::hold_main;
