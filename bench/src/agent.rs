@@ -33,6 +33,8 @@ pub struct AgentOpts<'a> {
     /// `replica_cgroup`, relative to the cgroup2 mount; None leaves the key
     /// out (mtlb before the key exists rejects it).
     pub replica_cgroup: Option<&'a str>,
+    /// More of the config file (top-level keys, then tables).
+    pub extra: &'a str,
 }
 
 impl Agent {
@@ -47,6 +49,7 @@ impl Agent {
         if let Some(cg) = o.replica_cgroup {
             text.push_str(&format!("replica_cgroup = \"{cg}\"\n"));
         }
+        text.push_str(o.extra);
         std::fs::write(&cfg, text)?;
         let state = o.dir.join("state");
         std::fs::create_dir_all(&state)?;

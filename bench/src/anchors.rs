@@ -76,15 +76,25 @@ fn wait_listening(addr: &str, what: &str) -> anyhow::Result<()> {
 }
 
 pub fn start_haproxy(ns: &str, dir: &Path) -> anyhow::Result<Proc> {
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend mtp\n  bind {HAPROXY}\n  default_backend mtproxy\n\
-             backend mtproxy\n  balance leastconn\n  server mtp1 127.0.0.1:10000 check inter 2s rise 2 fall 3\n  server mtp2 127.0.0.1:10001 check inter 2s rise 2 fall 3\n"
-        ),
-    )?;
+    let cfg = format!(
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend mtp\n  bind {HAPROXY}\n  default_backend mtproxy\n\
+         backend mtproxy\n  balance leastconn\n  server mtp1 127.0.0.1:10000 check inter 2s rise 2 fall 3\n  server mtp2 127.0.0.1:10001 check inter 2s rise 2 fall 3\n"
+    );
+    run_haproxy(ns, dir, "haproxy.cfg", &cfg, HAPROXY)
+}
+
+/// HAProxy in `ns` with config `text` (written to `dir/file`), once it
+/// listens on `addr`.
+pub fn run_haproxy(
+    ns: &str,
+    dir: &Path,
+    file: &str,
+    text: &str,
+    addr: &str,
+) -> anyhow::Result<Proc> {
+    let cfg = dir.join(file);
+    std::fs::write(&cfg, text)?;
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, "haproxy", "-db", "-f"])
         .arg(&cfg)
@@ -97,7 +107,7 @@ pub fn start_haproxy(ns: &str, dir: &Path) -> anyhow::Result<Proc> {
         child: Some(child),
         term_first: false,
     };
-    wait_listening(HAPROXY, "haproxy")?;
+    wait_listening(addr, "haproxy")?;
     Ok(p)
 }
 

@@ -318,17 +318,23 @@ struct Setup<'a> {
 
 impl Setup<'_> {
     fn agent(&self, replicas: u16) -> anyhow::Result<agent::Agent> {
+        self.agent_with(replicas, "", self.use_cg)
+    }
+
+    /// An agent with `extra` config, in the backends' cgroup when `use_cg`.
+    fn agent_with(&self, replicas: u16, extra: &str, use_cg: bool) -> anyhow::Result<agent::Agent> {
         let rel = self.cg.relative();
         agent::Agent::start(&agent::AgentOpts {
             mtlb: self.mtlb,
             ns: self.ns,
             dir: self.dir,
             replicas,
-            replica_cgroup: self.use_cg.then_some(rel.as_str()),
+            replica_cgroup: use_cg.then_some(rel.as_str()),
+            extra,
         })
         .map_err(|e| {
             let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
-            if self.use_cg && log.contains("replica_cgroup") {
+            if use_cg && log.contains("replica_cgroup") {
                 e.context(format!(
                     "this mtlb does not take `replica_cgroup` yet; run with MTLB_BENCH_REPLICA_CGROUP=0\n{log}"
                 ))
