@@ -16,6 +16,9 @@
 //!    backend killed after 1 s.
 //! 3. profile: `bpftool prog profile` and `perf record` under mtlb load.
 //! 5. steering: BPF cost at 2, 16 and 64 replicas.
+//! 6. stop: official MTProxy replicas in Docker under a paced load of
+//!    complete clients, `docker stop mtproxy2` and back, through mtlb and
+//!    through HAProxy as the seed configures it (`stop.rs`).
 //!
 //! Backends are separate processes (`xtask bench-backend`) in a cgroup of
 //! their own, `<cgroup2>/mtlb-bench-<pid>/replicas`, given to mtlb as
@@ -31,9 +34,12 @@ mod held;
 mod load;
 pub use load::hold_main;
 pub mod model;
+pub mod mtclient;
 mod profile;
 pub mod report;
 mod stats;
+pub mod stop;
+mod stopview;
 mod summary;
 
 use anyhow::{Context as _, bail};
@@ -71,7 +77,7 @@ fn cpus() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
-pub const PHASES: &[&str] = &["held", "rounds", "failover", "profile", "steering"];
+pub const PHASES: &[&str] = &["held", "rounds", "failover", "profile", "steering", "stop"];
 
 const BACKEND_PORTS: [u16; 2] = [10000, 10001];
 
@@ -351,8 +357,8 @@ impl Setup<'_> {
 
 pub use report::rewrite as report_only;
 
-pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
-    let started = Instant::now();
+/// The phases `--only` names (all when None), checked.
+pub fn phases(only: Option<&str>) -> anyhow::Result<Vec<&str>> {
     let phases: Vec<&str> = match only {
         Some(o) => o.split(',').map(str::trim).collect(),
         None => PHASES.to_vec(),
@@ -361,6 +367,24 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
         if !PHASES.contains(p) {
             bail!("unknown phase {p}; phases: {}", PHASES.join(", "));
         }
+    }
+    Ok(phases)
+}
+
+/// Runs the phases `only` names (all when None). `stop_peers` is called
+/// when the stop phase runs (it may build the replica image); its error
+/// is the phase's. `merge` (the stop phase alone): its figures go into
+/// the committed record and BENCHMARKS.md, the other phases' stay.
+pub fn run(
+    root: &Path,
+    only: Option<&str>,
+    merge: bool,
+    stop_peers: &dyn Fn() -> anyhow::Result<stop::Peers>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let phases = phases(only)?;
+    if merge && phases != ["stop"] {
+        bail!("--merge takes the stop phase alone (--only stop)");
     }
     let mtlb = root.join("target/release/mtlb");
     cleanup_stale();
@@ -382,7 +406,7 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
         );
     }
     let use_cg = setup.use_cg;
-    let result = measure(&setup, &phases);
+    let result = measure(&setup, &phases, stop_peers);
     let cg_rel = cg.relative();
     drop(cg);
     drop(env);
@@ -402,6 +426,13 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
             .map_err(|e| errors.insert("steering".into(), format!("{e:#}")))
             .ok()
     });
+    let stop = m.stop.map(|st| model::Stop {
+        date: meta.date.clone(),
+        commit: meta.commit.clone(),
+        dirty: meta.dirty,
+        mtlb_sha256: meta.mtlb_sha256.clone(),
+        ..st
+    });
     let run = Run {
         meta,
         not_run: m.not_run,
@@ -411,6 +442,8 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
         steering,
         held: m.held,
         profile: m.profile,
+        stop,
+        stop_earlier: None,
         previous: None,
         reasons: BTreeMap::new(),
         raw: Some(model::Raw {
@@ -419,7 +452,11 @@ pub fn run(root: &Path, only: Option<&str>) -> anyhow::Result<()> {
         }),
     };
     let full = phases.len() == PHASES.len();
-    report::write(root, run, full)
+    if merge {
+        report::merge_stop(root, run)
+    } else {
+        report::write(root, run, full)
+    }
 }
 
 fn meta(root: &Path, started: Instant, phases: &[&str], cg: Option<String>) -> Meta {
@@ -525,6 +562,7 @@ struct Measured {
     failover: Option<Vec<Failover>>,
     profile: Option<Profile>,
     steering: Option<Vec<SteeringRaw>>,
+    stop: Option<model::Stop>,
 }
 
 impl Measured {
@@ -538,7 +576,23 @@ impl Measured {
     }
 }
 
-fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
+fn measure(
+    s: &Setup,
+    phases: &[&str],
+    stop_peers: &dyn Fn() -> anyhow::Result<stop::Peers>,
+) -> anyhow::Result<Measured> {
+    let mut out = measure_backends(s, phases)?;
+    // Last: its replicas take the ports the other phases' backends hold.
+    if phases.contains(&"stop") {
+        eprintln!("bench: stop");
+        let r = stop_peers().and_then(|p| stop::run(s, &p));
+        out.stop = out.record("stop", r);
+    }
+    Ok(out)
+}
+
+/// The phases on the bench's own backends.
+fn measure_backends(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
     let mut out = Measured::default();
     let want = |p: &str| phases.contains(&p);
     if want("held") {
@@ -555,6 +609,12 @@ fn measure(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
             held::run(&a, s.dir)
         })();
         out.held = out.record("held", r);
+    }
+    if !["rounds", "failover", "profile", "steering"]
+        .iter()
+        .any(|p| want(p))
+    {
+        return Ok(out);
     }
     let started = (|| {
         Ok::<_, anyhow::Error>(vec![

@@ -26,6 +26,13 @@ pub struct Run {
     pub steering: Option<Vec<Steering>>,
     pub held: Option<Vec<HeldLevel>>,
     pub profile: Option<Profile>,
+    /// Replica stop under load (`docker stop`), mtlb and HAProxy.
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// The stop phase as measured before with another mtlb binary, kept
+    /// when a new measurement replaces `stop` (before and after a change).
+    #[serde(default)]
+    pub stop_earlier: Option<Stop>,
     /// The previous full run's mtlb/direct ratios, when it was made the
     /// same way (see `Meta::same_method`).
     pub previous: Option<Previous>,
@@ -380,6 +387,87 @@ pub struct Previous {
     pub rate: f64,
     pub bulk: f64,
     pub date: Option<String>,
+}
+
+/// The stop phase: official MTProxy replicas in Docker under a paced load
+/// of complete clients, `docker stop mtproxy2` and `docker start` again,
+/// through mtlb and through HAProxy configured as the seed configures it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stop {
+    /// When and with what it was measured (the phase can be merged into a
+    /// record of other phases measured at another time).
+    pub date: Option<String>,
+    pub commit: String,
+    pub dirty: bool,
+    pub mtlb_sha256: Option<String>,
+    /// Wall time of the phase.
+    pub secs: f64,
+    /// New clients per second aimed at.
+    pub rate: f64,
+    /// A client's timeout (s).
+    pub client_timeout_secs: f64,
+    /// Load before `docker stop`, with the replica stopped, and after
+    /// `docker start` (s).
+    pub before_secs: f64,
+    pub stopped_secs: f64,
+    pub after_secs: f64,
+    /// The official server's command line in the containers.
+    pub replica_command: String,
+    /// mtlb's config file and HAProxy's.
+    pub mtlb_config: String,
+    pub haproxy_config: String,
+    /// One per stop, in the order run (the modes interleaved).
+    pub reps: Vec<StopRep>,
+}
+
+/// One `docker stop` / `docker start` under load through one balancer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRep {
+    pub mode: Mode,
+    pub rep: usize,
+    /// Clients started, and the rate they were started at (/s).
+    pub clients: u64,
+    pub achieved_rate: f64,
+    /// Seconds after the load started: `docker stop mtproxy2` issued and
+    /// returned, `docker start mtproxy2` issued and returned, the load's
+    /// last client started.
+    pub stop_at: f64,
+    pub stopped_at: f64,
+    pub start_at: f64,
+    pub started_at: f64,
+    pub end_at: f64,
+    /// When the balancer showed mtp2 DOWN after the stop and UP after the
+    /// start (seconds after the load started; polled every 50 ms).
+    pub down_seen_at: Option<f64>,
+    pub up_seen_at: Option<f64>,
+    /// The clients by start time: before the stop, while `docker stop`
+    /// ran, while mtproxy2 was stopped, from `docker start` on.
+    pub windows: Vec<StopWindow>,
+    /// Served clients' time to the answer (ms).
+    pub served_ms_p50: Option<f64>,
+    pub served_ms_p99: Option<f64>,
+    pub served_ms_max: Option<f64>,
+    /// Failed clients' time to the failure (ms).
+    pub failed_ms_p50: Option<f64>,
+    pub failed_ms_max: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopWindow {
+    pub name: String,
+    pub clients: u64,
+    /// Failed clients by outcome (`refused`, `reset`, `closed`,
+    /// `timed_out`, `garbage`, `other`).
+    pub failed: BTreeMap<crate::mtclient::Outcome, u64>,
+}
+
+impl StopWindow {
+    pub fn failed_total(&self) -> u64 {
+        self.failed.values().sum()
+    }
 }
 
 /// The targets the report judges, in table order.

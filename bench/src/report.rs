@@ -269,6 +269,7 @@ struct View<'a> {
     not_run: Vec<(String, String)>,
     ipvs_not_run: Option<&'a str>,
     failover: Option<Vec<Vec<String>>>,
+    stop: Option<crate::stopview::StopView>,
     steering: Option<Vec<Vec<String>>>,
     held: Option<HeldView>,
     profile: Option<ProfileView>,
@@ -715,6 +716,10 @@ pub fn render(run: &Run) -> anyhow::Result<String> {
             }
             rows
         }),
+        stop: run
+            .stop
+            .as_ref()
+            .map(|s| crate::stopview::view(s, run.stop_earlier.as_ref())),
         steering: run.steering.as_deref().map(steering_rows),
         held: run.held.as_deref().map(held_view),
         profile,
@@ -771,6 +776,9 @@ pub fn write(root: &Path, mut run: Run, full: bool) -> anyhow::Result<()> {
             });
         }
     }
+    if full && let Ok(committed) = read(&root.join(COMMITTED_RUN)) {
+        keep_earlier_stop(&mut run, committed);
+    }
     let md = render(&run)?;
     let json = serde_json::to_string_pretty(&run)? + "\n";
     std::fs::create_dir_all(root.join("target"))?;
@@ -787,6 +795,55 @@ pub fn write(root: &Path, mut run: Run, full: bool) -> anyhow::Result<()> {
             "bench: partial run (not every phase): wrote target/BENCHMARKS-partial.md and target/bench-partial.json"
         );
     }
+    Ok(())
+}
+
+/// The stop phase of `committed` becomes `run`'s earlier one when it was
+/// measured with another mtlb binary (the figures before a change, next
+/// to those after it); else `committed`'s earlier one stays.
+fn keep_earlier_stop(run: &mut Run, committed: Run) {
+    let Some(new) = &run.stop else { return };
+    run.stop_earlier = match committed.stop {
+        Some(old) if old.mtlb_sha256 != new.mtlb_sha256 => Some(old),
+        _ => committed.stop_earlier,
+    };
+}
+
+/// `cargo xtask bench --only stop --merge`: the stop phase of `run` goes
+/// into the committed record (and target/bench.json, the last full run
+/// here, which `--report-only` renders first), the other phases' figures
+/// stay; BENCHMARKS.md is rendered again.
+pub fn merge_stop(root: &Path, run: Run) -> anyhow::Result<()> {
+    let Some(stop) = run.stop else {
+        anyhow::bail!(
+            "the stop phase measured nothing: {}",
+            run.errors.get("stop").map_or("", String::as_str)
+        );
+    };
+    let committed = root.join(COMMITTED_RUN);
+    let mut md = None;
+    for path in [root.join("target/bench.json"), committed.clone()] {
+        if path != committed && !path.exists() {
+            continue;
+        }
+        let mut into = read(&path)?;
+        let old = Run {
+            stop: into.stop.take(),
+            stop_earlier: into.stop_earlier.take(),
+            ..into.clone()
+        };
+        into.stop = Some(stop.clone());
+        keep_earlier_stop(&mut into, old);
+        std::fs::write(&path, serde_json::to_string_pretty(&into)? + "\n")?;
+        if path == committed {
+            md = Some(render(&into)?);
+        }
+    }
+    if let Some(md) = md {
+        std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+        println!("{md}");
+    }
+    eprintln!("bench: merged the stop phase into {COMMITTED_RUN} and wrote BENCHMARKS.md");
     Ok(())
 }
 
@@ -865,6 +922,112 @@ mod tests {
             .find(|l| l.starts_with("| mtlb connection rate"))
             .unwrap();
         assert!(rate.ends_with("| missed | — |"), "{rate}");
+    }
+
+    /// A stop phase of one stop per balancer, measured with binary `sha`.
+    fn stop(sha: &str, failed_mtlb: u64) -> crate::model::Stop {
+        use crate::{
+            model::{StopRep, StopWindow},
+            mtclient::Outcome,
+        };
+        let rep = |mode, failed: u64| StopRep {
+            mode,
+            rep: 0,
+            clients: 9000,
+            achieved_rate: 400.0,
+            stop_at: 3.0,
+            stopped_at: 3.3,
+            start_at: 13.3,
+            started_at: 13.5,
+            end_at: 23.5,
+            down_seen_at: Some(3.2),
+            up_seen_at: None,
+            windows: vec![
+                StopWindow {
+                    name: "before the stop".into(),
+                    clients: 1200,
+                    failed: Default::default(),
+                },
+                StopWindow {
+                    name: "stopped".into(),
+                    clients: 7800,
+                    failed: [(Outcome::Closed, failed)].into_iter().collect(),
+                },
+            ],
+            served_ms_p50: Some(1.0),
+            served_ms_p99: Some(9.0),
+            served_ms_max: Some(50.0),
+            failed_ms_p50: None,
+            failed_ms_max: None,
+        };
+        crate::model::Stop {
+            date: Some("2026-12-04 02:00 UTC".into()),
+            commit: "abc1234".into(),
+            dirty: false,
+            mtlb_sha256: Some(sha.into()),
+            secs: 60.0,
+            rate: 400.0,
+            client_timeout_secs: 5.0,
+            before_secs: 3.0,
+            stopped_secs: 10.0,
+            after_secs: 10.0,
+            replica_command: "exec mtproto-proxy".into(),
+            mtlb_config: "port = 443\n".into(),
+            haproxy_config: "defaults\n".into(),
+            reps: vec![rep(Mode::Mtlb, failed_mtlb), rep(Mode::Haproxy, 25)],
+        }
+    }
+
+    #[test]
+    fn a_stop_measured_with_another_binary_is_kept_as_the_earlier_one() {
+        let base: Run = serde_json::from_str(COMMITTED).unwrap();
+        let committed = Run {
+            stop: Some(stop("aaaa", 7)),
+            ..base.clone()
+        };
+        // Same binary: replaced, no earlier one.
+        let mut run = Run {
+            stop: Some(stop("aaaa", 6)),
+            ..base.clone()
+        };
+        keep_earlier_stop(&mut run, committed.clone());
+        assert!(run.stop_earlier.is_none());
+        // Another binary: the committed one becomes the earlier one...
+        let mut after = Run {
+            stop: Some(stop("bbbb", 0)),
+            ..base.clone()
+        };
+        keep_earlier_stop(&mut after, committed);
+        assert_eq!(
+            after
+                .stop_earlier
+                .as_ref()
+                .and_then(|s| s.mtlb_sha256.as_deref()),
+            Some("aaaa")
+        );
+        // ...and stays through a rerun of the new one.
+        let mut again = Run {
+            stop: Some(stop("bbbb", 1)),
+            ..base
+        };
+        keep_earlier_stop(&mut again, after.clone());
+        assert_eq!(
+            again
+                .stop_earlier
+                .as_ref()
+                .and_then(|s| s.mtlb_sha256.as_deref()),
+            Some("aaaa")
+        );
+        let md = render(&after).unwrap();
+        for want in [
+            "## Replica stop under load (`docker stop`)",
+            "| mtlb | 1 | 400 (400–400) | 0 of 1200 | 0 of 7800 | **0** of 9000 (per stop 0 (0–0)) | — |",
+            "| HAProxy | 1 | 400 (400–400) | 0 of 1200 | 25 of 7800 | **25** of 9000 (per stop 25 (25–25)) | closed without answer 25 |",
+            "| 1 | mtlb | 9000 | 300 | 200 | — | 0 | 0 | 1.0 / 9.0 / 50.0 | — / — |",
+            "| mtlb | **7** of 9000 (per stop 7 (7–7)) | **0** of 9000 (per stop 0 (0–0)) |",
+        ] {
+            assert!(md.contains(want), "no {want:?} in:\n{md}");
+        }
     }
 
     #[test]

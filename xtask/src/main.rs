@@ -85,10 +85,16 @@ enum Cmd {
     /// `replica_cgroup` out of mtlb's config.
     Bench {
         /// Run only these phases (comma-separated: rounds, failover,
-        /// profile, held, steering); writes target/bench-partial.json and
+        /// profile, held, steering, stop); writes target/bench-partial.json and
         /// target/BENCHMARKS-partial.md instead.
         #[arg(long)]
         only: Option<String>,
+        /// With `--only stop`: put the stop phase's figures into
+        /// bench/last-run.json and BENCHMARKS.md, keeping the other
+        /// phases' (the figures measured with another mtlb binary before
+        /// stay beside them).
+        #[arg(long)]
+        merge: bool,
         /// Measure nothing: write BENCHMARKS.md again from target/bench.json
         /// if present, else from the committed bench/last-run.json (e.g.
         /// after filling in the reasons of missed targets there).
@@ -202,11 +208,22 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             report_only: true, ..
         } => bench::report_only(&root),
-        Cmd::Bench { only, .. } => {
+        Cmd::Bench { only, merge, .. } => {
             prereqs::ensure()?;
             prereqs::ensure_bench_tools()?;
             cargo(&["build", "--release", "-p", "mtlb-userspace"])?;
-            bench::run(&root, only.as_deref())
+            // The stop phase's replicas: the official server in its
+            // image, and the Python of the middle-proxy stand-in.
+            let stop_peers = || {
+                let official = official::ensure(&root)?
+                    .context("no official MTProxy source (../shared/peers or MTLB_PEERS)")?;
+                Ok(bench::stop::Peers {
+                    rootfs: image::mtproxy_rootfs(&root, &official)?,
+                    python: prereqs::ensure_python_env(&root.join("target"))?,
+                    fixtures: root.join("tests/fixtures/mtproxy"),
+                })
+            };
+            bench::run(&root, only.as_deref(), merge, &stop_peers)
         }
         Cmd::BenchBackend {
             port,

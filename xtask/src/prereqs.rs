@@ -334,6 +334,11 @@ const BENCH_PACKAGES: &[(&str, &str, &str)] = &[
         "the benchmark compares against IPVS",
     ),
     ("linux-perf", "/usr/bin/perf", "the benchmark's profile"),
+    (
+        "docker.io",
+        "/usr/sbin/dockerd",
+        "the benchmark's stop phase runs the replicas in Docker, as the seed does",
+    ),
 ];
 
 /// The benchmark's other balancers and tools (Debian packages).
