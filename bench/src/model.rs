@@ -452,6 +452,10 @@ pub struct StopRep {
     /// Failed clients' time to the failure (ms).
     pub failed_ms_p50: Option<f64>,
     pub failed_ms_max: Option<f64>,
+    /// Busy CPU of the whole machine during the stop's load, and of the
+    /// processes outside the bench's namespace (% of the machine).
+    pub machine_busy_pct: f64,
+    pub foreign_pct: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -959,6 +959,8 @@ mod tests {
             served_ms_max: Some(50.0),
             failed_ms_p50: None,
             failed_ms_max: None,
+            machine_busy_pct: 80.0,
+            foreign_pct: 5.0,
         };
         crate::model::Stop {
             date: Some("2026-12-04 02:00 UTC".into()),
@@ -1023,7 +1025,7 @@ mod tests {
             "## Replica stop under load (`docker stop`)",
             "| mtlb | 1 | 400 (400–400) | 0 of 1200 | 0 of 7800 | **0** of 9000 (per stop 0 (0–0)) | — |",
             "| HAProxy | 1 | 400 (400–400) | 0 of 1200 | 25 of 7800 | **25** of 9000 (per stop 25 (25–25)) | closed without answer 25 |",
-            "| 1 | mtlb | 9000 | 300 | 200 | — | 0 | 0 | 1.0 / 9.0 / 50.0 | — / — |",
+            "| 1 | mtlb | 9000 | 300 | 200 | — | 0 | 0 | 1.0 / 9.0 / 50.0 | — / — | 80 / 5 |",
             "| mtlb | **7** of 9000 (per stop 7 (7–7)) | **0** of 9000 (per stop 0 (0–0)) |",
         ] {
             assert!(md.contains(want), "no {want:?} in:\n{md}");

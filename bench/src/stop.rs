@@ -14,6 +14,7 @@ use crate::{
     docker::Dockerd,
     model::{Mode, Stop, StopRep, StopWindow},
     mtclient::{self, Outcome},
+    stats,
 };
 use anyhow::{Context as _, bail};
 use std::{
@@ -270,6 +271,10 @@ fn balancer(
     ))
 }
 
+fn load_secs(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64().max(1e-3)
+}
+
 /// Runs `docker args…`; when it was issued and when it returned (load
 /// clock).
 fn docker_timed(d: &Dockerd, args: &[&str], t0: Instant) -> anyhow::Result<(f64, f64)> {
@@ -336,7 +341,7 @@ pub(crate) fn run(s: &super::Setup, p: &Peers) -> anyhow::Result<Stop> {
         for mode in [Mode::Mtlb, Mode::Haproxy] {
             eprintln!("bench: stop {}/{n} through {}", rep + 1, mode.label());
             let r = balancer(s, mode, &hsock).and_then(|(agent, target, up)| {
-                let r = one_stop(&d, mode, rep, target, secret, up);
+                let r = one_stop(&d, s.ns_ino, mode, rep, target, secret, up);
                 drop(agent);
                 r
             });
@@ -377,12 +382,15 @@ pub(crate) fn run(s: &super::Setup, p: &Peers) -> anyhow::Result<Stop> {
 
 fn one_stop(
     d: &Dockerd,
+    ns_ino: u64,
     mode: Mode,
     rep: usize,
     target: SocketAddr,
     secret: [u8; 16],
     up: UpFn,
 ) -> anyhow::Result<StopRep> {
+    let f0 = stats::foreign_cpu(ns_ino);
+    let m0 = stats::machine_cpu();
     let load = mtclient::Paced::start(target, secret, RATE, CLIENT_TIMEOUT);
     let t0 = Instant::now() - Duration::from_secs_f64(load.now());
     let watch = Watch::start(t0, up);
@@ -402,6 +410,9 @@ fn one_stop(
     })();
     let records = load.finish();
     let changes = watch.finish();
+    let secs = load_secs(t0);
+    let foreign = stats::foreign_delta(&f0, &stats::foreign_cpu(ns_ino));
+    let share = |cpu: f64| cpu / secs / super::cpus() * 100.0;
     let (stop, start) = steps?;
     let records = records?;
     let down_seen_at = changes
@@ -469,5 +480,7 @@ fn one_stop(
         served_ms_max: q(&mut served, 1.0),
         failed_ms_p50: q(&mut failed, 0.5),
         failed_ms_max: q(&mut failed, 1.0),
+        machine_busy_pct: share(stats::machine_cpu() - m0),
+        foreign_pct: share(foreign),
     })
 }

@@ -154,6 +154,7 @@ pub fn view(s: &Stop, earlier: Option<&Stop>) -> StopView {
                 ms(r.served_ms_max)
             ));
             row.push(format!("{} / {}", ms(r.failed_ms_p50), ms(r.failed_ms_max)));
+            row.push(format!("{:.0} / {:.0}", r.machine_busy_pct, r.foreign_pct));
             row
         })
         .collect();
