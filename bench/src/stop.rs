@@ -275,6 +275,44 @@ fn load_secs(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64().max(1e-3)
 }
 
+/// The clients of a stop by when they started: done before `docker
+/// stop` was issued, started before it and still under way then (a
+/// client takes a few ms, more on a busy machine), started while `docker
+/// stop` ran, while mtproxy2 was stopped, from `docker start` on.
+fn windows(records: &[mtclient::Record], stop: (f64, f64), start: (f64, f64)) -> Vec<StopWindow> {
+    let names = [
+        "done before the stop",
+        "under way at `docker stop`",
+        "started during `docker stop`",
+        "stopped",
+        "from `docker start` on",
+    ];
+    let mut w: Vec<StopWindow> = names
+        .iter()
+        .map(|n| StopWindow {
+            name: n.to_string(),
+            clients: 0,
+            failed: BTreeMap::new(),
+        })
+        .collect();
+    for c in records {
+        let i = if c.at < stop.0 {
+            usize::from(c.at + c.ms / 1e3 >= stop.0)
+        } else if c.at < stop.1 {
+            2
+        } else if c.at < start.0 {
+            3
+        } else {
+            4
+        };
+        w[i].clients += 1;
+        if c.outcome != Outcome::Served {
+            *w[i].failed.entry(c.outcome).or_default() += 1;
+        }
+    }
+    w
+}
+
 /// Runs `docker args…`; when it was issued and when it returned (load
 /// clock).
 fn docker_timed(d: &Dockerd, args: &[&str], t0: Instant) -> anyhow::Result<(f64, f64)> {
@@ -424,29 +462,7 @@ fn one_stop(
         .find(|(t, u)| *t >= start.0 && *u)
         .map(|x| x.0);
     let end_at = records.last().map_or(0.0, |r| r.at);
-    let bounds = [
-        ("before the stop", 0.0, stop.0),
-        ("during `docker stop`", stop.0, stop.1),
-        ("stopped", stop.1, start.0),
-        ("from `docker start` on", start.0, f64::INFINITY),
-    ];
-    let windows = bounds
-        .iter()
-        .map(|(name, a, b)| {
-            let mut w = StopWindow {
-                name: name.to_string(),
-                clients: 0,
-                failed: BTreeMap::new(),
-            };
-            for c in records.iter().filter(|c| c.at >= *a && c.at < *b) {
-                w.clients += 1;
-                if c.outcome != Outcome::Served {
-                    *w.failed.entry(c.outcome).or_default() += 1;
-                }
-            }
-            w
-        })
-        .collect();
+    let windows = windows(&records, stop, start);
     let mut served: Vec<f64> = records
         .iter()
         .filter(|c| c.outcome == Outcome::Served)
@@ -483,4 +499,28 @@ fn one_stop(
         machine_busy_pct: share(stats::machine_cpu() - m0),
         foreign_pct: share(foreign),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtclient::Record;
+
+    #[test]
+    fn a_client_under_way_at_the_stop_is_counted_apart() {
+        let r = |at: f64, ms: f64, outcome| Record { at, outcome, ms };
+        let records = [
+            r(1.0, 2.0, Outcome::Served),
+            // Started 10 ms before `docker stop`, cut 40 ms later.
+            r(2.99, 50.0, Outcome::Closed),
+            r(3.1, 30.0, Outcome::Reset),
+            r(3.2, 1.0, Outcome::Served),
+            r(5.0, 3000.0, Outcome::Closed),
+            r(13.5, 1.0, Outcome::Served),
+        ];
+        let w = windows(&records, (3.0, 3.2), (13.2, 13.4));
+        let got: Vec<(u64, u64)> = w.iter().map(|w| (w.clients, w.failed_total())).collect();
+        assert_eq!(got, [(1, 0), (1, 1), (1, 1), (2, 1), (1, 0)]);
+        assert_eq!(w[2].failed.get(&Outcome::Reset), Some(&1));
+    }
 }
