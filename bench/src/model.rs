@@ -434,6 +434,10 @@ pub struct StopRep {
     /// returned, `docker start mtproxy2` issued and returned, the load's
     /// last client started.
     pub stop_at: f64,
+    /// When the kernel generated SIGTERM for mtproxy2's server (tracefs),
+    /// if it was seen.
+    #[serde(default)]
+    pub signal_at: Option<f64>,
     pub stopped_at: f64,
     pub start_at: f64,
     pub started_at: f64,

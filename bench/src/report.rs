@@ -936,6 +936,7 @@ mod tests {
             clients: 9000,
             achieved_rate: 400.0,
             stop_at: 3.0,
+            signal_at: Some(3.05),
             stopped_at: 3.3,
             start_at: 13.3,
             started_at: 13.5,
@@ -982,7 +983,10 @@ mod tests {
 
     #[test]
     fn a_stop_measured_with_another_binary_is_kept_as_the_earlier_one() {
-        let base: Run = serde_json::from_str(COMMITTED).unwrap();
+        let base = Run {
+            stop_earlier: None,
+            ..serde_json::from_str(COMMITTED).unwrap()
+        };
         let committed = Run {
             stop: Some(stop("aaaa", 7)),
             ..base.clone()
@@ -1025,7 +1029,7 @@ mod tests {
             "## Replica stop under load (`docker stop`)",
             "| mtlb | 1 | 400 (400–400) | 0 of 1200 | 0 of 7800 | **0** of 9000 (per stop 0 (0–0)) | — |",
             "| HAProxy | 1 | 400 (400–400) | 0 of 1200 | 25 of 7800 | **25** of 9000 (per stop 25 (25–25)) | closed without answer 25 |",
-            "| 1 | mtlb | 9000 | 300 | 200 | — | 0 | 0 | 1.0 / 9.0 / 50.0 | — / — | 80 / 5 |",
+            "| 1 | mtlb | 9000 | 300 | 50 | 200 | — | 0 | 0 | 1.0 / 9.0 / 50.0 | — / — | 80 / 5 |",
             "| mtlb | **7** of 9000 (per stop 7 (7–7)) | **0** of 9000 (per stop 0 (0–0)) |",
         ] {
             assert!(md.contains(want), "no {want:?} in:\n{md}");

@@ -278,12 +278,22 @@ fn load_secs(t0: Instant) -> f64 {
 /// The clients of a stop by when they started: done before `docker
 /// stop` was issued, started before it and still under way then (a
 /// client takes a few ms, more on a busy machine), started while `docker
-/// stop` ran, while mtproxy2 was stopped, from `docker start` on.
-fn windows(records: &[mtclient::Record], stop: (f64, f64), start: (f64, f64)) -> Vec<StopWindow> {
+/// stop` ran, before the kernel delivered SIGTERM to mtproxy2's server
+/// (`signal`; docker's own path to the signal takes tens of ms) and after
+/// it, while mtproxy2 was stopped, from `docker start` on. Without a
+/// recorded signal, every client of the `docker stop` window counts as
+/// before it.
+fn windows(
+    records: &[mtclient::Record],
+    stop: (f64, f64),
+    signal: Option<f64>,
+    start: (f64, f64),
+) -> Vec<StopWindow> {
     let names = [
         "done before the stop",
         "under way at `docker stop`",
-        "started during `docker stop`",
+        "started during `docker stop`, before SIGTERM",
+        "started during `docker stop`, after SIGTERM",
         "stopped",
         "from `docker start` on",
     ];
@@ -299,11 +309,15 @@ fn windows(records: &[mtclient::Record], stop: (f64, f64), start: (f64, f64)) ->
         let i = if c.at < stop.0 {
             usize::from(c.at + c.ms / 1e3 >= stop.0)
         } else if c.at < stop.1 {
-            2
+            if signal.is_some_and(|sig| c.at >= sig) {
+                3
+            } else {
+                2
+            }
         } else if c.at < start.0 {
-            3
-        } else {
             4
+        } else {
+            5
         };
         w[i].clients += 1;
         if c.outcome != Outcome::Served {
@@ -311,6 +325,68 @@ fn windows(records: &[mtclient::Record], stop: (f64, f64), start: (f64, f64)) ->
         }
     }
     w
+}
+
+/// The kernel's own record of the SIGTERMs sent on this machine: a tracefs
+/// instance of the bench's own with the `signal:signal_generate` event,
+/// filtered to SIGTERM, on the monotonic clock. It tells when `docker
+/// stop`'s signal reached mtproxy2's server, for either balancer, without
+/// asking mtlb.
+struct SigtermLog {
+    dir: PathBuf,
+}
+
+impl SigtermLog {
+    fn start() -> anyhow::Result<Self> {
+        let root = Path::new("/sys/kernel/tracing");
+        if !root.join("instances").exists() {
+            let ok = Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(root)
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "cannot mount tracefs at {}", root.display());
+        }
+        let dir = root
+            .join("instances")
+            .join(format!("mtlb-bench-{}", std::process::id()));
+        // mkdir makes a trace instance, with a buffer of its own.
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = SigtermLog { dir };
+        let ev = log.dir.join("events/signal/signal_generate");
+        std::fs::write(log.dir.join("trace_clock"), "mono")?;
+        std::fs::write(ev.join("filter"), "sig == 15")?;
+        std::fs::write(ev.join("enable"), "1")?;
+        Ok(log)
+    }
+
+    /// When the first SIGTERM to `pid` recorded since the last call was
+    /// generated, in seconds of CLOCK_MONOTONIC; the buffer is emptied.
+    fn sigterm_to(&self, pid: u32) -> Option<f64> {
+        let text = std::fs::read_to_string(self.dir.join("trace")).ok()?;
+        let _ = std::fs::write(self.dir.join("trace"), "");
+        // "  dockerd-123 [001] d..2.  5432.123456: signal_generate: sig=15 … pid=4321 grp=1 res=0"
+        text.lines().find_map(|l| {
+            let (head, rest) = l.split_once(": signal_generate: ")?;
+            rest.split_whitespace()
+                .any(|f| f == format!("pid={pid}"))
+                .then(|| head.split_whitespace().last()?.parse::<f64>().ok())?
+        })
+    }
+}
+
+impl Drop for SigtermLog {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("events/signal/signal_generate/enable"), "0");
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// CLOCK_MONOTONIC now, in seconds: the clock of trace timestamps (and of
+/// `Instant`).
+fn monotonic_secs() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
 }
 
 /// Runs `docker args…`; when it was issued and when it returned (load
@@ -438,20 +514,33 @@ fn one_stop(
             std::thread::sleep(Duration::from_secs_f64(t - now));
         }
     };
+    let sigterms = SigtermLog::start();
     let steps = (|| {
         sleep_until(BEFORE_SECS);
+        let pid: u32 = d
+            .docker(&["inspect", "-f", "{{.State.Pid}}", "mtproxy2"])?
+            .trim()
+            .parse()
+            .context("mtproxy2's pid")?;
         let stop = docker_timed(d, &["stop", "mtproxy2"], t0)?;
+        // On the load clock: monotonic seconds less t0's.
+        let t0_mono = monotonic_secs() - t0.elapsed().as_secs_f64();
+        let signal = sigterms
+            .as_ref()
+            .ok()
+            .and_then(|l| l.sigterm_to(pid))
+            .map(|at| at - t0_mono);
         sleep_until(stop.1 + STOPPED_SECS);
         let start = docker_timed(d, &["start", "mtproxy2"], t0)?;
         sleep_until(start.1 + AFTER_SECS);
-        Ok::<_, anyhow::Error>((stop, start))
+        Ok::<_, anyhow::Error>((stop, signal, start))
     })();
     let records = load.finish();
     let changes = watch.finish();
     let secs = load_secs(t0);
     let foreign = stats::foreign_delta(&f0, &stats::foreign_cpu(ns_ino));
     let share = |cpu: f64| cpu / secs / super::cpus() * 100.0;
-    let (stop, start) = steps?;
+    let (stop, signal, start) = steps?;
     let records = records?;
     let down_seen_at = changes
         .iter()
@@ -462,7 +551,7 @@ fn one_stop(
         .find(|(t, u)| *t >= start.0 && *u)
         .map(|x| x.0);
     let end_at = records.last().map_or(0.0, |r| r.at);
-    let windows = windows(&records, stop, start);
+    let windows = windows(&records, stop, signal, start);
     let mut served: Vec<f64> = records
         .iter()
         .filter(|c| c.outcome == Outcome::Served)
@@ -484,6 +573,7 @@ fn one_stop(
             0.0
         },
         stop_at: stop.0,
+        signal_at: signal,
         stopped_at: stop.1,
         start_at: start.0,
         started_at: start.1,
@@ -514,13 +604,19 @@ mod tests {
             // Started 10 ms before `docker stop`, cut 40 ms later.
             r(2.99, 50.0, Outcome::Closed),
             r(3.1, 30.0, Outcome::Reset),
+            // After the SIGTERM (3.15), before `docker stop` returned.
+            r(3.17, 1.0, Outcome::Served),
             r(3.2, 1.0, Outcome::Served),
             r(5.0, 3000.0, Outcome::Closed),
             r(13.5, 1.0, Outcome::Served),
         ];
-        let w = windows(&records, (3.0, 3.2), (13.2, 13.4));
+        let w = windows(&records, (3.0, 3.2), Some(3.15), (13.2, 13.4));
         let got: Vec<(u64, u64)> = w.iter().map(|w| (w.clients, w.failed_total())).collect();
-        assert_eq!(got, [(1, 0), (1, 1), (1, 1), (2, 1), (1, 0)]);
+        assert_eq!(got, [(1, 0), (1, 1), (1, 1), (1, 0), (2, 1), (1, 0)]);
         assert_eq!(w[2].failed.get(&Outcome::Reset), Some(&1));
+        // Without a recorded signal, the whole `docker stop` window is
+        // "before".
+        let w = windows(&records, (3.0, 3.2), None, (13.2, 13.4));
+        assert_eq!((w[2].clients, w[3].clients), (2, 0));
     }
 }

@@ -141,6 +141,8 @@ pub fn view(s: &Stop, earlier: Option<&Stop>) -> StopView {
                 r.mode.label().to_string(),
                 r.clients.to_string(),
                 format!("{:.0}", (r.stopped_at - r.stop_at) * 1e3),
+                r.signal_at
+                    .map_or("—".into(), |t| format!("{:.0}", (t - r.stop_at) * 1e3)),
                 r.down_seen_at
                     .map_or("—".into(), |t| format!("{:.0}", (t - r.stop_at) * 1e3)),
                 r.up_seen_at
