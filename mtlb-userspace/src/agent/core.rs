@@ -2561,7 +2561,12 @@ mod tests {
         h.kernel_sees(vec![closed_as(1, 1), reg_as(1, 2)]);
         let now = h.registrations();
         h.step(Event::Listeners(now));
+        // (Not proven yet, so DOWN already: no new DOWN line.)
         let fx = h.step(marks(1, mark(1, 2, 6, 0)));
-        assert!(has_log(&fx, "backend mtp2 is DOWN, reason: stopping"));
+        assert_eq!(settles(&fx), [(1, None, 0)]);
+        assert!(h.slot(1).stopping.is_some());
+        // Its check, launched at registration, is dropped: it stays out.
+        h.check(1, true);
+        assert!(!h.slot(1).active());
     }
 }
