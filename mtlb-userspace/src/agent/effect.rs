@@ -4,6 +4,7 @@
 //! and [`Notice`]s; `render.rs` turns them into text.
 
 use super::persist::Saved;
+pub use super::slot::StopMark;
 use crate::{
     checks::{
         CheckSpec,
@@ -140,20 +141,6 @@ pub enum Event {
         addr: SocketAddr,
         uid: u32,
     },
-}
-
-/// A slot's stop mark as read from the kernel (see `mtlb_common::Stopping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StopMark {
-    /// The listener marked.
-    pub cookie: u64,
-    /// When (bpf_ktime_get_ns): with the cookie, tells one mark from the next.
-    pub at_ns: u64,
-    pub pid: u32,
-    pub signal: u32,
-    /// The listener's accept queue when the mark was read (`None`: not
-    /// found): connections no balancer can move any more.
-    pub queued: Option<u32>,
 }
 
 /// A systemd notification (sd_notify(3)).

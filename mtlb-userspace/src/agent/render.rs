@@ -299,7 +299,7 @@ pub fn line(f: &Fact) -> (Level, String) {
             format!(
                 "backend {name} still listens {:.1}s after {} to pid {pid}; checking it again",
                 grace.as_secs_f64(),
-                super::core::signal_name(*signal)
+                stop_signal_name(*signal)
             ),
         ),
         Fact::OwnersUnknown { error } => (
@@ -468,6 +468,16 @@ fn describe(r: &CheckResult) -> String {
     }
     s.push_str(&format!(", check duration: {}ms", r.duration.as_millis()));
     s
+}
+
+/// "SIGTERM", or "signal 40" for one mtlb does not watch.
+pub fn stop_signal_name(sig: u32) -> String {
+    match sig {
+        mtlb_common::SIGINT => "SIGINT".into(),
+        mtlb_common::SIGQUIT => "SIGQUIT".into(),
+        mtlb_common::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
 }
 
 #[cfg(test)]

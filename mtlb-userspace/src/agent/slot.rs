@@ -2,7 +2,6 @@
 //! its health, the operator's choices, its listener, its check schedule and
 //! what the kernel was last told about it.
 
-use super::effect::StopMark;
 use crate::{
     checks::{
         health::{Admin, DownCause, Health, Oper, Thresholds},
@@ -56,6 +55,20 @@ pub struct Slot {
     /// What BACKENDS and STATUS hold for this slot, as last written.
     pub(super) written_backend: Option<Backend>,
     pub(super) written_status: Option<Status>,
+}
+
+/// A slot's stop mark as read from the kernel (see `mtlb_common::Stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopMark {
+    /// The listener marked.
+    pub cookie: u64,
+    /// When (bpf_ktime_get_ns): with the cookie, tells one mark from the next.
+    pub at_ns: u64,
+    pub pid: u32,
+    pub signal: u32,
+    /// The listener's accept queue when the mark was read (`None`: not
+    /// found): connections no balancer can move any more.
+    pub queued: Option<u32>,
 }
 
 /// When this slot's next check runs, and which results still count.
