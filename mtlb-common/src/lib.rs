@@ -162,12 +162,13 @@ pub struct ListenEvent {
     pub kind: u32,
     /// The replica slot of the port.
     pub slot: u32,
-    /// Socket cookie of the listener; 0 for EV_REFUSED_BIND.
+    /// Socket cookie of the listener; 0 for EV_REFUSED_BIND; the binding
+    /// task's cgroup id for EV_REFUSED_BIND_CGROUP.
     pub cookie: u64,
     pub family: u16,
     /// Port, host byte order.
     pub port: u16,
-    /// EV_REFUSED_BIND: the uid whose bind was refused; 0 otherwise.
+    /// EV_REFUSED_BIND*: the uid whose bind was refused; 0 otherwise.
     pub uid: u32,
     /// Local address, IPv4-mapped for IPv4.
     pub addr: [u8; 16],
@@ -217,6 +218,17 @@ pub const EV_REFUSED_BIND: u32 = 5;
 /// is the slot's listener then, `uid` holds the pid signalled and `family`
 /// the signal number (read them with [`ListenEvent::stopping`]).
 pub const EV_STOPPING: u32 = 6;
+/// A bind() to a replica port by a task outside `replica_cgroup` was
+/// refused (EPERM); `uid` holds its uid (not refused for itself: the uid
+/// is judged first) and `cookie` the id of the cgroup it ran in. A kind of
+/// its own, so an agent of an earlier build skips it instead of misreading
+/// `cookie`.
+pub const EV_REFUSED_BIND_CGROUP: u32 = 7;
+
+/// How deep below the cgroup2 root the bind hook looks for
+/// `replica_cgroup` among a task's ancestors (the verifier needs a bound).
+/// systemd and Docker nest containers 2 to 5 levels deep.
+pub const MAX_CGROUP_LEVEL: u32 = 32;
 
 /// The signals that mark a replica "stopping" when sent to a process that
 /// owns its listener: what `docker stop`, systemd, Ctrl-C and an operator's

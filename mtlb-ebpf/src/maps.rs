@@ -2,7 +2,7 @@
 //! `bpftool map dump pinned …` prints named fields.
 //!
 //! Who writes what (so no two writers race on one value):
-//! * SETTINGS, BACKENDS, ADDRESSES, ALLOWED_UIDS: the agent.
+//! * SETTINGS, BACKENDS, ADDRESSES, ALLOWED_UIDS, REPLICA_CGROUP: the agent.
 //! * EVENTS: the programs (the agent consumes).
 //! * RUNTIME: the agent and the programs (plain stores of a deadline).
 //! * STATUS: the agent.
@@ -55,6 +55,14 @@ pub static RUNTIME: Array<Runtime, 1> = Array::new();
 /// SETTINGS.require_owner); the value is unused.
 #[btf_map]
 pub static ALLOWED_UIDS: HashMap<u32, u8, { MAX_ALLOWED_UIDS as usize }> = HashMap::new();
+
+/// The cgroup (v2) id of `replica_cgroup`; 0: none configured. With one,
+/// the bind hook refuses binds to replica ports by tasks outside it. A map
+/// of its own rather than a SETTINGS field: a new map is created beside an
+/// earlier agent's pins, while a SETTINGS of another size would make them
+/// impossible to take over.
+#[btf_map]
+pub static REPLICA_CGROUP: Array<u64, 1> = Array::new();
 
 /// When the bind hook last reported a refused bind, per slot (ns): at most
 /// one event a second per slot.

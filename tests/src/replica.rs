@@ -264,11 +264,17 @@ impl ReplicaProcess {
     /// Like `start`, in cgroup `cg` (it moves itself there before it
     /// binds, so its sockets are created there).
     pub fn start_in(ns: &Netns, name: &str, addr: &str, cg: &Cgroup) -> Self {
+        Self::start_as_in(ns, name, addr, None, cg)
+    }
+
+    /// Like `start_in`, as `uid` (see `start_as`).
+    pub fn start_as_in(ns: &Netns, name: &str, addr: &str, uid: Option<u32>, cg: &Cgroup) -> Self {
         Self::spawn(
             ns,
             name,
             addr,
             Spawn {
+                uid,
                 cgroup_procs: Some(cg.path.join("cgroup.procs")),
                 ..Spawn::default()
             },

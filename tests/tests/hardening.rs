@@ -1066,6 +1066,49 @@ fn turning_checks_on_with_a_restart_refuses_nothing() {
     assert!(ok > 10);
 }
 
+/// mtp2 is down and mtp1 up: a process of `uid` (None: root) outside
+/// `cg` cannot bind mtp2's port (EPERM), the agent names the cgroup as the
+/// reason, and clients keep going to mtp1.
+fn mtp2_refused_outside(ns: &Netns, agent: &Agent, cg: &Cgroup, uid: Option<u32>) {
+    let from = agent.log_len();
+    let e = ReplicaProcess::try_start_as(ns, "outsider", B, uid, false)
+        .err()
+        .unwrap_or_else(|| panic!("uid {uid:?} outside the replica cgroup took mtp2's port"));
+    assert!(e.contains("Operation not permitted"), "{e}");
+    let (_, line) = agent.wait_for_after(
+        from,
+        &format!(
+            "refused a bind to 127.0.0.1:10001 (mtp2's port) by uid {} in cgroup /",
+            uid.unwrap_or(0)
+        ),
+    );
+    assert!(
+        line.contains(&format!("it is not in replica_cgroup {}", cg.rel)),
+        "{line}"
+    );
+    let (seen, failed) = names(BALANCED, 6);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
+}
+
+/// mtp2 started in `cg` as `uid`: the listen hook registers it and it gets
+/// clients once checked.
+fn mtp2_registers_inside(
+    ns: &Netns,
+    agent: &Agent,
+    cg: &Cgroup,
+    uid: Option<u32>,
+) -> ReplicaProcess {
+    let from = agent.log_len();
+    let b = ReplicaProcess::start_as_in(ns, "mtp2", B, uid, cg);
+    let (_, line) = agent.wait_for_after(from, "replica mtp2 registered");
+    assert!(line.contains("listen hook"), "{line}");
+    agent.wait_state("mtp2", State::Up);
+    let (seen, _) = names(BALANCED, 8);
+    assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
+    b
+}
+
 /// With `replica_cgroup`, only listeners created in that cgroup become
 /// replicas (registered by the listen hook, or adopted), their connections
 /// are counted, and a listener of an allowed owner outside it gets no slot
@@ -1093,24 +1136,12 @@ fn only_listeners_of_the_replica_cgroup_become_replicas() {
     wait_counts(&maps, 2, "mtp1's connections counted", |c| {
         c[0].established == 6 && c[1].established == 0
     });
-    // An outsider that starts after the agent: its listen() runs no hook
-    // (sock_ops is attached to the cgroup only); the scan refuses it.
+    // An outsider that starts after the agent, root like the replicas:
+    // outside the cgroup, its bind is refused, and the agent says why.
     outsider.kill();
-    let from = agent.log_len();
-    let _late = ReplicaProcess::start(&ns, "outsider", B);
-    agent.wait_for_after(from, "refused a listener for mtp2 on 127.0.0.1:10001");
-    let (seen, failed) = names(BALANCED, 6);
-    assert_eq!(failed, 0);
-    assert!(seen.iter().all(|n| n == "mtp1"), "{seen:?}");
-    drop(_late);
+    mtp2_refused_outside(&ns, &agent, &cg, None);
     // The real mtp2, in the cgroup: the listen hook registers it.
-    let from = agent.log_len();
-    let mut b = ReplicaProcess::start_in(&ns, "mtp2", B, &cg);
-    let (_, line) = agent.wait_for_after(from, "replica mtp2 registered");
-    assert!(line.contains("listen hook"), "{line}");
-    agent.wait_state("mtp2", State::Up);
-    let (seen, _) = names(BALANCED, 8);
-    assert!(seen.iter().any(|n| n == "mtp2"), "{seen:?}");
+    let mut b = mtp2_registers_inside(&ns, &agent, &cg, None);
     drop(held);
     wait_counts(&maps, 2, "all closed", |c| {
         c.iter().all(|c| c.established == 0 && c.handshakes == 0)
@@ -1118,6 +1149,74 @@ fn only_listeners_of_the_replica_cgroup_become_replicas() {
     drop(agent);
     a.kill();
     b.kill();
+}
+
+/// With `replica_cgroup`, a replica port belongs to that cgroup as well as
+/// to `replica_uids`: the official server binds as nobody, so the deployed
+/// config allows 65534, yet an unprivileged nobody process outside the
+/// cgroup cannot take the port of a replica that is down; the same uid in
+/// the cgroup can, and becomes the replica.
+#[test]
+fn a_replica_port_belongs_to_the_replica_cgroup() {
+    let ns = Netns::new();
+    let cg = Cgroup::new();
+    let mut a = ReplicaProcess::start_as_in(&ns, "mtp1", A, Some(NOBODY), &cg);
+    let mut b = ReplicaProcess::start_as_in(&ns, "mtp2", B, Some(NOBODY), &cg);
+    let agent = ns.agent(&[
+        "--replica-cgroup",
+        &cg.rel,
+        "--replica-uid",
+        "0",
+        "--replica-uid",
+        &NOBODY.to_string(),
+    ]);
+    agent.wait_for(&format!(
+        "replica ports belong to uids [0, {NOBODY}] in replica_cgroup {}",
+        cg.rel
+    ));
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
+
+    b.kill();
+    agent.wait_state("mtp2", State::Down);
+    mtp2_refused_outside(&ns, &agent, &cg, Some(NOBODY));
+    // The same uid in the cgroup: its bind passes, the listen hook
+    // registers it, and it gets clients once checked.
+    let mut b2 = mtp2_registers_inside(&ns, &agent, &cg, Some(NOBODY));
+    drop(agent);
+    a.kill();
+    b2.kill();
+}
+
+/// Pins of a build that had no REPLICA_CGROUP map (every build before the
+/// bind hooks judged the cgroup) are taken over, not replaced: the held
+/// connections stay counted, and the new map is created and enforced.
+#[test]
+fn pins_without_the_replica_cgroup_map_are_taken_over() {
+    let ns = Netns::new();
+    let cg = Cgroup::new();
+    let mut a = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
+    let mut agent = ns.agent(&["--replica-cgroup", &cg.rel]);
+    agent.wait_state("mtp1", State::Up);
+    let held: Vec<_> = (0..3).map(|_| connect(BALANCED).unwrap()).collect();
+    assert!(agent.stop().success());
+    let map = ns.pin_dir().join("REPLICA_CGROUP");
+    std::fs::remove_file(&map).unwrap();
+    let agent = ns.agent(&["--replica-cgroup", &cg.rel]);
+    agent.wait_for("taking over the pinned state of an earlier agent");
+    assert!(map.exists(), "REPLICA_CGROUP not pinned again");
+    let maps = agent.maps();
+    wait_counts(&maps, 1, "3 held across the takeover", |c| {
+        c[0].established == 3
+    });
+    // Root is in replica_uids: only the cgroup refuses it.
+    let e = ReplicaProcess::try_start_as(&ns, "outsider", B, None, false)
+        .err()
+        .expect("root outside the cgroup bound a replica port");
+    assert!(e.contains("Operation not permitted"), "{e}");
+    drop(held);
+    drop(agent);
+    a.kill();
 }
 
 /// A replica_cgroup that does not exist stops the agent before anything is

@@ -8,8 +8,8 @@
 
 use super::{
     effect::{
-        Effect, Event, Fact, Inherited, Inputs, Notice, Origin, QueueReading, Registration,
-        Registrations, Signal, StopMark,
+        BindWhy, Effect, Event, Fact, Inherited, Inputs, Notice, Origin, QueueReading,
+        Registration, Registrations, Signal, StopMark,
     },
     heal::Assignments,
     persist::Saved,
@@ -278,6 +278,16 @@ impl State {
         say(out, self.summary());
         if self.cfg.any_replica_owner {
             say(out, Fact::AnyReplicaOwner);
+        }
+        if !self.cfg.replica_cgroup.as_os_str().is_empty() {
+            say(
+                out,
+                Fact::ReplicaOwners {
+                    replica_uids: (!self.cfg.any_replica_owner)
+                        .then(|| self.cfg.replica_uids.clone()),
+                    replica_cgroup: self.cfg.replica_cgroup.clone(),
+                },
+            );
         }
         for s in self.slots.iter().filter(|s| s.removing) {
             say(
@@ -847,6 +857,7 @@ impl State {
         slot: u32,
         addr: std::net::SocketAddr,
         uid: u32,
+        why: BindWhy,
         inp: &Inputs,
         out: &mut Vec<Effect>,
     ) {
@@ -859,7 +870,9 @@ impl State {
                 slot,
                 addr,
                 uid,
+                why,
                 replica_uids: self.cfg.replica_uids.clone(),
+                replica_cgroup: self.cfg.replica_cgroup.clone(),
                 more,
             },
         );
@@ -1073,9 +1086,12 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
         }
         Event::Assigned { totals, listening } => state.assigned(totals, listening, inp, &mut out),
         Event::StopMarks(marks) => state.stop_marks(marks, inp, &mut out),
-        Event::BindRefused { slot, addr, uid } => {
-            state.bind_refused(slot, addr, uid, inp, &mut out)
-        }
+        Event::BindRefused {
+            slot,
+            addr,
+            uid,
+            why,
+        } => state.bind_refused(slot, addr, uid, why, inp, &mut out),
     }
     out
 }
@@ -2417,6 +2433,7 @@ mod tests {
             slot,
             addr: SocketAddr::from(([127, 0, 0, 1], 10000 + slot as u16)),
             uid: 1000,
+            why: BindWhy::Owner,
         };
         assert_transcript(
             &h.step(bind(1)),
@@ -2437,6 +2454,46 @@ mod tests {
             &h.after(MS(57_000)).step(bind(1)),
             r#"
         WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 1000: its owner is not in replica_uids [0] (3 more refusals reported since the last line)
+        "#,
+        );
+    }
+
+    #[test]
+    fn transcript_with_a_replica_cgroup_start_and_refusals_name_it() {
+        let mut c = cfg(2);
+        c.replica_uids = vec![0, 65534];
+        c.replica_cgroup = "mtproxy.slice".into();
+        let mut h = H::new(c);
+        let fx = h.start(vec![]);
+        assert!(
+            has_log(
+                &fx,
+                "replica ports belong to uids [0, 65534] in replica_cgroup mtproxy.slice: binds to them from anywhere else are refused; sock_ops runs in that cgroup only"
+            ),
+            "{:?}",
+            logs(&fx)
+        );
+        // Outside the cgroup, by uid and the binder's cgroup (its path
+        // when found).
+        let outside = |slot: u32, uid: u32, path: Option<&str>| Event::BindRefused {
+            slot,
+            addr: SocketAddr::from(([127, 0, 0, 1], 10000 + slot as u16)),
+            uid,
+            why: BindWhy::Cgroup {
+                id: 4242,
+                path: path.map(Into::into),
+            },
+        };
+        assert_transcript(
+            &h.step(outside(1, 65534, Some("/user.slice"))),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10001 (mtp2's port) by uid 65534 in cgroup /user.slice: it is not in replica_cgroup mtproxy.slice
+        "#,
+        );
+        assert_transcript(
+            &h.step(outside(0, 0, None)),
+            r#"
+        WARN  refused a bind to 127.0.0.1:10000 (mtp1's port) by uid 0 in cgroup id 4242: it is not in replica_cgroup mtproxy.slice
         "#,
         );
     }

@@ -88,6 +88,16 @@ pub struct Inherited {
     pub listener: u64,
 }
 
+/// Why the bind hook refused a bind to a replica port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindWhy {
+    /// Its uid is not in `replica_uids`.
+    Owner,
+    /// It ran outside `replica_cgroup`, in the cgroup with this id (and
+    /// this path under the cgroup2 mount, when found).
+    Cgroup { id: u64, path: Option<PathBuf> },
+}
+
 #[derive(Debug)]
 pub enum Event {
     /// Programs attached, state taken over; `listeners` are the
@@ -134,12 +144,14 @@ pub enum Event {
     /// The stop marks the kernel holds now, indexed by slot (`None`: no
     /// mark), read at a stop event or on the poll.
     StopMarks(Vec<Option<StopMark>>),
-    /// The kernel refused a bind to a replica port by a uid not in
-    /// `replica_uids` (the socket never got the port).
+    /// The kernel refused a bind to a replica port (the socket never got
+    /// the port): a uid not in `replica_uids`, or a task outside
+    /// `replica_cgroup`.
     BindRefused {
         slot: u32,
         addr: SocketAddr,
         uid: u32,
+        why: BindWhy,
     },
 }
 
@@ -253,9 +265,17 @@ pub enum Fact {
         slot: u32,
         addr: SocketAddr,
         uid: u32,
+        why: BindWhy,
         replica_uids: Vec<u32>,
+        replica_cgroup: PathBuf,
         /// Refusals not logged since the last line.
         more: u64,
+    },
+    /// Start-up with `replica_cgroup`: who may bind replica ports, and
+    /// where sock_ops runs.
+    ReplicaOwners {
+        replica_uids: Option<Vec<u32>>,
+        replica_cgroup: PathBuf,
     },
     /// A listener on a replica port that gets no clients.
     ListenerRefused {

@@ -5,7 +5,7 @@
 use super::{
     Agent,
     adopt::{adopt, refused},
-    effect::{Event, Fact, QueueReading, Reading, Registration, Registrations, StopMark},
+    effect::{BindWhy, Event, Fact, QueueReading, Reading, Registration, Registrations, StopMark},
     render::emit,
 };
 use crate::{
@@ -14,8 +14,8 @@ use crate::{
     kernel::registry::{self, RefuseWhy},
 };
 use mtlb_common::{
-    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_OWNER, EV_REFUSED_TAKEN, EV_REGISTERED, EV_STOPPING,
-    ListenEvent,
+    EV_CLOSED, EV_REFUSED_BIND, EV_REFUSED_BIND_CGROUP, EV_REFUSED_OWNER, EV_REFUSED_TAKEN,
+    EV_REGISTERED, EV_STOPPING, ListenEvent,
 };
 use std::net::SocketAddr;
 
@@ -95,6 +95,21 @@ impl Agent {
                         slot: ev.slot,
                         addr: event_addr(&ev),
                         uid: ev.refused_uid(),
+                        why: BindWhy::Owner,
+                    });
+                    continue;
+                }
+                EV_REFUSED_BIND_CGROUP => {
+                    let mount = crate::system::mounts::cgroup2_mount();
+                    out.push(Event::BindRefused {
+                        slot: ev.slot,
+                        addr: event_addr(&ev),
+                        uid: ev.uid,
+                        why: BindWhy::Cgroup {
+                            id: ev.cookie,
+                            path: mount
+                                .and_then(|m| crate::system::mounts::cgroup_path(&m, ev.cookie)),
+                        },
                     });
                     continue;
                 }

@@ -43,7 +43,10 @@ use crate::{
     system::{mounts, netns},
 };
 use start_facts::StartFact;
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 /// Where the configuration comes from, to read it again on reload.
 #[derive(Debug, Clone)]
@@ -104,6 +107,14 @@ pub enum StartError {
         "replica_cgroup {0} is not a cgroup directory (create it and start the replicas in it, or leave the key out)"
     )]
     ReplicaCgroup(PathBuf),
+    #[error(
+        "replica_cgroup {path} is {depth} levels below the cgroup2 root; the bind hook looks {max} levels deep"
+    )]
+    ReplicaCgroupDepth {
+        path: PathBuf,
+        depth: usize,
+        max: u32,
+    },
     #[error("reading SO_NETNS_COOKIE (Linux 5.14+)")]
     NetnsCookie(#[source] std::io::Error),
     #[error(transparent)]
@@ -215,16 +226,43 @@ fn mounts(
     Ok((bpffs, cgroup, replica_cgroup))
 }
 
+/// The id the bind hooks judge binds to replica ports by: `replica_cgroup`'s
+/// (its directory's inode number, as cgroup v2 numbers them), 0 when none is
+/// configured (the root: every task is in it).
+fn replica_cgroup_id(cfg: &Config, mount: &Path, dir: &Path) -> Result<u64, StartError> {
+    use std::os::unix::fs::MetadataExt as _;
+    if cfg.replica_cgroup.as_os_str().is_empty() {
+        return Ok(0);
+    }
+    // Relative to this mount; a cgroup namespace's mount starts deeper, so
+    // this is the least depth: the hook's own bound is the last word.
+    let depth = dir
+        .strip_prefix(mount)
+        .map_or(0, |r| r.components().count());
+    if depth > mtlb_common::MAX_CGROUP_LEVEL as usize {
+        return Err(StartError::ReplicaCgroupDepth {
+            path: dir.to_owned(),
+            depth,
+            max: mtlb_common::MAX_CGROUP_LEVEL,
+        });
+    }
+    std::fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|_| StartError::ReplicaCgroup(dir.to_owned()))
+}
+
 /// The maps as this agent's configuration wants them, before anything is
 /// attached (or, after a takeover, before the new programs replace the old).
 fn write_settings(
     cfg: &Config,
     state: &core::State,
     maps: &mut Maps,
+    replica_cgroup: u64,
     cookies_seen: &mut Option<crate::kernel::cookies::Observed>,
 ) -> Result<(), StartError> {
     maps.set_settings(state.settings())?;
     maps.set_allowed_uids(&cfg.replica_uids)?;
+    maps.set_replica_cgroup(replica_cgroup)?;
     maps.set_addresses(&reconcile::addresses(cfg))?;
     crate::kernel::cookies::watch(maps, cookies_seen)?;
     Ok(())
@@ -269,6 +307,7 @@ impl Agent {
         facts: &mut Vec<StartFact>,
     ) -> Result<Self, StartError> {
         let (bpffs, cgroup, replica_cgroup) = mounts(&cfg, facts)?;
+        let replica_cgroup_id = replica_cgroup_id(&cfg, &cgroup, &replica_cgroup)?;
         let ino = pins::netns_inode()?;
         let lock = pins::lock(ino)?;
         // Operator choices must not be lost silently: a replica in MAINT
@@ -317,7 +356,13 @@ impl Agent {
             Vec::new()
         };
         let mut cookies_seen = None;
-        write_settings(&cfg, &state, dataplane.maps_mut(), &mut cookies_seen)?;
+        write_settings(
+            &cfg,
+            &state,
+            dataplane.maps_mut(),
+            replica_cgroup_id,
+            &mut cookies_seen,
+        )?;
         let mut registry = Registrations::default();
         let hooks = Hooks {
             cgroup_root: &cgroup,

@@ -4,7 +4,7 @@
 //! line. The only `tracing` calls of the agent are here.
 
 use super::{
-    effect::{Fact, Notice, Reading, Signal, Written},
+    effect::{BindWhy, Fact, Notice, Reading, Signal, Written},
     start_facts::StartFact,
 };
 use crate::{
@@ -45,6 +45,19 @@ pub fn line(f: &Fact) -> (Level, String) {
                 ),
             )
         }
+        Fact::ReplicaOwners {
+            replica_uids,
+            replica_cgroup,
+        } => (
+            L::INFO,
+            format!(
+                "replica ports belong to {} in replica_cgroup {}: binds to them from anywhere else are refused; sock_ops runs in that cgroup only",
+                replica_uids
+                    .as_ref()
+                    .map_or_else(|| "any uid".to_string(), |u| format!("uids {u:?}")),
+                replica_cgroup.display()
+            ),
+        ),
         Fact::AnyReplicaOwner => (
             L::WARN,
             "any_replica_owner is set: any local user who listens on a replica port first becomes that replica".into(),
@@ -176,13 +189,25 @@ pub fn line(f: &Fact) -> (Level, String) {
             slot,
             addr,
             uid,
+            why,
             replica_uids,
+            replica_cgroup,
             more,
         } => (
             L::WARN,
             format!(
-                "refused a bind to {addr} ({}'s port) by uid {uid}: its owner is not in replica_uids {replica_uids:?}{}",
+                "refused a bind to {addr} ({}'s port) by uid {uid}{}{}",
                 replica_name(*slot as usize),
+                match why {
+                    BindWhy::Owner =>
+                        format!(": its owner is not in replica_uids {replica_uids:?}"),
+                    BindWhy::Cgroup { id, path } => format!(
+                        " in cgroup {}: it is not in replica_cgroup {}",
+                        path.as_ref()
+                            .map_or_else(|| format!("id {id}"), |p| p.display().to_string()),
+                        replica_cgroup.display()
+                    ),
+                },
                 if *more > 0 {
                     format!(" ({more} more refusals reported since the last line)")
                 } else {

@@ -144,7 +144,8 @@ pub enum Compat {
 
 /// Whether every map pinned in `pin_dir` has the shape this build's maps
 /// have (type, key and value size, entries, flags), so a new agent (or a
-/// new binary) can take them over. Missing pins count as incompatible.
+/// new binary) can take them over. Missing pins count as incompatible,
+/// but for maps this build added (`names::ADDED`).
 pub fn pins_compatible(pin_dir: &Path) -> Result<Compat, LoadError> {
     // A throw-away load tells the shapes of this build's maps.
     let mut fresh = EbpfLoader::new().load(OBJECT).map_err(LoadError::Object)?;

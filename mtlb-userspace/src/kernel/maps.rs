@@ -72,6 +72,7 @@ pub mod names {
     pub const REFUSED_AT: &str = "REFUSED_AT";
     pub const STOPPING: &str = "STOPPING";
     pub const OWNER_PIDS: &str = "OWNER_PIDS";
+    pub const REPLICA_CGROUP: &str = "REPLICA_CGROUP";
     /// Every map of the object. FLOWS and LAST are the kernel's alone (no
     /// userspace handle) but are pinned and taken over like the rest.
     pub const ALL: &[&str] = &[
@@ -93,11 +94,12 @@ pub mod names {
         REFUSED_AT,
         STOPPING,
         OWNER_PIDS,
+        REPLICA_CGROUP,
     ];
     /// Maps an earlier build did not have: their pins may be missing from
     /// a pin directory that is otherwise taken over (they are created
     /// then), and a read-only view of such pins goes without them.
-    pub const ADDED: &[&str] = &[STOPPING, OWNER_PIDS];
+    pub const ADDED: &[&str] = &[STOPPING, OWNER_PIDS, REPLICA_CGROUP];
 }
 
 pub struct Maps {
@@ -115,6 +117,8 @@ pub struct Maps {
     runtime: Array<MapData, Runtime>,
     status: Array<MapData, Status>,
     allowed_uids: HashMap<MapData, u32, u8>,
+    /// `None` in a read-only view of an older build's pins.
+    replica_cgroup: Option<Array<MapData, u64>>,
     /// The EVENTS ring buffer, until the agent takes it to read.
     events: Option<MapData>,
     /// `None` in a read-only view of an older build's pins.
@@ -268,6 +272,10 @@ impl Maps {
             runtime: open!(RUNTIME, Array, Array),
             status: open!(STATUS, Array, Array),
             allowed_uids: open!(ALLOWED_UIDS, HashMap, HashMap),
+            replica_cgroup: get(REPLICA_CGROUP)
+                .ok()
+                .map(|m| conv(REPLICA_CGROUP, Array::try_from(Map::Array(m))))
+                .transpose()?,
             events: Some(get(EVENTS)?),
             stopping: get(STOPPING)
                 .ok()
@@ -330,7 +338,17 @@ impl Maps {
         for u in uids {
             conv(names::ALLOWED_UIDS, self.allowed_uids.insert(*u, 1, 0))?;
         }
-        let old: Vec<u32> =
+        for u in self.allowed_uids()? {
+            if !uids.contains(&u) {
+                conv(names::ALLOWED_UIDS, self.allowed_uids.remove(&u))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The uids ALLOWED_UIDS holds.
+    pub fn allowed_uids(&self) -> Result<Vec<u32>, MapsError> {
+        let mut uids: Vec<u32> =
             self.allowed_uids
                 .keys()
                 .collect::<Result<_, _>>()
@@ -338,12 +356,26 @@ impl Maps {
                     name: names::ALLOWED_UIDS,
                     source,
                 })?;
-        for u in old {
-            if !uids.contains(&u) {
-                conv(names::ALLOWED_UIDS, self.allowed_uids.remove(&u))?;
-            }
+        uids.sort_unstable();
+        Ok(uids)
+    }
+
+    /// Sets the id of the replicas' cgroup (0: none) that the bind hooks
+    /// judge binds to replica ports by.
+    pub fn set_replica_cgroup(&mut self, id: u64) -> Result<(), MapsError> {
+        let m = self.replica_cgroup.as_mut().ok_or(MapsError::Missing {
+            name: names::REPLICA_CGROUP,
+        })?;
+        conv(names::REPLICA_CGROUP, m.set(0, id, 0))
+    }
+
+    /// The id of the replicas' cgroup the bind hooks judge by; 0: none
+    /// (or pins of a build without the map).
+    pub fn replica_cgroup(&self) -> Result<u64, MapsError> {
+        match &self.replica_cgroup {
+            Some(m) => conv(names::REPLICA_CGROUP, m.get(&0, 0)),
+            None => Ok(0),
         }
-        Ok(())
     }
 
     /// The stop mark of `slot` (see [`Stopping`]); `None`: no mark, or

@@ -217,6 +217,27 @@ pub fn cgroup_ids(dir: &Path) -> std::io::Result<std::collections::HashSet<u64>>
     Ok(ids)
 }
 
+/// The path of the cgroup whose id is `id`, relative to the cgroup2 mount
+/// `mount`: what a log line names a task's cgroup by. `None` when it is not
+/// found (gone already, or outside this mount's view).
+pub fn cgroup_path(mount: &Path, id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut todo = vec![mount.to_owned()];
+    // Bounded like `cgroup_ids`.
+    for _ in 0..65_536 {
+        let d = todo.pop()?;
+        if std::fs::metadata(&d).ok()?.ino() == id {
+            return Some(Path::new("/").join(d.strip_prefix(mount).ok()?));
+        }
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+    }
+    None
+}
+
 /// Where cgroup2 is mounted in this mount namespace, if anywhere.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     mounts_of("cgroup2").ok()?.into_iter().next()
