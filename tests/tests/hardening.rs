@@ -1176,6 +1176,19 @@ fn a_replica_port_belongs_to_the_replica_cgroup() {
     ));
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
+    // What is enforced, as the kernel holds it: the bind hooks judge by the
+    // cgroup, and sock_ops is attached to it, not to the root.
+    let (ok, out) = mtlb_cli(&ns, &["status"]);
+    assert!(ok, "{out}");
+    let owners = out
+        .lines()
+        .find(|l| l.starts_with("replica ports:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        owners.contains(&format!("uids [0, {NOBODY}] in cgroup /{} (id ", cg.rel))
+            && owners.contains(&format!("; sock_ops on cgroup /{} (id ", cg.rel)),
+        "{owners}"
+    );
 
     b.kill();
     agent.wait_state("mtp2", State::Down);

@@ -1,5 +1,5 @@
 //! Raw `bpf(2)` element operations for the sockmap, a program's run
-//! statistics by id, and where a pinned netns link is attached.
+//! statistics by id, and where a pinned netns or cgroup link is attached.
 //!
 //! aya's `SockMap` assumes 4-byte values; ours has 8-byte values so that a
 //! lookup returns the socket cookie (see `mtlb-ebpf/src/maps.rs`). With an
@@ -159,9 +159,30 @@ fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
 /// detaches a namespace's links when it is dismantled, and the link then
 /// reports no namespace).
 pub fn pinned_netns_link_ino(path: &std::path::Path) -> io::Result<u32> {
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+    let info = pinned_link_info(path, BPF_LINK_TYPE_NETNS, "netns")?;
+    // SAFETY: the kernel filled the union's netns member (type checked).
+    Ok(unsafe { info.__bindgen_anon_1.netns.netns_ino })
+}
+
+/// The id of the cgroup the cgroup link (sock_ops, bind) pinned at `path`
+/// is attached to: 0 once that cgroup is gone.
+pub fn pinned_cgroup_link_id(path: &std::path::Path) -> io::Result<u64> {
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    let info = pinned_link_info(path, BPF_LINK_TYPE_CGROUP, "cgroup")?;
+    // SAFETY: the kernel filled the union's cgroup member (type checked).
+    Ok(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
+/// What the kernel says of the link pinned at `path`, which must be of
+/// link type `want` (`what` names it for the error).
+fn pinned_link_info(
+    path: &std::path::Path,
+    want: u32,
+    what: &str,
+) -> io::Result<aya_obj::generated::bpf_link_info> {
     use std::os::unix::ffi::OsStrExt as _;
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_TYPE_NETNS: u32 = 5;
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // bpf_attr for OBJ_GET: pathname, bpf_fd, file_flags.
     #[repr(C)]
@@ -192,13 +213,12 @@ pub fn pinned_netns_link_ino(path: &std::path::Path) -> io::Result<u32> {
     // SAFETY: bpf_link_info is plain data; all zeroes is its empty value.
     let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
     obj_info(fd.as_fd(), &mut info)?;
-    if info.type_ != BPF_LINK_TYPE_NETNS {
+    if info.type_ != want {
         return Err(io::Error::other(format!(
-            "{} is not a netns link (type {})",
+            "{} is not a {what} link (type {})",
             path.display(),
             info.type_
         )));
     }
-    // SAFETY: the kernel filled the union's netns member (checked above).
-    Ok(unsafe { info.__bindgen_anon_1.netns.netns_ino })
+    Ok(info)
 }
