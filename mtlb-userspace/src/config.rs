@@ -340,8 +340,9 @@ pub struct Overrides {
     /// [config: keep_pins, default true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub keep_pins: Option<bool>,
-    /// The replicas' cgroup, relative to the cgroup2 mount [config:
-    /// replica_cgroup, default: the root, every process].
+    /// The replicas' cgroup, relative to the cgroup2 mount: accounting runs
+    /// there only, and binds to replica ports from outside it are refused
+    /// [config: replica_cgroup, default: the root, every process].
     #[arg(long)]
     pub replica_cgroup: Option<PathBuf>,
     /// Milliseconds after which an incomplete handshake stops counting
