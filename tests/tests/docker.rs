@@ -91,13 +91,17 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
     let Some(rootfs) = rootfs() else { return };
     let ns = Netns::new();
     let dir = TempDir::new("docker-role");
+    // The replicas' slice, as the role names it (removed after the engine).
+    let slice = Cgroup::slice();
     let dockerd = Dockerd::start(&ns);
     let middle = MiddleProxy::start(&ns, free_port());
     let conf = dir.path.join("proxy-multi.conf");
     std::fs::write(&conf, middle.proxy_multi_conf()).unwrap();
     let secret_src = format!("mtproxy_proxy_secret_src={}", middle.secret_file.display());
     let config_src = format!("mtproxy_proxy_config_src={}", conf.display());
-    let play = run_mtproxy_role(&dockerd, &dir.path, &rootfs, &[&secret_src, &config_src]);
+    // First as a host deployed before the replicas had a slice.
+    let no_slice = [secret_src.as_str(), &config_src, "mtproxy_cgroup_slice="];
+    let play = run_mtproxy_role(&dockerd, &dir.path, &rootfs, &no_slice);
     assert!(play.contains("Import the replica image"), "{play}");
 
     // 1) the replicas run: `docker ps` shows both.
@@ -106,13 +110,27 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
         up.contains(&"mtproxy1".into()) && up.contains(&"mtproxy2".into()),
         "docker ps: {up:?}"
     );
+    // With the slice, each replica is started again in it.
+    let id = || dockerd.docker(&["inspect", "--format", "{{.Id}}", "mtproxy2"]);
+    let id2 = id();
+    let slice_var = format!("mtproxy_cgroup_slice={}", slice.rel);
+    let vars = [secret_src.as_str(), &config_src, &slice_var];
+    run_mtproxy_role(&dockerd, &dir.path, &rootfs, &vars);
+    assert_ne!(id2, id(), "mtproxy2 was not started again in the slice");
     // The role again changes nothing that runs (same containers).
-    let id2 = dockerd.docker(&["inspect", "--format", "{{.Id}}", "mtproxy2"]);
-    run_mtproxy_role(&dockerd, &dir.path, &rootfs, &[&secret_src, &config_src]);
-    assert_eq!(
-        id2,
-        dockerd.docker(&["inspect", "--format", "{{.Id}}", "mtproxy2"])
-    );
+    let id2 = id();
+    run_mtproxy_role(&dockerd, &dir.path, &rootfs, &vars);
+    assert_eq!(id2, id());
+    // Each replica runs in the slice, below the cgroup2 root.
+    for c in ["mtproxy1", "mtproxy2"] {
+        let cgroup =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", dockerd.pid_of(c))).unwrap();
+        assert!(
+            cgroup.contains(&format!("0::/{}/", slice.rel)),
+            "{c} is not in {}: {cgroup}",
+            slice.rel
+        );
+    }
 
     // 2) mtlb sees them UP, proven by the mtproxy check through the
     // official server to the stand-in and by its stats.
@@ -120,11 +138,35 @@ fn official_mtproxy_in_docker_the_seed_operator_checks() {
         .replicas(2)
         .set("base_port", 10000)
         .set("replica_uids", vec![0, 65534])
+        .set("replica_cgroup", slice.rel.as_str())
         .stats_base_port(11000)
         .write_to(&dir.path.join("mtlb.toml"));
     let agent = ns.agent(&["--config", cfg.to_str().unwrap()]);
+    agent.wait_for(&format!(
+        "replica ports belong to uids [0, 65534] in replica_cgroup {}",
+        slice.rel
+    ));
     agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
+    // sock_ops runs for the replicas' sockets only: attached to their
+    // cgroup (the agent's own report, from the pinned link), not the root.
+    let (ok, status) = mtlb_cli(&ns, &["status", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{status}");
+    assert!(
+        status.contains(&format!("; sock_ops on cgroup /{} (id ", slice.rel)),
+        "{status}"
+    );
+    let tree = Command::new("bpftool")
+        .arg("cgroup")
+        .arg("show")
+        .arg(&slice.path)
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    assert!(
+        tree.contains("sock_ops") && tree.contains("mtlb_sockops"),
+        "{tree}"
+    );
     let (_, html) = http_get("/stats");
     for b in ["mtp1", "mtp2"] {
         assert!(
