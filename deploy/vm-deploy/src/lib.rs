@@ -11,7 +11,8 @@
 //!    variables an offline host needs;
 //! 4. the checks of the issue, each a step of the printed report: a
 //!    Telethon client through the guest's port 443, the stats page, the
-//!    unit, the journal, failover, scaling 2→3→2, `mtlb link`, then the
+//!    unit, the journal, sock_ops on the replicas' cgroup, failover, the
+//!    daily refresh under load, scaling 2→3→2, `mtlb link`, then the
 //!    package's life (package.rs): upgrade, `apt remove` and reinstall,
 //!    `apt purge`.
 //!
@@ -38,6 +39,8 @@ use std::{
 /// Vagrantfile's provisioner names the same two (tests/tests/deploy.rs
 /// checks that it does).
 pub const PLAYBOOK: &str = "playbooks/deploy.yml";
+/// The daily refresh's play, relative to deploy/.
+const REFRESH_PLAYBOOK: &str = "playbooks/refresh.yml";
 pub const GROUP_VARS: &str = "inventory/group_vars/all.yml";
 
 /// Where the middle-proxy stand-in listens in the guest.
@@ -167,10 +170,18 @@ const CHECKS: &[Check] = &[
     ("systemctl is-active mtlb", check_unit),
     ("journalctl -u mtlb: health lines", check_journal),
     (
+        "sock_ops on the replicas' cgroup (mtproxy.slice), not the root",
+        check_cgroup,
+    ),
+    (
         "failover: docker stop mtproxy2 under client load",
         check_failover,
     ),
     ("docker start mtproxy2: mtp2 UP again", check_restart),
+    (
+        "daily refresh: playbooks/refresh.yml, a changed proxy-multi.conf, under client load",
+        check_refresh,
+    ),
     (
         "scale 2→3: playbook with mtproxy_replicas=3 under client load",
         check_scale_up,
@@ -446,6 +457,154 @@ fn check_failover(d: &Deployed) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// The role's slice is mtlb's replica_cgroup: the agent's own report (`mtlb
+/// status`, from the pinned link) and bpftool both put sock_ops on it, and
+/// nothing of mtlb but the bind hooks on the cgroup2 root.
+fn check_cgroup(d: &Deployed) -> anyhow::Result<String> {
+    let slice = &d.vars.cgroup_slice;
+    let status = d.vm.sh("sudo /usr/sbin/mtlb status")?;
+    let owners = status
+        .lines()
+        .find(|l| l.starts_with("replica ports:"))
+        .with_context(|| format!("no `replica ports:` line in mtlb status:\n{status}"))?;
+    if !owners.contains(&format!("in cgroup /{slice} (id "))
+        || !owners.contains(&format!("; sock_ops on cgroup /{slice} (id "))
+    {
+        bail!("mtlb status: {owners}");
+    }
+    let on_slice =
+        d.vm.sh(&format!("sudo bpftool cgroup show /sys/fs/cgroup/{slice}"))?;
+    let on_root = d.vm.sh("sudo bpftool cgroup show /sys/fs/cgroup")?;
+    if !on_slice
+        .lines()
+        .any(|l| l.contains("sock_ops") && l.contains("mtlb_sockops"))
+    {
+        bail!("bpftool: no mtlb_sockops on /sys/fs/cgroup/{slice}:\n{on_slice}");
+    }
+    if on_root.lines().any(|l| l.contains("sock_ops")) {
+        bail!("bpftool: sock_ops on the cgroup2 root:\n{on_root}");
+    }
+    let containers = d.vm.sh(
+        "for c in $(sudo docker ps --format '{{.Names}}' | sort); do \
+         echo \"$c $(sudo cat /proc/$(sudo docker inspect -f '{{.State.Pid}}' $c)/cgroup)\"; done",
+    )?;
+    if containers
+        .lines()
+        .any(|l| !l.contains(&format!(" 0::/{slice}/docker-")))
+    {
+        bail!("a replica outside /{slice}:\n{containers}");
+    }
+    Ok(format!(
+        "{owners}\nbpftool cgroup show /sys/fs/cgroup/{slice}:\n{}\nbpftool cgroup show /sys/fs/cgroup (the root):\n{}\n{}",
+        on_slice.trim_end(),
+        on_root.trim_end(),
+        containers.trim_end()
+    ))
+}
+
+/// Where the refresh's HTTP server listens in the guest.
+const REFRESH_HTTP_PORT: u16 = 8889;
+
+/// The daily refresh (what the host's timer runs) as the play runs it, with
+/// the two files served from an HTTP server in the guest instead of
+/// core.telegram.org: proxy-secret as deployed, proxy-multi.conf with one
+/// change. mtproxy-refresh replaces the config and `mtlb rollout` restarts
+/// the replicas one at a time, drained first: no new client may fail, and
+/// each replica restarts once.
+fn check_refresh(d: &Deployed) -> anyhow::Result<String> {
+    let vm = &d.vm;
+    let www = format!("{GUEST_DIR}/www");
+    vm.sh(&format!(
+        "mkdir -p {www} && sudo cat /etc/mtproxy/proxy-secret > {www}/proxy-secret && \
+         sudo cat /etc/mtproxy/proxy-multi.conf > {www}/proxy-multi.conf && \
+         echo '# refreshed by cargo xtask vm-deploy' >> {www}/proxy-multi.conf && \
+         (sudo systemctl stop mtlb-refresh-http 2>/dev/null; true) && \
+         sudo systemd-run --unit=mtlb-refresh-http /usr/bin/python3 -m http.server \
+         {REFRESH_HTTP_PORT} --bind 127.0.0.1 --directory {www}"
+    ))?;
+    let url = |f: &str| format!("http://127.0.0.1:{REFRESH_HTTP_PORT}/{f}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !vm
+        .ssh(&format!("curl -fsS -o /dev/null {}", url("proxy-secret")))?
+        .status
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!("the refresh's HTTP server did not answer within 60 s");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let started = |c: &str| {
+        vm.sh(&format!(
+            "sudo docker inspect -f '{{{{.State.StartedAt}}}}' {c}"
+        ))
+        .map(|s| s.trim().to_string())
+    };
+    let names = ["mtproxy1", "mtproxy2"];
+    let before = names
+        .iter()
+        .map(|c| started(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let since = vm.sh("date +%s")?.trim().to_string();
+    let extra = serde_json::json!({
+        "mtproxy_replicas": 2,
+        "mtlb_deb_src": d.ansible.deb,
+        // This host fetches its files now (the play refuses pinned ones),
+        // from the guest's server; the daily timer stays off.
+        "mtproxy_proxy_secret_src": "",
+        "mtproxy_proxy_config_src": "",
+        "mtproxy_config_url": url("proxy-multi.conf"),
+        "mtproxy_secret_url": url("proxy-secret"),
+        "mtproxy_refresh_timer": false,
+    });
+    // Two clients at a time for the whole play (a minute or more): each
+    // replica is out of rotation while the other takes every new client.
+    let load = Load::start(d.probe.clone(), 2, Duration::from_millis(250));
+    std::thread::sleep(Duration::from_secs(5));
+    let recap = d.ansible.play(REFRESH_PLAYBOOK, "refresh", &extra);
+    std::thread::sleep(Duration::from_secs(5));
+    let outcomes = load.finish();
+    let recap = recap?;
+    let after = names
+        .iter()
+        .map(|c| started(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let restarts = vm.sh(&format!(
+        "sudo docker events --since {since} --until $(date +%s) --filter event=restart \
+         --format '{{{{.Actor.Attributes.name}}}}' | sort | uniq -c"
+    ))?;
+    let said = vm.sh(
+        "sudo grep -h . /var/lib/prometheus/node-exporter/mtlb_refresh.prom 2>/dev/null | grep -v '^#' || true",
+    )?;
+    let rows = d.stats.wait(vm, Duration::from_secs(120), |r| {
+        up(r, "mtp1") && up(r, "mtp2")
+    })?;
+    let mut text = format!(
+        "{}\n{recap}\nrestarts (docker events): {}\n{}\n{}",
+        clients::counts(&outcomes),
+        restarts.split_whitespace().collect::<Vec<_>>().join(" "),
+        said.trim_end(),
+        Stats::show(&rows)
+    );
+    let (_, failed, why) = clients::summary(&outcomes);
+    if failed > 0 {
+        text.push_str(&format!("\nnot served: {why}"));
+        bail!(text);
+    }
+    for (i, c) in names.iter().enumerate() {
+        if before[i] == after[i] {
+            bail!("{c} was not restarted\n{text}");
+        }
+        let once = restarts
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", *c]);
+        if !once {
+            bail!("{c} was not restarted exactly once\n{text}");
+        }
+    }
+    Ok(text)
+}
+
 fn check_restart(d: &Deployed) -> anyhow::Result<String> {
     d.vm.sh("sudo docker start mtproxy2")?;
     let rows = d
@@ -584,6 +743,8 @@ fn health_lines(vm: &Guest) -> anyhow::Result<String> {
 /// The variables of deploy/inventory/group_vars/all.yml this run reads.
 struct GroupVars {
     secret: String,
+    /// The replicas' slice: mtlb's replica_cgroup.
+    cgroup_slice: String,
     stats_port: u16,
     /// mtproxyN listens on base_port + N - 1.
     base_port: u16,
@@ -601,6 +762,7 @@ impl GroupVars {
         };
         Ok(GroupVars {
             secret: get("mtproxy_secret")?,
+            cgroup_slice: get("mtproxy_cgroup_slice")?,
             stats_port: get("mtlb_stats_port")?.parse()?,
             base_port: get("mtproxy_base_port")?.parse()?,
         })
@@ -723,6 +885,18 @@ impl Ansible {
 
     /// [`Ansible::run`] with the package `deb`.
     fn run_deb(&self, replicas: u32, name: &str, deb: &Path) -> anyhow::Result<String> {
+        let extra = serde_json::json!({"mtproxy_replicas": replicas, "mtlb_deb_src": deb});
+        self.play(PLAYBOOK, name, &extra)
+    }
+
+    /// `playbook` as [`Ansible::run`] runs deploy.yml, with `extra`
+    /// variables last (over the offline ones).
+    fn play(
+        &self,
+        playbook: &str,
+        name: &str,
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<String> {
         let log = self.logs.join(format!("ansible-{name}.log"));
         let out = std::fs::File::create(&log)?;
         let t0 = Instant::now();
@@ -746,13 +920,13 @@ impl Ansible {
             )
             .arg("-i")
             .arg(&self.inventory)
-            .arg(PLAYBOOK)
+            .arg(playbook)
             .arg("-e")
             .arg(format!("@{GROUP_VARS}"))
             .arg("-e")
             .arg(format!("@{}", self.offline.display()))
             .arg("-e")
-            .arg(serde_json::json!({"mtproxy_replicas": replicas, "mtlb_deb_src": deb}).to_string())
+            .arg(extra.to_string())
             .stdout(out.try_clone()?)
             .stderr(out)
             .status()
