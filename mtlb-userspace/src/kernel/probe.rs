@@ -113,6 +113,22 @@ fn needs() -> Vec<(Feature, &'static str)> {
             ),
             "5.10",
         ),
+        (
+            Helper(
+                ProgramType::CgroupSockAddr,
+                BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+                "bpf_get_current_ancestor_cgroup_id in bind hooks",
+            ),
+            "5.7",
+        ),
+        (
+            Helper(
+                ProgramType::CgroupSockAddr,
+                BpfHelper::BPF_FUNC_get_current_cgroup_id,
+                "bpf_get_current_cgroup_id in bind hooks",
+            ),
+            "5.7",
+        ),
     ]
 }
 
