@@ -138,8 +138,9 @@ fn a_replica_that_ignores_sigterm_is_back_after_the_grace() {
             r2.pid()
         ),
     );
-    // While marked, the kernel steers nothing to it, and the operator's
-    // views say why.
+    // While marked, the operator's views say why and no client goes to it.
+    // (By now the agent has it DOWN too; that the kernel skips it from the
+    // signal on, before the agent knows, is the lingering-replica test's.)
     let s = agent.status("mtp2");
     assert_ne!(s.flags & mtlb_common::STATUS_STOPPING, 0, "{s:?}");
     let why = format!("stopping (SIGTERM to pid {})", r2.pid());
