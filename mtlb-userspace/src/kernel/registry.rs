@@ -405,34 +405,45 @@ pub fn how_name(how: u32) -> &'static str {
     }
 }
 
-/// The process (and its fd) holding each socket inode in `inodes`, from
-/// /proc/<pid>/fd. Processes can exit while we look: what cannot be read
-/// is skipped.
-fn owners(
-    inodes: &std::collections::HashSet<u64>,
-) -> Result<HashMap<u64, (i32, i32)>, RegistryError> {
-    let mut found = HashMap::new();
+/// Every other process's sockets, from /proc/<pid>/fd: `visit(pid, fd,
+/// inode)` for each, until it returns false. Processes can exit while we
+/// look: what cannot be read is skipped.
+fn scan_sockets(mut visit: impl FnMut(i32, i32, u64) -> bool) -> Result<(), RegistryError> {
     let me = std::process::id() as i32;
     let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
         what: "/proc",
         source,
     })?;
     for p in procs.flatten() {
-        if found.len() == inodes.len() {
-            break;
-        }
         if p.pid == me {
             continue;
         }
         let Ok(fds) = p.fd() else { continue };
         for fd in fds.flatten() {
             if let procfs::process::FDTarget::Socket(inode) = fd.target
-                && inodes.contains(&inode)
+                && !visit(p.pid, fd.fd, inode)
             {
-                found.entry(inode).or_insert((p.pid, fd.fd));
+                return Ok(());
             }
         }
     }
+    Ok(())
+}
+
+/// The process (and its fd) holding each socket inode in `inodes`.
+fn owners(
+    inodes: &std::collections::HashSet<u64>,
+) -> Result<HashMap<u64, (i32, i32)>, RegistryError> {
+    let mut found = HashMap::new();
+    if inodes.is_empty() {
+        return Ok(found);
+    }
+    scan_sockets(|pid, fd, inode| {
+        if inodes.contains(&inode) {
+            found.entry(inode).or_insert((pid, fd));
+        }
+        found.len() < inodes.len()
+    })?;
     Ok(found)
 }
 
@@ -466,33 +477,16 @@ pub fn listener_inodes(known: &[Option<SlotView>]) -> Result<HashMap<u64, u64>, 
 /// Reads every process's fd table: slow on a host with many connections,
 /// so it runs off the agent's loop, when registrations change.
 pub fn owner_pids(inodes: &HashMap<u64, u64>) -> Result<HashMap<u32, u64>, RegistryError> {
-    let mut owners = HashMap::new();
+    let mut owners: HashMap<u32, u64> = HashMap::new();
     if inodes.is_empty() {
         return Ok(owners);
     }
-    let me = std::process::id() as i32;
-    let procs = procfs::process::all_processes().map_err(|source| RegistryError::Proc {
-        what: "/proc",
-        source,
+    scan_sockets(|pid, _, inode| {
+        if let Some(m) = inodes.get(&inode) {
+            *owners.entry(pid as u32).or_default() |= m;
+        }
+        true
     })?;
-    for p in procs.flatten() {
-        if p.pid == me {
-            continue;
-        }
-        // A process that exits meanwhile is skipped.
-        let Ok(fds) = p.fd() else { continue };
-        let mut mask = 0u64;
-        for fd in fds.flatten() {
-            if let procfs::process::FDTarget::Socket(inode) = fd.target
-                && let Some(m) = inodes.get(&inode)
-            {
-                mask |= m;
-            }
-        }
-        if mask != 0 {
-            owners.insert(p.pid as u32, mask);
-        }
-    }
     Ok(owners)
 }
 
