@@ -1,30 +1,20 @@
-//! Complete MTProxy clients at a paced rate, open loop: client `i` starts
-//! at `i / rate` seconds whatever the others are doing, so a slow or
-//! failing replica does not slow the arrivals down (a one-at-a-time loop
-//! would wait out a failure and send fewer clients into it).
-//!
-//! Each client is the agent's own `mtproxy` check (a new connection, the
-//! obfuscated2 `dd` handshake, one frame answered through the proxy and
-//! its upstream): it is served when its request came back, and anything
-//! else (refused, reset, closed unanswered, timed out) is a failed client,
-//! as a Telegram app would see it.
+//! Complete MTProxy clients at a paced rate, open loop, for tests: the
+//! bench's load (`mtlb_bench::mtclient::Paced`: client `i` starts at
+//! `i / rate` seconds whatever the others are doing, each a new
+//! connection, the obfuscated2 `dd` handshake and one frame answered
+//! through the proxy and its upstream), started inside a test's
+//! namespace, with its records summed up as a test asserts on them.
 
 use crate::{BALANCED, Netns, scaled};
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use mtlb_bench::mtclient::{Outcome, Paced};
+use std::time::Duration;
 
 /// What a [`PacedClients`] run saw.
 #[derive(Debug)]
 pub struct PacedOutcome {
     pub served: usize,
-    /// Each failed client: when it started (since the run began) and why.
+    /// Each failed client: when it started (since the run began) and how
+    /// it failed (`Outcome::label`: "refused", "reset", …).
     pub failed: Vec<(Duration, String)>,
     /// How long clients were started for.
     pub elapsed: Duration,
@@ -42,93 +32,55 @@ impl PacedOutcome {
 }
 
 /// Clients running in a thread of their own inside a namespace.
-pub struct PacedClients {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<PacedOutcome>,
-    /// When client 0 started: `at` of each failure counts from here.
-    t0: Instant,
-}
+pub struct PacedClients(Paced);
 
 impl PacedClients {
     /// Starts `rate` clients a second to the balanced port of `ns` with
-    /// `secret` (as the agent's config spells it). Bounded by scaled(120 s)
-    /// and 200,000 clients.
+    /// `secret` (as the agent's config spells it: `dd` and 32 hex digits).
     pub fn start(ns: &Netns, rate: u32, secret: &str) -> Self {
+        let Some(mtlb::checks::mtproxy::Secret::Obfuscated(key)) =
+            mtlb::checks::mtproxy::Secret::parse(secret)
+        else {
+            panic!("not a dd secret: {secret}");
+        };
         let file = ns.file.try_clone().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let secret = secret.to_string();
-        let t0 = Instant::now();
-        let handle = std::thread::spawn(move || {
-            // Sockets are made in the calling thread's namespace; the
-            // runtime runs every client on this thread.
+        // The load's thread is spawned from one in the namespace, so its
+        // sockets are made there.
+        let paced = std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(run(t0, rate, secret, s2))
-        });
-        Self { stop, handle, t0 }
+            Paced::start(
+                BALANCED.parse().unwrap(),
+                key,
+                rate as f64,
+                scaled(Duration::from_secs(5)),
+            )
+        })
+        .join()
+        .unwrap();
+        Self(paced)
     }
 
     /// Time since the run began, on the clock of the failures' `at`.
     pub fn elapsed(&self) -> Duration {
-        self.t0.elapsed()
+        Duration::from_secs_f64(self.0.now())
     }
 
     /// Stops starting clients, waits for those under way; what they saw.
     pub fn finish(self) -> PacedOutcome {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap()
-    }
-}
-
-type Done = (Duration, mtlb::checks::health::CheckResult);
-
-fn tally(out: &mut PacedOutcome, (at, r): Done) {
-    if r.ok {
-        out.served += 1;
-    } else {
-        let why = match &r.info {
-            Some(i) => format!("{}: {i}", r.reason),
-            None => r.reason.clone(),
+        let records = self.0.finish().expect("the client thread");
+        let mut out = PacedOutcome {
+            served: 0,
+            failed: Vec::new(),
+            elapsed: Duration::from_secs_f64(records.last().map_or(0.0, |r| r.at)),
         };
-        out.failed.push((at, why));
-    }
-}
-
-async fn run(t0: Instant, rate: u32, secret: String, stop: Arc<AtomicBool>) -> PacedOutcome {
-    let addr: SocketAddr = BALANCED.parse().unwrap();
-    let gap = Duration::from_secs(1) / rate.max(1);
-    let timeout = scaled(Duration::from_secs(5));
-    let limit = scaled(Duration::from_secs(120));
-    let mut out = PacedOutcome {
-        served: 0,
-        failed: Vec::new(),
-        elapsed: Duration::ZERO,
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut i: u32 = 0;
-    while !stop.load(Ordering::Relaxed) && t0.elapsed() < limit && i < 200_000 {
-        tokio::time::sleep_until((t0 + gap * i).into()).await;
-        let at = t0.elapsed();
-        let secret = secret.clone();
-        tasks.spawn(async move {
-            (
-                at,
-                mtlb::checks::mtproxy::check(addr, &secret, timeout).await,
-            )
-        });
-        i += 1;
-        // Reap finished clients as we go: bounded memory at any rate.
-        while let Some(done) = tasks.try_join_next() {
-            tally(&mut out, done.expect("a client task"));
+        for r in records {
+            if r.outcome == Outcome::Served {
+                out.served += 1;
+            } else {
+                out.failed
+                    .push((Duration::from_secs_f64(r.at), r.outcome.label().into()));
+            }
         }
+        out
     }
-    out.elapsed = t0.elapsed();
-    while let Some(done) = tasks.join_next().await {
-        tally(&mut out, done.expect("a client task"));
-    }
-    out
 }

@@ -512,13 +512,13 @@ fn official_mtproxy_rollout_under_load_fails_no_client() {
         clients.served,
         clients.failed.len()
     );
-    // A refused or unanswered connect ("Layer4 …") would be a new client
-    // the rollout lost; one accepted and then left without an answer was
-    // under way at a restart: cut.
+    // A refused connect would be a new client the rollout lost; one
+    // accepted and then reset or left without an answer was under way at
+    // a restart: cut.
     let refused: Vec<_> = clients
         .failed
         .iter()
-        .filter(|(_, why)| why.starts_with("Layer4"))
+        .filter(|(_, why)| why == mtlb_bench::mtclient::Outcome::Refused.label())
         .collect();
     assert!(refused.is_empty(), "refused clients: {refused:?}");
     assert!(
