@@ -76,6 +76,20 @@ pub fn wait_limit() -> Duration {
     scaled(Duration::from_secs(15))
 }
 
+/// Waits until `ok` holds, polling (for what gives no event to wait on:
+/// kernel counters, map contents), bounded by [`wait_limit`].
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + wait_limit();
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {:?}",
+            wait_limit()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A number unique within this test process, for names of namespaces,
 /// cgroups and directories.
 pub(crate) fn unique() -> u32 {

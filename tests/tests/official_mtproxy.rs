@@ -374,15 +374,11 @@ fn official_mtproxy_sigterm_fails_no_client_it_had_not_queued() {
     let rate = (300 / time_scale()).max(20);
     let load = PacedClients::start(ns, rate, &format!("dd{SECRET}"));
     let totals = |slot| agent.maps().slot_totals(slot).unwrap().established;
-    let deadline = std::time::Instant::now() + wait_limit();
-    // Both take clients, and the watch knows mtp2's pid.
-    while totals(0) < 20
-        || totals(1) < 20
-        || !agent.maps().owner_pids().unwrap().contains_key(&mtp2.pid())
-    {
-        assert!(std::time::Instant::now() < deadline, "no clients on both");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("clients on both, and the watch knows mtp2's pid", || {
+        totals(0) >= 20
+            && totals(1) >= 20
+            && agent.maps().owner_pids().unwrap().contains_key(&mtp2.pid())
+    });
     let pid = mtp2.pid();
     let from = agent.log_len();
     let signal_at = load.elapsed();
@@ -403,13 +399,9 @@ fn official_mtproxy_sigterm_fails_no_client_it_had_not_queued() {
     *mtp2 = replica(&bin, ns, 1, SECRET, up);
     agent.wait_state("mtp2", State::Up);
     let before = totals(1);
-    while totals(1) < before + 10 {
-        assert!(
-            std::time::Instant::now() < deadline + wait_limit(),
-            "the restarted mtp2 took no clients"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the restarted mtp2 takes clients", || {
+        totals(1) >= before + 10
+    });
     let out = load.finish();
     println!("{down}");
     println!(

@@ -18,15 +18,6 @@ fn linger_ms() -> u128 {
     scaled(Duration::from_millis(600)).as_millis()
 }
 
-/// Waits until `ok` holds (bounded).
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + wait_limit();
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within the limit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits until the stop-signal watch knows `pid` as the owner of slot
 /// `slot`'s listener (the agent finds owners off its loop, just after a
 /// replica registers or comes UP).
