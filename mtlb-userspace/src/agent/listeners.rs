@@ -140,7 +140,8 @@ impl Agent {
     }
 
     /// The kernel's stop marks of the slots in use, each with the accept
-    /// queue of its listener now (read only when some slot is marked).
+    /// queue of its listener now (read only when some slot is marked);
+    /// empty when no slot is marked.
     pub(super) fn stop_marks(&mut self) -> Option<Vec<Option<StopMark>>> {
         let maps = self.dataplane.maps();
         let mut marks = Vec::with_capacity(self.state.slots().len());

@@ -143,7 +143,8 @@ impl Agent {
                         evs.push(Event::Queues(samples));
                     }
                     // A mark whose event the ring lost is found here.
-                    if let Some(marks) = self.stop_marks() {
+                    // (None of them: nothing for the core.)
+                    if let Some(marks) = self.stop_marks().filter(|m| !m.is_empty()) {
                         evs.push(Event::StopMarks(marks));
                     }
                     evs.push(Event::Elapsed);
