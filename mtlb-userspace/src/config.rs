@@ -191,6 +191,44 @@ impl Default for CheckConfig {
     }
 }
 
+/// `[announce]`: the service addresses this host announces over BGP
+/// (through the host's BIRD) while it can serve.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnnounceConfig {
+    /// Service addresses (VIPs), IPv4 and IPv6. Empty (default): nothing
+    /// is announced, the feature is off.
+    pub vips: Vec<IpAddr>,
+    /// Replicas that must be UP and READY (not drained, not in
+    /// maintenance) for the host to be announced. Default 1.
+    pub min_up: u16,
+    /// The host must have been able to serve this long before it is
+    /// announced, ms. Default 3000.
+    pub rise_ms: u64,
+    /// ... and unable this long before it is withdrawn, ms; a drain by
+    /// the operator withdraws at once. Default 1000.
+    pub fall_ms: u64,
+    /// Kernel routing table the announced VIPs' host routes go into (BIRD
+    /// learns it). Default 4242.
+    pub table: u32,
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        Self {
+            vips: Vec::new(),
+            min_up: 1,
+            rise_ms: 3000,
+            fall_ms: 1000,
+            table: 4242,
+        }
+    }
+}
+
+/// Routing tables the kernel keeps for itself: unspec, default, main,
+/// local (linux/rtnetlink.h `rt_class_t`).
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
 /// `mtlb.toml`. Every key is optional; see README "Configuration".
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -276,6 +314,8 @@ pub struct Config {
     pub control_dir: PathBuf,
     /// Health checks.
     pub check: CheckConfig,
+    /// BGP announcement of the service addresses.
+    pub announce: AnnounceConfig,
 }
 
 impl Default for Config {
@@ -303,6 +343,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/mtlb"),
             control_dir: PathBuf::from(RUN_DIR),
             check: CheckConfig::default(),
+            announce: AnnounceConfig::default(),
         }
     }
 }
@@ -671,6 +712,84 @@ impl Config {
                 "must be 100..=600000",
             ));
         }
+        self.validate_announce()
+    }
+
+    fn validate_announce(&self) -> Result<(), ConfigError> {
+        let a = &self.announce;
+        if a.vips.len() > 16 {
+            return Err(invalid(
+                "announce.vips",
+                a.vips.len(),
+                "at most 16 addresses",
+            ));
+        }
+        for (i, v) in a.vips.iter().enumerate() {
+            let c = v.to_canonical();
+            if c.is_unspecified() || c.is_multicast() || c.is_loopback() {
+                return Err(invalid(
+                    "announce.vips",
+                    v,
+                    "must be a unicast service address (not loopback)",
+                ));
+            }
+            if c != *v {
+                return Err(invalid(
+                    "announce.vips",
+                    v,
+                    format!("write the IPv4 address as {c}"),
+                ));
+            }
+            if a.vips[..i].contains(v) {
+                return Err(invalid("announce.vips", v, "listed twice"));
+            }
+            if !self.addresses.is_empty() && !self.addresses.contains(v) {
+                return Err(invalid(
+                    "announce.vips",
+                    v,
+                    "is not in `addresses`: connections to it would not be steered; \
+                     add it there, or leave `addresses` empty (every local address)",
+                ));
+            }
+            if v.is_ipv6() && self.replica_address.to_canonical().is_ipv4() {
+                return Err(invalid(
+                    "announce.vips",
+                    v,
+                    format!(
+                        "IPv6 clients can only be handed to replicas listening on IPv6, and \
+                         replica_address {} is IPv4; for replicas listening dual-stack on \
+                         [::], set replica_address = \"::1\"",
+                        self.replica_address
+                    ),
+                ));
+            }
+        }
+        if a.min_up == 0 || a.min_up > self.replicas {
+            return Err(invalid(
+                "announce.min_up",
+                a.min_up,
+                format!(
+                    "must be 1..={} (replicas): the host could never be announced",
+                    self.replicas
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("announce.rise_ms", a.rise_ms),
+            ("announce.fall_ms", a.fall_ms),
+        ] {
+            if v > 600_000 {
+                return Err(invalid(key, v, "must be 0..=600000"));
+            }
+        }
+        if RESERVED_TABLES.contains(&a.table) {
+            return Err(invalid(
+                "announce.table",
+                a.table,
+                "is a table the kernel routes by (0, 253 default, 254 main, 255 local); \
+                 pick one of mtlb's own",
+            ));
+        }
         Ok(())
     }
 
@@ -703,6 +822,13 @@ impl Config {
         }
         if self.stats_sample_ms != new.stats_sample_ms {
             return Some("stats_sample_ms");
+        }
+        // The addresses are made local and the table read at start.
+        if self.announce.vips != new.announce.vips {
+            return Some("announce.vips");
+        }
+        if self.announce.table != new.announce.table {
+            return Some("announce.table");
         }
         None
     }
@@ -847,6 +973,61 @@ mod tests {
         assert_eq!(old.reload_blocker(&c), Some("replica_cgroup"));
         let cfg = Config::parse("replica_cgroup = \"mtproxy.slice\"", Path::new("x")).unwrap();
         assert_eq!(cfg.replica_cgroup, Path::new("mtproxy.slice"));
+    }
+
+    #[test]
+    fn announce_section() {
+        let c = parse(
+            "replica_address = \"::1\"\n[announce]\nvips = [\"192.0.2.80\", \"2001:db8::80\"]\nmin_up = 2",
+        )
+        .unwrap();
+        assert_eq!(c.announce.vips.len(), 2);
+        assert_eq!(
+            (c.announce.min_up, c.announce.rise_ms, c.announce.fall_ms),
+            (2, 3000, 1000)
+        );
+        assert_eq!(c.announce.table, 4242);
+        assert!(
+            parse("").unwrap().announce.vips.is_empty(),
+            "off by default"
+        );
+        for (toml, needle) in [
+            ("[announce]\nvips = [\"2001:db8::80\"]", "replica_address"),
+            ("[announce]\nvips = [\"127.0.0.1\"]", "not loopback"),
+            ("[announce]\nvips = [\"0.0.0.0\"]", "unicast"),
+            (
+                "[announce]\nvips = [\"192.0.2.80\", \"192.0.2.80\"]",
+                "listed twice",
+            ),
+            (
+                "[announce]\nvips = [\"::ffff:192.0.2.80\"]",
+                "write the IPv4 address as 192.0.2.80",
+            ),
+            (
+                "addresses = [\"192.0.2.1\"]\n[announce]\nvips = [\"192.0.2.80\"]",
+                "not in `addresses`",
+            ),
+            (
+                "[announce]\nvips = [\"192.0.2.80\"]\nmin_up = 3",
+                "`announce.min_up`: 3",
+            ),
+            (
+                "[announce]\nvips = [\"192.0.2.80\"]\nmin_up = 0",
+                "`announce.min_up`: 0",
+            ),
+            ("[announce]\ntable = 254", "`announce.table`: 254"),
+            ("[announce]\nfall_ms = 600001", "`announce.fall_ms`"),
+            ("[announce]\nvip = [\"192.0.2.80\"]", "vip"),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
+        let mut new = c.clone();
+        new.announce.min_up = 1;
+        new.announce.rise_ms = 0;
+        assert_eq!(c.reload_blocker(&new), None, "rise, fall, min_up reload");
+        new.announce.vips.pop();
+        assert_eq!(c.reload_blocker(&new), Some("announce.vips"));
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum Request {
     Weight { name: String, weight: u32 },
     /// Where a replica's counts are: its slot and the pin directory.
     Locate { name: String },
+    /// Drain the host (`Some(true)`: withdraw its service addresses),
+    /// make it ready (`Some(false)`), or only tell its announcement
+    /// (`None`).
+    Host { drain: Option<bool> },
     /// Re-read the configuration file.
     Reload,
     /// Detach everything, remove the pins and stop: mtlb off this

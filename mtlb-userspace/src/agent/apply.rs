@@ -10,7 +10,9 @@ use super::{
     render::{self, emit},
     slot::unix_ms,
 };
-use crate::{checks::health::CheckResult, control::Response, error::report, kernel::cookies};
+use crate::{
+    checks::health::CheckResult, control::Response, error::report, kernel::cookies, system::vip,
+};
 use std::{collections::VecDeque, time::Duration};
 use tokio::{sync::oneshot, task::JoinSet};
 
@@ -152,14 +154,56 @@ impl Agent {
                     // Off the loop (it reads every process's fd table):
                     // the serve loop starts a scan after this turn.
                     Effect::FindOwners => self.owners_wanted = true,
-                    Effect::CountLocalFault(f) => self.faults.count(f),
+                    Effect::Announce {
+                        vips,
+                        table,
+                        announce,
+                    } => {
+                        let r = vips.iter().try_for_each(|&v| {
+                            if announce {
+                                vip::announce(table, v)
+                            } else {
+                                vip::withdraw(table, v)
+                            }
+                        });
+                        if let Err(e) = r {
+                            emit(&Fact::WriteFailed {
+                                what: Written::Announcement,
+                                error: e.to_string(),
+                            });
+                            self.state.announce_failed(inp.now);
+                        }
+                    }
+                    Effect::CountLocalFault(f) => self.report.count(f),
                     Effect::Notify(n) => render::notify(&n),
                     Effect::Remove => self.keep_pins = false,
                     Effect::Stop => flow = Flow::Stop,
                 }
             }
         }
+        self.show_announcement();
         flow
+    }
+
+    /// Gives the stats endpoint the announcement when it changed.
+    fn show_announcement(&mut self) {
+        let cfg = &self.state.cfg().announce;
+        if cfg.vips.is_empty() {
+            return;
+        }
+        let a = self.state.announcement();
+        let now = (a.announced(), a.why(), a.changes());
+        if self.shown == Some(now) {
+            return;
+        }
+        self.shown = Some(now);
+        self.report
+            .set_announce(Some(crate::stats::snapshot::AnnounceRow {
+                vips: cfg.vips.clone(),
+                announced: now.0,
+                why: render::why_text(now.1),
+                changes: now.2,
+            }));
     }
 
     /// A failed write is reported, and a slot's row written again next

@@ -438,6 +438,7 @@ fn converges(start: u16, actions: &[Action]) -> Result<(), TestCaseError> {
             .filter(|(k, _)| w.st.slots().iter().any(|s| &s.name == *k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        host_drained: false,
     };
     prop_assert_eq!(&live, &saved_here, "live and saved choices differ");
     prop_assert_eq!(

@@ -7,6 +7,7 @@
 //! the effects out. Everything here is unit-tested without root.
 
 use super::{
+    announce::Announcement,
     effect::{
         BindWhy, Effect, Event, Fact, Inherited, Inputs, Notice, Origin, QueueReading,
         Registration, Registrations, Signal, StopMark,
@@ -94,6 +95,11 @@ pub struct State {
     /// saved: a slot takes them when it is created, so a replica scaled
     /// away and back keeps its DRAIN, as a restart would.
     operator: Saved,
+    /// Whether the service addresses are announced, and why.
+    announcement: Announcement,
+    /// Set once steering runs (at `Started`): the host is announced only
+    /// while its agent steers.
+    steering: bool,
 }
 
 impl State {
@@ -120,6 +126,8 @@ impl State {
             faults_logged: Throttle::default(),
             assignments: Assignments::default(),
             operator: saved.clone(),
+            announcement: Announcement::new(false),
+            steering: false,
         };
         for i in 0..n {
             // Spread the first checks over one interval.
@@ -207,6 +215,74 @@ impl State {
 
     fn save(&self, out: &mut Vec<Effect>) {
         out.push(Effect::Save(self.operator.clone()));
+    }
+
+    /// What the kernel held at start: the service addresses announced by
+    /// an earlier agent (taken over as they stand) or not.
+    pub fn found_announced(&mut self, announced: bool) {
+        self.announcement = Announcement::new(announced);
+    }
+
+    pub fn announcement(&self) -> &Announcement {
+        &self.announcement
+    }
+
+    /// Writing the announcement failed: the kernel still holds the other
+    /// state, tried again a second later.
+    pub fn announce_failed(&mut self, now: Instant) {
+        self.announcement.failed(now);
+    }
+
+    /// Announces or withdraws the service addresses when the host's
+    /// ability to serve (or the operator's drain) says so.
+    fn announce(&mut self, inp: &Inputs, out: &mut Vec<Effect>) {
+        if !self.steering {
+            return;
+        }
+        let a = &self.cfg.announce;
+        let up = self.active_count() as u16;
+        let Some(change) = self
+            .announcement
+            .decide(a, inp.now, up, self.operator.host_drained)
+        else {
+            return;
+        };
+        out.push(Effect::Announce {
+            vips: a.vips.clone(),
+            table: a.table,
+            announce: change.announce,
+        });
+        say(
+            out,
+            Fact::Announced {
+                vips: a.vips.clone(),
+                announce: change.announce,
+                why: change.why,
+                rise: Duration::from_millis(a.rise_ms),
+                fall: Duration::from_millis(a.fall_ms),
+            },
+        );
+    }
+
+    /// `mtlb host drain|ready`, or only the question.
+    fn host(&mut self, drain: Option<bool>, out: &mut Vec<Effect>) -> Result<Response, Response> {
+        if self.cfg.announce.vips.is_empty() {
+            return Err(Response::err(
+                "no service addresses to announce: set [announce] vips in the config",
+            ));
+        }
+        let Some(drain) = drain else {
+            return Ok(Response::ok(render::announcement(
+                &self.cfg.announce,
+                &self.announcement,
+            )));
+        };
+        if self.operator.host_drained != drain {
+            self.operator.host_drained = drain;
+            self.save(out);
+            say(out, Fact::HostSet { drained: drain });
+        }
+        Ok(Response::ok(render::host_set(drain, &self.cfg.announce)))
     }
 
     /// The operator's choices as saved (and as the live slots hold them).
@@ -321,6 +397,7 @@ impl State {
         self.apply(inp, out);
         // Slots an earlier agent may have used beyond ours.
         reconcile::clear(self.slots.len()..MAX_REPLICAS as usize, out);
+        self.steering = true;
         out.push(Effect::Notify(Notice::Ready {
             port: self.cfg.port,
         }));
@@ -642,6 +719,7 @@ impl State {
                 ))),
                 Err(e) => Err(e),
             },
+            Request::Host { drain } => self.host(drain, out),
             Request::Reload => {
                 // The reply comes with Event::Reloaded.
                 out.push(Effect::ReadConfig(Origin::Control));
@@ -1093,12 +1171,16 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
             why,
         } => state.bind_refused(slot, addr, uid, why, inp, &mut out),
     }
+    // Whatever happened may change what the host can serve; time passing
+    // (Elapsed, ten times a second) carries rise and fall.
+    state.announce(inp, &mut out);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::announce::Why;
     use crate::config::CheckKind;
     use mtlb_common::Backend;
     use mtlb_common::STATE_UP;
@@ -1359,6 +1441,14 @@ mod tests {
                     crate::config::replica_name(*slot)
                 ),
             },
+            Effect::Announce {
+                vips,
+                table,
+                announce,
+            } => format!(
+                "{} {vips:?} in table {table}",
+                if *announce { "announce" } else { "withdraw" }
+            ),
             other => format!("{other:?}"),
         }
     }
@@ -2424,6 +2514,116 @@ mod tests {
         INFO  backend mtp2 is UP, reason: Layer4 check passed, check duration: 1ms. 2 active backends online.
         "#,
         );
+    }
+
+    fn announcing(replicas: u16) -> Config {
+        let mut c = cfg(replicas);
+        c.announce.vips = vec!["192.0.2.80".parse().unwrap()];
+        c
+    }
+
+    fn announces(fx: &[Effect]) -> Vec<bool> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Announce { announce, .. } => Some(*announce),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transcript_the_host_is_announced_after_rise_and_withdrawn_after_fall() {
+        let mut h = H::running(announcing(2), &[0, 1]);
+        assert!(announces(&h.after(MS(2900)).step(Event::Elapsed)).is_empty());
+        let fx = h.after(MS(100)).step(Event::Elapsed);
+        assert_transcript(
+            &fx,
+            r#"
+        WatchCookies
+        announce [192.0.2.80] in table 4242
+        INFO  announcing 192.0.2.80: 2 replicas UP for 3.0s
+        "#,
+        );
+        // One replica going leaves the host able.
+        let fx = h.listeners(vec![closed(0)]);
+        assert!(announces(&fx).is_empty());
+        h.listeners(vec![closed(1)]);
+        assert!(announces(&h.after(MS(900)).step(Event::Elapsed)).is_empty());
+        let fx = h.after(MS(100)).step(Event::Elapsed);
+        assert!(has_log(
+            &fx,
+            "withdrawing 192.0.2.80: no replica UP for 1.0s"
+        ));
+        assert_eq!(announces(&fx), [false]);
+        assert_eq!(h.st.announcement().changes(), 2);
+    }
+
+    #[test]
+    fn nothing_is_announced_before_steering_runs() {
+        let mut c = announcing(1);
+        c.announce.rise_ms = 0;
+        let mut h = H::new(c);
+        assert!(announces(&h.step(Event::Elapsed)).is_empty());
+        let fx = h.start(vec![reg(0)]);
+        assert!(announces(&fx).is_empty());
+        let fx = h.check(0, true);
+        assert_eq!(announces(&fx), [true]);
+    }
+
+    #[test]
+    fn host_drain_withdraws_at_once_is_saved_and_answered_after_saving() {
+        let mut h = H::running(announcing(2), &[0, 1]);
+        h.after(MS(3000)).step(Event::Elapsed);
+        assert!(h.st.announcement().announced());
+        let fx = h.step_only(Event::Control(Request::Host { drain: Some(true) }));
+        assert_eq!(announces(&fx), [false]);
+        assert!(saved(&fx).unwrap().host_drained);
+        assert_eq!(reply(&fx), None, "answered once saved");
+        let fx = h.step_only(Event::Saved { error: None });
+        let r = reply(&fx).unwrap();
+        assert!(r.ok && r.message.contains("host drained"), "{r:?}");
+        // The replicas are untouched: they still take clients.
+        assert!(h.slot(0).active() && h.slot(1).active());
+        let (r, _) = h.control(Request::Host { drain: None });
+        assert_eq!(r.message, "192.0.2.80: withdrawn: drained by operator");
+        // Ready: announced at once, the replicas having served all along.
+        let (_, fx) = h.control(Request::Host { drain: Some(false) });
+        assert_eq!(announces(&fx), [true]);
+        let (r, _) = h.control(Request::Host { drain: None });
+        assert_eq!(r.message, "192.0.2.80: announced (2 replicas UP)");
+    }
+
+    #[test]
+    fn a_saved_host_drain_holds_across_a_restart() {
+        let saved = Saved {
+            host_drained: true,
+            ..Saved::default()
+        };
+        let mut c = announcing(1);
+        c.announce.rise_ms = 0;
+        let mut h = H::with_saved(c, &saved);
+        h.start(vec![reg(0)]);
+        let fx = h.check(0, true);
+        assert!(announces(&fx).is_empty());
+        assert_eq!(h.st.announcement().why(), Why::Drained);
+    }
+
+    #[test]
+    fn host_commands_without_vips_are_errors() {
+        let mut h = H::running(cfg(1), &[0]);
+        let (r, fx) = h.control(Request::Host { drain: Some(true) });
+        assert!(!r.ok && r.message.contains("[announce] vips"), "{r:?}");
+        assert_eq!(saved(&fx), None);
+    }
+
+    #[test]
+    fn a_takeover_of_an_announced_host_withdraws_nothing() {
+        let mut h = H::new(announcing(2));
+        h.st.found_announced(true);
+        let fx = h.start_verified(vec![reg(0), reg(1)], vec![cookie(0, 0), cookie(1, 0)]);
+        assert!(announces(&fx).is_empty());
+        assert!(announces(&h.after(MS(5000)).step(Event::Elapsed)).is_empty());
+        assert!(h.st.announcement().announced());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! them). Log lines and systemd notifications are typed here, as [`Fact`]s
 //! and [`Notice`]s; `render.rs` turns them into text.
 
+pub use super::announce::Why;
 use super::persist::Saved;
 pub use super::slot::StopMark;
 use crate::{
@@ -177,6 +178,8 @@ pub enum Written {
     AllowedUids,
     Stopping(u32),
     OwnerPids,
+    /// The announce table's routes.
+    Announcement,
 }
 
 /// What happened that an operator reads in the journal: one line each,
@@ -339,6 +342,18 @@ pub enum Fact {
     AdoptFailed {
         error: String,
     },
+    /// The host's service addresses announced or withdrawn.
+    Announced {
+        vips: Vec<IpAddr>,
+        announce: bool,
+        why: Why,
+        rise: Duration,
+        fall: Duration,
+    },
+    /// The operator drained the host, or made it ready.
+    HostSet {
+        drained: bool,
+    },
     /// What bringing the agent up or down did.
     Start(super::start_facts::StartFact),
 }
@@ -404,6 +419,13 @@ pub enum Effect {
     /// Find the processes holding the registered listeners again (for the
     /// stop-signal watch).
     FindOwners,
+    /// Announce the service addresses (their routes into `table`) or
+    /// withdraw them.
+    Announce {
+        vips: Vec<IpAddr>,
+        table: u32,
+        announce: bool,
+    },
     /// A check the agent could not run, for `mtlb_agent_check_errors_total`.
     CountLocalFault(LocalFault),
     Notify(Notice),

@@ -10,12 +10,14 @@
 //! * [`serve`]: the loop that waits for events; [`apply`] carries effects
 //!   out; [`listeners`] reads replica listeners from the kernel; [`adopt`]
 //!   registers replicas that were listening before they could say so.
+//! * [`announce`]: whether the host's service addresses are announced.
 //! * [`heal`]: bounds on the kernel's handshake counts.
 //! * [`persist`]: operator choices kept across restarts.
 //! * [`locate`]: finding a running agent's pins and control socket.
 //! * [`start_facts`]: what start-up and teardown did, as typed facts.
 
 mod adopt;
+pub mod announce;
 mod apply;
 #[cfg(test)]
 mod converge;
@@ -121,6 +123,12 @@ pub enum StartError {
     Cookies(#[from] crate::kernel::cookies::WatchError),
     #[error(transparent)]
     State(#[from] persist::PersistError),
+    #[error("{what} (announce.vips, announce.table; needs CAP_NET_ADMIN)")]
+    Announce {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<DataplaneError> for StartError {
@@ -150,8 +158,11 @@ pub struct Agent {
     owners_failed: throttle::Throttle<()>,
     /// A scan for the listeners' owners is asked for.
     owners_wanted: bool,
-    /// Checks the agent could not run, shared with the stats endpoint.
-    faults: std::sync::Arc<crate::stats::LocalFaults>,
+    /// Checks the agent could not run and the announcement, shared with
+    /// the stats endpoint.
+    report: std::sync::Arc<crate::stats::AgentReport>,
+    /// The announcement as last given to `report`.
+    shown: Option<(bool, effect::Why, u64)>,
     /// Per slot, the listener an earlier agent had proven (0: none).
     seeded: Vec<u64>,
     /// Whether teardown has run.
@@ -268,6 +279,41 @@ fn write_settings(
     Ok(())
 }
 
+/// Makes the service addresses local and reads whether they are announced
+/// (an earlier agent's routes, taken over); withdraws routes of addresses
+/// that are no longer service addresses. Before anything is attached: a
+/// failure here leaves nothing behind.
+fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<bool, StartError> {
+    use crate::system::vip;
+    let a = &cfg.announce;
+    let table_err = |what| move |source| StartError::Announce { what, source };
+    let found = vip::announced(a.table).map_err(table_err("reading the announce table"))?;
+    let stray: Vec<_> = found
+        .iter()
+        .copied()
+        .filter(|v| !a.vips.contains(v))
+        .collect();
+    if !stray.is_empty() {
+        for &v in &stray {
+            vip::withdraw(a.table, v).map_err(table_err("withdrawing a stray route"))?;
+        }
+        facts.push(StartFact::StrayWithdrawn(stray));
+    }
+    if a.vips.is_empty() {
+        return Ok(false);
+    }
+    let added =
+        vip::ensure_local(&a.vips).map_err(table_err("adding the service addresses to lo"))?;
+    if !added.is_empty() {
+        facts.push(StartFact::VipsAdded(added));
+    }
+    let announced = a.vips.iter().any(|v| found.contains(v));
+    if announced {
+        facts.push(StartFact::AnnouncedAtStart(a.vips.clone()));
+    }
+    Ok(announced)
+}
+
 /// Serves /stats and /metrics on `listener`. The endpoint reads the maps
 /// through their pins, with handles of its own.
 fn serve_stats(
@@ -275,7 +321,7 @@ fn serve_stats(
     addr: SocketAddr,
     pin_dir: &std::path::Path,
     cfg: &Config,
-    faults: std::sync::Arc<crate::stats::LocalFaults>,
+    faults: std::sync::Arc<crate::stats::AgentReport>,
 ) -> Result<(), StartError> {
     let collector = std::sync::Arc::new(crate::stats::Collector::new(
         Dataplane::open_read_only(pin_dir)?.into_maps(),
@@ -324,6 +370,8 @@ impl Agent {
                 source,
             })?;
 
+        let announced = prepare_announce(&cfg, facts)?;
+
         let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
         let place = Place {
             bpffs: &bpffs,
@@ -335,7 +383,7 @@ impl Agent {
         // Told before attaching: adopting running replicas logs as it goes.
         tell(facts);
         let dir = dataplane.pin_dir().to_owned();
-        let state = core::State::new(
+        let mut state = core::State::new(
             cfg.clone(),
             &saved,
             source.path.clone(),
@@ -348,6 +396,7 @@ impl Agent {
                 conns: &dataplane.maps().counts(mtlb_common::MAX_REPLICAS as usize),
             },
         );
+        state.found_announced(announced);
         // Listeners the earlier agent trusted keep their clients: their
         // cookies go into BACKENDS before SETTINGS may require them.
         let seeded = if dataplane.took_over() {
@@ -372,8 +421,8 @@ impl Agent {
             adopt::adopt(&cfg, &mut registry, maps);
         })?;
 
-        let faults = std::sync::Arc::new(crate::stats::LocalFaults::default());
-        serve_stats(stats_listener, stats_addr, &dir, &cfg, faults.clone())?;
+        let report = std::sync::Arc::new(crate::stats::AgentReport::default());
+        serve_stats(stats_listener, stats_addr, &dir, &cfg, report.clone())?;
         facts.push(StartFact::StatsListening(stats_addr));
 
         let control_path = crate::control::socket_path(&cfg.control_dir, ino);
@@ -396,7 +445,8 @@ impl Agent {
             cookies_failed: throttle::Throttle::default(),
             owners_failed: throttle::Throttle::default(),
             owners_wanted: false,
-            faults,
+            report,
+            shown: None,
             seeded,
             torn_down: false,
             _lock: lock,
@@ -422,6 +472,18 @@ impl Agent {
         let facts = self.dataplane.teardown(self.keep_pins)?;
         for f in facts {
             render::emit(&effect::Fact::Start(f.into()));
+        }
+        // Steering has stopped: the host must not be announced, and its
+        // service addresses are mtlb's.
+        let a = &self.state.cfg().announce;
+        if !self.keep_pins && !a.vips.is_empty() {
+            use crate::system::vip;
+            let what = |what| move |source| StartError::Announce { what, source };
+            for &v in &a.vips {
+                vip::withdraw(a.table, v).map_err(what("withdrawing the service addresses"))?;
+            }
+            vip::remove_local(&a.vips).map_err(what("taking the service addresses off lo"))?;
+            render::emit(&effect::Fact::Start(StartFact::VipsRemoved(a.vips.clone())));
         }
         Ok(())
     }

@@ -36,6 +36,10 @@ pub enum PersistError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Saved {
     pub backends: BTreeMap<String, SavedBackend>,
+    /// The host drained by the operator (`mtlb host drain`): its service
+    /// addresses are not announced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_drained: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +143,7 @@ impl Saved {
                     )
                 })
                 .collect(),
+            host_drained: false,
         }
     }
 

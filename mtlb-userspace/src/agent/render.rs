@@ -4,6 +4,7 @@
 //! line. The only `tracing` calls of the agent are here.
 
 use super::{
+    announce::{Announcement, Why},
     effect::{BindWhy, Fact, Notice, Reading, Signal, Written},
     start_facts::StartFact,
 };
@@ -286,6 +287,7 @@ pub fn line(f: &Fact) -> (Level, String) {
                 Written::AllowedUids => "ALLOWED_UIDS".into(),
                 Written::Stopping(slot) => format!("STOPPING[{slot}]"),
                 Written::OwnerPids => "OWNER_PIDS".into(),
+                Written::Announcement => "the announce table's routes".into(),
             };
             (L::WARN, format!("updating {what}: {error}"))
         }
@@ -337,6 +339,44 @@ pub fn line(f: &Fact) -> (Level, String) {
             (L::WARN, format!("control socket: accepting: {error}"))
         }
         Fact::AdoptFailed { error } => (L::WARN, error.clone()),
+        Fact::Announced {
+            vips,
+            announce,
+            why,
+            rise,
+            fall,
+        } => {
+            let held = match why {
+                Why::Serving { .. } if *rise > std::time::Duration::ZERO => {
+                    format!(" for {:.1}s", rise.as_secs_f64())
+                }
+                Why::TooFewUp { .. } if *fall > std::time::Duration::ZERO => {
+                    format!(" for {:.1}s", fall.as_secs_f64())
+                }
+                _ => String::new(),
+            };
+            (
+                if *announce { L::INFO } else { L::WARN },
+                format!(
+                    "{} {}: {}{held}",
+                    if *announce {
+                        "announcing"
+                    } else {
+                        "withdrawing"
+                    },
+                    join(vips),
+                    why_text(*why)
+                ),
+            )
+        }
+        Fact::HostSet { drained } => (
+            L::INFO,
+            if *drained {
+                "host drained by operator: its service addresses are withdrawn".into()
+            } else {
+                "host made ready by operator: its service addresses are announced while replicas serve".into()
+            },
+        ),
         Fact::Start(f) => start_line(f),
     }
 }
@@ -368,6 +408,19 @@ fn start_line(f: &StartFact) -> (Level, String) {
             (L::INFO, format!("mounted bpffs at {}", at.display()))
         }
         StartFact::Cgroup2Mounted(at) => (L::INFO, format!("mounted cgroup2 at {}", at.display())),
+        StartFact::VipsAdded(v) => (L::INFO, format!("added {} to lo", join(v))),
+        StartFact::AnnouncedAtStart(v) => (
+            L::INFO,
+            format!(
+                "{} announced as the last agent left it; taking the decision over",
+                join(v)
+            ),
+        ),
+        StartFact::StrayWithdrawn(v) => (
+            L::INFO,
+            format!("withdrawing {}: not in announce.vips", join(v)),
+        ),
+        StartFact::VipsRemoved(v) => (L::INFO, format!("withdrew {} and took it off lo", join(v))),
         StartFact::StatsListening(addr) => (
             L::INFO,
             format!("stats on http://{addr}/stats, metrics on http://{addr}/metrics"),
@@ -452,6 +505,64 @@ pub fn notify(n: &Notice) {
     };
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!("sd_notify {n:?}: {e}");
+    }
+}
+
+fn join(ips: &[std::net::IpAddr]) -> String {
+    ips.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn replicas_up(up: u16) -> String {
+    match up {
+        0 => "no replica UP".into(),
+        1 => "1 replica UP".into(),
+        n => format!("{n} replicas UP"),
+    }
+}
+
+/// Why the host is announced or not, in the operator's words.
+pub fn why_text(why: Why) -> String {
+    match why {
+        Why::Serving { up } => replicas_up(up),
+        Why::Drained => "drained by operator".into(),
+        Why::TooFewUp { up, min_up } if min_up <= 1 => replicas_up(up),
+        Why::TooFewUp { up, min_up } => format!("{}, min_up {min_up}", replicas_up(up)),
+        Why::Rising { up } => format!("{}, announced once that holds rise_ms", replicas_up(up)),
+        Why::Falling { up, min_up } => format!(
+            "{} (min_up {min_up}), withdrawn if that holds fall_ms",
+            replicas_up(up)
+        ),
+    }
+}
+
+/// The host's announcement as `mtlb host` and `mtlb status` tell it:
+/// "announced (2 replicas UP)", "withdrawn: drained by operator".
+pub fn announcement(cfg: &crate::config::AnnounceConfig, a: &Announcement) -> String {
+    let why = why_text(a.why());
+    let state = if a.announced() {
+        format!("announced ({why})")
+    } else {
+        format!("withdrawn: {why}")
+    };
+    format!("{}: {state}", join(&cfg.vips))
+}
+
+/// The answer to `mtlb host drain|ready`.
+pub fn host_set(drained: bool, cfg: &crate::config::AnnounceConfig) -> String {
+    if drained {
+        format!(
+            "host drained: {} withdrawn; replicas keep serving what still arrives and what they hold",
+            join(&cfg.vips)
+        )
+    } else {
+        format!(
+            "host ready: {} announced while at least {} replica(s) are UP",
+            join(&cfg.vips),
+            cfg.min_up
+        )
     }
 }
 

@@ -2,7 +2,10 @@
 //! log lines in `render.rs`).
 
 use crate::kernel::dataplane;
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 /// Something start-up or teardown did that the operator is told about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +25,16 @@ pub enum StartFact {
     Cgroup2Mounted(PathBuf),
     StatsListening(SocketAddr),
     Dataplane(dataplane::Fact),
+    /// Service addresses made local on `lo` (they were not).
+    VipsAdded(Vec<IpAddr>),
+    /// The service addresses were announced when the agent started (an
+    /// earlier agent's decision, taken over).
+    AnnouncedAtStart(Vec<IpAddr>),
+    /// Routes in the announce table that are no service address (any
+    /// more): withdrawn.
+    StrayWithdrawn(Vec<IpAddr>),
+    /// The service addresses withdrawn and taken off `lo` (mtlb removed).
+    VipsRemoved(Vec<IpAddr>),
     /// Teardown failed (dropping the agent; nobody else to tell).
     TeardownFailed(String),
 }

@@ -4,6 +4,7 @@ mod agent_args;
 mod backend;
 mod check_config;
 mod generate;
+mod host;
 mod link;
 mod reload;
 mod remove;
@@ -44,6 +45,9 @@ pub enum Command {
     /// are. Stops at the first failure, or on SIGINT or SIGTERM, leaving
     /// the replica it was at in DRAIN, and says how to undo that.
     Rollout(rollout::RolloutArgs),
+    /// The host's announcement of its service addresses ([announce] vips)
+    /// over BGP: show it, or drain / ready the whole host.
+    Host(host::HostArgs),
     /// Make the running agent re-read its configuration (as SIGHUP does);
     /// an invalid one is rejected and the running one stays.
     Reload(reload::ReloadArgs),
@@ -68,6 +72,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Backend(a) => backend::run(a),
         Command::Rollout(a) => rollout::run(a),
+        Command::Host(a) => host::run(a),
         Command::Reload(a) => reload::run(a),
         Command::Remove(a) => remove::run(a),
         Command::Status(a) => status::run(a),

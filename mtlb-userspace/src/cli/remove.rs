@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 use mtlb::{
     control::{self, ControlError, Request},
     kernel::{dataplane::Dataplane, pins},
+    system::vip,
 };
 use std::time::Duration;
 
@@ -49,6 +50,15 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
         println!("detached; removed {}", at.pin_dir.display());
     } else {
         println!("nothing to remove: no pins in {}", at.pin_dir.display());
+    }
+    // Nothing steers now: the host must not be announced.
+    let announce = a.agent.config()?.announce;
+    if !announce.vips.is_empty() {
+        for &v in &announce.vips {
+            vip::withdraw(announce.table, v).context("withdrawing the service addresses")?;
+        }
+        vip::remove_local(&announce.vips).context("taking the service addresses off lo")?;
+        println!("withdrew the service addresses and took them off lo");
     }
     Ok(())
 }

@@ -3,6 +3,12 @@
 //! replica ports and where sock_ops runs, as the kernel holds it.
 
 use super::agent_args::AgentArgs;
+use anyhow::Context as _;
+use mtlb::{
+    config::Config,
+    control::{self, Request},
+    system::vip,
+};
 use mtlb::{
     kernel::{
         dataplane::{Dataplane, ReadOnly},
@@ -99,22 +105,68 @@ struct Json<'a> {
     #[serde(flatten)]
     snapshot: &'a snapshot::Snapshot,
     owners: &'a Owners,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce: Option<&'a Announce>,
 }
 
+/// The host's service addresses: those announced, as the kernel's
+/// announce table holds them, and the state in words: the agent's (with
+/// why) when it answers.
+#[derive(Debug, Serialize)]
+struct Announce {
+    vips: Vec<std::net::IpAddr>,
+    announced: Vec<std::net::IpAddr>,
+    state: String,
+}
+
+/// `None` without `[announce] vips`.
+fn announcement(cfg: &Config, control: &Path) -> anyhow::Result<Option<Announce>> {
+    let a = &cfg.announce;
+    if a.vips.is_empty() {
+        return Ok(None);
+    }
+    let routes = vip::announced(a.table).context("reading the announce table")?;
+    let announced: Vec<_> = a
+        .vips
+        .iter()
+        .copied()
+        .filter(|v| routes.contains(v))
+        .collect();
+    let state = match control::request(control, &Request::Host { drain: None }, TIMEOUT) {
+        Ok(r) => r.message,
+        Err(_) if announced.is_empty() => "withdrawn (the agent does not answer)".into(),
+        Err(_) => "announced (the agent does not answer: the routes stay as it left them)".into(),
+    };
+    Ok(Some(Announce {
+        vips: a.vips.clone(),
+        announced,
+        state,
+    }))
+}
+
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let dir = a.agent.locate()?.pin_dir;
+    let cfg = a.agent.config()?;
+    let at = a.agent.locate()?;
+    let dir = at.pin_dir;
     let maps = Dataplane::open_read_only(&dir)?;
     let s = snapshot::collect(&maps, &dir, &snapshot::bytes(&maps)?)?;
     let owners = Owners::read(&maps, &dir)?;
+    let announce = announcement(&cfg, &at.control_socket)?;
     if a.json {
         let j = Json {
             snapshot: &s,
             owners: &owners,
+            announce: announce.as_ref(),
         };
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         print!("{}", table::render(&s));
         println!("{owners}");
+        if let Some(a) = announce {
+            println!("announce: {}", a.state);
+        }
     }
     Ok(())
 }

@@ -29,15 +29,22 @@ pub const BYTES_MAX_AGE: Duration = Duration::from_secs(1);
 /// thousand more.
 pub const BYTES_WAIT: Duration = Duration::from_millis(20);
 
-/// Health checks the agent could not run, by kind: counted by the agent's
-/// loop, served by /metrics and /healthz.
+/// What only the agent's loop knows, served by /metrics, /stats and
+/// /healthz: health checks it could not run, by kind, and the host's
+/// announcement.
 #[derive(Debug, Default)]
-pub struct LocalFaults {
+pub struct AgentReport {
     counts: [std::sync::atomic::AtomicU64; LocalFault::ALL.len()],
     last: Mutex<Option<Instant>>,
+    announce: Mutex<Option<snapshot::AnnounceRow>>,
 }
 
-impl LocalFaults {
+impl AgentReport {
+    /// The announcement as the loop decided it last (`None`: no VIPs).
+    pub fn set_announce(&self, row: Option<snapshot::AnnounceRow>) {
+        *lock(&self.announce) = row;
+    }
+
     pub fn count(&self, f: LocalFault) {
         let i = LocalFault::ALL
             .iter()
@@ -83,7 +90,7 @@ pub struct Collector {
     history: Mutex<History>,
     /// When the agent started serving, for the page's uptime.
     started: Instant,
-    faults: std::sync::Arc<LocalFaults>,
+    faults: std::sync::Arc<AgentReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +115,7 @@ impl Collector {
         maps: Maps,
         pin_dir: PathBuf,
         sample_every: Duration,
-        faults: std::sync::Arc<LocalFaults>,
+        faults: std::sync::Arc<AgentReport>,
     ) -> Result<Self, CollectorError> {
         let reader = Maps::from_pins(&pin_dir)?;
         let bytes = Shared::start(BYTES_MAX_AGE, BYTES_WAIT, move || {
@@ -140,6 +147,7 @@ impl Collector {
         let mut s = snapshot::collect(&lock(&self.maps), &self.pin_dir, &bytes)?;
         monotonic_bytes(&mut s, &mut lock(&self.served_bytes));
         s.check_errors = self.faults.counts();
+        s.announce = lock(&self.faults.announce).clone();
         Ok(s)
     }
 

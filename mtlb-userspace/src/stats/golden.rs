@@ -77,6 +77,15 @@ fn fixed() -> Snapshot {
             ("tag_miss".to_string(), 3),
         ]),
         check_errors: BTreeMap::from([("files".to_string(), 7), ("memory".to_string(), 0)]),
+        announce: Some(super::snapshot::AnnounceRow {
+            vips: vec![
+                "192.0.2.80".parse().unwrap(),
+                "2001:db8:ff::80".parse().unwrap(),
+            ],
+            announced: false,
+            why: "drained by operator".into(),
+            changes: 3,
+        }),
         programs: vec![
             ProgStat {
                 name: "mtlb_steer".into(),

@@ -302,6 +302,23 @@ fn steering(r: &mut prom::Registry, s: &Snapshot) {
         "Health checks the agent could not run for a shortage of its own (files: out of file descriptors, memory), by reason; replicas keep their state",
         &s.check_errors,
     );
+    if let Some(a) = &s.announce {
+        let announced: G = family(
+            r,
+            "mtlb_vip_announced",
+            "Whether this host announces the service address (the route BIRD exports is in the announce table), 1 or 0",
+        );
+        let changes: C = family(
+            r,
+            "mtlb_vip_announcement_changes",
+            "Announcements and withdrawals of the service address by this agent",
+        );
+        for vip in &a.vips {
+            let l = vec![("vip".to_string(), vip.to_string())];
+            announced.get_or_create(&l).set(i64::from(a.announced));
+            changes.get_or_create(&l).inc_by(a.changes);
+        }
+    }
 }
 
 /// A counter family with one sample per `reason`.

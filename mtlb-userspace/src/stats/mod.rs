@@ -24,4 +24,4 @@ mod testutil;
 pub mod textfmt;
 pub mod units;
 
-pub use collector::{Collector, CollectorError, LocalFaults};
+pub use collector::{AgentReport, Collector, CollectorError};

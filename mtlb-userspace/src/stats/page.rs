@@ -164,6 +164,17 @@ fn summary(s: &Snapshot, cx: &Context, up: usize) -> Markup {
             " · refused (no backend) " b { (units::count(s.no_backend)) }
             " · steering errors " b { (units::count(errors)) }
         } "\n"
+        @if let Some(a) = &s.announce {
+            p class="announce" id="announce" data-announced=(a.announced) {
+                (OneLine(&a.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")))
+                ": "
+                @if a.announced {
+                    b { "announced" } " (" (OneLine(&a.why)) ")"
+                } @else {
+                    b { "withdrawn" } ": " (OneLine(&a.why))
+                }
+            } "\n"
+        }
         p class="read" {
             "read " (humantime::format_rfc3339_seconds(cx.wall))
             " · refreshes every " (REFRESH_S) "s"
@@ -319,6 +330,7 @@ mod tests {
             cookie_synacks: 0,
             steer_errors: BTreeMap::from([("no_socket".to_string(), 1)]),
             check_errors: Default::default(),
+            announce: None,
             programs: vec![],
         }
     }
@@ -402,6 +414,35 @@ mod tests {
             );
             assert!(l.contains("<svg class=\"spark\""), "{l}");
         }
+    }
+
+    #[test]
+    fn the_announcement_is_shown_with_why() {
+        let h = History::new(Duration::from_secs(10));
+        let mut s = four();
+        assert!(!render_with(&s, &h, Instant::now()).contains("id=\"announce\""));
+        s.announce = Some(crate::stats::snapshot::AnnounceRow {
+            vips: vec![
+                "192.0.2.80".parse().unwrap(),
+                "2001:db8::80".parse().unwrap(),
+            ],
+            announced: false,
+            why: "drained by operator".into(),
+            changes: 1,
+        });
+        let page = render_with(&s, &h, Instant::now());
+        let l = page
+            .lines()
+            .find(|l| l.contains("id=\"announce\""))
+            .unwrap();
+        assert!(
+            l.contains("192.0.2.80, 2001:db8::80: <b>withdrawn</b>: drained by operator"),
+            "{l}"
+        );
+        s.announce.as_mut().unwrap().announced = true;
+        s.announce.as_mut().unwrap().why = "2 replicas UP".into();
+        let page = render_with(&s, &h, Instant::now());
+        assert!(page.contains("<b>announced</b> (2 replicas UP)"), "{page}");
     }
 
     #[test]

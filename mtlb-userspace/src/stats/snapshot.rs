@@ -84,6 +84,21 @@ pub struct Snapshot {
     /// agent only: `mtlb status` reads the maps, which do not keep them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub check_errors: BTreeMap<String, u64>,
+    /// The host's service addresses and whether they are announced
+    /// (served by the agent only; `None` without `[announce] vips`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceRow>,
+}
+
+/// The host's announcement, as the agent decided it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnnounceRow {
+    pub vips: Vec<std::net::IpAddr>,
+    pub announced: bool,
+    /// "2 replicas UP", "drained by operator", …
+    pub why: String,
+    /// Announcements and withdrawals by this agent.
+    pub changes: u64,
 }
 
 fn as_label<S: Serializer>(s: &ReplicaState, ser: S) -> Result<S::Ok, S::Error> {
@@ -163,6 +178,7 @@ pub fn collect_at(
         cookie_synacks: get("cookie_synacks"),
         steer_errors: steer_errors(&stats),
         check_errors: BTreeMap::new(),
+        announce: None,
         programs: programs(pin_dir),
     })
 }

@@ -61,6 +61,7 @@ pub fn snap() -> Snapshot {
         cookie_synacks: 0,
         steer_errors: [("eafnosupport".to_string(), 0)].into(),
         check_errors: Default::default(),
+        announce: None,
         programs: vec![],
     }
 }

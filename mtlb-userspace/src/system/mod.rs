@@ -5,6 +5,7 @@ pub mod caps;
 pub mod diag;
 pub mod mounts;
 pub mod netns;
+pub mod vip;
 
 /// Raises the soft limit on open files to the hard one: checks, the control
 /// socket and the stats endpoint each need descriptors, and a low default

@@ -1,0 +1,221 @@
+//! The service addresses (VIPs) a host announces, as the kernel holds
+//! them: each VIP is a local address on `lo` (so sk_lookup sees its
+//! connections), and an announced VIP is a host route in a routing table
+//! of mtlb's own, which the host's BIRD learns (`protocol kernel { kernel
+//! table N; learn; }`) and exports over BGP.
+//!
+//! The route, not the address, carries the announcement: withdrawing must
+//! not take the address away (held connections keep working while the
+//! router moves new ones elsewhere), and kernel state outlives the agent,
+//! so an agent killed or restarted leaves the announcement as it was.
+//! No rule points at the table: it routes nothing on this host.
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use std::{io, net::IpAddr};
+
+/// The loopback device is ifindex 1 in every network namespace.
+const LO: u32 = 1;
+
+fn family(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// A rtnetlink socket of the calling thread's network namespace.
+struct Rtnl {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    fn open() -> io::Result<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        // Strict checking makes a dump honour the request's table, so a host
+        // with a large main table is not read whole (kernels before 4.20
+        // filter nothing; `announced` filters too).
+        sock.set_netlink_get_strict_chk(true).or_else(|e| {
+            if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<u32> {
+        self.seq += 1;
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = NLM_F_REQUEST | flags;
+        hdr.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(hdr, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        Ok(self.seq)
+    }
+
+    /// Reads the answers to request `seq` until its ACK/error or the end
+    /// of its dump; hands each inner message to `each`.
+    fn answers(&mut self, seq: u32, mut each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.sock.recv(&mut &mut buf[..], 0)?;
+            let mut at = 0;
+            while at < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                at += len;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(()),
+                            Some(_) => Err(e.to_io()),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(m) => each(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        let seq = self.send(msg, flags | NLM_F_ACK)?;
+        self.answers(seq, |_| {})
+    }
+}
+
+fn route(table: u32, vip: IpAddr) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(vip);
+    m.header.destination_prefix_length = host_len(vip);
+    // The table goes in RTA_TABLE: the header's byte holds only 0..=255.
+    m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    m.header.protocol = RouteProtocol::Static;
+    m.header.scope = RouteScope::Link;
+    m.header.kind = RouteType::Unicast;
+    m.attributes = vec![
+        RouteAttribute::Table(table),
+        RouteAttribute::Destination(RouteAddress::from(vip)),
+        RouteAttribute::Oif(LO),
+    ];
+    m
+}
+
+/// The VIPs announced in `table` now: its host routes.
+pub fn announced(table: u32) -> io::Result<Vec<IpAddr>> {
+    let mut nl = Rtnl::open()?;
+    let mut found = Vec::new();
+    for af in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut q = RouteMessage::default();
+        q.header.address_family = af;
+        q.attributes = vec![RouteAttribute::Table(table)];
+        let seq = nl.send(RouteNetlinkMessage::GetRoute(q), NLM_F_DUMP)?;
+        nl.answers(seq, |m| {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                return;
+            };
+            let in_table = r.attributes.contains(&RouteAttribute::Table(table));
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                _ => None,
+            });
+            if let Some(dst) = dst
+                && in_table
+                && r.header.destination_prefix_length == host_len(dst)
+            {
+                found.push(dst);
+            }
+        })?;
+    }
+    Ok(found)
+}
+
+/// Announces `vip`: its host route in `table` (replaced if there).
+pub fn announce(table: u32, vip: IpAddr) -> io::Result<()> {
+    let mut nl = Rtnl::open()?;
+    nl.request(
+        RouteNetlinkMessage::NewRoute(route(table, vip)),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+}
+
+/// Withdraws `vip`: deletes its host route from `table` (none is fine).
+pub fn withdraw(table: u32, vip: IpAddr) -> io::Result<()> {
+    let mut nl = Rtnl::open()?;
+    match nl.request(RouteNetlinkMessage::DelRoute(route(table, vip)), 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+fn address(vip: IpAddr) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = family(vip);
+    m.header.prefix_len = host_len(vip);
+    m.header.scope = AddressScope::Universe;
+    m.header.index = LO;
+    m.attributes = vec![AddressAttribute::Local(vip), AddressAttribute::Address(vip)];
+    m
+}
+
+/// Makes each VIP a local address on `lo` (a host prefix); returns those
+/// it added (the others were there).
+pub fn ensure_local(vips: &[IpAddr]) -> io::Result<Vec<IpAddr>> {
+    let mut nl = Rtnl::open()?;
+    let mut added = Vec::new();
+    for &vip in vips {
+        match nl.request(
+            RouteNetlinkMessage::NewAddress(address(vip)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(()) => added.push(vip),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(added)
+}
+
+/// Takes the VIPs off `lo` (`mtlb remove`); one not there is fine.
+pub fn remove_local(vips: &[IpAddr]) -> io::Result<()> {
+    let mut nl = Rtnl::open()?;
+    for &vip in vips {
+        match nl.request(RouteNetlinkMessage::DelAddress(address(vip)), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            r => r?,
+        }
+    }
+    Ok(())
+}
