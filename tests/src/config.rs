@@ -15,6 +15,7 @@ use toml::{Table, Value};
 pub struct Config {
     top: Table,
     check: Table,
+    announce: Table,
 }
 
 impl Config {
@@ -43,6 +44,20 @@ impl Config {
     pub fn check(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.check.insert(key.into(), value.into());
         self
+    }
+
+    /// `[announce]` `key = value`.
+    pub fn announce(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.announce.insert(key.into(), value.into());
+        self
+    }
+
+    /// `[announce] vips`.
+    pub fn vips(self, vips: &[&str]) -> Self {
+        self.announce(
+            "vips",
+            Value::Array(vips.iter().map(|v| Value::from(*v)).collect()),
+        )
     }
 
     pub fn replicas(self, n: u16) -> Self {
@@ -93,6 +108,9 @@ impl Config {
         let mut t = self.top.clone();
         if !self.check.is_empty() {
             t.insert("check".into(), Value::Table(self.check.clone()));
+        }
+        if !self.announce.is_empty() {
+            t.insert("announce".into(), Value::Table(self.announce.clone()));
         }
         toml::to_string(&t).expect("a config serializes")
     }

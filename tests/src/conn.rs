@@ -293,3 +293,20 @@ pub fn tally<'a>(
     }
     m
 }
+
+/// Sends `data` on a connection to a (fake) replica and reads its echo:
+/// whether a held connection still works.
+pub fn echo(s: &TcpStream, data: &[u8]) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = s;
+    s.set_read_timeout(Some(scaled(Duration::from_secs(5))))
+        .unwrap();
+    if s.write_all(data).is_err() {
+        return "(write failed)".into();
+    }
+    let mut buf = vec![0; data.len()];
+    match s.read_exact(&mut buf) {
+        Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+        Err(e) => format!("({e})"),
+    }
+}

@@ -1,0 +1,265 @@
+//! One host's announcement of its service addresses, seen where the agent
+//! writes it: the VIPs on `lo` and their host routes in the announce table
+//! (which BIRD learns; the several-hosts tests run BIRD and a router).
+//! Each test in its own network namespace with its own agent. Run as root
+//! through `cargo xtask test`.
+
+use mtlb_tests::*;
+use std::{process::Command, time::Duration};
+
+const VIP4: &str = "192.0.2.80";
+const VIP6: &str = "2001:db8:ff::80";
+const TABLE: u32 = 4242;
+/// Dual-stack replicas on [::], as the official server listens with IPv6
+/// on: IPv4 clients of the VIP reach them IPv4-mapped.
+const MTP1: &str = "[::]:10000";
+const MTP2: &str = "[::]:10001";
+
+fn config() -> Config {
+    Config::new()
+        .fast_checks()
+        .replicas(2)
+        .set("replica_address", "::1")
+        .vips(&[VIP4, VIP6])
+        .announce("rise_ms", 300)
+        .announce("fall_ms", 300)
+}
+
+/// The destinations of the announce table's routes, IPv4 and IPv6.
+fn routes(ns: &Netns) -> Vec<String> {
+    routes_of(&ns.name)
+}
+
+fn routes_of(netns: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let o = Command::new("ip")
+            .args(["-n", netns, "-j", family, "route", "show", "table"])
+            .arg(TABLE.to_string())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        // A table that never held a route does not exist yet.
+        if err.contains("FIB table does not exist") {
+            continue;
+        }
+        assert!(o.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        for r in v.as_array().into_iter().flatten() {
+            out.push(r["dst"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn announced(ns: &Netns) -> bool {
+    routes(ns) == [VIP4, VIP6]
+}
+
+fn announced_in(netns: &str) -> bool {
+    routes_of(netns) == [VIP4, VIP6]
+}
+
+/// The addresses on the namespace's `lo`.
+fn lo_addresses(ns: &Netns) -> String {
+    let o = Command::new("ip")
+        .args(["-n", &ns.name, "-br", "addr", "show", "lo"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Who greets a client of `addr` (the VIP on the balanced port).
+fn served_by(addr: &str) -> Option<String> {
+    connect(addr).ok().map(|(_, g)| g)
+}
+
+/// The route follows what the host can serve: announced once a replica is
+/// UP for rise_ms, withdrawn once none is for fall_ms, back with the
+/// replicas; `mtlb host drain` withdraws before it answers and touches no
+/// replica (clients that still arrive are served); `mtlb host ready`
+/// announces again; status, /stats and /metrics say it.
+#[test]
+fn the_route_follows_the_replicas_and_the_operator() {
+    let ns = Netns::new();
+    let file = config().write(&ns);
+    let mut r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    let mut r2 = ReplicaProcess::start(&ns, "mtp2", MTP2);
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("added {VIP4}, {VIP6} to lo"));
+    agent.wait_for(&format!("announcing {VIP4}, {VIP6}: 2 replicas UP"));
+    assert!(announced(&ns), "{:?}", routes(&ns));
+    let lo = lo_addresses(&ns);
+    assert!(
+        lo.contains(&format!("{VIP4}/32")) && lo.contains(&format!("{VIP6}/128")),
+        "{lo}"
+    );
+    // The VIP is steered like any local address, IPv4 and IPv6.
+    assert!(served_by(&format!("{VIP4}:443")).is_some());
+    assert!(served_by(&format!("[{VIP6}]:443")).is_some());
+    let (ok, out) = mtlb_cli(&ns, &["status", "--config", &file]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "announce: {VIP4}, {VIP6}: announced (2 replicas UP)"
+        )),
+        "{out}"
+    );
+    let (_, metrics) = http_get("/metrics");
+    assert!(
+        metrics.contains(&format!("mtlb_vip_announced{{vip=\"{VIP6}\"}} 1")),
+        "{metrics}"
+    );
+    let (_, page) = http_get("/stats");
+    assert!(page.contains("<b>announced</b> (2 replicas UP)"), "{page}");
+
+    // Both replicas go: withdrawn after fall_ms.
+    let from = agent.log_len();
+    r1.kill();
+    r2.kill();
+    agent.wait_for_after(from, &format!("withdrawing {VIP4}, {VIP6}: no replica UP"));
+    assert!(routes(&ns).is_empty(), "{:?}", routes(&ns));
+    let (_, metrics) = http_get("/metrics");
+    assert!(
+        metrics.contains(&format!("mtlb_vip_announced{{vip=\"{VIP4}\"}} 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "mtlb_vip_announcement_changes_total{{vip=\"{VIP4}\"}} 2"
+        )),
+        "{metrics}"
+    );
+    let (_, host) = mtlb_cli(&ns, &["host", "--config", &file]);
+    assert!(host.contains("withdrawn: no replica UP"), "{host}");
+    // The addresses stay: what the host holds keeps working.
+    assert!(lo_addresses(&ns).contains(VIP4));
+
+    // One comes back: announced again.
+    let from = agent.log_len();
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    agent.wait_for_after(from, &format!("announcing {VIP4}, {VIP6}: 1 replica UP"));
+    assert!(announced(&ns));
+
+    // Drain: withdrawn when the command answers, no replica touched.
+    let held = connect(&format!("[{VIP6}]:443")).expect("a client before the drain");
+    let (ok, out) = mtlb_cli(&ns, &["host", "drain", "--config", &file]);
+    assert!(ok && out.contains("host drained"), "{out}");
+    assert!(
+        routes(&ns).is_empty(),
+        "withdrawn before the answer: {:?}",
+        routes(&ns)
+    );
+    assert_eq!(served_by(&format!("{VIP4}:443")).as_deref(), Some("mtp1"));
+    assert_eq!(
+        echo(&held.0, b"still here"),
+        "still here",
+        "held connection"
+    );
+    let (_, host) = mtlb_cli(&ns, &["host", "--config", &file]);
+    assert!(host.contains("withdrawn: drained by operator"), "{host}");
+    let (ok, out) = mtlb_cli(&ns, &["host", "ready", "--config", &file]);
+    assert!(ok, "{out}");
+    assert!(
+        announced(&ns),
+        "ready announces a host that served all along"
+    );
+}
+
+/// kill -9 of the agent leaves the route; the next agent takes it over
+/// without withdrawing, even for a moment; a drain saved before holds
+/// across a restart; `mtlb remove` withdraws and takes the VIPs off lo.
+#[test]
+fn restarts_keep_the_route_and_remove_takes_it() {
+    let ns = Netns::new();
+    let file = config().write(&ns);
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    let _r2 = ReplicaProcess::start(&ns, "mtp2", MTP2);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("announcing {VIP4}, {VIP6}"));
+    agent.kill9();
+    assert!(announced(&ns), "the route outlives the agent");
+    let (ok, out) = mtlb_cli(&ns, &["status", "--config", &file]);
+    assert!(
+        ok && out.contains("announced (the agent does not answer"),
+        "{out}"
+    );
+    // The route is read every 10 ms all through the next agent's start,
+    // until it has taken over and its replicas are UP.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let (name, done) = (ns.name.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut readings, mut gaps) = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && readings < 10_000 {
+                readings += 1;
+                if !announced_in(&name) {
+                    gaps += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (readings, gaps)
+        })
+    };
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_for("announced as the last agent left it; taking the decision over");
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
+    // That nothing is withdrawn can only be seen over time: past twice
+    // fall_ms, a withdrawal would have happened.
+    std::thread::sleep(Duration::from_millis(600));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (readings, gaps) = watch.join().unwrap();
+    assert_eq!(gaps, 0, "{gaps} of {readings} readings without the route");
+    assert!(!agent.log().contains("withdrawing"), "{}", agent.log());
+
+    // A drain is kept across a restart.
+    let (ok, out) = mtlb_cli(&ns, &["host", "drain", "--config", &file]);
+    assert!(ok, "{out}");
+    drop(agent);
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_state("mtp1", State::Up);
+    let (_, host) = mtlb_cli(&ns, &["host", "--config", &file]);
+    assert!(host.contains("withdrawn: drained by operator"), "{host}");
+    assert!(routes(&ns).is_empty());
+    let from = agent.log_len();
+    let (ok, out) = mtlb_cli(&ns, &["host", "ready", "--config", &file]);
+    assert!(ok, "{out}");
+    // Announced once the replicas have served for rise_ms (they came UP
+    // with this agent just now).
+    agent.wait_for_after(from, &format!("announcing {VIP4}, {VIP6}"));
+    assert!(announced(&ns));
+
+    let (ok, out) = mtlb_cli(&ns, &["remove", "--config", &file]);
+    assert!(ok, "{out}");
+    drop(agent);
+    assert!(routes(&ns).is_empty(), "{:?}", routes(&ns));
+    let lo = lo_addresses(&ns);
+    assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
+}
+
+/// A VIP the replicas could not take is refused before anything changes:
+/// nothing added to lo, nothing announced; a host command without VIPs is
+/// an error that says what is missing.
+#[test]
+fn bad_announce_configs_change_nothing() {
+    let ns = Netns::new();
+    let file = Config::new().vips(&[VIP6]).write(&ns);
+    let (ok, out) = mtlb_cli(&ns, &["check-config", "--config", &file]);
+    assert!(
+        !ok && out.contains("`announce.vips`") && out.contains("replica_address"),
+        "{out}"
+    );
+    let run = mtlb_cli_within(&ns, &["run", "--config", &file], wait_limit()).expect("exits");
+    assert!(!run.0 && run.1.contains("`announce.vips`"), "{}", run.1);
+    assert!(!lo_addresses(&ns).contains(VIP6));
+    assert!(routes(&ns).is_empty());
+
+    let file = Config::new().fast_checks().write(&ns);
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", "127.0.0.1:10000");
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_state("mtp1", State::Up);
+    let (ok, out) = mtlb_cli(&ns, &["host", "drain", "--config", &file]);
+    assert!(!ok && out.contains("[announce] vips"), "{out}");
+}
