@@ -16,7 +16,7 @@ pub fn run(a: CheckConfigArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&a.config, true)?;
     cfg.validate()?;
     println!(
-        "{}: OK: port {}, {} replicas ({}..={} on {}:{}..={}), {:?} checks, stats on {}:{}",
+        "{}: OK: port {}, {} replicas ({}..={} on {}:{}..={}), {:?} checks, stats on {}:{}{}",
         a.config.display(),
         cfg.port,
         cfg.replicas,
@@ -27,7 +27,23 @@ pub fn run(a: CheckConfigArgs) -> anyhow::Result<()> {
         cfg.base_port + cfg.replicas - 1,
         cfg.check.kind,
         cfg.stats_address,
-        cfg.stats_port
+        cfg.stats_port,
+        announce(&cfg.announce)
     );
     Ok(())
+}
+
+/// ", announces 192.0.2.80 while 1 replica is UP (table 4242)", or "".
+fn announce(a: &mtlb::config::AnnounceConfig) -> String {
+    if a.vips.is_empty() {
+        return String::new();
+    }
+    let vips: Vec<_> = a.vips.iter().map(|v| v.to_string()).collect();
+    format!(
+        ", announces {} while {} replica{} UP (table {})",
+        vips.join(", "),
+        a.min_up,
+        if a.min_up == 1 { " is" } else { "s are" },
+        a.table
+    )
 }
