@@ -257,13 +257,16 @@ pub fn pip_install(python: &std::path::Path, packages: &[&str]) -> anyhow::Resul
 /// Prometheus (and promtool) scrapes an agent and unit-tests the alert
 /// rules; headless Chromium renders the stats page; a Docker engine runs
 /// official replicas as the seed does (the `docker` client alone is not
-/// enough: dockerd, containerd and runc come with docker.io).
+/// enough: dockerd, containerd and runc come with docker.io); BIRD 2 is
+/// the routing daemon of the several-hosts lab (tests/src/bgp.rs).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("docker.io", "/usr/sbin/dockerd"),
     ("docker.io", "/usr/bin/containerd"),
     ("prometheus", "/usr/bin/promtool"),
     ("prometheus", "/usr/bin/prometheus"),
     ("chromium", "/usr/bin/chromium"),
+    ("bird2", "/usr/sbin/bird"),
+    ("bird2", "/usr/sbin/birdc"),
 ];
 
 /// What `cargo xtask test` needs beyond [`ensure`].
