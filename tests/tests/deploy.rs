@@ -1,7 +1,9 @@
 //! The deployment (deploy/): Ansible syntax and lint of both playbooks,
-//! the mtlb role's config template for 2 and 3 replicas checked by `mtlb
-//! check-config`, the systemd units, and `mtlb link`. Offline; no VM is
-//! booted. The refresh program itself: tests/tests/refresh.rs.
+//! the mtlb role's config template for 2 and 3 replicas and for the
+//! multi-host inventory checked by `mtlb check-config`, the BIRD role's
+//! template parsed by `bird -p`, the systemd units, and `mtlb link`.
+//! Offline; no VM is booted. The refresh program itself:
+//! tests/tests/refresh.rs.
 
 use mtlb_tests::{ansible_template, deploy_dir, venv_bin};
 use std::{path::PathBuf, process::Command};
@@ -86,6 +88,100 @@ fn config_template_for_two_and_three_replicas() {
     assert!(two.contains("replica_uids = [0, 65534]\n"), "{two}");
     let three = render("three", &["mtproxy_replicas=3"], true);
     assert!(three.contains("replicas = 3\n"), "{three}");
+    // No VIPs, no announcing.
+    assert!(!two.contains("[announce]"), "{two}");
+}
+
+/// The multi-host inventory's hosts: mtlb announces the VIP, into the
+/// table the BIRD role learns.
+#[test]
+fn config_template_announces_the_fleets_vip() {
+    let t = render(
+        "anycast",
+        &[
+            "@inventory/group_vars/anycast.yml",
+            "mtlb_announce_rise_ms=2000",
+        ],
+        true,
+    );
+    let announce = t.split_once("[announce]\n").map(|(_, a)| a);
+    assert_eq!(
+        announce,
+        Some("vips = [\"192.0.2.80\"]\ntable = 4242\nrise_ms = 2000\n"),
+        "{t}"
+    );
+}
+
+/// Renders the BIRD role's template with its defaults and `extra`; returns
+/// the text after `bird -p` parsed it.
+fn render_bird(name: &str, extra: &[&str]) -> String {
+    let dir = mtlb_tests::TempDir::new(&format!("bird-{name}"));
+    let out = dir.path.join("bird.conf");
+    let mut vars = vec!["@roles/bird/defaults/main.yml"];
+    vars.extend(extra);
+    ansible_template("roles/bird/templates/bird.conf.j2", &out, &vars);
+    run(Command::new("bird").arg("-p").arg("-c").arg(&out));
+    std::fs::read_to_string(&out).unwrap()
+}
+
+/// BIRD on the multi-host inventory's hosts: the VIP learned from mtlb's
+/// table and exported alone, BFD under a second; an IPv6 VIP and router
+/// get a session of their own. What BIRD does with it: tests/tests/anycast.rs.
+#[test]
+fn bird_template_exports_only_the_vips() {
+    let fleet = render_bird(
+        "fleet",
+        &[
+            "@inventory/group_vars/anycast.yml",
+            // A fact on a real host.
+            "bird_router_id=203.0.113.10",
+        ],
+    );
+    for line in [
+        "router id 203.0.113.10;",
+        "  if net ~ [ 192.0.2.80/32 ] then accept;",
+        "  kernel table 4242;",
+        "    interval 100 ms;",
+        "    multiplier 3;",
+        "  local as 64511;",
+        "  bfd on;",
+        "  neighbor 203.0.113.1 as 64496;",
+        "    export filter mtlb_vips4;",
+    ] {
+        assert!(fleet.lines().any(|l| l == line), "no {line:?}:\n{fleet}");
+    }
+    assert!(!fleet.contains("ipv6"), "{fleet}");
+    let both = render_bird(
+        "both",
+        &[
+            "@inventory/group_vars/anycast.yml",
+            r#"{"mtlb_vips": ["192.0.2.80", "2001:db8:ff::80"], "bird_router_id": "203.0.113.10",
+                "bird_neighbors": [{"address": "203.0.113.1", "as": 64496},
+                                   {"address": "2001:db8:113::1", "as": 64496, "name": "up6"}]}"#,
+        ],
+    );
+    for line in [
+        "  if net ~ [ 2001:db8:ff::80/128 ] then accept;",
+        "protocol kernel mtlb_announce6 {",
+        "protocol bgp up6 from mtlb_upstream {",
+        "  neighbor 2001:db8:113::1 as 64496;",
+        "    export filter mtlb_vips6;",
+    ] {
+        assert!(both.lines().any(|l| l == line), "no {line:?}:\n{both}");
+    }
+    // Only VIPs: every export is one of the VIP filters, and those accept
+    // nothing else.
+    let exports: Vec<&str> = both.lines().filter(|l| l.contains("export ")).collect();
+    assert_eq!(
+        exports,
+        [
+            "    export none;",
+            "    export none;",
+            "    export filter mtlb_vips4;",
+            "    export filter mtlb_vips6;"
+        ],
+        "{both}"
+    );
 }
 
 #[test]
