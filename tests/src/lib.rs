@@ -15,10 +15,12 @@
 //! (clients and the one connect loop), [`control`] (misbehaving control
 //! clients), [`http`] (stats endpoint and Prometheus text), [`cgroup`],
 //! [`files`] (temp dirs, bounded commands), [`docker`], [`ansible`] (deploy/
-//! and its Ansible, offline).
+//! and its Ansible, offline), [`bgp`] (the several-hosts lab: BIRD, a
+//! router, ECMP).
 
 pub mod agent;
 pub mod ansible;
+pub mod bgp;
 pub mod cgroup;
 pub mod clients;
 pub mod config;
@@ -33,6 +35,7 @@ pub mod replica;
 
 pub use agent::*;
 pub use ansible::*;
+pub use bgp::*;
 pub use cgroup::*;
 pub use clients::*;
 pub use config::*;
