@@ -131,6 +131,8 @@ pub struct LoopOutcome {
     pub cut: usize,
     /// The connections still held.
     pub held: VecDeque<TcpStream>,
+    /// Greeted connections by greeting (who took them).
+    pub greeted: std::collections::BTreeMap<String, usize>,
 }
 
 impl LoopOutcome {
@@ -163,6 +165,7 @@ pub struct ConnectLoop {
     strict: bool,
     max_held: usize,
     pace: Duration,
+    to: SocketAddr,
 }
 
 impl Default for ConnectLoop {
@@ -179,7 +182,14 @@ impl ConnectLoop {
             strict: false,
             max_held: 0,
             pace: Duration::from_millis(2),
+            to: BALANCED.parse().unwrap(),
         }
+    }
+
+    /// Connects to `to` instead of the balanced port on 127.0.0.1.
+    pub fn to(mut self, to: SocketAddr) -> Self {
+        self.to = to;
+        self
     }
 
     /// Reads each replica's greeting: a connection reset before it is cut.
@@ -212,6 +222,8 @@ impl ConnectLoop {
         let file = ns.file.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
+        let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p2 = progress.clone();
         let handle = std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let mut r = LoopOutcome {
@@ -219,23 +231,30 @@ impl ConnectLoop {
                 failed: Vec::new(),
                 cut: 0,
                 held: VecDeque::new(),
+                greeted: Default::default(),
             };
-            let addr: SocketAddr = BALANCED.parse().unwrap();
+            let addr = self.to;
             let deadline = Instant::now() + scaled(Duration::from_secs(60));
             while !s2.load(Ordering::Relaxed) && Instant::now() < deadline && r.ok < 200_000 {
                 let got = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
                     .and_then(|s| {
-                        if self.greet {
+                        let who = if self.greet {
                             greeting(&s).map_err(|e| {
                                 // Reset before its greeting: cut.
                                 std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
-                            })?;
-                        }
-                        Ok(s)
+                            })?
+                        } else {
+                            String::new()
+                        };
+                        Ok((s, who))
                     });
                 match got {
-                    Ok(s) => {
+                    Ok((s, who)) => {
                         r.ok += 1;
+                        p2.store(r.ok, Ordering::Relaxed);
+                        if self.greet {
+                            *r.greeted.entry(who).or_default() += 1;
+                        }
                         if self.max_held > 0 {
                             if r.held.len() == self.max_held {
                                 r.held.pop_front();
@@ -250,7 +269,11 @@ impl ConnectLoop {
             }
             r
         });
-        RunningLoop { stop, handle }
+        RunningLoop {
+            stop,
+            handle,
+            progress,
+        }
     }
 }
 
@@ -258,9 +281,19 @@ impl ConnectLoop {
 pub struct RunningLoop {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<LoopOutcome>,
+    /// Connections made so far.
+    progress: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RunningLoop {
+    /// Waits until the loop has made `n` connections (bounded by
+    /// [`wait_limit`]).
+    pub fn wait_ok(&self, n: usize) {
+        wait_until(&format!("{n} clients through the loop"), || {
+            self.progress.load(Ordering::Relaxed) >= n || self.handle.is_finished()
+        });
+    }
+
     /// Stops the loop; what it saw.
     pub fn finish(self) -> LoopOutcome {
         self.stop.store(true, Ordering::Relaxed);
