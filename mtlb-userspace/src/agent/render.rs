@@ -554,7 +554,7 @@ pub fn announcement(cfg: &crate::config::AnnounceConfig, a: &Announcement) -> St
 pub fn host_set(drained: bool, cfg: &crate::config::AnnounceConfig) -> String {
     if drained {
         format!(
-            "host drained: {} withdrawn; replicas keep serving what still arrives and what they hold",
+            "host drained: {} withdrawn; the replicas serve what still arrives until the router has moved",
             join(&cfg.vips)
         )
     } else {

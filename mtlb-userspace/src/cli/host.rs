@@ -17,7 +17,9 @@ pub struct HostArgs {
 enum Action {
     /// Withdraw the service addresses at once (kept across restarts):
     /// the router sends new clients to the other hosts; replicas keep
-    /// serving what still arrives and what they hold.
+    /// serving what arrives until the router has moved (on a plain ECMP
+    /// router that includes the host's established connections, which
+    /// then go to other hosts and are reset there).
     Drain,
     /// Announce the service addresses again while enough replicas are UP.
     Ready,

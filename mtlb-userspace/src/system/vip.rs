@@ -5,8 +5,9 @@
 //! table N; learn; }`) and exports over BGP.
 //!
 //! The route, not the address, carries the announcement: withdrawing must
-//! not take the address away (held connections keep working while the
-//! router moves new ones elsewhere), and kernel state outlives the agent,
+//! not take the address away (what the router still sends while it
+//! converges is served, not reset by the host itself), and kernel state
+//! outlives the agent,
 //! so an agent killed or restarted leaves the announcement as it was.
 //! No rule points at the table: it routes nothing on this host.
 
