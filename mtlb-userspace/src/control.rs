@@ -469,6 +469,8 @@ mod tests {
             Request::Locate {
                 name: "mtp1".into(),
             },
+            Request::Host { drain: None },
+            Request::Host { drain: Some(true) },
             Request::Reload,
             Request::Remove,
         ] {

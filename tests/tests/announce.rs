@@ -168,7 +168,8 @@ fn the_route_follows_the_replicas_and_the_operator() {
 }
 
 /// kill -9 of the agent leaves the route; the next agent takes it over
-/// without withdrawing, even for a moment; a drain saved before holds
+/// without withdrawing, even for a moment; so does a SIGTERM (a service
+/// restart); a drain saved before holds
 /// across a restart; `mtlb remove` withdraws and takes the VIPs off lo.
 #[test]
 fn restarts_keep_the_route_and_remove_takes_it() {
@@ -213,6 +214,15 @@ fn restarts_keep_the_route_and_remove_takes_it() {
     let (readings, gaps) = watch.join().unwrap();
     assert_eq!(gaps, 0, "{gaps} of {readings} readings without the route");
     assert!(!agent.log().contains("withdrawing"), "{}", agent.log());
+
+    // A service restart (SIGTERM, pins kept) leaves the route too.
+    let mut agent = agent;
+    assert!(agent.stop().success());
+    assert!(announced(&ns), "the route outlives a stopped agent");
+    let agent = ns.agent(&["--config", &file]);
+    agent.wait_for("announced as the last agent left it; taking the decision over");
+    agent.wait_state("mtp1", State::Up);
+    assert!(announced(&ns));
 
     // A drain is kept across a restart.
     let (ok, out) = mtlb_cli(&ns, &["host", "drain", "--config", &file]);

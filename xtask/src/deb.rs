@@ -29,6 +29,7 @@ const REQUIRED: &[&str] = &[
     "/usr/share/man/man8/mtlb-status.8.gz",
     "/usr/share/man/man8/mtlb-rollout.8.gz",
     "/usr/share/man/man8/mtlb-remove.8.gz",
+    "/usr/share/man/man8/mtlb-host.8.gz",
     "/usr/share/bash-completion/completions/mtlb",
     "/usr/share/zsh/vendor-completions/_mtlb",
     "/usr/share/fish/vendor_completions.d/mtlb.fish",
