@@ -52,6 +52,52 @@ pub fn router_conf() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/bird/router.conf")
 }
 
+/// BFD's interval in the lab: 100 ms (a dead link noticed in 300 ms), times
+/// [`time_scale`]: under emulation a late BFD packet must not drop a
+/// session that is alive.
+fn bfd_interval_ms() -> u32 {
+    100 * time_scale()
+}
+
+/// The router's config with the lab's BFD interval, written into `dir`.
+fn scaled_router_conf(dir: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(router_conf()).unwrap();
+    let from = "interval 100 ms;";
+    assert!(text.contains(from), "router.conf sets BFD's interval");
+    let dest = dir.join("router.conf");
+    std::fs::write(
+        &dest,
+        text.replace(from, &format!("interval {} ms;", bfd_interval_ms())),
+    )
+    .unwrap();
+    dest
+}
+
+/// The host routes in `netns`'s announce table (IPv4 and IPv6), sorted:
+/// what its BIRD exports.
+pub fn announce_routes(netns: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let o = Command::new("ip")
+            .args(["-n", netns, "-j", family, "route", "show", "table"])
+            .arg(ANNOUNCE_TABLE.to_string())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        // A table that never held a route does not exist yet.
+        if err.contains("FIB table does not exist") {
+            continue;
+        }
+        assert!(o.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        for r in v.as_array().into_iter().flatten() {
+            out.push(r["dst"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
 /// `ip -n NS ARGS`, which must succeed; returns its stdout.
 fn ip(ns: &Netns, args: &[&str]) -> String {
     sh(Command::new("ip").arg("-n").arg(&ns.name).args(args))
@@ -317,7 +363,7 @@ impl Lab {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
 
-        let router_bird = Bird::start(&router, router_conf(), &dir.path, "router");
+        let router_bird = Bird::start(&router, scaled_router_conf(&dir.path), &dir.path, "router");
         let hosts = nets
             .into_iter()
             .zip(confs)
@@ -719,6 +765,7 @@ fn render_host_conf(id: Ipv4Addr, dest: &std::path::Path) {
             {"address": ROUTER6.to_string(), "as": ROUTER_AS},
         ],
         "bird_log": "stderr all",
+        "bird_bfd_interval_ms": bfd_interval_ms(),
     })
     .to_string();
     ansible_template(

@@ -9,7 +9,6 @@ use std::{process::Command, time::Duration};
 
 const VIP4: &str = "192.0.2.80";
 const VIP6: &str = "2001:db8:ff::80";
-const TABLE: u32 = 4242;
 /// Dual-stack replicas on [::], as the official server listens with IPv6
 /// on: IPv4 clients of the VIP reach them IPv4-mapped.
 const MTP1: &str = "[::]:10000";
@@ -25,32 +24,8 @@ fn config() -> Config {
         .announce("fall_ms", 300)
 }
 
-/// The destinations of the announce table's routes, IPv4 and IPv6.
 fn routes(ns: &Netns) -> Vec<String> {
-    routes_of(&ns.name)
-}
-
-fn routes_of(netns: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for family in ["-4", "-6"] {
-        let o = Command::new("ip")
-            .args(["-n", netns, "-j", family, "route", "show", "table"])
-            .arg(TABLE.to_string())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        // A table that never held a route does not exist yet.
-        if err.contains("FIB table does not exist") {
-            continue;
-        }
-        assert!(o.status.success(), "{err}");
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        for r in v.as_array().into_iter().flatten() {
-            out.push(r["dst"].as_str().unwrap_or_default().to_string());
-        }
-    }
-    out.sort();
-    out
+    announce_routes(&ns.name)
 }
 
 fn announced(ns: &Netns) -> bool {
@@ -58,7 +33,7 @@ fn announced(ns: &Netns) -> bool {
 }
 
 fn announced_in(netns: &str) -> bool {
-    routes_of(netns) == [VIP4, VIP6]
+    announce_routes(netns) == [VIP4, VIP6]
 }
 
 /// The addresses on the namespace's `lo`.
@@ -209,7 +184,7 @@ fn restarts_keep_the_route_and_remove_takes_it() {
     agent.wait_state("mtp2", State::Up);
     // That nothing is withdrawn can only be seen over time: past twice
     // fall_ms, a withdrawal would have happened.
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(scaled(Duration::from_millis(600)));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (readings, gaps) = watch.join().unwrap();
     assert_eq!(gaps, 0, "{gaps} of {readings} readings without the route");
@@ -272,4 +247,48 @@ fn bad_announce_configs_change_nothing() {
     agent.wait_state("mtp1", State::Up);
     let (ok, out) = mtlb_cli(&ns, &["host", "drain", "--config", &file]);
     assert!(!ok && out.contains("[announce] vips"), "{out}");
+}
+
+/// The table is mtlb's: a route in it that is no VIP (any protocol) is
+/// withdrawn at start, and a start that finds some VIPs only writes them
+/// all; `mtlb remove` with no agent running withdraws whatever the table
+/// holds and takes the VIPs off lo.
+#[test]
+fn strays_go_at_start_and_remove_without_an_agent_clears_all() {
+    let ns = Netns::new();
+    let ip = |args: &[&str]| {
+        let o = Command::new("ip")
+            .arg("-n")
+            .arg(&ns.name)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // As an operator's `ip route add` writes them: proto boot.
+    ip(&["route", "add", "192.0.2.99", "dev", "lo", "table", "4242"]);
+    ip(&["route", "add", VIP4, "dev", "lo", "table", "4242"]);
+    let file = config().write(&ns);
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for("withdrawing 192.0.2.99: not in announce.vips");
+    assert!(
+        !routes(&ns).contains(&"192.0.2.99".to_string()),
+        "{:?}",
+        routes(&ns)
+    );
+    agent.wait_for(&format!("announcing {VIP4}, {VIP6}"));
+    assert!(announced(&ns), "{:?}", routes(&ns));
+
+    agent.kill9();
+    ip(&["route", "add", "192.0.2.98", "dev", "lo", "table", "4242"]);
+    let (ok, out) = mtlb_cli(&ns, &["remove", "--config", &file]);
+    assert!(ok && out.contains("withdrew"), "{out}");
+    assert!(routes(&ns).is_empty(), "{:?}", routes(&ns));
+    let lo = lo_addresses(&ns);
+    assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
 }

@@ -5,7 +5,8 @@
 //! flapping the route; an operator's drain withdraws at once. The shell
 //! carries the decision out as routes in the announce table (see
 //! `system::vip`), which outlive the agent: a restarted agent starts from
-//! what the kernel holds, so a restart never withdraws by itself.
+//! what the kernel holds, and does not withdraw while its first checks of
+//! the replicas are under way.
 
 use crate::config::AnnounceConfig;
 use std::time::{Duration, Instant};
@@ -34,8 +35,13 @@ pub struct Change {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
-    /// What the kernel holds (as found at start, then as written).
-    announced: bool,
+    /// What the kernel holds (as found at start, then as written);
+    /// `None`: not known to be all or none of the VIPs (some found at
+    /// start, or a write failed part way), rewritten at the next decision.
+    announced: Option<bool>,
+    /// Until then (a takeover's first checks), an announced host that
+    /// cannot serve is not withdrawn.
+    grace_until: Option<Instant>,
     /// Since when the host has been able to serve (`None`: it is not).
     able_since: Option<Instant>,
     /// Since when it has been unable (`None`: it is able).
@@ -48,11 +54,13 @@ pub struct Announcement {
 }
 
 impl Announcement {
-    /// Starts from what the kernel holds: `announced` when the routes are
-    /// there (an earlier agent's decision, taken over as it stands).
-    pub fn new(announced: bool) -> Self {
+    /// Starts from what the kernel holds: `Some(true)` when every VIP's
+    /// route is there (an earlier agent's decision, taken over as it
+    /// stands), `Some(false)` when none is, `None` otherwise.
+    pub fn new(announced: Option<bool>) -> Self {
         Self {
             announced,
+            grace_until: None,
             able_since: None,
             unable_since: None,
             why: Why::TooFewUp { up: 0, min_up: 0 },
@@ -61,8 +69,23 @@ impl Announcement {
         }
     }
 
+    /// Whether the kernel holds the announcement (`false` while that is
+    /// not known: see `pending`).
     pub fn announced(&self) -> bool {
-        self.announced
+        self.announced == Some(true)
+    }
+
+    /// A write failed or the start found some VIPs only: the next decision
+    /// writes them all.
+    pub fn pending(&self) -> bool {
+        self.announced.is_none()
+    }
+
+    /// Keeps an announced host announced until `until` whatever its
+    /// replicas say: after a takeover, the replicas an earlier agent had
+    /// not proven are checked first.
+    pub fn grace(&mut self, until: Instant) {
+        self.grace_until = Some(until);
     }
 
     pub fn why(&self) -> Why {
@@ -97,22 +120,25 @@ impl Announcement {
             since.is_some_and(|t| now.duration_since(t) >= Duration::from_millis(ms))
         };
         let min_up = cfg.min_up;
+        let was = self.announced == Some(true);
+        let in_grace = self.grace_until.is_some_and(|t| now < t);
         let (want, why) = if drained {
             (false, Why::Drained)
-        } else if able && (self.announced || held(self.able_since, cfg.rise_ms)) {
+        } else if able && (was || held(self.able_since, cfg.rise_ms)) {
             (true, Why::Serving { up })
         } else if able {
             (false, Why::Rising { up })
-        } else if self.announced && !held(self.unable_since, cfg.fall_ms) {
+        } else if was && (in_grace || !held(self.unable_since, cfg.fall_ms)) {
             (true, Why::Falling { up, min_up })
         } else {
             (false, Why::TooFewUp { up, min_up })
         };
         self.why = why;
-        if want == self.announced || self.retry_at.is_some_and(|t| now < t) {
+        if self.announced == Some(want) || self.retry_at.is_some_and(|t| now < t) {
             return None;
         }
-        self.announced = want;
+        self.announced = Some(want);
+        self.retry_at = None;
         self.changes += 1;
         Some(Change {
             announce: want,
@@ -120,11 +146,11 @@ impl Announcement {
         })
     }
 
-    /// Writing the last change failed: the kernel holds the other state;
-    /// decided again (and written) a second later.
+    /// Writing the last change failed, maybe part way: what the kernel
+    /// holds is not known; decided again and written whole a second later.
     pub fn failed(&mut self, now: Instant) {
-        self.announced = !self.announced;
-        self.changes -= 1;
+        self.announced = None;
+        self.changes = self.changes.saturating_sub(1);
         self.retry_at = Some(now + Duration::from_secs(1));
     }
 }
@@ -150,7 +176,7 @@ mod tests {
     fn announced_once_able_for_rise_withdrawn_once_unable_for_fall() {
         let c = cfg();
         let t0 = Instant::now();
-        let mut a = Announcement::new(false);
+        let mut a = Announcement::new(Some(false));
         assert_eq!(a.decide(&c, t0, 1, false), None);
         assert_eq!(a.why(), Why::Rising { up: 1 });
         assert_eq!(a.decide(&c, t0 + MS(2999), 1, false), None);
@@ -169,7 +195,7 @@ mod tests {
     fn a_replica_flapping_within_fall_keeps_the_route() {
         let c = cfg();
         let t0 = Instant::now();
-        let mut a = Announcement::new(true);
+        let mut a = Announcement::new(Some(true));
         for i in 0..20 {
             let up = if i % 2 == 0 { 0 } else { 1 };
             assert_eq!(a.decide(&c, t0 + MS(i * 500), up, false), None, "tick {i}");
@@ -181,7 +207,7 @@ mod tests {
     fn a_flap_after_a_withdrawal_waits_for_rise_again() {
         let c = cfg();
         let t0 = Instant::now();
-        let mut a = Announcement::new(true);
+        let mut a = Announcement::new(Some(true));
         a.decide(&c, t0, 0, false);
         assert!(!a.decide(&c, t0 + MS(1000), 0, false).unwrap().announce);
         assert_eq!(a.decide(&c, t0 + MS(1100), 1, false), None);
@@ -195,7 +221,7 @@ mod tests {
     fn drain_withdraws_at_once_and_ready_announces_what_was_able_for_rise() {
         let c = cfg();
         let t0 = Instant::now();
-        let mut a = Announcement::new(true);
+        let mut a = Announcement::new(Some(true));
         let ch = a.decide(&c, t0, 2, true).unwrap();
         assert_eq!((ch.announce, ch.why), (false, Why::Drained));
         assert_eq!(a.decide(&c, t0 + MS(100), 2, true), None);
@@ -207,7 +233,7 @@ mod tests {
     fn a_takeover_keeps_the_route_of_an_able_host() {
         let c = cfg();
         let t0 = Instant::now();
-        let mut a = Announcement::new(true);
+        let mut a = Announcement::new(Some(true));
         assert_eq!(a.decide(&c, t0, 1, false), None);
         assert_eq!(a.why(), Why::Serving { up: 1 });
     }
@@ -220,7 +246,7 @@ mod tests {
             ..cfg()
         };
         let t0 = Instant::now();
-        let mut a = Announcement::new(false);
+        let mut a = Announcement::new(Some(false));
         assert_eq!(a.decide(&c, t0, 1, false), None);
         assert_eq!(a.why(), Why::TooFewUp { up: 1, min_up: 2 });
         assert!(a.decide(&c, t0, 2, false).unwrap().announce);
@@ -233,13 +259,59 @@ mod tests {
             ..cfg()
         };
         let t0 = Instant::now();
-        let mut a = Announcement::new(false);
+        let mut a = Announcement::new(Some(false));
         assert!(a.decide(&c, t0, 1, false).unwrap().announce);
         a.failed(t0);
-        assert!(!a.announced());
+        assert!(!a.announced() && a.pending());
         assert_eq!(a.decide(&c, t0 + MS(500), 1, false), None);
         assert!(a.decide(&c, t0 + MS(1000), 1, false).unwrap().announce);
         assert_eq!(a.changes(), 1);
+    }
+
+    #[test]
+    fn a_write_failed_part_way_is_rewritten_whichever_way_it_goes() {
+        let c = AnnounceConfig {
+            rise_ms: 0,
+            ..cfg()
+        };
+        let t0 = Instant::now();
+        let mut a = Announcement::new(Some(true));
+        // The withdrawal (of a drain) fails after the first VIP.
+        assert!(!a.decide(&c, t0, 2, true).unwrap().announce);
+        a.failed(t0);
+        // The host is ready again before the retry: announced whole, though
+        // the state before the failure was "announced".
+        let ch = a.decide(&c, t0 + MS(1000), 2, false).unwrap();
+        assert!(ch.announce);
+        assert!(a.announced() && !a.pending());
+    }
+
+    #[test]
+    fn a_start_that_finds_some_vips_only_writes_them_all() {
+        let c = AnnounceConfig {
+            rise_ms: 0,
+            ..cfg()
+        };
+        let mut a = Announcement::new(None);
+        assert!(a.decide(&c, Instant::now(), 1, false).unwrap().announce);
+        let mut a = Announcement::new(None);
+        assert!(!a.decide(&c, Instant::now(), 0, false).unwrap().announce);
+    }
+
+    #[test]
+    fn a_takeover_waits_for_its_first_checks_before_withdrawing() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut a = Announcement::new(Some(true));
+        a.grace(t0 + MS(2500));
+        // Unproven replicas count as down until checked.
+        assert_eq!(a.decide(&c, t0, 0, false), None);
+        assert_eq!(a.decide(&c, t0 + MS(2000), 0, false), None);
+        assert_eq!(a.decide(&c, t0 + MS(2400), 1, false), None);
+        assert!(a.announced());
+        // Past the grace, the usual fall.
+        assert_eq!(a.decide(&c, t0 + MS(2600), 0, false), None);
+        assert!(!a.decide(&c, t0 + MS(3600), 0, false).unwrap().announce);
     }
 
     #[test]
@@ -248,7 +320,7 @@ mod tests {
             vips: vec![],
             ..cfg()
         };
-        let mut a = Announcement::new(false);
+        let mut a = Announcement::new(Some(false));
         assert_eq!(a.decide(&c, Instant::now(), 2, false), None);
     }
 }

@@ -159,18 +159,30 @@ impl Agent {
                         table,
                         announce,
                     } => {
-                        let r = vips.iter().try_for_each(|&v| {
-                            if announce {
-                                vip::announce(table, v)
-                            } else {
-                                vip::withdraw(table, v)
+                        // Every VIP is tried: one failing leaves the others
+                        // as decided, and the next decision rewrites all.
+                        let errors: Vec<String> = vips
+                            .iter()
+                            .filter_map(|&v| {
+                                let r = if announce {
+                                    vip::announce(table, v)
+                                } else {
+                                    vip::withdraw(table, v)
+                                };
+                                r.err().map(|e| format!("{v}: {e}"))
+                            })
+                            .collect();
+                        if !errors.is_empty() {
+                            // Retried every second: told once a minute.
+                            if let Some(more) = self.announce_failed.event((), inp.now) {
+                                emit(&Fact::WriteFailed {
+                                    what: Written::Announcement,
+                                    error: format!(
+                                        "{} ({more} more failures since the last line)",
+                                        errors.join("; ")
+                                    ),
+                                });
                             }
-                        });
-                        if let Err(e) = r {
-                            emit(&Fact::WriteFailed {
-                                what: Written::Announcement,
-                                error: e.to_string(),
-                            });
                             self.state.announce_failed(inp.now);
                         }
                     }

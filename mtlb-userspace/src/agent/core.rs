@@ -7,7 +7,7 @@
 //! the effects out. Everything here is unit-tested without root.
 
 use super::{
-    announce::Announcement,
+    announce::{Announcement, Change},
     effect::{
         BindWhy, Effect, Event, Fact, Inherited, Inputs, Notice, Origin, QueueReading,
         Registration, Registrations, Signal, StopMark,
@@ -100,6 +100,12 @@ pub struct State {
     /// Set once steering runs (at `Started`): the host is announced only
     /// while its agent steers.
     steering: bool,
+    /// The last announcement change told, so a write retried after a
+    /// failure is not told again.
+    announce_told: Option<Change>,
+    /// The reply awaiting its save is `mtlb host`'s: it says what the
+    /// routes' write did.
+    awaiting_host: bool,
 }
 
 impl State {
@@ -126,8 +132,10 @@ impl State {
             faults_logged: Throttle::default(),
             assignments: Assignments::default(),
             operator: saved.clone(),
-            announcement: Announcement::new(false),
+            announcement: Announcement::new(Some(false)),
             steering: false,
+            announce_told: None,
+            awaiting_host: false,
         };
         for i in 0..n {
             // Spread the first checks over one interval.
@@ -219,7 +227,7 @@ impl State {
 
     /// What the kernel held at start: the service addresses announced by
     /// an earlier agent (taken over as they stand) or not.
-    pub fn found_announced(&mut self, announced: bool) {
+    pub fn found_announced(&mut self, announced: Option<bool>) {
         self.announcement = Announcement::new(announced);
     }
 
@@ -252,6 +260,9 @@ impl State {
             table: a.table,
             announce: change.announce,
         });
+        if self.announce_told.replace(change) == Some(change) {
+            return;
+        }
         say(
             out,
             Fact::Announced {
@@ -281,6 +292,8 @@ impl State {
             self.operator.host_drained = drain;
             self.save(out);
             say(out, Fact::HostSet { drained: drain });
+            // Answered once saved, by then with what the write did.
+            self.awaiting_host = true;
         }
         Ok(Response::ok(render::host_set(drain, &self.cfg.announce)))
     }
@@ -398,6 +411,14 @@ impl State {
         // Slots an earlier agent may have used beyond ours.
         reconcile::clear(self.slots.len()..MAX_REPLICAS as usize, out);
         self.steering = true;
+        // Taking over an announced host: listeners an earlier agent had not
+        // proven count as down until their first check, so no withdrawal
+        // before that could come.
+        if self.announcement.announced() {
+            let c = &self.cfg.check;
+            self.announcement
+                .grace(inp.now + Duration::from_millis(c.timeout_ms + c.inter_ms));
+        }
         out.push(Effect::Notify(Notice::Ready {
             port: self.cfg.port,
         }));
@@ -749,7 +770,15 @@ impl State {
     /// The operator state was saved, or not: answer the change that asked
     /// for it.
     fn saved(&mut self, error: Option<String>, out: &mut Vec<Effect>) {
-        let reply = self.awaiting_save.take();
+        let mut reply = self.awaiting_save.take();
+        if std::mem::take(&mut self.awaiting_host) && self.announcement.pending() {
+            reply = reply.map(|r| {
+                Response::err(format!(
+                    "{}, but writing the routes failed (see the journal): retried every second",
+                    r.message
+                ))
+            });
+        }
         let reply = match (error, reply) {
             (None, r) => r,
             (Some(e), r) => {
@@ -2617,9 +2646,73 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_raising_min_up_withdraws_after_fall() {
+        let mut h = H::running(announcing(2), &[0, 1]);
+        h.after(MS(3000)).step(Event::Elapsed);
+        assert!(h.st.announcement().announced());
+        h.listeners(vec![closed(1)]);
+        let mut c = announcing(2);
+        c.announce.min_up = 2;
+        c.announce.fall_ms = 200;
+        let fx = h.reload(Ok(c));
+        assert!(
+            announces(&fx).is_empty(),
+            "fall counts from now: {}",
+            transcript(&fx)
+        );
+        assert!(!has_log(&fx, "failed"), "{}", transcript(&fx));
+        let fx = h.after(MS(200)).step(Event::Elapsed);
+        assert!(
+            has_log(
+                &fx,
+                "withdrawing 192.0.2.80: 1 replica UP, min_up 2 for 0.2s"
+            ),
+            "{}",
+            transcript(&fx)
+        );
+        assert_eq!(announces(&fx), [false]);
+    }
+
+    #[test]
+    fn a_drain_whose_withdrawal_fails_says_so_and_is_retried() {
+        let mut h = H::running(announcing(2), &[0, 1]);
+        h.after(MS(3000)).step(Event::Elapsed);
+        let fx = h.step_only(Event::Control(Request::Host { drain: Some(true) }));
+        assert_eq!(announces(&fx), [false]);
+        h.st.announce_failed(h.now);
+        let fx = h.step_only(Event::Saved { error: None });
+        let r = reply(&fx).unwrap();
+        assert!(
+            !r.ok && r.message.contains("writing the routes failed"),
+            "{r:?}"
+        );
+        let (r, _) = h.control(Request::Host { drain: None });
+        assert!(r.message.contains("being rewritten"), "{r:?}");
+        // A second later the withdrawal is written again, not told again.
+        let fx = h.after(MS(1000)).step(Event::Elapsed);
+        assert_eq!(announces(&fx), [false]);
+        assert!(!has_log(&fx, "withdrawing"), "{}", transcript(&fx));
+        let (r, _) = h.control(Request::Host { drain: None });
+        assert_eq!(r.message, "192.0.2.80: withdrawn: drained by operator");
+    }
+
+    #[test]
+    fn a_takeover_waits_for_the_first_checks_of_unproven_listeners() {
+        let mut h = H::new(announcing(2));
+        h.st.found_announced(Some(true));
+        let fx = h.start(vec![reg(0), reg(1)]);
+        assert_eq!(started_checks(&fx), [0, 1]);
+        // Slower than fall_ms (1 s), within the check timeout + interval.
+        assert!(announces(&h.after(MS(1500)).step(Event::Elapsed)).is_empty());
+        assert!(announces(&h.check(0, true)).is_empty());
+        assert!(announces(&h.after(MS(5000)).step(Event::Elapsed)).is_empty());
+        assert!(h.st.announcement().announced());
+    }
+
+    #[test]
     fn a_takeover_of_an_announced_host_withdraws_nothing() {
         let mut h = H::new(announcing(2));
-        h.st.found_announced(true);
+        h.st.found_announced(Some(true));
         let fx = h.start_verified(vec![reg(0), reg(1)], vec![cookie(0, 0), cookie(1, 0)]);
         assert!(announces(&fx).is_empty());
         assert!(announces(&h.after(MS(5000)).step(Event::Elapsed)).is_empty());

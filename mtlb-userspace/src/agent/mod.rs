@@ -123,7 +123,7 @@ pub enum StartError {
     Cookies(#[from] crate::kernel::cookies::WatchError),
     #[error(transparent)]
     State(#[from] persist::PersistError),
-    #[error("{what} (announce.vips, announce.table; needs CAP_NET_ADMIN)")]
+    #[error("{what} (announce.vips, announce.table)")]
     Announce {
         what: &'static str,
         #[source]
@@ -156,6 +156,8 @@ pub struct Agent {
     /// Failures to find (or write) the listeners' owner pids, told once a
     /// minute.
     owners_failed: throttle::Throttle<()>,
+    /// Failed writes of the announce table's routes, told once a minute.
+    announce_failed: throttle::Throttle<()>,
     /// A scan for the listeners' owners is asked for.
     owners_wanted: bool,
     /// Checks the agent could not run and the announcement, shared with
@@ -280,10 +282,12 @@ fn write_settings(
 }
 
 /// Makes the service addresses local and reads whether they are announced
-/// (an earlier agent's routes, taken over); withdraws routes of addresses
-/// that are no longer service addresses. Before anything is attached: a
-/// failure here leaves nothing behind.
-fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<bool, StartError> {
+/// (an earlier agent's routes, taken over: `Some(true)` all of them,
+/// `Some(false)` none, `None` some); withdraws routes of addresses that
+/// are no longer service addresses. Before anything is attached: a
+/// failure here stops the start with no program attached (VIPs added to
+/// lo before it stay; they route nothing by themselves).
+fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<bool>, StartError> {
     use crate::system::vip;
     let a = &cfg.announce;
     let table_err = |what| move |source| StartError::Announce { what, source };
@@ -300,18 +304,27 @@ fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<bool, St
         facts.push(StartFact::StrayWithdrawn(stray));
     }
     if a.vips.is_empty() {
-        return Ok(false);
+        return Ok(Some(false));
     }
     let added =
         vip::ensure_local(&a.vips).map_err(table_err("adding the service addresses to lo"))?;
     if !added.is_empty() {
         facts.push(StartFact::VipsAdded(added));
     }
-    let announced = a.vips.iter().any(|v| found.contains(v));
-    if announced {
-        facts.push(StartFact::AnnouncedAtStart(a.vips.clone()));
+    let on: Vec<_> = a
+        .vips
+        .iter()
+        .copied()
+        .filter(|v| found.contains(v))
+        .collect();
+    if !on.is_empty() {
+        facts.push(StartFact::AnnouncedAtStart(on.clone()));
     }
-    Ok(announced)
+    Ok(match on.len() {
+        0 => Some(false),
+        n if n == a.vips.len() => Some(true),
+        _ => None,
+    })
 }
 
 /// Serves /stats and /metrics on `listener`. The endpoint reads the maps
@@ -321,13 +334,13 @@ fn serve_stats(
     addr: SocketAddr,
     pin_dir: &std::path::Path,
     cfg: &Config,
-    faults: std::sync::Arc<crate::stats::AgentReport>,
+    report: std::sync::Arc<crate::stats::AgentReport>,
 ) -> Result<(), StartError> {
     let collector = std::sync::Arc::new(crate::stats::Collector::new(
         Dataplane::open_read_only(pin_dir)?.into_maps(),
         pin_dir.to_owned(),
         std::time::Duration::from_millis(cfg.stats_sample_ms),
-        faults,
+        report,
     )?);
     let limits = crate::stats::server::Limits::default();
     crate::stats::server::spawn(listener, collector, limits)
@@ -444,6 +457,7 @@ impl Agent {
             cookies_seen,
             cookies_failed: throttle::Throttle::default(),
             owners_failed: throttle::Throttle::default(),
+            announce_failed: throttle::Throttle::default(),
             owners_wanted: false,
             report,
             shown: None,
@@ -469,23 +483,25 @@ impl Agent {
         }
         render::notify(&effect::Notice::Stopping);
         let _ = std::fs::remove_file(&self.control_path);
+        // Steering is about to stop: the host must not be announced first
+        // (else the router sends clients that nothing steers), and its
+        // service addresses are mtlb's. Detaching goes on whatever this
+        // does.
+        let a = &self.state.cfg().announce;
+        let retired = (!self.keep_pins && !a.vips.is_empty()).then(|| {
+            crate::system::vip::retire(a.table, &a.vips).map_err(|source| StartError::Announce {
+                what: "withdrawing the service addresses",
+                source,
+            })
+        });
+        if let Some(Ok(gone)) = &retired {
+            render::emit(&effect::Fact::Start(StartFact::VipsRemoved(gone.clone())));
+        }
         let facts = self.dataplane.teardown(self.keep_pins)?;
         for f in facts {
             render::emit(&effect::Fact::Start(f.into()));
         }
-        // Steering has stopped: the host must not be announced, and its
-        // service addresses are mtlb's.
-        let a = &self.state.cfg().announce;
-        if !self.keep_pins && !a.vips.is_empty() {
-            use crate::system::vip;
-            let what = |what| move |source| StartError::Announce { what, source };
-            for &v in &a.vips {
-                vip::withdraw(a.table, v).map_err(what("withdrawing the service addresses"))?;
-            }
-            vip::remove_local(&a.vips).map_err(what("taking the service addresses off lo"))?;
-            render::emit(&effect::Fact::Start(StartFact::VipsRemoved(a.vips.clone())));
-        }
-        Ok(())
+        retired.transpose().map(drop)
     }
 }
 

@@ -364,7 +364,7 @@ pub fn line(f: &Fact) -> (Level, String) {
                     } else {
                         "withdrawing"
                     },
-                    join(vips),
+                    crate::system::vip::list(vips),
                     why_text(*why)
                 ),
             )
@@ -408,19 +408,31 @@ fn start_line(f: &StartFact) -> (Level, String) {
             (L::INFO, format!("mounted bpffs at {}", at.display()))
         }
         StartFact::Cgroup2Mounted(at) => (L::INFO, format!("mounted cgroup2 at {}", at.display())),
-        StartFact::VipsAdded(v) => (L::INFO, format!("added {} to lo", join(v))),
+        StartFact::VipsAdded(v) => (
+            L::INFO,
+            format!("added {} to lo", crate::system::vip::list(v)),
+        ),
         StartFact::AnnouncedAtStart(v) => (
             L::INFO,
             format!(
                 "{} announced as the last agent left it; taking the decision over",
-                join(v)
+                crate::system::vip::list(v)
             ),
         ),
         StartFact::StrayWithdrawn(v) => (
             L::INFO,
-            format!("withdrawing {}: not in announce.vips", join(v)),
+            format!(
+                "withdrawing {}: not in announce.vips",
+                crate::system::vip::list(v)
+            ),
         ),
-        StartFact::VipsRemoved(v) => (L::INFO, format!("withdrew {} and took it off lo", join(v))),
+        StartFact::VipsRemoved(v) => (
+            L::INFO,
+            format!(
+                "withdrew {} and took it off lo",
+                crate::system::vip::list(v)
+            ),
+        ),
         StartFact::StatsListening(addr) => (
             L::INFO,
             format!("stats on http://{addr}/stats, metrics on http://{addr}/metrics"),
@@ -508,13 +520,6 @@ pub fn notify(n: &Notice) {
     }
 }
 
-fn join(ips: &[std::net::IpAddr]) -> String {
-    ips.iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn replicas_up(up: u16) -> String {
     match up {
         0 => "no replica UP".into(),
@@ -532,7 +537,7 @@ pub fn why_text(why: Why) -> String {
         Why::TooFewUp { up, min_up } => format!("{}, min_up {min_up}", replicas_up(up)),
         Why::Rising { up } => format!("{}, announced once that holds rise_ms", replicas_up(up)),
         Why::Falling { up, min_up } => format!(
-            "{} (min_up {min_up}), withdrawn if that holds fall_ms",
+            "{}, min_up {min_up}; withdrawn if that holds fall_ms",
             replicas_up(up)
         ),
     }
@@ -542,12 +547,14 @@ pub fn why_text(why: Why) -> String {
 /// "announced (2 replicas UP)", "withdrawn: drained by operator".
 pub fn announcement(cfg: &crate::config::AnnounceConfig, a: &Announcement) -> String {
     let why = why_text(a.why());
-    let state = if a.announced() {
+    let state = if a.pending() {
+        format!("routes being rewritten after a failed write ({why})")
+    } else if a.announced() {
         format!("announced ({why})")
     } else {
         format!("withdrawn: {why}")
     };
-    format!("{}: {state}", join(&cfg.vips))
+    format!("{}: {state}", crate::system::vip::list(&cfg.vips))
 }
 
 /// The answer to `mtlb host drain|ready`.
@@ -555,12 +562,12 @@ pub fn host_set(drained: bool, cfg: &crate::config::AnnounceConfig) -> String {
     if drained {
         format!(
             "host drained: {} withdrawn; the replicas serve what still arrives until the router has moved",
-            join(&cfg.vips)
+            crate::system::vip::list(&cfg.vips)
         )
     } else {
         format!(
             "host ready: {} announced while at least {} replica(s) are UP",
-            join(&cfg.vips),
+            crate::system::vip::list(&cfg.vips),
             cfg.min_up
         )
     }

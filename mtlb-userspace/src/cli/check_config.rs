@@ -38,10 +38,9 @@ fn announce(a: &mtlb::config::AnnounceConfig) -> String {
     if a.vips.is_empty() {
         return String::new();
     }
-    let vips: Vec<_> = a.vips.iter().map(|v| v.to_string()).collect();
     format!(
         ", announces {} while {} replica{} UP (table {})",
-        vips.join(", "),
+        mtlb::system::vip::list(&a.vips),
         a.min_up,
         if a.min_up == 1 { " is" } else { "s are" },
         a.table

@@ -46,19 +46,22 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     // No agent answers: it must not be running (its lock says).
     let _lock = pins::lock(at.netns_ino)
         .context("an agent holds this namespace but does not answer on its control socket")?;
+    // Withdrawn before steering stops, so the router sends no client
+    // that nothing steers; whatever the table holds goes (the dead agent
+    // may have run another config).
+    let announce = a.agent.config()?.announce;
+    let gone =
+        vip::retire(announce.table, &announce.vips).context("withdrawing the service addresses")?;
+    if !gone.is_empty() {
+        println!(
+            "withdrew {} and took the service addresses off lo",
+            vip::list(&gone)
+        );
+    }
     if Dataplane::unload(&at.pin_dir)? {
         println!("detached; removed {}", at.pin_dir.display());
     } else {
         println!("nothing to remove: no pins in {}", at.pin_dir.display());
-    }
-    // Nothing steers now: the host must not be announced.
-    let announce = a.agent.config()?.announce;
-    if !announce.vips.is_empty() {
-        for &v in &announce.vips {
-            vip::withdraw(announce.table, v).context("withdrawing the service addresses")?;
-        }
-        vip::remove_local(&announce.vips).context("taking the service addresses off lo")?;
-        println!("withdrew the service addresses and took them off lo");
     }
     Ok(())
 }

@@ -7,16 +7,13 @@ use anyhow::Context as _;
 use mtlb::{
     config::Config,
     control::{self, Request},
-    system::vip,
-};
-use mtlb::{
     kernel::{
         dataplane::{Dataplane, ReadOnly},
         pins::names,
         sys,
     },
     stats::{snapshot, table},
-    system::mounts,
+    system::{mounts, vip},
 };
 use serde::Serialize;
 use std::path::Path;
@@ -119,6 +116,9 @@ struct Announce {
     state: String,
 }
 
+/// How long `mtlb status` waits for the agent's word.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `None` without `[announce] vips`.
 fn announcement(cfg: &Config, control: &Path) -> anyhow::Result<Option<Announce>> {
     let a = &cfg.announce;
@@ -134,6 +134,10 @@ fn announcement(cfg: &Config, control: &Path) -> anyhow::Result<Option<Announce>
         .collect();
     let state = match control::request(control, &Request::Host { drain: None }, TIMEOUT) {
         Ok(r) => r.message,
+        Err(control::ControlError::Refused(_)) => {
+            "the running agent announces nothing (started without [announce] vips: restart it)"
+                .into()
+        }
         Err(_) if announced.is_empty() => "withdrawn (the agent does not answer)".into(),
         Err(_) => "announced (the agent does not answer: the routes stay as it left them)".into(),
     };
@@ -143,8 +147,6 @@ fn announcement(cfg: &Config, control: &Path) -> anyhow::Result<Option<Announce>
         state,
     }))
 }
-
-const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let cfg = a.agent.config()?;

@@ -90,7 +90,7 @@ pub struct Collector {
     history: Mutex<History>,
     /// When the agent started serving, for the page's uptime.
     started: Instant,
-    faults: std::sync::Arc<AgentReport>,
+    report: std::sync::Arc<AgentReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,7 @@ impl Collector {
         maps: Maps,
         pin_dir: PathBuf,
         sample_every: Duration,
-        faults: std::sync::Arc<AgentReport>,
+        report: std::sync::Arc<AgentReport>,
     ) -> Result<Self, CollectorError> {
         let reader = Maps::from_pins(&pin_dir)?;
         let bytes = Shared::start(BYTES_MAX_AGE, BYTES_WAIT, move || {
@@ -135,7 +135,7 @@ impl Collector {
             bytes,
             history: Mutex::new(History::new(sample_every)),
             started: Instant::now(),
-            faults,
+            report,
         })
     }
 
@@ -146,14 +146,14 @@ impl Collector {
         let bytes = self.bytes.get(Duration::from_secs(5)).unwrap_or_default();
         let mut s = snapshot::collect(&lock(&self.maps), &self.pin_dir, &bytes)?;
         monotonic_bytes(&mut s, &mut lock(&self.served_bytes));
-        s.check_errors = self.faults.counts();
-        s.announce = lock(&self.faults.announce).clone();
+        s.check_errors = self.report.counts();
+        s.announce = lock(&self.report.announce).clone();
         Ok(s)
     }
 
     /// Whether the agent could not run a check within `within`.
     pub fn faulted_within(&self, within: Duration) -> bool {
-        self.faults.recent(within)
+        self.report.recent(within)
     }
 
     /// How long the agent has served.

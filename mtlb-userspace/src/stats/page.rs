@@ -166,7 +166,7 @@ fn summary(s: &Snapshot, cx: &Context, up: usize) -> Markup {
         } "\n"
         @if let Some(a) = &s.announce {
             p class="announce" id="announce" data-announced=(a.announced) {
-                (OneLine(&a.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")))
+                (OneLine(&crate::system::vip::list(&a.vips)))
                 ": "
                 @if a.announced {
                     b { "announced" } " (" (OneLine(&a.why)) ")"

@@ -26,6 +26,15 @@ use netlink_packet_route::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::{io, net::IpAddr};
 
+/// "192.0.2.80, 2001:db8::80": addresses as the journal, the CLI and the
+/// stats page list them.
+pub fn list(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The loopback device is ifindex 1 in every network namespace.
 const LO: u32 = 1;
 
@@ -96,7 +105,15 @@ impl Rtnl {
                     continue;
                 }
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
+                    // A dump's own error comes in its end (strict
+                    // checking); a table never used does not exist yet:
+                    // nothing in it.
+                    NetlinkPayload::Done(d) if d.code == 0 || d.code == -libc::ENOENT => {
+                        return Ok(());
+                    }
+                    NetlinkPayload::Done(d) => {
+                        return Err(io::Error::from_raw_os_error(-d.code));
+                    }
                     NetlinkPayload::Error(e) => {
                         return match e.code {
                             None => Ok(()),
@@ -172,13 +189,47 @@ pub fn announce(table: u32, vip: IpAddr) -> io::Result<()> {
     )
 }
 
-/// Withdraws `vip`: deletes its host route from `table` (none is fine).
+/// Withdraws `vip`: deletes every host route to it from `table`, whoever
+/// wrote it (none is fine).
 pub fn withdraw(table: u32, vip: IpAddr) -> io::Result<()> {
     let mut nl = Rtnl::open()?;
-    match nl.request(RouteNetlinkMessage::DelRoute(route(table, vip)), 0) {
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        r => r,
+    // Only the destination and the table: the kernel matches a delete on
+    // every field it is given, and a route of another protocol, scope or
+    // device left in the table would stay announced.
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(vip);
+    m.header.destination_prefix_length = host_len(vip);
+    m.header.scope = RouteScope::NoWhere;
+    m.attributes = vec![
+        RouteAttribute::Table(table),
+        RouteAttribute::Destination(RouteAddress::from(vip)),
+    ];
+    // A route added twice under other attributes is deleted once each.
+    for _ in 0..16 {
+        match nl.request(RouteNetlinkMessage::DelRoute(m.clone()), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
     }
+    Ok(())
+}
+
+/// Takes mtlb off the announcement for good (`mtlb remove`): every route
+/// in `table` withdrawn, whatever config wrote it, and `vips` taken off
+/// `lo`. Returns what was withdrawn.
+pub fn retire(table: u32, vips: &[IpAddr]) -> io::Result<Vec<IpAddr>> {
+    let mut gone = announced(table)?;
+    for &v in vips {
+        if !gone.contains(&v) {
+            gone.push(v);
+        }
+    }
+    for &v in &gone {
+        withdraw(table, v)?;
+    }
+    remove_local(vips)?;
+    Ok(gone)
 }
 
 fn address(vip: IpAddr) -> AddressMessage {
