@@ -397,6 +397,15 @@ impl Lab {
         );
     }
 
+    /// Both VIPs' nexthops at the router are those of `hosts`, within `limit`.
+    pub fn routed_to(&self, hosts: &[usize], limit: Duration) -> Duration {
+        [VIP4, VIP6]
+            .map(|vip| self.wait_nexthops(vip, &self.addrs(vip, hosts.iter().copied()), limit))
+            .into_iter()
+            .max()
+            .unwrap()
+    }
+
     pub fn host(&self, i: usize) -> &LabHost {
         &self.hosts[i]
     }
@@ -972,5 +981,63 @@ impl Drop for Resilient<'_> {
                 .args(["-n", ns, "nexthop", "del", "id", &id.to_string()])
                 .output();
         }
+    }
+}
+
+/// A host of the lab running mtlb: two fake replicas on [::] (dual-stack,
+/// named `h<i>-mtp<k>` so a client knows the host) and an agent announcing
+/// both VIPs with short rise and fall.
+pub struct MtlbHost {
+    pub i: usize,
+    pub file: String,
+    pub agent: Agent,
+    pub replicas: Vec<ReplicaProcess>,
+}
+
+/// rise_ms and fall_ms of the lab's agents.
+pub const RISE_MS: u64 = 500;
+pub const FALL_MS: u64 = 500;
+
+pub fn lab_replicas(lab: &Lab, i: usize) -> Vec<ReplicaProcess> {
+    (0..2)
+        .map(|k| {
+            ReplicaProcess::start(
+                &lab.host(i).ns,
+                &format!("h{i}-mtp{}", k + 1),
+                &format!("[::]:{}", 10000 + k),
+            )
+        })
+        .collect()
+}
+
+pub fn start_mtlb(lab: &Lab, i: usize) -> MtlbHost {
+    let ns = &lab.host(i).ns;
+    let file = Config::new()
+        .fast_checks()
+        .replicas(2)
+        .set("replica_address", "::1")
+        .vips(&[&VIP4.to_string(), &VIP6.to_string()])
+        .announce("rise_ms", RISE_MS as i64)
+        .announce("fall_ms", FALL_MS as i64)
+        .write(ns);
+    let replicas = lab_replicas(lab, i);
+    let agent = ns.agent(&["--config", &file]);
+    MtlbHost {
+        i,
+        file,
+        agent,
+        replicas,
+    }
+}
+
+impl MtlbHost {
+    /// `mtlb host VERB` on this host, which must succeed; its output.
+    pub fn cli(&self, lab: &Lab, verb: &str) -> String {
+        let (ok, out) = mtlb_cli(
+            &lab.host(self.i).ns,
+            &["host", verb, "--config", &self.file],
+        );
+        assert!(ok, "mtlb host {verb} on host {}: {out}", self.i);
+        out
     }
 }

@@ -286,6 +286,12 @@ const HOST_ONLY: &[(&str, &str)] = &[
     ),
     ("docs", "links and anchors in the documentation"),
     (
+        "ecmp",
+        "BIRD and the router's ECMP in the several-hosts lab: Linux routing figures, no mtlb \
+         kernel feature (the anycast suite runs mtlb in that lab in the VM); minutes under \
+         software emulation",
+    ),
+    (
         "docker",
         "a Docker engine and image import; the official servers it runs are tested in the VM by \
          the official_mtproxy suite, and `cargo xtask vm-deploy` runs Docker on Debian 12's kernel",
