@@ -269,6 +269,18 @@ impl ReplicaProcess {
 
     /// Like `start_in`, as `uid` (see `start_as`).
     pub fn start_as_in(ns: &Netns, name: &str, addr: &str, uid: Option<u32>, cg: &Cgroup) -> Self {
+        Self::try_start_as_in(ns, name, addr, uid, cg).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// Like `start_as_in`; `Err` with what the replica said when it could
+    /// not listen.
+    pub fn try_start_as_in(
+        ns: &Netns,
+        name: &str,
+        addr: &str,
+        uid: Option<u32>,
+        cg: &Cgroup,
+    ) -> Result<Self, String> {
         Self::spawn(
             ns,
             name,
@@ -279,7 +291,6 @@ impl ReplicaProcess {
                 ..Spawn::default()
             },
         )
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     fn spawn(ns: &Netns, name: &str, addr: &str, o: Spawn<'_>) -> Result<Self, String> {

@@ -1201,6 +1201,56 @@ fn a_replica_port_belongs_to_the_replica_cgroup() {
     b2.kill();
 }
 
+/// `replica_cgroup` removed and made again (a slice stopped and started)
+/// is another cgroup: the bind hooks, set up with the old one's id, refuse
+/// the replicas' binds. The agent says so and stops; the next agent (the
+/// service manager's restart) takes the pins over, steering all along, and
+/// follows the new cgroup: the replica binds, registers and takes clients.
+#[test]
+fn a_replica_cgroup_made_again_is_followed_by_a_restart() {
+    let ns = Netns::new();
+    let cg = Cgroup::new();
+    let mut a = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
+    let b = ReplicaProcess::start_in(&ns, "mtp2", B, &cg);
+    let args = ["--replica-cgroup", cg.rel.as_str()];
+    let mut agent = ns.agent(&args);
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
+    // Emptied and made again: another cgroup at the same path. mtp2 is
+    // moved out first (a cgroup with processes cannot be removed), so it
+    // keeps serving throughout.
+    a.kill();
+    agent.wait_state("mtp1", State::Down);
+    let root = cg.path.parent().unwrap().join("cgroup.procs");
+    std::fs::write(&root, b.child.id().to_string()).unwrap();
+    std::fs::remove_dir(&cg.path).unwrap();
+    std::fs::create_dir(&cg.path).unwrap();
+
+    let from = agent.log_len();
+    let e = ReplicaProcess::try_start_as_in(&ns, "mtp1", A, None, &cg)
+        .err()
+        .expect("a bind in the new cgroup before mtlb follows it is refused");
+    assert!(e.contains("Operation not permitted"), "{e}");
+    agent.wait_for_after(
+        from,
+        &format!("replica_cgroup {} was made again (id ", cg.path.display()),
+    );
+    assert!(agent.wait_exit().success());
+    // Steering goes on from the pins meanwhile.
+    let (seen, failed) = names(BALANCED, 4);
+    assert_eq!(failed, 0);
+    assert!(seen.iter().all(|n| n == "mtp2"), "{seen:?}");
+
+    let agent = ns.agent(&args);
+    let mut a2 = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
+    agent.wait_state("mtp1", State::Up);
+    let (seen, _) = names(BALANCED, 8);
+    assert!(seen.iter().any(|n| n == "mtp1"), "{seen:?}");
+    drop(agent);
+    a2.kill();
+    drop(b);
+}
+
 /// Pins of a build that had no REPLICA_CGROUP map (every build before the
 /// bind hooks judged the cgroup) are taken over, not replaced: the held
 /// connections stay counted, and the new map is created and enforced.

@@ -1193,6 +1193,13 @@ pub fn step(state: &mut State, inp: &Inputs, ev: Event) -> Vec<Effect> {
         }
         Event::Assigned { totals, listening } => state.assigned(totals, listening, inp, &mut out),
         Event::StopMarks(marks) => state.stop_marks(marks, inp, &mut out),
+        // The hooks judge binds by the old cgroup's id and sock_ops is
+        // attached to it: a new agent sets both up on the new one (taking
+        // the pins over, so steering and counts go on meanwhile).
+        Event::ReplicaCgroupRecreated { path, was, now } => {
+            say(&mut out, Fact::ReplicaCgroupRecreated { path, was, now });
+            out.push(Effect::Stop);
+        }
         Event::BindRefused {
             slot,
             addr,

@@ -145,6 +145,13 @@ pub enum Event {
     /// The stop marks the kernel holds now, indexed by slot (`None`: no
     /// mark), read at a stop event or on the poll.
     StopMarks(Vec<Option<StopMark>>),
+    /// `replica_cgroup` (the directory at `path`) is another cgroup than
+    /// the one the kernel's hooks were set up with (id `was`, now `now`).
+    ReplicaCgroupRecreated {
+        path: PathBuf,
+        was: u64,
+        now: u64,
+    },
     /// The kernel refused a bind to a replica port (the socket never got
     /// the port): a uid not in `replica_uids`, or a task outside
     /// `replica_cgroup`.
@@ -341,6 +348,13 @@ pub enum Fact {
     /// Adopting a running replica's listener failed.
     AdoptFailed {
         error: String,
+    },
+    /// `replica_cgroup` was made again: the agent stops so that the service
+    /// manager starts it again on the new cgroup.
+    ReplicaCgroupRecreated {
+        path: PathBuf,
+        was: u64,
+        now: u64,
     },
     /// The host's service addresses announced or withdrawn.
     Announced {

@@ -62,6 +62,22 @@ impl Agent {
         )
     }
 
+    /// Whether `replica_cgroup` is now another cgroup than the one whose id
+    /// the bind hooks judge by (removed and made again, e.g. its slice
+    /// stopped and started): every bind of the replicas is refused then,
+    /// and sock_ops stays on the cgroup that is gone.
+    fn replica_cgroup_recreated(&self) -> Option<Event> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = self.replica_cgroup_dir.as_ref()?;
+        let now = std::fs::metadata(dir).ok()?.ino();
+        let was = self.dataplane.maps().replica_cgroup().ok()?;
+        (was != 0 && now != was).then(|| Event::ReplicaCgroupRecreated {
+            path: dir.clone(),
+            was,
+            now,
+        })
+    }
+
     /// Listener events from the kernel, as events for the core:
     /// registrations and closes are read from the maps at once; refusals
     /// are explained (owner, pid).
@@ -111,6 +127,9 @@ impl Agent {
                                 .and_then(|m| crate::system::mounts::cgroup_path(&m, ev.cookie)),
                         },
                     });
+                    if let Some(e) = self.replica_cgroup_recreated() {
+                        out.push(e);
+                    }
                     continue;
                 }
                 _ => continue,

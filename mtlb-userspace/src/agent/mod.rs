@@ -156,6 +156,8 @@ pub struct Agent {
     /// Failures to find (or write) the listeners' owner pids, told once a
     /// minute.
     owners_failed: throttle::Throttle<()>,
+    /// The replicas' cgroup directory (`None`: the root, every process).
+    replica_cgroup_dir: Option<PathBuf>,
     /// Failed writes of the announce table's routes, told once a minute.
     announce_failed: throttle::Throttle<()>,
     /// A scan for the listeners' owners is asked for.
@@ -458,6 +460,7 @@ impl Agent {
             cookies_failed: throttle::Throttle::default(),
             owners_failed: throttle::Throttle::default(),
             announce_failed: throttle::Throttle::default(),
+            replica_cgroup_dir: (replica_cgroup_id != 0).then_some(replica_cgroup),
             owners_wanted: false,
             report,
             shown: None,

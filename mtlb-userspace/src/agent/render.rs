@@ -369,6 +369,13 @@ pub fn line(f: &Fact) -> (Level, String) {
                 ),
             )
         }
+        Fact::ReplicaCgroupRecreated { path, was, now } => (
+            L::ERROR,
+            format!(
+                "replica_cgroup {} was made again (id {was}, now {now}): the replicas' binds are refused until mtlb follows it; stopping so that the service manager starts mtlb again (steering goes on from the pins)",
+                path.display()
+            ),
+        ),
         Fact::HostSet { drained } => (
             L::INFO,
             if *drained {
