@@ -16,9 +16,16 @@ const NOBODY: u32 = 65534;
 fn names(addr: &str, n: usize) -> (Vec<String>, usize) {
     let mut seen = Vec::new();
     let mut failed = 0;
+    // Held until all are made: leastconn then spreads them by count, not
+    // by how fast each closed one was counted out (a replica just back
+    // must get some).
+    let mut held = Vec::new();
     for _ in 0..n {
         match connect(addr) {
-            Ok((_, name)) => seen.push(name),
+            Ok((s, name)) => {
+                held.push(s);
+                seen.push(name)
+            }
             Err(_) => failed += 1,
         }
     }
