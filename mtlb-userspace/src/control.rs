@@ -175,7 +175,7 @@ pub async fn accept(
     l: tokio::net::UnixListener,
     tx: tokio::sync::mpsc::Sender<Incoming>,
     limits: Limits,
-    failed: impl Fn(&std::io::Error),
+    mut failed: impl FnMut(&std::io::Error),
 ) {
     let held = Held::new(limits.max_connections);
     loop {

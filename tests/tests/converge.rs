@@ -323,7 +323,8 @@ fn the_agents_own_fd_shortage_downs_no_replica() {
     let ns = Netns::new();
     let _a = Replica::start("mtp1", PORTS[0]);
     let _b = Replica::start("mtp2", PORTS[1]);
-    let agent = ns.agent(&["--config", &cfg(2).write(&ns)]);
+    let file = cfg(2).write(&ns);
+    let agent = ns.agent(&["--config", &file]);
     agent.wait_state("mtp2", State::Up);
     let pid = agent.pid();
     let from = agent.log_len();
@@ -331,6 +332,9 @@ fn the_agents_own_fd_shortage_downs_no_replica() {
     // fails with EMFILE.
     set_nofile(pid, lowest_free_fd(pid));
     agent.wait_for_after(from, "agent problem:");
+    // An operator's command waits in the control socket's backlog: the
+    // agent's accept() fails with EMFILE every 100 ms meanwhile.
+    let _waiting = dial_control(&ns.control_socket(&["--config", &file])).unwrap();
     // Fast checks fall after 2 failures 100 ms apart: 2 s is twenty
     // intervals in which a replica would have gone DOWN.
     let until = Instant::now() + scaled(Duration::from_secs(2));
@@ -348,6 +352,9 @@ fn the_agents_own_fd_shortage_downs_no_replica() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(clients > 10);
+    // Told once, not every 100 ms.
+    let log = agent.log();
+    assert_eq!(log.matches("control socket: accepting").count(), 1, "{log}");
     set_nofile(pid, 4096);
     let deadline = Instant::now() + wait_limit();
     let text = loop {

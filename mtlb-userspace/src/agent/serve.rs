@@ -75,11 +75,21 @@ impl Agent {
 
         let (tx, mut rx) = mpsc::channel::<control::Incoming>(16);
         if let Some(l) = self.control.take() {
-            tokio::spawn(control::accept(l, tx, control::Limits::default(), |e| {
-                emit(&Fact::ControlAcceptFailed {
-                    error: e.to_string(),
-                })
-            }));
+            // Retried every 100 ms while it lasts (out of descriptors):
+            // told once a minute.
+            let mut told = super::throttle::Throttle::default();
+            tokio::spawn(control::accept(
+                l,
+                tx,
+                control::Limits::default(),
+                move |e| {
+                    if let Some(more) = told.event((), std::time::Instant::now()) {
+                        emit(&Fact::ControlAcceptFailed {
+                            error: format!("{e} ({more} more since the last line)"),
+                        })
+                    }
+                },
+            ));
         }
         // Registration itself happens in the kernel at listen(); this only
         // notices it, so 100 ms is plenty.
