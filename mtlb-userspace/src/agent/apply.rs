@@ -161,16 +161,9 @@ impl Agent {
                     } => {
                         // Every VIP is tried: one failing leaves the others
                         // as decided, and the next decision rewrites all.
-                        let errors: Vec<String> = vips
-                            .iter()
-                            .filter_map(|&v| {
-                                let r = if announce {
-                                    vip::announce(table, v)
-                                } else {
-                                    vip::withdraw(table, v)
-                                };
-                                r.err().map(|e| format!("{v}: {e}"))
-                            })
+                        let errors: Vec<String> = vip::write(table, &vips, announce)
+                            .into_iter()
+                            .map(|(v, e)| format!("{v}: {e}"))
                             .collect();
                         if !errors.is_empty() {
                             // Retried every second: told once a minute.

@@ -235,8 +235,8 @@ impl State {
         &self.announcement
     }
 
-    /// Writing the announcement failed: the kernel still holds the other
-    /// state, tried again a second later.
+    /// Writing the announcement failed, maybe part way: rewritten whole a
+    /// second later.
     pub fn announce_failed(&mut self, now: Instant) {
         self.announcement.failed(now);
     }

@@ -300,9 +300,8 @@ fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<b
         .filter(|v| !a.vips.contains(v))
         .collect();
     if !stray.is_empty() {
-        for &v in &stray {
-            vip::withdraw(a.table, v).map_err(table_err("withdrawing a stray route"))?;
-        }
+        vip::first_failure(vip::write(a.table, &stray, false))
+            .map_err(table_err("withdrawing a stray route"))?;
         facts.push(StartFact::StrayWithdrawn(stray));
     }
     if a.vips.is_empty() {
@@ -313,12 +312,7 @@ fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<b
     if !added.is_empty() {
         facts.push(StartFact::VipsAdded(added));
     }
-    let on: Vec<_> = a
-        .vips
-        .iter()
-        .copied()
-        .filter(|v| found.contains(v))
-        .collect();
+    let on = vip::among(&a.vips, &found);
     if !on.is_empty() {
         facts.push(StartFact::AnnouncedAtStart(on.clone()));
     }

@@ -126,12 +126,7 @@ fn announcement(cfg: &Config, control: &Path) -> anyhow::Result<Option<Announce>
         return Ok(None);
     }
     let routes = vip::announced(a.table).context("reading the announce table")?;
-    let announced: Vec<_> = a
-        .vips
-        .iter()
-        .copied()
-        .filter(|v| routes.contains(v))
-        .collect();
+    let announced = vip::among(&a.vips, &routes);
     let state = match control::request(control, &Request::Host { drain: None }, TIMEOUT) {
         Ok(r) => r.message,
         Err(control::ControlError::Refused(_)) => {

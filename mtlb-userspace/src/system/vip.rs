@@ -180,39 +180,76 @@ pub fn announced(table: u32) -> io::Result<Vec<IpAddr>> {
     Ok(found)
 }
 
-/// Announces `vip`: its host route in `table` (replaced if there).
-pub fn announce(table: u32, vip: IpAddr) -> io::Result<()> {
-    let mut nl = Rtnl::open()?;
-    nl.request(
-        RouteNetlinkMessage::NewRoute(route(table, vip)),
-        NLM_F_CREATE | NLM_F_REPLACE,
-    )
+/// Of `vips`, those `found` in the announce table, in `vips`' order.
+pub fn among(vips: &[IpAddr], found: &[IpAddr]) -> Vec<IpAddr> {
+    vips.iter().copied().filter(|v| found.contains(v)).collect()
 }
 
-/// Withdraws `vip`: deletes every host route to it from `table`, whoever
-/// wrote it (none is fine).
-pub fn withdraw(table: u32, vip: IpAddr) -> io::Result<()> {
-    let mut nl = Rtnl::open()?;
-    // Only the destination and the table: the kernel matches a delete on
-    // every field it is given, and a route of another protocol, scope or
-    // device left in the table would stay announced.
-    let mut m = RouteMessage::default();
-    m.header.address_family = family(vip);
-    m.header.destination_prefix_length = host_len(vip);
-    m.header.scope = RouteScope::NoWhere;
-    m.attributes = vec![
-        RouteAttribute::Table(table),
-        RouteAttribute::Destination(RouteAddress::from(vip)),
-    ];
-    // A route added twice under other attributes is deleted once each.
-    for _ in 0..16 {
-        match nl.request(RouteNetlinkMessage::DelRoute(m.clone()), 0) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-            Err(e) => return Err(e),
-            Ok(()) => {}
+/// Announces (`announce`) or withdraws each of `vips` in `table`, every
+/// one tried over one socket; the ones that failed, with why.
+pub fn write(table: u32, vips: &[IpAddr], announce: bool) -> Vec<(IpAddr, io::Error)> {
+    let mut nl = match Rtnl::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            return vips
+                .iter()
+                .map(|&v| (v, io::Error::new(e.kind(), e.to_string())))
+                .collect();
         }
+    };
+    vips.iter()
+        .filter_map(|&v| {
+            let r = if announce {
+                nl.announce(table, v)
+            } else {
+                nl.withdraw(table, v)
+            };
+            r.err().map(|e| (v, e))
+        })
+        .collect()
+}
+
+impl Rtnl {
+    /// `vip`'s host route in `table` (replaced if there).
+    fn announce(&mut self, table: u32, vip: IpAddr) -> io::Result<()> {
+        self.request(
+            RouteNetlinkMessage::NewRoute(route(table, vip)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
     }
-    Ok(())
+
+    /// Deletes every host route to `vip` from `table`, whoever wrote it
+    /// (none is fine).
+    fn withdraw(&mut self, table: u32, vip: IpAddr) -> io::Result<()> {
+        // Only the destination and the table: the kernel matches a delete
+        // on every field it is given, and a route of another protocol,
+        // scope or device left in the table would stay announced.
+        let mut m = RouteMessage::default();
+        m.header.address_family = family(vip);
+        m.header.destination_prefix_length = host_len(vip);
+        m.header.scope = RouteScope::NoWhere;
+        m.attributes = vec![
+            RouteAttribute::Table(table),
+            RouteAttribute::Destination(RouteAddress::from(vip)),
+        ];
+        // A route added twice under other attributes is deleted once each.
+        for _ in 0..16 {
+            match self.request(RouteNetlinkMessage::DelRoute(m.clone()), 0) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first failure of a [`write`], as an error naming its VIP.
+pub fn first_failure(failed: Vec<(IpAddr, io::Error)>) -> io::Result<()> {
+    match failed.into_iter().next() {
+        Some((v, e)) => Err(io::Error::new(e.kind(), format!("{v}: {e}"))),
+        None => Ok(()),
+    }
 }
 
 /// Takes mtlb off the announcement for good (`mtlb remove`): every route
@@ -225,9 +262,7 @@ pub fn retire(table: u32, vips: &[IpAddr]) -> io::Result<Vec<IpAddr>> {
             gone.push(v);
         }
     }
-    for &v in &gone {
-        withdraw(table, v)?;
-    }
+    first_failure(write(table, &gone, false))?;
     remove_local(vips)?;
     Ok(gone)
 }
