@@ -49,7 +49,7 @@ pub use replica::*;
 
 use std::{
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -91,6 +91,31 @@ pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `f` while another thread checks `holds` every 10 ms (for a state
+/// that must never lapse, e.g. a route across an agent restart; at most
+/// 100,000 readings); returns what `f` returned, the readings and those in
+/// which `holds` was false.
+pub fn sampling<T>(holds: impl Fn() -> bool + Sync, f: impl FnOnce() -> T) -> (T, usize, usize) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            let (mut readings, mut lapses) = (0, 0);
+            while !done.load(Ordering::Relaxed) && readings < 100_000 {
+                readings += 1;
+                if !holds() {
+                    lapses += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (readings, lapses)
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        let (readings, lapses) = w.join().unwrap();
+        (r, readings, lapses)
+    })
 }
 
 /// A number unique within this test process, for names of namespaces,

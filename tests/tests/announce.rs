@@ -32,10 +32,6 @@ fn announced(ns: &Netns) -> bool {
     routes(ns) == [VIP4, VIP6]
 }
 
-fn announced_in(netns: &str) -> bool {
-    announce_routes(netns) == [VIP4, VIP6]
-}
-
 /// The addresses on the namespace's `lo`.
 fn lo_addresses(ns: &Netns) -> String {
     let o = Command::new("ip")
@@ -163,30 +159,19 @@ fn restarts_keep_the_route_and_remove_takes_it() {
     );
     // The route is read every 10 ms all through the next agent's start,
     // until it has taken over and its replicas are UP.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watch = {
-        let (name, done) = (ns.name.clone(), done.clone());
-        std::thread::spawn(move || {
-            let (mut readings, mut gaps) = (0, 0);
-            while !done.load(std::sync::atomic::Ordering::Relaxed) && readings < 10_000 {
-                readings += 1;
-                if !announced_in(&name) {
-                    gaps += 1;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (readings, gaps)
-        })
-    };
-    let agent = ns.agent(&["--config", &file]);
-    agent.wait_for("announced as the last agent left it; taking the decision over");
-    agent.wait_state("mtp1", State::Up);
-    agent.wait_state("mtp2", State::Up);
-    // That nothing is withdrawn can only be seen over time: past twice
-    // fall_ms, a withdrawal would have happened.
-    std::thread::sleep(scaled(Duration::from_millis(600)));
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (readings, gaps) = watch.join().unwrap();
+    let (agent, readings, gaps) = sampling(
+        || announced(&ns),
+        || {
+            let agent = ns.agent(&["--config", &file]);
+            agent.wait_for("announced as the last agent left it; taking the decision over");
+            agent.wait_state("mtp1", State::Up);
+            agent.wait_state("mtp2", State::Up);
+            // That nothing is withdrawn can only be seen over time: past
+            // twice fall_ms, a withdrawal would have happened.
+            std::thread::sleep(scaled(Duration::from_millis(600)));
+            agent
+        },
+    );
     assert_eq!(gaps, 0, "{gaps} of {readings} readings without the route");
     assert!(!agent.log().contains("withdrawing"), "{}", agent.log());
 

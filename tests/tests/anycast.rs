@@ -53,36 +53,6 @@ fn no_client_failed(loops: [RunningLoop; 2], what: &str) -> Vec<usize> {
     hosts
 }
 
-/// Runs `f` while the router's route to `vip` is read every 10 ms;
-/// returns what `f` returned and the readings whose nexthops were not
-/// `want`.
-fn watching<T>(
-    lab: &Lab,
-    vip: std::net::IpAddr,
-    want: Vec<std::net::IpAddr>,
-    f: impl FnOnce() -> T,
-) -> (T, usize) {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let w = s.spawn(|| {
-            let mut off = 0;
-            for _ in 0..100_000 {
-                if done.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                if lab.nexthops(vip) != want {
-                    off += 1;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            off
-        });
-        let r = f();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (r, w.join().unwrap())
-    })
-}
-
 /// Issue 22's acceptance with mtlb on two hosts: each host is announced
 /// while its replicas serve, withdrawn when they all stop (within fall +
 /// 1 s) and by `mtlb host drain` (before any replica is touched; the host
@@ -190,21 +160,24 @@ fn hosts_are_announced_while_they_can_serve() {
     // kill -9 of host 0's agent: the route stays, host 0 still serves,
     // the next agent takes over without a withdrawal.
     let both = lab.addrs(VIP4, [0, 1]);
-    let ((), off) = watching(&lab, VIP4, both, || {
-        a.agent.kill9();
-        wait_until("host 0 serves without its agent", || {
-            spread(&lab, VIP4, 10)[0] > 0
-        });
-        a.agent = lab.host(0).ns.agent(&["--config", &a.file]);
-        a.agent
-            .wait_for("announced as the last agent left it; taking the decision over");
-        a.agent.wait_state("mtp1", State::Up);
-        a.agent.wait_state("mtp2", State::Up);
-        // That nothing is withdrawn can only be seen over time: a
-        // withdrawal would come fall_ms after the first checks at the
-        // latest.
-        std::thread::sleep(scaled(Duration::from_millis(2 * FALL_MS)));
-    });
+    let ((), _, off) = sampling(
+        || lab.nexthops(VIP4) == both,
+        || {
+            a.agent.kill9();
+            wait_until("host 0 serves without its agent", || {
+                spread(&lab, VIP4, 10)[0] > 0
+            });
+            a.agent = lab.host(0).ns.agent(&["--config", &a.file]);
+            a.agent
+                .wait_for("announced as the last agent left it; taking the decision over");
+            a.agent.wait_state("mtp1", State::Up);
+            a.agent.wait_state("mtp2", State::Up);
+            // That nothing is withdrawn can only be seen over time: a
+            // withdrawal would come fall_ms after the first checks at the
+            // latest.
+            std::thread::sleep(scaled(Duration::from_millis(2 * FALL_MS)));
+        },
+    );
     assert_eq!(off, 0, "readings of the router without host 0");
     assert!(!a.agent.log().contains("withdrawing"), "{}", a.agent.log());
 
