@@ -46,6 +46,8 @@ fn build() -> anyhow::Result<()> {
     // (or shared with one) watches this checkout's sources, not those it
     // was built from.
     println!("cargo:rerun-if-changed=../{PACKAGE}");
+    // The programs are built from mtlb-common too.
+    println!("cargo:rerun-if-changed=../mtlb-common");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?);
     let target = match env::var("CARGO_CFG_TARGET_ENDIAN")
