@@ -85,17 +85,51 @@ pub struct Backend {
 /// `agent::heal`). `established` counts steered connections from
 /// establishment until they reach TCP_CLOSE.
 ///
-/// 64 bytes, one cache line per slot (the mmapable array starts on a page
-/// and has no gaps): CPUs counting for different replicas do not bounce one
-/// line between them. Padded by hand rather than `align(64)`: the BPF stack
-/// is 8-byte aligned.
+/// `weight` is what the pick reads instead of BACKENDS, LISTENERS and
+/// STOPPING for each slot: the slot's weight while it may be picked
+/// (enabled, with a weight, holding a listener), 0 while it may not. The
+/// agent writes it with each change of the slot's backend entry; the
+/// listen hook sets it from the backend entry when a listener registers,
+/// and the close of a registered listener sets it to 0, so a replica that
+/// dies or comes back is seen without waiting for the agent. It only
+/// narrows the scan: the slot picked is still checked against its
+/// listener, its verification and the stop mark before it gets a
+/// connection. Plain 4-byte stores, each writer for the slot's own field:
+/// no read-modify-write across slots.
+///
+/// 64 bytes, one cache line per slot (the table starts on a page and has no
+/// gaps): CPUs counting for different replicas do not bounce one line
+/// between them, and a pick reads one line per slot. Padded by hand rather
+/// than `align(64)`: the BPF stack is 8-byte aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conns {
     pub handshakes: u64,
     pub established: u64,
-    pub _pad: [u64; 6],
+    pub weight: u32,
+    pub _pad32: u32,
+    pub _pad: [u64; 5],
 }
+
+/// The one value of the `CONNS` map (BPF_F_MMAPABLE): every slot's counts
+/// in one array, so that sk_lookup makes one map lookup for all slots and
+/// indexes the rest (a lookup in each of four maps for each slot was most
+/// of a pick's cost).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnsTable {
+    pub slots: [Conns; MAX_REPLICAS as usize],
+}
+
+impl Default for ConnsTable {
+    fn default() -> Self {
+        Self {
+            slots: [Conns::default(); MAX_REPLICAS as usize],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Conns>() == 64);
 
 impl Conns {
     /// Handshakes in flight, never below zero (see above).
@@ -106,6 +140,11 @@ impl Conns {
     /// Connections now: established plus handshakes in flight.
     pub fn active(&self) -> u64 {
         self.established + self.handshakes_now()
+    }
+
+    /// No connection and no handshake counted (whatever the weight).
+    pub fn is_empty(&self) -> bool {
+        self.handshakes == 0 && self.established == 0
     }
 }
 
@@ -267,7 +306,11 @@ pub const MAX_OWNER_PIDS: u32 = 4096;
 
 /// Key of the flow table: remote and local address (IPv4-mapped for IPv4,
 /// network byte order) and ports in host byte order.
-#[repr(C)]
+///
+/// Aligned to 4 (its size stays 36): the BPF target has no unaligned
+/// loads, so with the byte arrays' alignment of 1 LLVM copies a key byte
+/// by byte (a 36-step loop in sk_lookup for each LAST write).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowKey {
     pub remote_addr: [u8; 16],
@@ -464,6 +507,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Conns {}
+    unsafe impl aya::Pod for ConnsTable {}
     unsafe impl aya::Pod for Listener {}
     unsafe impl aya::Pod for SockTag {}
     unsafe impl aya::Pod for FlowKey {}

@@ -10,7 +10,8 @@
 //! * LISTENERS, SOCKETS: the listen hook, and the agent when it adopts a
 //!   replica that was listening before it started.
 //! * CONNS: atomic adds only, by the programs, and the agent's clamp of
-//!   handshakes (compare-and-swap).
+//!   handshakes (compare-and-swap); each slot's `weight` by plain stores
+//!   (the agent, the listen hook, a listener's close).
 //! * STATS, SLOT_TOTALS: per-CPU, the programs only.
 //! * OWNER_PIDS: the agent. STOPPING: the signal program sets a mark, the
 //!   agent clears it (whole-value writes; a mark is only ever replaced by
@@ -35,10 +36,22 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 pub static BACKENDS: Array<Backend, { MAX_REPLICAS as usize }> = Array::new();
 
 /// Mmapable: the agent clamps handshakes with atomic operations on the
-/// shared page, as the programs add with atomic instructions.
+/// shared page, as the programs add with atomic instructions. One value
+/// holding every slot (see `ConnsTable`).
 #[btf_map]
-pub static CONNS: Array<Conns, { MAX_REPLICAS as usize }, { BPF_F_MMAPABLE as usize }> =
-    Array::new();
+pub static CONNS: Array<ConnsTable, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+/// Slot `slot`'s line of CONNS.
+#[inline(always)]
+pub fn conns_of(slot: u32) -> Option<*mut Conns> {
+    let t = CONNS.get_ptr_mut(0)?;
+    if slot >= MAX_REPLICAS {
+        return None;
+    }
+    // In bounds of the one value: the verifier checks slot * 64 + the
+    // field's offset against the value size.
+    Some(unsafe { (&raw mut (*t).slots).cast::<Conns>().add(slot as usize) })
+}
 
 #[btf_map]
 pub static LISTENERS: Array<Listener, { MAX_REPLICAS as usize }> = Array::new();

@@ -10,7 +10,7 @@
 //! returns at once.
 
 use crate::{
-    maps::{LISTENERS, OWNER_PIDS, STOPPING},
+    maps::{LISTENERS, OWNER_PIDS, STOPPING, conns_of},
     shared::{add, send},
 };
 use aya_ebpf::{
@@ -81,6 +81,12 @@ fn mark(slot: u32, pid: u32, sig: u32, now: u64) {
         core::ptr::write_volatile(&raw mut (*m).cookie, cookie);
     }
     add(unsafe { &raw mut (*m).marks }, 1);
+    // Out of the pick at once (sk_lookup would skip it anyway, after a
+    // pick wasted on it); the agent gives the weight back if it clears
+    // the mark.
+    if let Some(c) = conns_of(slot) {
+        unsafe { core::ptr::write_volatile(&raw mut (*c).weight, 0) };
+    }
     send(ListenEvent {
         kind: EV_STOPPING,
         slot,

@@ -7,7 +7,7 @@
 //! bounds them (see Conns). Sockets outside the cgroup never run it.
 
 use crate::{
-    maps::{CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SK_TAGS, SLOT_TOTALS, SOCKETS},
+    maps::{BACKENDS, FLOWS, LAST, LISTENERS, RUNTIME, SK_TAGS, SLOT_TOTALS, SOCKETS, conns_of},
     shared::{add, ctx_addr, in_our_netns, replica_slot, send, settings, stat},
 };
 use aya_ebpf::{
@@ -104,7 +104,7 @@ fn on_request(ctx: &SockOpsContext) {
     if let Some(last) = LAST.get_ptr_mut(0) {
         unsafe { (*last).slot = u32::MAX };
     }
-    if let Some(c) = CONNS.get_ptr_mut(slot) {
+    if let Some(c) = conns_of(slot) {
         add(unsafe { &raw mut (*c).handshakes }, 1);
     }
 }
@@ -209,6 +209,14 @@ fn on_listen(ctx: &SockOpsContext) {
         how: REG_LISTEN_HOOK,
     };
     let _ = LISTENERS.set(slot, lst, BPF_ANY as u64);
+    // With checks off, or for the very listener the agent verified (one
+    // registered again), the slot may be picked at once; a new listener
+    // waits for the agent's check, which then gives the weight back.
+    if let (Some(b), Some(c)) = (BACKENDS.get(slot), conns_of(slot)) {
+        if b.enabled != 0 && (s.require_verified == 0 || b.listener_cookie == cookie) {
+            unsafe { core::ptr::write_volatile(&raw mut (*c).weight, b.weight) };
+        }
+    }
     event(EV_REGISTERED, slot, cookie, family, port, &local);
     // Ask for the state callback so the slot is cleared the moment this
     // listener closes (the kernel already drops it from the sockmap), and
@@ -250,6 +258,14 @@ fn is_wildcard(a: &[u8; 16]) -> bool {
 /// not counted.
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
+    let Some(s) = settings() else { return };
+    // On the cgroup root (no replica_cgroup) every connection any server
+    // of the host accepts comes here: those on neither the balanced port
+    // nor a replica port leave before the socket-storage lookup.
+    let port = ctx.local_port();
+    if port != s.port as u32 && replica_slot(s, port).is_none() {
+        return;
+    }
     let sk = sk_of(ctx);
     if sk.is_null() {
         return;
@@ -257,12 +273,11 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(tag) = SK_TAGS.get(sk.cast()) else {
         return;
     };
-    let Some(s) = settings() else { return };
     let tag = unsafe { &mut *tag };
     if tag.state != TAG_LISTENER {
         return;
     }
-    if ctx.local_port() != s.port as u32 || tag.slot >= MAX_REPLICAS {
+    if port != s.port as u32 || tag.slot >= MAX_REPLICAS {
         tag.state = TAG_IGNORED;
         // Children inherit the listener's header-option flag; a direct
         // connection needs no callbacks at all.
@@ -275,7 +290,7 @@ fn on_established(ctx: &SockOpsContext) {
     // was charged). The tag, cloned from the listener, is also how the
     // agent attributes this connection's bytes at scrape time (sock_diag
     // reads socket storage): nothing else is kept per connection.
-    if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+    if let Some(c) = conns_of(tag.slot) {
         add(unsafe { &raw mut (*c).handshakes }, (-1i64) as u64);
         add(unsafe { &raw mut (*c).established }, 1);
     }
@@ -313,8 +328,12 @@ fn on_state(ctx: &SockOpsContext) {
                 // at their next segment): none of them will establish.
                 // A plain store: a SYN charged on another CPU meanwhile
                 // is lost with it, which the agent's clamp tolerates.
-                if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
-                    unsafe { core::ptr::write_volatile(&raw mut (*c).handshakes, 0) };
+                if let Some(c) = conns_of(tag.slot) {
+                    unsafe {
+                        core::ptr::write_volatile(&raw mut (*c).handshakes, 0);
+                        // Not picked until a listener is back.
+                        core::ptr::write_volatile(&raw mut (*c).weight, 0);
+                    }
                 }
             }
         }
@@ -335,7 +354,7 @@ fn on_state(ctx: &SockOpsContext) {
         // TCP_CLOSE is entered once per socket, and the socket lock
         // serialises callbacks: this runs once per counted connection.
         tag.state = TAG_CLOSED;
-        if let Some(c) = CONNS.get_ptr_mut(tag.slot) {
+        if let Some(c) = conns_of(tag.slot) {
             add(unsafe { &raw mut (*c).established }, (-1i64) as u64);
         }
         // The connection's final byte counts move into its replica's

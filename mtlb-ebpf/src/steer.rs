@@ -3,7 +3,8 @@
 
 use crate::{
     maps::{
-        ADDRESSES, BACKENDS, CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SLOT_TOTALS, SOCKETS, STOPPING,
+        ADDRESSES, BACKENDS, CONNS, FLOWS, LAST, LISTENERS, RUNTIME, SLOT_TOTALS, SOCKETS,
+        STOPPING, conns_of,
     },
     shared::{IPPROTO_TCP, add, ctx_addr, replica_slot, settings, stat},
 };
@@ -13,9 +14,7 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mtlb_common::{
-    AF_INET, AF_INET6, FlowKey, LastChoice, MAX_ATTEMPTS, MAX_REPLICAS, Settings, stat,
-};
+use mtlb_common::{AF_INET, AF_INET6, Conns, FlowKey, MAX_ATTEMPTS, MAX_REPLICAS, Settings, stat};
 
 /// sk_lookup verdicts (enum sk_action).
 const SK_DROP: u32 = 0;
@@ -85,14 +84,14 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
         if let Some(slot) = unsafe { FLOWS.get(&key) }.copied() {
             // A drained or failed replica takes no flow, remembered or not
             // (a cookie handshake in flight then fails and is retried).
-            if slot < MAX_REPLICAS && steerable(s, slot) {
+            if slot < MAX_REPLICAS && steerable(s, family, slot) {
                 if assign(ctx, slot) {
                     stat(stat::FLOW_HITS);
                     // The usual hit is the ACK of a SYN-cookie handshake:
                     // no request socket was created for its SYN, so its
                     // handshake counts from here (its child takes the -1).
                     assigned(slot);
-                    if let Some(c) = CONNS.get_ptr_mut(slot) {
+                    if let Some(c) = conns_of(slot) {
                         add(unsafe { &raw mut (*c).handshakes }, 1);
                     }
                     return SK_PASS;
@@ -102,30 +101,61 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
         }
     }
 
-    let mut attempt = 0;
-    while attempt < MAX_ATTEMPTS {
-        let Some(slot) = pick(s, family, tried) else {
-            break;
-        };
-        tried |= 1u64 << slot;
-        if assign(ctx, slot) {
-            if track && FLOWS.insert(&key, &slot, BPF_ANY as u64).is_err() {
-                stat(stat::FLOW_TABLE_FULL);
+    let n = s.replicas as u32;
+    if n > 0 && n <= MAX_REPLICAS {
+        if let Some(table) = CONNS.get_ptr(0) {
+            let lines = unsafe { (&raw const (*table).slots).cast::<Conns>() };
+            // Past SCAN_MAX replicas, two random choices first; the exact
+            // scan only when they find nothing that takes the connection.
+            if n > SCAN_MAX
+                && let Some(slot) = pick_two(lines, n, tried)
+            {
+                tried |= 1u64 << (slot & 63);
+                if take(ctx, s, family, slot, &key, track) {
+                    return SK_PASS;
+                }
             }
-            // Hand the choice to the sock_ops callbacks that run next on
-            // this CPU for the same SYN.
-            if let Some(last) = LAST.get_ptr_mut(0) {
-                unsafe { *last = LastChoice { key, slot } };
+            let mut attempt = 0;
+            while attempt < MAX_ATTEMPTS {
+                let Some(slot) = scan(lines, s, tried) else {
+                    break;
+                };
+                tried |= 1u64 << (slot & 63);
+                attempt += 1;
+                if take(ctx, s, family, slot, &key, track) {
+                    return SK_PASS;
+                }
             }
-            assigned(slot);
-            return SK_PASS;
         }
-        attempt += 1;
     }
     stat(stat::NO_BACKEND);
     // Refuse at once: the client gets a RST instead of waiting for a SYN
     // retransmit timeout.
     SK_DROP
+}
+
+/// Gives the connection to `slot` if it may take it: the pick read only
+/// the slots' weights, so the one picked is checked against its maps
+/// first. Records the flow while SYN cookies are about, and the choice for
+/// the sock_ops callbacks of the same SYN.
+#[inline(always)]
+fn take(
+    ctx: &SkLookupContext,
+    s: &Settings,
+    family: u32,
+    slot: u32,
+    key: &FlowKey,
+    track: bool,
+) -> bool {
+    if !steerable(s, family, slot) || !assign(ctx, slot) {
+        return false;
+    }
+    if track && FLOWS.insert(key, &slot, BPF_ANY as u64).is_err() {
+        stat(stat::FLOW_TABLE_FULL);
+    }
+    remember(key, slot);
+    assigned(slot);
+    true
 }
 
 /// Counts a connection handed to `slot` (SLOT_TOTALS.assigned). Its
@@ -141,10 +171,11 @@ fn assigned(slot: u32) {
     }
 }
 
-/// Whether a remembered flow may still go to `slot`: enabled, and its
-/// listener the one the agent verified (as `pick` requires).
+/// Whether `slot` may take this connection as its maps say now: enabled,
+/// holding a listener for the family, the listener the agent verified (with
+/// checks on) and not told to stop.
 #[inline(always)]
-fn steerable(s: &Settings, slot: u32) -> bool {
+fn steerable(s: &Settings, family: u32, slot: u32) -> bool {
     let Some(b) = BACKENDS.get(slot) else {
         return false;
     };
@@ -154,7 +185,33 @@ fn steerable(s: &Settings, slot: u32) -> bool {
     let Some(l) = LISTENERS.get(slot) else {
         return false;
     };
-    (s.require_verified == 0 || l.cookie == b.listener_cookie) && !stopping(slot, l.cookie)
+    if l.cookie == 0 || (s.require_verified != 0 && l.cookie != b.listener_cookie) {
+        return false;
+    }
+    // An AF_INET listener cannot take an IPv6 connection.
+    if family == AF_INET6 as u32 && l.family == AF_INET {
+        return false;
+    }
+    !stopping(slot, l.cookie)
+}
+
+/// Hands the choice to the sock_ops callbacks that run next on this CPU
+/// for the same SYN (LAST). Word by word: a struct assignment here becomes
+/// a byte-by-byte memmove loop on the BPF target.
+#[inline(always)]
+fn remember(key: &FlowKey, slot: u32) {
+    let Some(last) = LAST.get_ptr_mut(0) else {
+        return;
+    };
+    const WORDS: usize = core::mem::size_of::<FlowKey>() / 4;
+    let src = core::ptr::from_ref(key).cast::<u32>();
+    let dst = last.cast::<u32>();
+    let mut w = 0;
+    while w < WORDS {
+        unsafe { core::ptr::write_volatile(dst.add(w), *src.add(w)) };
+        w += 1;
+    }
+    unsafe { core::ptr::write_volatile(&raw mut (*last).slot, slot) };
 }
 
 /// Whether a stop signal marked the slot's listener `cookie` (see
@@ -178,16 +235,25 @@ fn tracking_flows() -> bool {
     }
 }
 
-/// Least connections / weight among enabled slots with a live listener that
-/// can take this family, skipping `tried`. The scan starts at a random slot
-/// and only a strictly smaller load replaces the best, so ties are broken at
-/// random instead of always favouring the lowest slot.
+/// Least connections / weight among the replicas' slots with a weight in
+/// CONNS (see `Conns`), skipping `tried`: one cache line per slot. The scan
+/// starts at a random slot and only a strictly smaller load replaces the
+/// best, so ties are broken at random instead of always favouring the
+/// lowest slot.
 #[inline(always)]
-fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
-    let n = s.replicas as u32;
+fn scan(lines: *const Conns, s: &Settings, tried: u64) -> Option<u32> {
+    // Read again and bounded here rather than passed in: the scan is
+    // reached with n known to different ranges (past SCAN_MAX or not), and
+    // the verifier walks a loop once for each such state; from the map,
+    // n is the same unknown every time and the walks are pruned.
+    let n = unsafe { core::ptr::read_volatile(&s.replicas) } as u32;
     if n == 0 || n > MAX_REPLICAS {
         return None;
     }
+    // A modulo, not `below`: the verifier cannot bound its result, and a
+    // start it knows nothing of keeps the states of the scan's iterations
+    // alike enough to be pruned (a bounded start made every iteration a
+    // state of its own and the attempts loop past the verifier's limit).
     let start = unsafe { bpf_get_prandom_u32() } % n;
     let mut best: Option<u32> = None;
     let mut best_load: u64 = 0;
@@ -205,38 +271,14 @@ fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
         if tried & (1u64 << (i & 63)) != 0 {
             continue;
         }
-        let Some(b) = BACKENDS.get(i) else { continue };
-        if b.enabled == 0 || b.weight == 0 {
+        // Bounds the index for the verifier (n <= MAX_REPLICAS already).
+        if i >= MAX_REPLICAS {
+            break;
+        }
+        let (load, w) = line(lines, i);
+        if w == 0 {
             continue;
         }
-        let Some(lst) = LISTENERS.get(i) else {
-            continue;
-        };
-        if lst.cookie == 0 {
-            continue;
-        }
-        // A listener the agent has not verified yet (a replica that just
-        // came back) proves itself with a check before it gets clients.
-        if s.require_verified != 0 && b.listener_cookie != lst.cookie {
-            continue;
-        }
-        // An AF_INET listener cannot take an IPv6 connection.
-        if family == AF_INET6 as u32 && lst.family == AF_INET {
-            continue;
-        }
-        if stopping(i, lst.cookie) {
-            continue;
-        }
-        let Some(c) = CONNS.get_ptr(i) else { continue };
-        // Plain reads of counters other CPUs add to atomically: a stale
-        // value only makes this choice slightly less exact.
-        // handshakes may dip below zero for a moment (see Conns): as i64,
-        // clamped.
-        let load = unsafe {
-            let h = core::ptr::read_volatile(&(*c).handshakes) as i64;
-            (if h > 0 { h as u64 } else { 0 }) + core::ptr::read_volatile(&(*c).established)
-        };
-        let w = b.weight as u64;
         // load/w < best_load/best_weight without division.
         if best.is_none() || load * best_weight < best_load * w {
             best = Some(i);
@@ -245,6 +287,66 @@ fn pick(s: &Settings, family: u32, tried: u64) -> Option<u32> {
         }
     }
     best
+}
+
+/// Above this many replicas the pick compares two slots drawn at random
+/// (the power of two choices) instead of scanning them all: the scan costs
+/// a cache line per slot on every new connection, and two random choices
+/// keep the loads within a small constant of each other whatever the
+/// number of replicas. At or below it the pick is exact least
+/// connections.
+const SCAN_MAX: u32 = 8;
+
+/// A random number in [0, n): the high half of a 32-bit random times `n`
+/// (no division; the verifier follows the bounds of a multiply and a shift,
+/// not of a modulo, and LLVM would drop a mask it knows changes nothing).
+#[inline(always)]
+fn below(n: u32) -> u32 {
+    ((unsafe { bpf_get_prandom_u32() } as u64 * n as u64) >> 32) as u32
+}
+
+/// (load, weight) of slot `i`'s line (`i` < MAX_REPLICAS).
+#[inline(always)]
+fn line(lines: *const Conns, i: u32) -> (u64, u64) {
+    let c = unsafe { lines.add(i as usize) };
+    // Plain reads of counters other CPUs add to atomically: a stale value
+    // only makes this choice slightly less exact. handshakes may dip below
+    // zero for a moment (see Conns): as i64, clamped.
+    unsafe {
+        let w = core::ptr::read_volatile(&raw const (*c).weight) as u64;
+        let h = core::ptr::read_volatile(&raw const (*c).handshakes) as i64;
+        let e = core::ptr::read_volatile(&raw const (*c).established);
+        ((if h > 0 { h as u64 } else { 0 }) + e, w)
+    }
+}
+
+/// The less loaded (per weight) of two different random slots, of those
+/// of the two that have a weight and are not in `tried`; None when neither
+/// (the scan then looks at every slot).
+#[inline(always)]
+fn pick_two(lines: *const Conns, n: u32, tried: u64) -> Option<u32> {
+    let a = below(n);
+    // b uniform over the other n - 1 slots.
+    let mut b = below(n - 1);
+    if b >= a {
+        b += 1;
+    }
+    // Read back through memory: LLVM knows both are below n and would
+    // drop the test, which the verifier needs to bound the indexes.
+    let (a, b) = unsafe { (core::ptr::read_volatile(&a), core::ptr::read_volatile(&b)) };
+    if a >= MAX_REPLICAS || b >= MAX_REPLICAS {
+        return None;
+    }
+    let (la, wa) = line(lines, a);
+    let (lb, wb) = line(lines, b);
+    let ok_a = wa != 0 && tried & (1u64 << a) == 0;
+    let ok_b = wb != 0 && tried & (1u64 << b) == 0;
+    match (ok_a, ok_b) {
+        (true, true) => Some(if lb * wa < la * wb { b } else { a }),
+        (true, false) => Some(a),
+        (false, true) => Some(b),
+        (false, false) => None,
+    }
 }
 
 /// Assigns the slot's listener to this lookup. false when the socket is

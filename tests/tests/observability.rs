@@ -255,6 +255,7 @@ fn bpftool_dumps_readable_maps() {
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
     let agent = ns.agent(&[]);
+    agent.wait_state("mtp1", State::Up);
     agent.wait_state("mtp2", State::Up);
     let _held: Vec<_> = (0..3).map(|_| connect(BALANCED).unwrap()).collect();
     let dump = |map: &str| -> serde_json::Value {
@@ -277,16 +278,16 @@ fn bpftool_dumps_readable_maps() {
             .map(|e| e["formatted"].clone())
             .collect()
     };
+    // One value: every slot's line, with the weight the pick sees.
     let conns = dump("CONNS");
-    let est: u64 = conns
-        .as_array()
-        .unwrap()
+    let slots = conns[0]["value"]["slots"].as_array().unwrap();
+    let est: u64 = slots
         .iter()
-        .map(|e| {
-            e["value"]["established"].as_u64().unwrap() + e["value"]["handshakes"].as_u64().unwrap()
-        })
+        .map(|c| c["established"].as_u64().unwrap() + c["handshakes"].as_u64().unwrap())
         .sum();
     assert_eq!(est, 3);
+    assert_eq!(slots[0]["weight"], 1, "mtp1 UP: picked with its weight");
+    assert_eq!(slots[2]["weight"], 0, "no third replica");
     let listeners = dump("LISTENERS");
     let l0 = &listeners[0]["value"];
     assert_eq!(l0["port"], 10000);

@@ -127,7 +127,7 @@ fn syn_burst_spreads_evenly() {
 fn no_leaks_after_fin_rst_and_failed_handshakes() {
     let (ns, agent, _a, _b) = setup_short_handshakes();
     let maps = agent.maps();
-    let zero = |c: &[Conns]| c.iter().all(|c| *c == Conns::default());
+    let zero = |c: &[Conns]| c.iter().all(Conns::is_empty);
 
     // FIN: the client closes, the replica closes on EOF.
     let held = hold(10);
@@ -178,7 +178,7 @@ fn handshakes_that_never_complete_do_not_leak() {
     let c = (conns(&maps, 0), conns(&maps, 1));
     assert_eq!((c.0.handshakes, c.1.handshakes), (4, 4), "in-flight split");
     wait_counts(&maps, 2, "stuck handshakes expired", |c| {
-        c.iter().all(|c| *c == Conns::default())
+        c.iter().all(Conns::is_empty)
     });
     ns.nft("delete table inet mtlbtest");
     drop(socks);
@@ -206,7 +206,7 @@ fn full_accept_queue_does_not_leak() {
     a.stop_listening();
     b.stop_listening();
     wait_counts(&maps, 2, "listeners closed", |c| {
-        c.iter().all(|c| *c == Conns::default())
+        c.iter().all(Conns::is_empty)
     });
 }
 
@@ -228,9 +228,7 @@ fn syn_cookies_keep_replica_and_counts() {
     assert_eq!(c0.established + c1.established, 20);
     assert_eq!(c0.handshakes + c1.handshakes, 0);
     drop(held);
-    wait_counts(&maps, 2, "closed", |c| {
-        c.iter().all(|c| *c == Conns::default())
-    });
+    wait_counts(&maps, 2, "closed", |c| c.iter().all(Conns::is_empty));
 }
 
 #[test]

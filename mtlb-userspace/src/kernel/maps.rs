@@ -9,8 +9,8 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage};
 use mtlb_common::{
-    Backend, Conns, Listener, MAX_REPLICAS, Runtime, Settings, SlotTotals, SockTag, Status,
-    Stopping, stat,
+    Backend, Conns, ConnsTable, Listener, MAX_REPLICAS, Runtime, Settings, SlotTotals, SockTag,
+    Status, Stopping, stat,
 };
 use std::{
     os::fd::AsFd,
@@ -105,7 +105,8 @@ pub mod names {
 pub struct Maps {
     settings: Array<MapData, Settings>,
     backends: Array<MapData, Backend>,
-    conns: Array<MapData, Conns>,
+    /// Kept open for the mapping below.
+    _conns: MapData,
     listeners: Array<MapData, Listener>,
     addresses: HashMap<MapData, [u8; 16], u8>,
     stats: PerCpuArray<MapData, u64>,
@@ -140,7 +141,7 @@ struct SharedConns {
 impl SharedConns {
     fn map(m: &MapData) -> Result<Self, MapsError> {
         use std::os::fd::AsRawFd as _;
-        let size = std::mem::size_of::<Conns>() * MAX_REPLICAS as usize;
+        let size = std::mem::size_of::<ConnsTable>();
         let page = 4096;
         let len = size.div_ceil(page) * page;
         // SAFETY: mapping a BPF array fd; the kernel checks size and flags.
@@ -171,6 +172,32 @@ impl SharedConns {
         unsafe {
             std::sync::atomic::AtomicU64::from_ptr(std::ptr::addr_of_mut!(
                 (*self.ptr.as_ptr().add(slot as usize)).handshakes
+            ))
+        }
+    }
+
+    fn line(&self, slot: u32) -> *mut Conns {
+        assert!(slot < MAX_REPLICAS);
+        // SAFETY: in bounds of the mapping (one ConnsTable).
+        unsafe { self.ptr.as_ptr().add(slot as usize) }
+    }
+
+    /// A slot's line, each word read atomically.
+    fn read(&self, slot: u32) -> Conns {
+        use std::sync::atomic::Ordering::Relaxed;
+        Conns {
+            handshakes: self.handshakes(slot).load(Relaxed),
+            established: self.established(slot).load(Relaxed),
+            weight: self.weight(slot).load(Relaxed),
+            ..Conns::default()
+        }
+    }
+
+    fn weight(&self, slot: u32) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: as in `handshakes`; the programs store it whole.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(std::ptr::addr_of_mut!(
+                (*self.line(slot)).weight
             ))
         }
     }
@@ -260,7 +287,7 @@ impl Maps {
         Ok(Self {
             settings: open!(SETTINGS, Array, Array),
             backends: open!(BACKENDS, Array, Array),
-            conns: conv(CONNS, Array::try_from(Map::Array(conns)))?,
+            _conns: conns,
             conns_shared,
             listeners: open!(LISTENERS, Array, Array),
             addresses: open!(ADDRESSES, HashMap, HashMap),
@@ -417,7 +444,9 @@ impl Maps {
             v.cookie = 0;
         }
         v.queued += queued;
-        conv(names::STOPPING, m.set(slot, v, 0))
+        conv(names::STOPPING, m.set(slot, v, 0))?;
+        // A cleared mark gives the slot its weight back.
+        self.refresh_weight(slot)
     }
 
     /// What OWNER_PIDS holds: pid -> bitmask of slots.
@@ -502,9 +531,10 @@ impl Maps {
         Ok(())
     }
 
-    /// A slot's counts, handshakes never below zero (see [`Conns`]).
+    /// A slot's counts, handshakes never below zero (see [`Conns`]), and
+    /// the weight the pick sees.
     pub fn conns(&self, slot: u32) -> Result<Conns, MapsError> {
-        let mut c = conv(names::CONNS, self.conns.get(&slot, 0))?;
+        let mut c = self.conns_shared.read(slot);
         c.handshakes = c.handshakes_now();
         Ok(c)
     }
@@ -549,15 +579,41 @@ impl Maps {
     }
 
     fn set_listener(&mut self, slot: u32, l: Listener) -> Result<(), MapsError> {
-        conv(names::LISTENERS, self.listeners.set(slot, l, 0))
+        conv(names::LISTENERS, self.listeners.set(slot, l, 0))?;
+        self.refresh_weight(slot)
     }
 
     pub fn set_backend(&mut self, slot: u32, b: Backend) -> Result<(), MapsError> {
-        conv(names::BACKENDS, self.backends.set(slot, b, 0))
+        conv(names::BACKENDS, self.backends.set(slot, b, 0))?;
+        self.refresh_weight(slot)
+    }
+
+    /// Writes the weight the pick sees for `slot` (see [`Conns`]) from what
+    /// the maps hold now: the backend's weight if it is enabled and its
+    /// listener is there, verified (with checks on) and not told to stop;
+    /// else 0. The kernel writes the same field when a listener registers,
+    /// closes or is told to stop; sk_lookup checks its pick against the
+    /// maps themselves, so a stale weight costs a pick, never a wrong
+    /// assignment.
+    pub fn refresh_weight(&mut self, slot: u32) -> Result<(), MapsError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = self.backend(slot)?;
+        let l = self.listener(slot)?;
+        let verified = self.settings()?.require_verified == 0 || l.cookie == b.listener_cookie;
+        let stopping = self.stopping(slot)?.is_some_and(|m| m.cookie == l.cookie);
+        let w = if b.enabled != 0 && l.cookie != 0 && verified && !stopping {
+            b.weight
+        } else {
+            0
+        };
+        self.conns_shared.weight(slot).store(w, Relaxed);
+        Ok(())
     }
 
     pub fn set_settings(&mut self, s: Settings) -> Result<(), MapsError> {
-        conv(names::SETTINGS, self.settings.set(0, s, 0))
+        conv(names::SETTINGS, self.settings.set(0, s, 0))?;
+        // Whether a listener must be verified is part of every weight.
+        (0..MAX_REPLICAS).try_for_each(|slot| self.refresh_weight(slot))
     }
 
     pub fn settings(&self) -> Result<Settings, MapsError> {
