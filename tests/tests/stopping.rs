@@ -211,3 +211,59 @@ fn other_processes_and_namespaces_mark_nothing() {
         "marked by another namespace's signal"
     );
 }
+
+/// Between full scans (at registrations and UP changes) the agent looks
+/// again only at the owners it knows and their children, at the
+/// descriptor numbers the owners hold the listener at: a worker forked
+/// later inherits it there. Real processes and a real listener; a child
+/// without it, or with another socket at that number, is no owner.
+#[test]
+fn workers_forked_later_are_found_by_the_cheap_look() {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let _ns = Netns::new();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fd = l.as_raw_fd();
+    let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .unwrap()
+        .ino();
+    // Children that keep the listener at its number (cleared
+    // close-on-exec, as fork() keeps it) and one that does not get it.
+    let spawn = |keep: bool| {
+        let mut c = std::process::Command::new("sleep");
+        c.arg("30");
+        if keep {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: fcntl is async-signal-safe.
+            unsafe {
+                c.pre_exec(move || {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                    Ok(())
+                });
+            }
+        }
+        c.spawn().unwrap()
+    };
+    let mut worker = spawn(true);
+    let mut other = spawn(false);
+    let me = std::process::id();
+    let inodes = [(inode, 0b100u64)].into_iter().collect();
+    let known = [(me, vec![(fd, inode)])].into_iter().collect();
+    let found = mtlb::kernel::registry::owners_again(&inodes, &known);
+    assert_eq!(found.pids.get(&me), Some(&0b100), "the known owner");
+    assert_eq!(
+        found.pids.get(&worker.id()),
+        Some(&0b100),
+        "its child holding the listener: {found:?}"
+    );
+    assert!(!found.pids.contains_key(&other.id()), "{found:?}");
+    assert_eq!(found.fds.get(&worker.id()), Some(&vec![(fd, inode)]));
+    // Once the listener is closed nobody holds it any more.
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    drop(l);
+    let again = mtlb::kernel::registry::owners_again(&inodes, &found.fds);
+    assert!(again.pids.is_empty(), "{again:?}");
+    other.kill().unwrap();
+    other.wait().unwrap();
+}

@@ -20,7 +20,7 @@ use mtlb_common::{
 use std::net::SocketAddr;
 
 /// pid -> bitmask of the slots whose listener it holds.
-pub(super) type OwnerPids = std::collections::HashMap<u32, u64>;
+pub(super) type OwnerPids = registry::Owners;
 
 impl Agent {
     /// Every slot's registration now, with how to show each listener.
@@ -202,10 +202,13 @@ impl Agent {
     /// (the stop-signal watch's table).
     pub(super) fn owners_found(&mut self, found: Result<OwnerPids, registry::RegistryError>) {
         let r = found.map_err(|e| report(&e)).and_then(|owners| {
-            self.dataplane
+            let r = self
+                .dataplane
                 .maps_mut()
-                .set_owner_pids(&owners)
-                .map_err(|e| report(&e))
+                .set_owner_pids(&owners.pids)
+                .map_err(|e| report(&e));
+            self.owner_fds = owners.fds;
+            r
         });
         if let Err(error) = r
             && self

@@ -162,6 +162,9 @@ pub struct Agent {
     announce_failed: throttle::Throttle<()>,
     /// A scan for the listeners' owners is asked for.
     owners_wanted: bool,
+    /// Where the owners the last scan found hold their listeners: what the
+    /// periodic look checks again (`registry::owners_again`).
+    owner_fds: crate::kernel::registry::OwnerFds,
     /// Checks the agent could not run and the announcement, shared with
     /// the stats endpoint.
     report: std::sync::Arc<crate::stats::AgentReport>,
@@ -456,6 +459,7 @@ impl Agent {
             announce_failed: throttle::Throttle::default(),
             replica_cgroup_dir: (replica_cgroup_id != 0).then_some(replica_cgroup),
             owners_wanted: false,
+            owner_fds: Default::default(),
             report,
             shown: None,
             seeded,

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::control;
 use mtlb_common::ListenEvent;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -37,6 +37,9 @@ impl Signals {
         })
     }
 }
+
+/// How often the known owners' children are looked for (see `serve`).
+const OWNERS_EVERY_MS: u64 = 30_000;
 
 fn every(ms: u64) -> Interval {
     let mut t = tokio::time::interval(Duration::from_millis(ms));
@@ -83,7 +86,7 @@ impl Agent {
                 tx,
                 control::Limits::default(),
                 move |e| {
-                    if let Some(more) = told.event((), std::time::Instant::now()) {
+                    if let Some(more) = told.event((), Instant::now()) {
                         emit(&Fact::ControlAcceptFailed {
                             error: format!("{e} ({more} more since the last line)"),
                         })
@@ -99,9 +102,11 @@ impl Agent {
         // Handshakes that never completed stop counting within a tick.
         let mut expire = every(250);
         // Workers a replica forks (or respawns) after its listener
-        // registered and came UP; registrations and UP changes find the
-        // rest at once.
-        let mut owners = every(30_000);
+        // registered and came UP: the known owners' children, looked at
+        // cheaply (`owners_again`); registrations and UP changes scan
+        // every process at once (seconds of CPU with 100k connections
+        // held, so never on a timer).
+        let mut owners = every(OWNERS_EVERY_MS);
         let mut owners_scan: Option<
             tokio::task::JoinHandle<
                 Result<super::listeners::OwnerPids, crate::kernel::registry::RegistryError>,
@@ -160,7 +165,20 @@ impl Agent {
                     evs.push(Event::Elapsed);
                 }
                 _ = expire.tick() => evs.push(self.assigned()),
-                _ = owners.tick() => self.owners_wanted = true,
+                _ = owners.tick() => {
+                    // Not while a full scan runs: it finds them all.
+                    if owners_scan.is_none() && !self.owner_fds.is_empty() {
+                        match crate::kernel::registry::listener_inodes(self.registry.known()) {
+                            Ok(inodes) => {
+                                let known = std::mem::take(&mut self.owner_fds);
+                                owners_scan = Some(tokio::task::spawn_blocking(move || {
+                                    Ok(crate::kernel::registry::owners_again(&inodes, &known))
+                                }));
+                            }
+                            Err(e) => self.owners_found(Err(e)),
+                        }
+                    }
+                }
                 done = async { owners_scan.as_mut().expect("guarded").await }, if owners_scan.is_some() => {
                     owners_scan = None;
                     if let Ok(found) = done {

@@ -467,6 +467,23 @@ pub fn listener_inodes(known: &[Option<SlotView>]) -> Result<HashMap<u64, u64>, 
     Ok(slots_of)
 }
 
+/// Where each owner of a listener holds it: pid -> (fd, inode) pairs.
+pub type OwnerFds = HashMap<u32, Vec<(i32, u64)>>;
+
+/// The owners found: pid -> bitmask of slots, and where they hold them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Owners {
+    pub pids: HashMap<u32, u64>,
+    pub fds: OwnerFds,
+}
+
+impl Owners {
+    fn add(&mut self, pid: u32, fd: i32, inode: u64, slots: u64) {
+        *self.pids.entry(pid).or_default() |= slots;
+        self.fds.entry(pid).or_default().push((fd, inode));
+    }
+}
+
 /// The processes holding the listener sockets `inodes` (a replica's
 /// master and the workers it forked, which inherit the socket), as pid ->
 /// bitmask of the slots whose listener they hold: what the stop-signal
@@ -474,20 +491,66 @@ pub fn listener_inodes(known: &[Option<SlotView>]) -> Result<HashMap<u64, u64>, 
 /// are the kernel's (the tracepoint's) when the agent runs in the initial
 /// pid namespace, as its service does.
 ///
-/// Reads every process's fd table: slow on a host with many connections,
-/// so it runs off the agent's loop, when registrations change.
-pub fn owner_pids(inodes: &HashMap<u64, u64>) -> Result<HashMap<u32, u64>, RegistryError> {
-    let mut owners: HashMap<u32, u64> = HashMap::new();
+/// Reads every process's fd table: seconds of CPU on a host with 100k
+/// connections, so it runs off the agent's loop, when registrations
+/// change; [`owners_again`] is the cheap look in between.
+pub fn owner_pids(inodes: &HashMap<u64, u64>) -> Result<Owners, RegistryError> {
+    let mut owners = Owners::default();
     if inodes.is_empty() {
         return Ok(owners);
     }
-    scan_sockets(|pid, _, inode| {
+    scan_sockets(|pid, fd, inode| {
         if let Some(m) = inodes.get(&inode) {
-            *owners.entry(pid as u32).or_default() |= m;
+            owners.add(pid as u32, fd, inode, *m);
         }
         true
     })?;
     Ok(owners)
+}
+
+/// The owners `known` found before that still hold their listeners at the
+/// same descriptors, and their children that hold them there too: a
+/// worker a replica forks or respawns inherits the listener at its
+/// parent's descriptor number. One readlink per known descriptor and one
+/// stat read per process, whatever the connections: the periodic look
+/// between full scans. (A child that got the listener some other way is
+/// found by the next full scan.)
+pub fn owners_again(inodes: &HashMap<u64, u64>, known: &OwnerFds) -> Owners {
+    let holds = |pid: u32, fd: i32, inode: u64| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .is_ok_and(|l| l.as_os_str() == format!("socket:[{inode}]").as_str())
+    };
+    let mut owners = Owners::default();
+    for (&pid, fds) in known {
+        for &(fd, inode) in fds {
+            if let Some(m) = inodes.get(&inode)
+                && holds(pid, fd, inode)
+            {
+                owners.add(pid, fd, inode, *m);
+            }
+        }
+    }
+    let Ok(procs) = procfs::process::all_processes() else {
+        return owners;
+    };
+    for p in procs.flatten() {
+        let pid = p.pid as u32;
+        let Ok(stat) = p.stat() else { continue };
+        let Some(fds) = known.get(&(stat.ppid as u32)) else {
+            continue;
+        };
+        if known.contains_key(&pid) {
+            continue;
+        }
+        for &(fd, inode) in fds {
+            if let Some(m) = inodes.get(&inode)
+                && holds(pid, fd, inode)
+            {
+                owners.add(pid, fd, inode, *m);
+            }
+        }
+    }
+    owners
 }
 
 /// Duplicates `fd` of process `pid` into this process.
