@@ -15,6 +15,8 @@
 //! 2. failover: ~2000 requests/s for 3 s through each balancer, one
 //!    backend killed after 1 s.
 //! 3. profile: `bpftool prog profile` and `perf record` under mtlb load.
+//! 4. micro: `mtlb_steer` alone at 2, 16 and 64 replicas, run by the
+//!    kernel on a synthetic lookup (`micro.rs`), no client traffic.
 //! 5. steering: BPF cost at 2, 16 and 64 replicas.
 //! 6. stop: official MTProxy replicas in Docker under a paced load of
 //!    complete clients, `docker stop mtproxy2` and back, through mtlb and
@@ -32,6 +34,7 @@ mod bpf;
 pub mod docker;
 mod held;
 mod load;
+pub mod micro;
 pub use load::hold_main;
 pub mod model;
 pub mod mtclient;
@@ -67,6 +70,10 @@ pub const BULK_SECS: f64 = 1.5;
 pub const LATENCY_N: usize = 1000;
 const STEERING_REPLICAS: &[u16] = &[2, 16, 64];
 pub const STEERING_REPS: usize = 3;
+/// Test runs of the micro phase at each replica count, and the program
+/// runs in each.
+pub const MICRO_REPS: usize = 7;
+pub const MICRO_REPEAT: u32 = 200_000;
 const FAILOVER_RATE: f64 = 2000.0;
 /// Share of the machine that processes outside the bench may use during a
 /// rate run before it is run again, and how many runs at most.
@@ -77,7 +84,9 @@ fn cpus() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
-pub const PHASES: &[&str] = &["held", "rounds", "failover", "profile", "steering", "stop"];
+pub const PHASES: &[&str] = &[
+    "held", "rounds", "failover", "profile", "micro", "steering", "stop",
+];
 
 const BACKEND_PORTS: [u16; 2] = [10000, 10001];
 
@@ -440,6 +449,7 @@ pub fn run(
         rounds,
         failover: m.failover,
         steering,
+        micro: m.micro,
         held: m.held,
         profile: m.profile,
         stop,
@@ -451,7 +461,10 @@ pub fn run(
             steering: m.steering.unwrap_or_default(),
         }),
     };
-    let full = phases.len() == PHASES.len();
+    // Every phase, or every phase but the stop phase (Docker and the
+    // official server; its committed figures are kept): a full run.
+    let full = phases.len() == PHASES.len()
+        || (phases.len() + 1 == PHASES.len() && !phases.contains(&"stop"));
     if merge {
         report::merge_stop(root, run)
     } else {
@@ -562,6 +575,7 @@ struct Measured {
     failover: Option<Vec<Failover>>,
     profile: Option<Profile>,
     steering: Option<Vec<SteeringRaw>>,
+    micro: Option<Vec<model::MicroRaw>>,
     stop: Option<model::Stop>,
 }
 
@@ -610,7 +624,7 @@ fn measure_backends(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
         })();
         out.held = out.record("held", r);
     }
-    if !["rounds", "failover", "profile", "steering"]
+    if !["rounds", "failover", "profile", "micro", "steering"]
         .iter()
         .any(|p| want(p))
     {
@@ -625,7 +639,7 @@ fn measure_backends(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
     let mut backends = match started {
         Ok(b) => b,
         Err(e) => {
-            for p in ["rounds", "failover", "profile", "steering"] {
+            for p in ["rounds", "failover", "profile", "micro", "steering"] {
                 if want(p) {
                     out.record::<()>(p, Err(anyhow::anyhow!("the backends did not start: {e:#}")));
                 }
@@ -670,6 +684,10 @@ fn measure_backends(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
             profile::run(&progs, s.dir, cpus() as usize)
         });
         out.profile = out.record("profile", r);
+    }
+    if want("micro") {
+        let r = micro(s);
+        out.micro = out.record("micro", r);
     }
     if want("steering") {
         let r = steering(s);
@@ -877,6 +895,69 @@ fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Res
 }
 
 /// Phase 5: BPF cost at 2, 16 and 64 replicas under the bench's clients.
+/// An agent with `n` replicas: the two bench backends and `n - 2` more.
+fn with_replicas<T>(
+    s: &Setup,
+    n: u16,
+    f: impl FnOnce(&agent::Agent) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let _extra = backend::start_many(
+        BACKEND_PORTS[1] + 1,
+        n.saturating_sub(2),
+        Some(&s.cg.replicas),
+    )?;
+    let a = s.agent(n)?;
+    f(&a)
+}
+
+fn micro(s: &Setup) -> anyhow::Result<Vec<model::MicroRaw>> {
+    let mut out = Vec::new();
+    for &n in STEERING_REPLICAS {
+        eprintln!("bench: micro: mtlb_steer test runs at {n} replicas");
+        out.push(with_replicas(s, n, |a| micro_at(a, n))?);
+    }
+    Ok(out)
+}
+
+/// MICRO_REPS test runs of the agent's sk_lookup program, each from
+/// another client port, so that each starts from another random slot.
+fn micro_at(a: &agent::Agent, n: u16) -> anyhow::Result<model::MicroRaw> {
+    let prog = micro::prog_of_pinned_link(&a.pin_dir.join("link_sk_lookup"))
+        .context("the agent's sk_lookup program")?;
+    let local = "127.0.0.1:443".parse()?;
+    // The floor: the same program leaving at its port test (a lookup for
+    // another port), through the same test-run loop.
+    let other = "127.0.0.1:444".parse()?;
+    let mut floor = Vec::new();
+    let mut ns = Vec::new();
+    let mut chosen = std::collections::BTreeSet::new();
+    for i in 0..MICRO_REPS {
+        let remote = std::net::SocketAddrV4::new([127, 0, 0, 2].into(), 40_000 + i as u16);
+        let r = micro::sk_lookup(&prog, remote, local, MICRO_REPEAT)
+            .context("BPF_PROG_TEST_RUN of mtlb_steer")?;
+        // A lookup it did not steer measures an early exit, not a pick.
+        if r.verdict != 1 || r.assigned == 0 {
+            bail!(
+                "mtlb_steer did not steer the test lookup (verdict {}, socket {}) at {n} replicas",
+                r.verdict,
+                r.assigned
+            );
+        }
+        ns.push(r.ns_per_run as f64);
+        chosen.insert(r.assigned);
+        let f = micro::sk_lookup(&prog, remote, other, MICRO_REPEAT)
+            .context("BPF_PROG_TEST_RUN of mtlb_steer")?;
+        floor.push(f.ns_per_run as f64);
+    }
+    Ok(model::MicroRaw {
+        replicas: n,
+        repeat: MICRO_REPEAT,
+        ns_per_run: ns,
+        floor_ns_per_run: floor,
+        listeners_chosen: chosen.len(),
+    })
+}
+
 fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
     let mut out = Vec::new();
     for &n in STEERING_REPLICAS {

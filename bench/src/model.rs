@@ -24,6 +24,9 @@ pub struct Run {
     pub rounds: Option<Rounds>,
     pub failover: Option<Vec<Failover>>,
     pub steering: Option<Vec<Steering>>,
+    /// `mtlb_steer` alone, by BPF_PROG_TEST_RUN.
+    #[serde(default)]
+    pub micro: Option<Vec<MicroRaw>>,
     pub held: Option<Vec<HeldLevel>>,
     pub profile: Option<Profile>,
     /// Replica stop under load (`docker stop`), mtlb and HAProxy.
@@ -489,6 +492,10 @@ pub enum TargetKey {
     Rerun,
     #[serde(rename = "bpf_per_conn")]
     BpfPerConn,
+    #[serde(rename = "runs_per_conn")]
+    RunsPerConn,
+    #[serde(rename = "cpu_over_direct")]
+    CpuOverDirect,
     #[serde(rename = "bpf_vs_haproxy")]
     BpfVsHaproxy,
     #[serde(rename = "sk_lookup_2")]
@@ -549,6 +556,22 @@ pub struct ProgDelta {
     pub ns: u64,
 }
 
+/// The micro phase at one replica count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroRaw {
+    pub replicas: u16,
+    /// Program runs per test run.
+    pub repeat: u32,
+    /// The kernel's mean time per run, one figure per test run.
+    pub ns_per_run: Vec<f64>,
+    /// The same for a lookup of another port (the program leaves at its
+    /// port test): the test run's own cost and bpf_stats', the floor.
+    pub floor_ns_per_run: Vec<f64>,
+    /// How many different listeners the last runs of the test runs chose.
+    pub listeners_chosen: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SteeringRaw {
@@ -585,8 +608,10 @@ mod tests {
         c.rounds += 1;
         c.mtlb_sha256 = a.mtlb_sha256.clone();
         assert!(!a.same_method(&c));
-        // Without the binary's hash (the committed run's record) nothing
-        // is the same method: the binaries cannot be compared.
-        assert!(!run.meta.same_method(&run.meta));
+        // Without the binary's hash (records of runs before it was kept)
+        // nothing is the same method: the binaries cannot be compared.
+        let mut old = run.meta.clone();
+        old.mtlb_sha256 = None;
+        assert!(!old.same_method(&old));
     }
 }

@@ -85,8 +85,9 @@ enum Cmd {
     /// `replica_cgroup` out of mtlb's config.
     Bench {
         /// Run only these phases (comma-separated: rounds, failover,
-        /// profile, held, steering, stop); writes target/bench-partial.json and
-        /// target/BENCHMARKS-partial.md instead.
+        /// profile, micro, held, steering, stop); writes target/bench-partial.json and
+        /// target/BENCHMARKS-partial.md instead, except for every phase but stop,
+        /// which is a full run that keeps the committed stop phase.
         #[arg(long)]
         only: Option<String>,
         /// With `--only stop`: put the stop phase's figures into
