@@ -1,0 +1,118 @@
+//! The pick: what one run of `mtlb_steer` costs against the committed
+//! bench, and how connections spread past the replica count where it
+//! switches from an exact scan to two random choices.
+
+use mtlb_bench::{micro, model::Run};
+use mtlb_tests::*;
+use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
+
+fn replicas(n: u16) -> Vec<Replica> {
+    (0..n)
+        .map(|i| {
+            Replica::start(
+                &format!("mtp{}", i + 1),
+                &format!("127.0.0.1:{}", 10000 + i),
+            )
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The committed micro figure at `n` replicas as a ratio to its floor
+/// (the same program leaving at its port test, in the same run).
+fn committed_ratio(n: u16) -> f64 {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/last-run.json");
+    let run: Run = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .expect("bench/last-run.json parses");
+    let m = run
+        .micro
+        .as_ref()
+        .and_then(|m| m.iter().find(|m| m.replicas == n))
+        .unwrap_or_else(|| {
+            panic!("bench/last-run.json has no micro figure at {n} replicas: `cargo xtask bench`")
+        });
+    median(m.ns_per_run.clone()) / median(m.floor_ns_per_run.clone())
+}
+
+/// A regression guard, not a target: the program's time per run over the
+/// floor measured in the same test run, against three times the committed
+/// bench's (ratios, so that a slower machine or an emulated kernel scales
+/// both).
+#[test]
+fn a_pick_costs_at_most_three_times_the_committed_figure() {
+    for n in [2u16, 64] {
+        let ns = Netns::new();
+        let _r = replicas(n);
+        let agent = ns.agent(&["--replicas", &n.to_string()]);
+        for i in 1..=n {
+            agent.wait_state(&format!("mtp{i}"), State::Up);
+        }
+        let prog = micro::prog_of_pinned_link(&agent.pin_dir.join("link_sk_lookup"))
+            .expect("the agent's sk_lookup program");
+        let local: SocketAddrV4 = BALANCED.parse().unwrap();
+        let other: SocketAddrV4 = "127.0.0.1:444".parse().unwrap();
+        let (mut runs, mut floor) = (Vec::new(), Vec::new());
+        for i in 0..5 {
+            let remote = SocketAddrV4::new([127, 0, 0, 2].into(), 40_000 + i);
+            let r = micro::sk_lookup(&prog, remote, local, 50_000).unwrap();
+            assert_eq!(r.verdict, 1, "SK_PASS at {n} replicas");
+            assert_ne!(r.assigned, 0, "a listener assigned at {n} replicas");
+            runs.push(r.ns_per_run as f64);
+            floor.push(
+                micro::sk_lookup(&prog, remote, other, 50_000)
+                    .unwrap()
+                    .ns_per_run as f64,
+            );
+        }
+        let ratio = median(runs.clone()) / median(floor.clone());
+        let limit = 3.0 * committed_ratio(n);
+        eprintln!(
+            "{n} replicas: {runs:?} ns per run, floor {floor:?}: ratio {ratio:.2}, limit {limit:.2}"
+        );
+        assert!(
+            ratio <= limit,
+            "mtlb_steer at {n} replicas: {ratio:.2} × its floor, over 3 × the committed {:.2}",
+            limit / 3.0
+        );
+    }
+}
+
+/// Past eight replicas each connection goes to the less loaded of two
+/// random slots: no replica is left empty or piled onto, and a replica
+/// that is not UP gets nothing.
+#[test]
+fn two_random_choices_spread_connections_over_many_replicas() {
+    let ns = Netns::new();
+    let mut r = replicas(40);
+    let agent = ns.agent(&["--replicas", "40"]);
+    for i in 1..=40 {
+        agent.wait_state(&format!("mtp{i}"), State::Up);
+    }
+    r[39].stop_listening();
+    agent.wait_state("mtp40", State::Down);
+    let held: Vec<_> = (0..390)
+        .map(|_| connect(BALANCED).expect("steered"))
+        .collect();
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, name) in &held {
+        *per.entry(name.clone()).or_default() += 1;
+    }
+    assert!(
+        !per.contains_key("mtp40"),
+        "a DOWN replica got connections: {per:?}"
+    );
+    assert_eq!(per.len(), 39, "every UP replica gets some: {per:?}");
+    // 10 each on average; one random choice would leave some with 3 or
+    // fewer and put 18 or more on others.
+    let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
+    eprintln!("spread over 39 replicas: {min}..={max}");
+    assert!(
+        *min >= 6 && *max <= 14,
+        "spread {min}..={max} over 39 replicas: {per:?}"
+    );
+    drop(held);
+}
