@@ -962,29 +962,23 @@ fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
     let mut out = Vec::new();
     for &n in STEERING_REPLICAS {
         eprintln!("bench: steering cost at {n} replicas");
-        let extra = backend::start_many(
-            BACKEND_PORTS[1] + 1,
-            n.saturating_sub(2),
-            Some(&s.cg.replicas),
-        )?;
-        let a = s.agent(n)?;
-        std::thread::sleep(Duration::from_millis(300));
-        let progs = bpf::Progs::find(&a.pin_dir);
-        let mut reps = Vec::new();
-        for _ in 0..STEERING_REPS {
-            let b0 = progs.sample();
-            let rate = load::rate(&[addr("127.0.0.1:443")], RATE_SECS);
-            let b1 = progs.sample();
-            reps.push(SteeringRep {
-                conns: rate.done,
-                failed: rate.failed,
-                rate: rate.per_sec(),
-                bpf: bpf::delta(&b0, &b1),
-            });
-        }
-        out.push(SteeringRaw { replicas: n, reps });
-        drop(a);
-        drop(extra);
+        out.push(with_replicas(s, n, |a| {
+            std::thread::sleep(Duration::from_millis(300));
+            let progs = bpf::Progs::find(&a.pin_dir);
+            let mut reps = Vec::new();
+            for _ in 0..STEERING_REPS {
+                let b0 = progs.sample();
+                let rate = load::rate(&[addr("127.0.0.1:443")], RATE_SECS);
+                let b1 = progs.sample();
+                reps.push(SteeringRep {
+                    conns: rate.done,
+                    failed: rate.failed,
+                    rate: rate.per_sec(),
+                    bpf: bpf::delta(&b0, &b1),
+                });
+            }
+            Ok(SteeringRaw { replicas: n, reps })
+        })?);
     }
     Ok(out)
 }
