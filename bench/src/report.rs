@@ -972,6 +972,14 @@ mod tests {
             .find(|l| l.starts_with("| agent RSS ≤ 64 MiB"))
             .unwrap();
         assert!(rss.ends_with("| met |  |"), "{rss}");
+        // A rate below its target, whatever the committed run measured.
+        if let Some(m) = run
+            .rounds
+            .as_mut()
+            .and_then(|r| r.ratios.iter_mut().find(|x| x.mode == Mode::Mtlb))
+        {
+            m.rate.median = 0.9;
+        }
         run.reasons.remove(&TargetKey::RateRatio);
         let md = render(&run).unwrap();
         let rate = md
