@@ -585,7 +585,8 @@ impl Maps {
 
     pub fn set_backend(&mut self, slot: u32, b: Backend) -> Result<(), MapsError> {
         conv(names::BACKENDS, self.backends.set(slot, b, 0))?;
-        self.refresh_weight(slot)
+        let rv = self.settings()?.require_verified;
+        self.write_weight(slot, &b, rv)
     }
 
     /// Writes the weight the pick sees for `slot` (see [`Conns`]) from what
@@ -596,10 +597,22 @@ impl Maps {
     /// maps themselves, so a stale weight costs a pick, never a wrong
     /// assignment.
     pub fn refresh_weight(&mut self, slot: u32) -> Result<(), MapsError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let b = self.backend(slot)?;
+        let rv = self.settings()?.require_verified;
+        self.write_weight(slot, &b, rv)
+    }
+
+    /// `refresh_weight` with the backend entry and the settings' flag the
+    /// caller has just written (not read back).
+    fn write_weight(
+        &mut self,
+        slot: u32,
+        b: &Backend,
+        require_verified: u8,
+    ) -> Result<(), MapsError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let l = self.listener(slot)?;
-        let verified = self.settings()?.require_verified == 0 || l.cookie == b.listener_cookie;
+        let verified = require_verified == 0 || l.cookie == b.listener_cookie;
         let stopping = self.stopping(slot)?.is_some_and(|m| m.cookie == l.cookie);
         let w = if b.enabled != 0 && l.cookie != 0 && verified && !stopping {
             b.weight
@@ -613,7 +626,10 @@ impl Maps {
     pub fn set_settings(&mut self, s: Settings) -> Result<(), MapsError> {
         conv(names::SETTINGS, self.settings.set(0, s, 0))?;
         // Whether a listener must be verified is part of every weight.
-        (0..MAX_REPLICAS).try_for_each(|slot| self.refresh_weight(slot))
+        (0..MAX_REPLICAS).try_for_each(|slot| {
+            let b = self.backend(slot)?;
+            self.write_weight(slot, &b, s.require_verified)
+        })
     }
 
     pub fn settings(&self) -> Result<Settings, MapsError> {
