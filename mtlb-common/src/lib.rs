@@ -53,7 +53,10 @@ pub struct Settings {
     /// the cookie of its listener (the agent verified that listener with a
     /// check); 0 (checks off): any registered listener.
     pub require_verified: u8,
-    pub _pad: [u8; 6],
+    /// The pick: 0 compares every slot (exact least connections); 2 compares
+    /// two slots drawn at random (HAProxy's `balance random(2)`).
+    pub draws: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Per-slot configuration written only by the agent.

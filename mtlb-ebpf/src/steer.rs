@@ -105,9 +105,10 @@ fn try_steer(ctx: &SkLookupContext) -> u32 {
     if n > 0 && n <= MAX_REPLICAS {
         if let Some(table) = CONNS.get_ptr(0) {
             let lines = unsafe { (&raw const (*table).slots).cast::<Conns>() };
-            // Past SCAN_MAX replicas, two random choices first; the exact
-            // scan only when they find nothing that takes the connection.
-            if n > SCAN_MAX
+            // random(2): two random choices first; the scan only when
+            // they find nothing that takes the connection.
+            if n > 1
+                && unsafe { core::ptr::read_volatile(&s.draws) } == 2
                 && let Some(slot) = pick_two(lines, n, tried)
             {
                 tried |= 1u64 << (slot & 63);
@@ -243,7 +244,7 @@ fn tracking_flows() -> bool {
 #[inline(always)]
 fn scan(lines: *const Conns, s: &Settings, tried: u64) -> Option<u32> {
     // Read again and bounded here rather than passed in: the scan is
-    // reached with n known to different ranges (past SCAN_MAX or not), and
+    // reached with n known to different ranges (after pick_two or not), and
     // the verifier walks a loop once for each such state; from the map,
     // n is the same unknown every time and the walks are pruned.
     let n = unsafe { core::ptr::read_volatile(&s.replicas) } as u32;
@@ -289,14 +290,6 @@ fn scan(lines: *const Conns, s: &Settings, tried: u64) -> Option<u32> {
     best
 }
 
-/// Above this many replicas the pick compares two slots drawn at random
-/// (the power of two choices) instead of scanning them all: the scan costs
-/// a cache line per slot on every new connection, and two random choices
-/// keep the loads within a small constant of each other whatever the
-/// number of replicas. At or below it the pick is exact least
-/// connections.
-const SCAN_MAX: u32 = 8;
-
 /// A random number in [0, n): the high half of a 32-bit random times `n`
 /// (no division; the verifier follows the bounds of a multiply and a shift,
 /// not of a modulo, and LLVM would drop a mask it knows changes nothing).
@@ -320,9 +313,12 @@ fn line(lines: *const Conns, i: u32) -> (u64, u64) {
     }
 }
 
-/// The less loaded (per weight) of two different random slots, of those
-/// of the two that have a weight and are not in `tried`; None when neither
-/// (the scan then looks at every slot).
+/// random(2), the power of two choices: the less loaded (per weight) of
+/// two different random slots, of those of the two that have a weight and
+/// are not in `tried`; None when neither (the scan then looks at every
+/// slot). Two cache lines whatever the number of replicas, where the scan
+/// reads one per slot, and the loads stay within a small constant of each
+/// other.
 #[inline(always)]
 fn pick_two(lines: *const Conns, n: u32, tried: u64) -> Option<u32> {
     let a = below(n);

@@ -121,12 +121,37 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     m
 }
 
-/// The balancing algorithm. Only HAProxy's `leastconn` for now: it is what
-/// the original deployment used.
+/// The balancing algorithm, by HAProxy's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
+    /// Least (handshakes + established) / weight over every replica: exact,
+    /// and what the original deployment used. Its pick reads one cache line
+    /// per replica on every new connection.
     Leastconn,
+    /// HAProxy's `balance random(2)`: the less loaded of two replicas drawn
+    /// at random. A pick of constant cost at any replica count; loads stay
+    /// within a few connections of each other, not exactly even.
+    #[serde(alias = "random(2)")]
+    Random,
+}
+
+impl Algorithm {
+    /// The name HAProxy gives it, as logged and exported.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Leastconn => "leastconn",
+            Algorithm::Random => "random(2)",
+        }
+    }
+
+    /// SETTINGS.draws: 0 scans every slot, 2 draws two.
+    pub fn draws(self) -> u8 {
+        match self {
+            Algorithm::Leastconn => 0,
+            Algorithm::Random => 2,
+        }
+    }
 }
 
 /// What a health check verifies.
@@ -259,7 +284,8 @@ pub struct Config {
     /// Per-replica weights, in replica order; missing entries are 1.
     /// Each 1..=256. Default: all 1.
     pub weights: Vec<u32>,
-    /// Balancing algorithm. Default "leastconn" (the only one).
+    /// Balancing algorithm: "leastconn" (default) or "random" (also spelt
+    /// "random(2)": two random choices).
     pub algorithm: Algorithm,
     /// MTProxy secret the replicas use (for links and checks). Default
     /// "dd00000000000000000000000000000000".
@@ -1040,6 +1066,19 @@ mod tests {
         assert!(e.contains("replica_address"), "{e}");
         let e = err("algorithm = \"roundrobin\"");
         assert!(e.contains("roundrobin") && e.contains("leastconn"), "{e}");
+        assert!(e.contains("random"), "{e}");
+        let e = err("algorithm = \"random(3)\"");
+        assert!(e.contains("random(3)"), "{e}");
+    }
+
+    #[test]
+    fn random_by_either_name() {
+        for name in ["random", "random(2)"] {
+            let c = parse(&format!("algorithm = \"{name}\"")).unwrap();
+            assert_eq!(c.algorithm, Algorithm::Random);
+            assert_eq!((c.algorithm.name(), c.algorithm.draws()), ("random(2)", 2));
+        }
+        assert_eq!(Algorithm::Leastconn.draws(), 0);
     }
 
     #[test]
@@ -1231,7 +1270,7 @@ mod tests {
         let long = "f".repeat(100_000);
         short_error(&format!("secret = \"{long}\""), "`secret`");
         let e = short_error(&format!("algorithm = \"{long}\""), "algorithm");
-        assert!(e.contains("expected `leastconn`"), "{e}");
+        assert!(e.contains("expected one of `leastconn`, `random`"), "{e}");
         let e = short_error(&format!("{long} = 1"), "unknown field");
         assert!(e.contains("expected one of `port`"), "{e}");
         short_error(

@@ -1,6 +1,6 @@
 //! The pick: what one run of `mtlb_steer` costs against the committed
-//! bench, and how connections spread past the replica count where it
-//! switches from an exact scan to two random choices.
+//! bench, and how connections spread over many replicas by exact least
+//! connections (`leastconn`) and by two random choices (`random`).
 
 use mtlb_bench::{micro, model::Run};
 use mtlb_tests::*;
@@ -22,18 +22,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The committed micro figure at `n` replicas as a ratio to its floor
-/// (the same program leaving at its port test, in the same run).
-fn committed_ratio(n: u16) -> f64 {
+/// An agent over `n` replicas picking by `algorithm`, all of them UP.
+fn agent(ns: &Netns, n: u16, algorithm: &str) -> Agent {
+    let cfg = Config::new()
+        .replicas(n)
+        .set("algorithm", algorithm)
+        .write(ns);
+    let agent = ns.agent(&["--config", &cfg]);
+    for i in 1..=n {
+        agent.wait_state(&format!("mtp{i}"), State::Up);
+    }
+    agent
+}
+
+/// How many of `held` each replica took.
+fn per_replica(held: &[(std::net::TcpStream, String)]) -> BTreeMap<String, usize> {
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, name) in held {
+        *per.entry(name.clone()).or_default() += 1;
+    }
+    per
+}
+
+/// The committed micro figure at `n` replicas by `algorithm` as a ratio to
+/// its floor (the same program leaving at its port test, in the same run).
+fn committed_ratio(n: u16, algorithm: &str) -> f64 {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/last-run.json");
     let run: Run = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
         .expect("bench/last-run.json parses");
     let m = run
         .micro
         .as_ref()
-        .and_then(|m| m.iter().find(|m| m.replicas == n))
+        .and_then(|m| {
+            m.iter()
+                .find(|m| m.replicas == n && m.algorithm == algorithm)
+        })
         .unwrap_or_else(|| {
-            panic!("bench/last-run.json has no micro figure at {n} replicas: `cargo xtask bench`")
+            panic!(
+                "bench/last-run.json has no micro figure at {n} replicas, {algorithm}: `cargo xtask bench`"
+            )
         });
     median(m.ns_per_run.clone()) / median(m.floor_ns_per_run.clone())
 }
@@ -44,13 +71,10 @@ fn committed_ratio(n: u16) -> f64 {
 /// both).
 #[test]
 fn a_pick_costs_at_most_three_times_the_committed_figure() {
-    for n in [2u16, 64] {
+    for (n, algorithm) in [(2u16, "leastconn"), (64, "leastconn"), (64, "random")] {
         let ns = Netns::new();
         let _r = replicas(n);
-        let agent = ns.agent(&["--replicas", &n.to_string()]);
-        for i in 1..=n {
-            agent.wait_state(&format!("mtp{i}"), State::Up);
-        }
+        let agent = agent(&ns, n, algorithm);
         let prog = micro::prog_of_pinned_link(&agent.pin_dir.join("link_sk_lookup"))
             .expect("the agent's sk_lookup program");
         let local: SocketAddrV4 = BALANCED.parse().unwrap();
@@ -69,38 +93,54 @@ fn a_pick_costs_at_most_three_times_the_committed_figure() {
             );
         }
         let ratio = median(runs.clone()) / median(floor.clone());
-        let limit = 3.0 * committed_ratio(n);
+        let limit = 3.0 * committed_ratio(n, algorithm);
         eprintln!(
-            "{n} replicas: {runs:?} ns per run, floor {floor:?}: ratio {ratio:.2}, limit {limit:.2}"
+            "{n} replicas, {algorithm}: {runs:?} ns per run, floor {floor:?}: ratio {ratio:.2}, limit {limit:.2}"
         );
         assert!(
             ratio <= limit,
-            "mtlb_steer at {n} replicas: {ratio:.2} × its floor, over 3 × the committed {:.2}",
+            "mtlb_steer at {n} replicas, {algorithm}: {ratio:.2} × its floor, over 3 × the committed {:.2}",
             limit / 3.0
         );
     }
 }
 
-/// Past eight replicas each connection goes to the less loaded of two
-/// random slots: no replica is left empty or piled onto, and a replica
-/// that is not UP gets nothing.
+/// leastconn is exact at any replica count: 390 connections over the 39
+/// UP of 40 replicas put 10 on each, none on the one DOWN.
 #[test]
-fn two_random_choices_spread_connections_over_many_replicas() {
+fn least_connections_is_exact_over_many_replicas() {
     let ns = Netns::new();
     let mut r = replicas(40);
-    let agent = ns.agent(&["--replicas", "40"]);
-    for i in 1..=40 {
-        agent.wait_state(&format!("mtp{i}"), State::Up);
-    }
+    let agent = agent(&ns, 40, "leastconn");
     r[39].stop_listening();
     agent.wait_state("mtp40", State::Down);
     let held: Vec<_> = (0..390)
         .map(|_| connect(BALANCED).expect("steered"))
         .collect();
-    let mut per: BTreeMap<String, usize> = BTreeMap::new();
-    for (_, name) in &held {
-        *per.entry(name.clone()).or_default() += 1;
-    }
+    let per = per_replica(&held);
+    assert!(
+        !per.contains_key("mtp40"),
+        "a DOWN replica got some: {per:?}"
+    );
+    assert_eq!(per.len(), 39, "{per:?}");
+    assert!(per.values().all(|&c| c == 10), "{per:?}");
+    drop(held);
+}
+
+/// random(2): each connection goes to the less loaded of two random
+/// replicas. No replica is left empty or piled onto, and a replica that is
+/// not UP gets nothing.
+#[test]
+fn two_random_choices_spread_connections_over_many_replicas() {
+    let ns = Netns::new();
+    let mut r = replicas(40);
+    let agent = agent(&ns, 40, "random(2)");
+    r[39].stop_listening();
+    agent.wait_state("mtp40", State::Down);
+    let held: Vec<_> = (0..390)
+        .map(|_| connect(BALANCED).expect("steered"))
+        .collect();
+    let per = per_replica(&held);
     assert!(
         !per.contains_key("mtp40"),
         "a DOWN replica got connections: {per:?}"
@@ -114,5 +154,7 @@ fn two_random_choices_spread_connections_over_many_replicas() {
         *min >= 6 && *max <= 14,
         "spread {min}..={max} over 39 replicas: {per:?}"
     );
+    // Not the exact scan under another name.
+    assert!(per.values().any(|&c| c != 10), "{per:?}");
     drop(held);
 }

@@ -352,6 +352,7 @@ impl State {
             addresses: cfg.addresses.clone(),
             replicas: cfg.replicas,
             replica_address: cfg.replica_address,
+            algorithm: cfg.algorithm,
             kind: cfg.check.kind,
             pin_dir: self.pin_dir.clone(),
         }
@@ -1786,6 +1787,15 @@ mod tests {
         assert_eq!(settings(&fx).unwrap().require_verified, 1);
         assert_eq!(backend(&fx, 0).unwrap().listener_cookie, cookie(0, 0));
         assert_eq!(backend(&fx, 1).unwrap().listener_cookie, cookie(1, 0));
+    }
+
+    #[test]
+    fn a_reload_switches_the_pick() {
+        let mut h = H::running(cfg(2), &[0, 1]);
+        let mut c = cfg(2);
+        c.algorithm = crate::config::Algorithm::Random;
+        assert_eq!(settings(&h.reload(Ok(c))).unwrap().draws, 2);
+        assert_eq!(settings(&h.reload(Ok(cfg(2)))).unwrap().draws, 0);
     }
 
     #[test]

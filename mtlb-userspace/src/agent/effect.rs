@@ -11,7 +11,7 @@ use crate::{
         CheckSpec,
         health::{Admin, CheckResult, LocalFault, Oper, OperState},
     },
-    config::{CheckKind, Config, ConfigError},
+    config::{Algorithm, CheckKind, Config, ConfigError},
     control::{Request, Response},
     kernel::registry::RefuseWhy,
 };
@@ -199,6 +199,7 @@ pub enum Fact {
         addresses: Vec<IpAddr>,
         replicas: u16,
         replica_address: IpAddr,
+        algorithm: Algorithm,
         kind: CheckKind,
         pin_dir: PathBuf,
     },

@@ -76,7 +76,8 @@ pub fn settings(cfg: &Config, netns_cookie: u64, slots: u16) -> Settings {
         replica_addr: addr16(cfg.replica_address),
         require_owner: !cfg.any_replica_owner as u8,
         require_verified: verifies(cfg) as u8,
-        _pad: [0; 6],
+        draws: cfg.algorithm.draws(),
+        _pad: [0; 5],
     }
 }
 
@@ -95,6 +96,12 @@ mod tests {
         assert_eq!((s.port, s.base_port, s.replicas), (443, 10000, 3));
         assert_eq!(s.all_addresses, 1);
         assert_eq!(s.replica_addr, v4_mapped([127, 0, 0, 1]));
+        assert_eq!(s.draws, 0);
+        let cfg = Config {
+            algorithm: crate::config::Algorithm::Random,
+            ..cfg
+        };
+        assert_eq!(settings(&cfg, 42, 3).draws, 2);
     }
 
     #[test]

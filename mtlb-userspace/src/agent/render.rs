@@ -24,6 +24,7 @@ pub fn line(f: &Fact) -> (Level, String) {
             addresses,
             replicas,
             replica_address,
+            algorithm,
             kind,
             pin_dir,
         } => {
@@ -39,9 +40,10 @@ pub fn line(f: &Fact) -> (Level, String) {
             (
                 L::INFO,
                 format!(
-                    "steering TCP port {port} on {addrs} to {replicas} replicas ({}..={} on {replica_address}), leastconn, {kind:?} checks; pins in {}",
+                    "steering TCP port {port} on {addrs} to {replicas} replicas ({}..={} on {replica_address}), {}, {kind:?} checks; pins in {}",
                     replica_name(0),
                     replica_name(*replicas as usize - 1),
+                    algorithm.name(),
                     pin_dir.display()
                 ),
             )
