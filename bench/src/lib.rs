@@ -68,7 +68,14 @@ fn rounds_n() -> usize {
 pub const RATE_SECS: f64 = 2.0;
 pub const BULK_SECS: f64 = 1.5;
 pub const LATENCY_N: usize = 1000;
-const STEERING_REPLICAS: &[u16] = &[2, 16, 64];
+/// (replicas, algorithm) of the micro and steering phases: the exact scan
+/// at each count, and random(2) where it differs most from it.
+const PICKS: &[(u16, &str)] = &[
+    (2, "leastconn"),
+    (16, "leastconn"),
+    (64, "leastconn"),
+    (64, "random"),
+];
 pub const STEERING_REPS: usize = 3;
 /// Test runs of the micro phase at each replica count, and the program
 /// runs in each.
@@ -899,6 +906,7 @@ fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Res
 fn with_replicas<T>(
     s: &Setup,
     n: u16,
+    algorithm: &str,
     f: impl FnOnce(&agent::Agent) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let _extra = backend::start_many(
@@ -906,22 +914,22 @@ fn with_replicas<T>(
         n.saturating_sub(2),
         Some(&s.cg.replicas),
     )?;
-    let a = s.agent(n)?;
+    let a = s.agent_with(n, &format!("algorithm = \"{algorithm}\"\n"), s.use_cg)?;
     f(&a)
 }
 
 fn micro(s: &Setup) -> anyhow::Result<Vec<model::MicroRaw>> {
     let mut out = Vec::new();
-    for &n in STEERING_REPLICAS {
-        eprintln!("bench: micro: mtlb_steer test runs at {n} replicas");
-        out.push(with_replicas(s, n, |a| micro_at(a, n))?);
+    for &(n, alg) in PICKS {
+        eprintln!("bench: micro: mtlb_steer test runs at {n} replicas, {alg}");
+        out.push(with_replicas(s, n, alg, |a| micro_at(a, n, alg))?);
     }
     Ok(out)
 }
 
 /// MICRO_REPS test runs of the agent's sk_lookup program, each from
 /// another client port, so that each starts from another random slot.
-fn micro_at(a: &agent::Agent, n: u16) -> anyhow::Result<model::MicroRaw> {
+fn micro_at(a: &agent::Agent, n: u16, algorithm: &str) -> anyhow::Result<model::MicroRaw> {
     let prog = micro::prog_of_pinned_link(&a.pin_dir.join("link_sk_lookup"))
         .context("the agent's sk_lookup program")?;
     let local = "127.0.0.1:443".parse()?;
@@ -951,6 +959,7 @@ fn micro_at(a: &agent::Agent, n: u16) -> anyhow::Result<model::MicroRaw> {
     }
     Ok(model::MicroRaw {
         replicas: n,
+        algorithm: algorithm.into(),
         repeat: MICRO_REPEAT,
         ns_per_run: ns,
         floor_ns_per_run: floor,
@@ -960,9 +969,9 @@ fn micro_at(a: &agent::Agent, n: u16) -> anyhow::Result<model::MicroRaw> {
 
 fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
     let mut out = Vec::new();
-    for &n in STEERING_REPLICAS {
-        eprintln!("bench: steering cost at {n} replicas");
-        out.push(with_replicas(s, n, |a| {
+    for &(n, alg) in PICKS {
+        eprintln!("bench: steering cost at {n} replicas, {alg}");
+        out.push(with_replicas(s, n, alg, |a| {
             std::thread::sleep(Duration::from_millis(300));
             let progs = bpf::Progs::find(&a.pin_dir);
             let mut reps = Vec::new();
@@ -977,7 +986,11 @@ fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
                     bpf: bpf::delta(&b0, &b1),
                 });
             }
-            Ok(SteeringRaw { replicas: n, reps })
+            Ok(SteeringRaw {
+                replicas: n,
+                algorithm: alg.into(),
+                reps,
+            })
         })?);
     }
     Ok(out)

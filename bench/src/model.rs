@@ -252,6 +252,9 @@ pub struct Failover {
 #[serde(deny_unknown_fields)]
 pub struct Steering {
     pub replicas: u16,
+    /// The agent's `algorithm`.
+    #[serde(default = "leastconn")]
+    pub algorithm: String,
     /// mtlb_steer.
     pub sk_lookup: Option<ProgramCost>,
     /// mtlb_sockops.
@@ -502,6 +505,8 @@ pub enum TargetKey {
     SkLookup2,
     #[serde(rename = "sk_lookup_64")]
     SkLookup64,
+    #[serde(rename = "sk_lookup_64_random")]
+    SkLookup64Random,
     #[serde(rename = "held_100k")]
     Held100k,
     #[serde(rename = "idle_cpu_100k")]
@@ -561,6 +566,9 @@ pub struct ProgDelta {
 #[serde(deny_unknown_fields)]
 pub struct MicroRaw {
     pub replicas: u16,
+    /// The agent's `algorithm`.
+    #[serde(default = "leastconn")]
+    pub algorithm: String,
     /// Program runs per test run.
     pub repeat: u32,
     /// The kernel's mean time per run, one figure per test run.
@@ -576,6 +584,8 @@ pub struct MicroRaw {
 #[serde(deny_unknown_fields)]
 pub struct SteeringRaw {
     pub replicas: u16,
+    #[serde(default = "leastconn")]
+    pub algorithm: String,
     pub reps: Vec<SteeringRep>,
 }
 
@@ -586,6 +596,12 @@ pub struct SteeringRep {
     pub failed: u64,
     pub rate: f64,
     pub bpf: BTreeMap<String, ProgDelta>,
+}
+
+/// Rows recorded before the bench had `algorithm` name none: read as the
+/// agent's default.
+fn leastconn() -> String {
+    "leastconn".into()
 }
 
 #[cfg(test)]

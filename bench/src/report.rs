@@ -209,16 +209,22 @@ pub fn targets(run: &Run) -> Vec<Target> {
         ),
         None => target(BpfVsHaproxy, what, "not run".into(), None),
     });
-    for (n, lim, key) in [(2u16, 150.0, SkLookup2), (64, 250.0, SkLookup64)] {
+    for (n, alg, lim, key) in [
+        (2u16, "leastconn", 150.0, SkLookup2),
+        (64, "leastconn", 250.0, SkLookup64),
+        (64, "random", 250.0, SkLookup64Random),
+    ] {
         let v = run.steering.as_ref().and_then(|st| {
             st.iter()
-                .find(|s| s.replicas == n)
+                .find(|s| s.replicas == n && s.algorithm == alg)
                 .and_then(|s| s.sk_lookup.as_ref()?.ns_per_run)
                 .map(|r| r.median)
         });
         out.push(target(
             key,
-            &format!("sk_lookup ≤ {lim:.0} ns per run at {n} replicas (under the bench's clients)"),
+            &format!(
+                "sk_lookup ≤ {lim:.0} ns per run at {n} replicas, {alg} (under the bench's clients)"
+            ),
             v.map_or("not run".into(), |v| format!("{v:.0} ns")),
             v.map(|v| v <= lim),
         ));
@@ -470,6 +476,7 @@ fn micro_rows(m: &[crate::model::MicroRaw]) -> Vec<Vec<String>> {
             let f = crate::stats::summary(&x.floor_ns_per_run);
             vec![
                 x.replicas.to_string(),
+                x.algorithm.clone(),
                 range(s.range().as_ref(), 0),
                 range(f.range().as_ref(), 0),
                 format!("{} × {}", x.ns_per_run.len(), x.repeat),
@@ -497,6 +504,7 @@ fn steering_rows(st: &[Steering]) -> Vec<Vec<String>> {
             let (sl, so) = (s.sk_lookup.as_ref(), s.sock_ops.as_ref());
             vec![
                 s.replicas.to_string(),
+                s.algorithm.clone(),
                 c(sl, true, 0),
                 c(sl, false, 2),
                 c(so, true, 0),
@@ -1128,6 +1136,7 @@ mod tests {
         run.steering = None;
         run.micro = Some(vec![crate::model::MicroRaw {
             replicas: 16,
+            algorithm: "random".into(),
             repeat: 1000,
             ns_per_run: vec![150.0, 120.0, 140.0],
             floor_ns_per_run: vec![40.0, 50.0, 45.0],
@@ -1160,8 +1169,8 @@ mod tests {
             "- perf: perf: not found",
             "Agent profile at 10000 held: perf record: denied",
             "| 100k connections held open through mtlb | not reached | missed |",
-            "| sk_lookup ≤ 150 ns per run at 2 replicas (under the bench's clients) | not run | not judged |  |",
-            "| 16 | 140 (120–150) | 45 (40–50) | 3 × 1000 | 2 |",
+            "| sk_lookup ≤ 150 ns per run at 2 replicas, leastconn (under the bench's clients) | not run | not judged |  |",
+            "| 16 | random | 140 (120–150) | 45 (40–50) | 3 × 1000 | 2 |",
         ] {
             assert!(md.contains(want), "no {want:?} in:\n{md}");
         }

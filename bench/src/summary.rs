@@ -165,6 +165,7 @@ pub fn steering(raw: &[SteeringRaw]) -> anyhow::Result<Vec<Steering>> {
             };
             Ok(Steering {
                 replicas: s.replicas,
+                algorithm: s.algorithm.clone(),
                 sk_lookup: cost("mtlb_steer"),
                 sock_ops: cost("mtlb_sockops"),
                 bpf_ns_per_conn: range(&total).ok_or_else(|| {
@@ -254,6 +255,7 @@ mod tests {
         }
         let steering_raw = vec![SteeringRaw {
             replicas: 2,
+            algorithm: "leastconn".into(),
             reps: vec![crate::model::SteeringRep {
                 conns: 100,
                 failed: 0,
@@ -291,7 +293,9 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| 2 | 300 (300–300) | 1.00 (1.00–1.00) | — | — | 300 (300–300) |"),
+            md.contains(
+                "| 2 | leastconn | 300 (300–300) | 1.00 (1.00–1.00) | — | — | 300 (300–300) |"
+            ),
             "{md}"
         );
     }
