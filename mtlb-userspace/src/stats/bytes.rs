@@ -7,18 +7,27 @@
 //! last reading older than `max_age` asks for a new one and waits for it at
 //! most `wait`, then serves the last reading it has (never a partial one).
 //! At small scale every scrape gets a fresh reading; at large scale a
-//! scrape stays fast and its byte counters are one reading old. No
-//! scrapes, no readings.
+//! scrape stays fast and its byte counters are one reading old. A reading
+//! also stays fresh for `DUTY` times as long as it took, so that scrapers
+//! asking back to back keep the reading thread busy a tenth of the time,
+//! not all of it (at a million connections a reading takes most of a
+//! second of kernel time, taken from the machine's clients). No scrapes,
+//! no readings.
 
 use std::{
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
+/// A reading is fresh for at least this many times its own duration.
+const DUTY: u32 = 10;
+
 #[derive(Debug)]
 struct State<T> {
     /// The last reading and when it was started.
     last: Option<(Instant, T)>,
+    /// How long the last reading took.
+    took: Duration,
     /// A reading is under way.
     asked: bool,
 }
@@ -41,6 +50,7 @@ impl<T: Clone + Send + 'static> Shared<T> {
         let inner = Arc::new((
             Mutex::new(State {
                 last: None,
+                took: Duration::ZERO,
                 asked: false,
             }),
             Condvar::new(),
@@ -68,6 +78,7 @@ impl<T: Clone + Send + 'static> Shared<T> {
                     let started = Instant::now();
                     let reading = read();
                     let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    st.took = started.elapsed();
                     if let Some(r) = reading {
                         st.last = Some((started, r));
                     }
@@ -90,9 +101,8 @@ impl<T: Clone + Send + 'static> Shared<T> {
         let asked_at = Instant::now();
         let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = |st: &State<T>| {
-            st.last
-                .as_ref()
-                .is_some_and(|(t, _)| t.elapsed() < self.max_age)
+            let age = self.max_age.max(st.took * DUTY);
+            st.last.as_ref().is_some_and(|(t, _)| t.elapsed() < age)
         };
         if fresh(&st) {
             return st.last.as_ref().map(|(_, r)| r.clone());
@@ -178,6 +188,25 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_reading_stays_fresh_ten_times_as_long_as_it_took() {
+        let n = Arc::new(AtomicU64::new(0));
+        let n2 = n.clone();
+        let s = Shared::start(Duration::from_millis(10), SEC, move || {
+            std::thread::sleep(Duration::from_millis(50));
+            Some(n2.fetch_add(1, Ordering::SeqCst) + 1)
+        })
+        .unwrap();
+        assert_eq!(s.get(SEC), Some(1));
+        // Past max_age but within ten times the 50 ms it took.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(s.get(SEC), Some(1));
+        assert_eq!(n.load(Ordering::SeqCst), 1, "no second reading yet");
+        // Past both: read again.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(s.get(SEC), Some(2));
+    }
+
+    #[test]
     fn a_failed_reading_keeps_the_last_one() {
         let n = Arc::new(AtomicU64::new(0));
         let n2 = n.clone();
@@ -187,7 +216,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.get(SEC), Some(7));
-        assert_eq!(s.get(SEC), Some(7));
-        assert!(n.load(Ordering::SeqCst) >= 2);
+        // Until the reading is stale (ten times the little it took) and a
+        // second one, failed, has been made.
+        for _ in 0..1000 {
+            assert_eq!(s.get(SEC), Some(7));
+            if n.load(Ordering::SeqCst) >= 2 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no second reading in a second");
     }
 }
