@@ -1,5 +1,5 @@
-//! Held connections: 1k, 10k and 100k connections open through mtlb (2
-//! replicas), and what the agent and its maps cost at each level.
+//! Held connections: 1k, 10k, 100k and 1M connections open through mtlb
+//! (2 replicas), and what the agent and its maps cost at each level.
 
 use super::{agent, bpf, load, stats};
 use crate::model::{AgentProfile, Count, HeldLevel, HeldSamples, MapEntries, Opened};
@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub const LEVELS: &[usize] = &[1_000, 10_000, 100_000];
+pub const LEVELS: &[usize] = &[1_000, 10_000, 100_000, 1_000_000];
 /// Connections opened per second (the backends confirm each one).
 const OPEN_PER_SEC: f64 = 5_000.0;
 /// How long the agent is watched doing nothing.
@@ -215,7 +215,7 @@ fn per_process() -> usize {
         .clamp(1000, 200_000)
 }
 
-/// Levels 0, 1k, 10k, 100k (connections added on top of the previous
+/// Levels 0, 1k, 10k, 100k, 1M (connections added on top of the previous
 /// level's). Returns one JSON object per level.
 pub fn run(a: &agent::Agent, dir: &Path) -> anyhow::Result<Vec<HeldLevel>> {
     let target: SocketAddr = "127.0.0.1:443".parse().expect("address");

@@ -3,7 +3,7 @@
 //! namespace of its own (loopback only), as issue #11 asks.
 //!
 //! Phases (each bounded in count and time):
-//! 0. held: 1k, 10k, 100k connections held open through mtlb (first, so
+//! 0. held: 1k, 10k, 100k, 1M connections held open through mtlb (first, so
 //!    that no TIME_WAIT sockets of the load phases are about).
 //! 1. rounds: 11 interleaved rounds; each runs every mode once, the
 //!    order rotated by one each round: connection rate (CLIENT_THREADS
@@ -617,10 +617,11 @@ fn measure_backends(s: &Setup, phases: &[&str]) -> anyhow::Result<Measured> {
     let mut out = Measured::default();
     let want = |p: &str| phases.contains(&p);
     if want("held") {
-        // Backends with enough processes for 100k connections under the
+        // Backends with enough processes for the top level under the
         // descriptor limit (leastconn puts about half on each). First, so
         // that no TIME_WAIT sockets of the other phases are about.
-        let workers = (60_000 / nofile_limit().saturating_sub(500).max(1000) + 1) as u32;
+        let top = held::LEVELS.last().copied().unwrap_or(0) as u64;
+        let workers = (top * 6 / 10 / nofile_limit().saturating_sub(500).max(1000) + 1) as u32;
         let r = (|| {
             let _hb = [
                 Backend::start(BACKEND_PORTS[0], Some(&s.cg.replicas), workers)?,

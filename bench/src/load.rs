@@ -164,9 +164,9 @@ pub fn failover(
     (n, failed)
 }
 
-/// Source addresses of held connections: 127.0.0.2..=127.0.0.9, each with
-/// its own ephemeral port range.
-const HOLD_SOURCES: u8 = 8;
+/// Source addresses of held connections: 127.0.0.2..=127.0.0.65, each with
+/// its own ephemeral port range (28k ports by default: 1.8M in all).
+const HOLD_SOURCES: u8 = 64;
 
 /// Entry point of the hidden `xtask bench-hold` subcommand: opens `count`
 /// connections to `addr` (paced at `per_sec`, given up after `secs`), says

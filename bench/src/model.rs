@@ -517,6 +517,16 @@ pub enum TargetKey {
     ControlP99100k,
     #[serde(rename = "rss_100k")]
     Rss100k,
+    #[serde(rename = "held_1m")]
+    Held1m,
+    #[serde(rename = "idle_cpu_1m")]
+    IdleCpu1m,
+    #[serde(rename = "metrics_p99_1m")]
+    MetricsP991m,
+    #[serde(rename = "control_p99_1m")]
+    ControlP991m,
+    #[serde(rename = "rss_1m")]
+    Rss1m,
     #[serde(rename = "failover_mtlb")]
     FailoverMtlb,
 }
