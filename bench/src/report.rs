@@ -259,7 +259,13 @@ fn held_targets(held: Option<&[HeldLevel]>, out: &mut Vec<Target>) {
             100_000,
             "100k",
             50.0,
-            [Held100k, IdleCpu100k, MetricsP99100k, ControlP99100k, Rss100k],
+            [
+                Held100k,
+                IdleCpu100k,
+                MetricsP99100k,
+                ControlP99100k,
+                Rss100k,
+            ],
         ),
         (
             1_000_000,

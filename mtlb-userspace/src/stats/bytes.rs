@@ -30,6 +30,8 @@ struct State<T> {
     took: Duration,
     /// A reading is under way.
     asked: bool,
+    /// When the reading under way was asked for.
+    asked_at: Instant,
 }
 
 /// Readings of `T` made by `read` on a thread of their own.
@@ -52,6 +54,7 @@ impl<T: Clone + Send + 'static> Shared<T> {
                 last: None,
                 took: Duration::ZERO,
                 asked: false,
+                asked_at: Instant::now(),
             }),
             Condvar::new(),
         ));
@@ -109,6 +112,7 @@ impl<T: Clone + Send + 'static> Shared<T> {
         }
         if !st.asked {
             st.asked = true;
+            st.asked_at = asked_at;
             cv.notify_all();
         }
         let budget = if st.last.is_some() {
@@ -116,7 +120,10 @@ impl<T: Clone + Send + 'static> Shared<T> {
         } else {
             first_wait
         };
-        let deadline = asked_at + budget;
+        // From when the reading under way was asked for: scrapes that come
+        // while a long reading runs do not each wait again (the server
+        // answers one scrape at a time, so their waits would add up).
+        let deadline = st.asked_at + budget;
         // Wait for a reading started after we asked (or any, the first
         // time), or the deadline.
         loop {
@@ -161,10 +168,10 @@ mod tests {
     fn a_slow_reading_does_not_hold_a_scrape_past_its_wait() {
         let n = Arc::new(AtomicU64::new(0));
         let n2 = n.clone();
-        let s = Shared::start(Duration::ZERO, Duration::from_millis(20), move || {
+        let s = Shared::start(Duration::ZERO, Duration::from_millis(100), move || {
             let k = n2.fetch_add(1, Ordering::SeqCst);
             if k > 0 {
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(1000));
             }
             Some(k + 1)
         })
@@ -174,13 +181,16 @@ mod tests {
         // A new reading is asked for, slow: the last one is served.
         assert_eq!(s.get(SEC), Some(1));
         assert!(
-            t.elapsed() < Duration::from_millis(250),
+            t.elapsed() < Duration::from_millis(900),
             "{:?}",
             t.elapsed()
         );
-        // Asked again meanwhile: still one reading under way, not two.
+        // Asked again meanwhile: still one reading under way, not two, and
+        // the wait for it is over: served at once, not after another 100 ms.
+        let t = Instant::now();
         assert_eq!(s.get(SEC), Some(1));
-        std::thread::sleep(Duration::from_millis(400));
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(n.load(Ordering::SeqCst), 2);
         // The slow reading has landed.
         let got = s.get(SEC).unwrap();
