@@ -16,7 +16,7 @@ pub fn run(a: CheckConfigArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&a.config, true)?;
     cfg.validate()?;
     println!(
-        "{}: OK: port {}, {} replicas ({}..={} on {}:{}..={}), {:?} checks, stats on {}:{}{}",
+        "{}: OK: port {}, {} replicas ({}..={} on {}:{}..={}), {}, {:?} checks, stats on {}:{}{}",
         a.config.display(),
         cfg.port,
         cfg.replicas,
@@ -25,6 +25,7 @@ pub fn run(a: CheckConfigArgs) -> anyhow::Result<()> {
         cfg.replica_address,
         cfg.base_port,
         cfg.base_port + cfg.replicas - 1,
+        cfg.algorithm.name(),
         cfg.check.kind,
         cfg.stats_address,
         cfg.stats_port,
