@@ -13,6 +13,24 @@ const NOBODY: u32 = 65534;
 
 /// `n` connections to `addr`: the replica names that greeted them, and how
 /// many failed.
+/// `bpftool map dump` of each of `maps` pinned in `dir`, for a failure's
+/// message.
+fn bpftool_dump(dir: &std::path::Path, maps: &[&str]) -> String {
+    maps.iter()
+        .map(|m| {
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(dir.join(m))
+                .output();
+            match out {
+                Ok(o) => format!("{m}:\n{}", String::from_utf8_lossy(&o.stdout)),
+                Err(e) => format!("{m}: {e}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn names(addr: &str, n: usize) -> (Vec<String>, usize) {
     let mut seen = Vec::new();
     let mut failed = 0;
@@ -1245,7 +1263,16 @@ fn a_replica_cgroup_made_again_is_followed_by_a_restart() {
     assert!(agent.wait_exit().success());
     // Steering goes on from the pins meanwhile.
     let (seen, failed) = names(BALANCED, 4);
-    assert_eq!(failed, 0);
+    assert_eq!(
+        failed,
+        0,
+        "{seen:?}; maps: {}; agent:\n{}",
+        bpftool_dump(
+            &ns.pin_dir(),
+            &["CONNS", "BACKENDS", "LISTENERS", "STOPPING", "STATS"]
+        ),
+        agent.log()
+    );
     assert!(seen.iter().all(|n| n == "mtp2"), "{seen:?}");
 
     let agent = ns.agent(&args);

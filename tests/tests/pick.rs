@@ -17,11 +17,6 @@ fn replicas(n: u16) -> Vec<Replica> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// An agent over `n` replicas picking by `algorithm`, all of them UP.
 fn agent(ns: &Netns, n: u16, algorithm: &str) -> Agent {
     let cfg = Config::new()
@@ -45,7 +40,8 @@ fn per_replica(held: &[(std::net::TcpStream, String)]) -> BTreeMap<String, usize
 }
 
 /// The committed micro figure at `n` replicas by `algorithm` as a ratio to
-/// its floor (the same program leaving at its port test, in the same run).
+/// its floor (the same program leaving at its port test, in the same run),
+/// fastest against fastest.
 fn committed_ratio(n: u16, algorithm: &str) -> f64 {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/last-run.json");
     let run: Run = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
@@ -62,15 +58,23 @@ fn committed_ratio(n: u16, algorithm: &str) -> f64 {
                 "bench/last-run.json has no micro figure at {n} replicas, {algorithm}: `cargo xtask bench`"
             )
         });
-    median(m.ns_per_run.clone()) / median(m.floor_ns_per_run.clone())
+    min(&m.ns_per_run) / min(&m.floor_ns_per_run)
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 /// A regression guard, not a target: the program's time per run over the
 /// floor measured in the same test run, against three times the committed
-/// bench's (ratios, so that a slower machine or an emulated kernel scales
-/// both).
+/// bench's (ratios, so that a slower machine scales both). The fastest of
+/// seven test runs after one to warm up: the others measure the machine.
+/// Under emulation (`cargo xtask test --kernel`) memory-bound code slows
+/// more than the floor's fixed cost: 6.1 under QEMU measured about 2.3
+/// times the host's ratio at 2 replicas, so the bound doubles there.
 #[test]
 fn a_pick_costs_at_most_three_times_the_committed_figure() {
+    let emulated = if time_scale() > 1 { 2.0 } else { 1.0 };
     for (n, algorithm) in [(2u16, "leastconn"), (64, "leastconn"), (64, "random")] {
         let ns = Netns::new();
         let _r = replicas(n);
@@ -80,27 +84,27 @@ fn a_pick_costs_at_most_three_times_the_committed_figure() {
         let local: SocketAddrV4 = BALANCED.parse().unwrap();
         let other: SocketAddrV4 = "127.0.0.1:444".parse().unwrap();
         let (mut runs, mut floor) = (Vec::new(), Vec::new());
-        for i in 0..5 {
+        for i in 0..8 {
             let remote = SocketAddrV4::new([127, 0, 0, 2].into(), 40_000 + i);
             let r = micro::sk_lookup(&prog, remote, local, 50_000).unwrap();
             assert_eq!(r.verdict, 1, "SK_PASS at {n} replicas");
             assert_ne!(r.assigned, 0, "a listener assigned at {n} replicas");
-            runs.push(r.ns_per_run as f64);
-            floor.push(
-                micro::sk_lookup(&prog, remote, other, 50_000)
-                    .unwrap()
-                    .ns_per_run as f64,
-            );
+            let f = micro::sk_lookup(&prog, remote, other, 50_000).unwrap();
+            if i > 0 {
+                runs.push(r.ns_per_run as f64);
+                floor.push(f.ns_per_run as f64);
+            }
         }
-        let ratio = median(runs.clone()) / median(floor.clone());
-        let limit = 3.0 * committed_ratio(n, algorithm);
+        let ratio = min(&runs) / min(&floor);
+        let limit = 3.0 * emulated * committed_ratio(n, algorithm);
         eprintln!(
             "{n} replicas, {algorithm}: {runs:?} ns per run, floor {floor:?}: ratio {ratio:.2}, limit {limit:.2}"
         );
         assert!(
             ratio <= limit,
-            "mtlb_steer at {n} replicas, {algorithm}: {ratio:.2} × its floor, over 3 × the committed {:.2}",
-            limit / 3.0
+            "mtlb_steer at {n} replicas, {algorithm}: {ratio:.2} × its floor, over {:.0} × the committed {:.2}",
+            3.0 * emulated,
+            limit / 3.0 / emulated
         );
     }
 }
