@@ -109,36 +109,13 @@ fn a_pick_costs_at_most_three_times_the_committed_figure() {
     }
 }
 
-/// leastconn is exact at any replica count: 390 connections over the 39
-/// UP of 40 replicas put 10 on each, none on the one DOWN.
-#[test]
-fn least_connections_is_exact_over_many_replicas() {
+/// 390 connections through an agent picking by `algorithm` over 40
+/// replicas, the last one DOWN: how many each replica took. The DOWN one
+/// takes none and every UP one some.
+fn spread_over_39(algorithm: &str) -> BTreeMap<String, usize> {
     let ns = Netns::new();
     let mut r = replicas(40);
-    let agent = agent(&ns, 40, "leastconn");
-    r[39].stop_listening();
-    agent.wait_state("mtp40", State::Down);
-    let held: Vec<_> = (0..390)
-        .map(|_| connect(BALANCED).expect("steered"))
-        .collect();
-    let per = per_replica(&held);
-    assert!(
-        !per.contains_key("mtp40"),
-        "a DOWN replica got some: {per:?}"
-    );
-    assert_eq!(per.len(), 39, "{per:?}");
-    assert!(per.values().all(|&c| c == 10), "{per:?}");
-    drop(held);
-}
-
-/// random(2): each connection goes to the less loaded of two random
-/// replicas. No replica is left empty or piled onto, and a replica that is
-/// not UP gets nothing.
-#[test]
-fn two_random_choices_spread_connections_over_many_replicas() {
-    let ns = Netns::new();
-    let mut r = replicas(40);
-    let agent = agent(&ns, 40, "random(2)");
+    let agent = agent(&ns, 40, algorithm);
     r[39].stop_listening();
     agent.wait_state("mtp40", State::Down);
     let held: Vec<_> = (0..390)
@@ -150,15 +127,31 @@ fn two_random_choices_spread_connections_over_many_replicas() {
         "a DOWN replica got connections: {per:?}"
     );
     assert_eq!(per.len(), 39, "every UP replica gets some: {per:?}");
+    per
+}
+
+/// leastconn is exact at any replica count: 390 connections over the 39
+/// UP of 40 replicas put 10 on each.
+#[test]
+fn least_connections_is_exact_over_many_replicas() {
+    let per = spread_over_39("leastconn");
+    assert!(per.values().all(|&c| c == 10), "{per:?}");
+}
+
+/// random(2): each connection goes to the less loaded of two random
+/// replicas. No replica is left empty or piled onto, and a replica that is
+/// not UP gets nothing.
+#[test]
+fn two_random_choices_spread_connections_over_many_replicas() {
+    let per = spread_over_39("random(2)");
     // 10 each on average; one random choice would leave some with 3 or
     // fewer and put 18 or more on others.
-    let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
-    eprintln!("spread over 39 replicas: {min}..={max}");
+    let (lo, hi) = (per.values().min().unwrap(), per.values().max().unwrap());
+    eprintln!("spread over 39 replicas: {lo}..={hi}");
     assert!(
-        *min >= 6 && *max <= 14,
-        "spread {min}..={max} over 39 replicas: {per:?}"
+        *lo >= 6 && *hi <= 14,
+        "spread {lo}..={hi} over 39 replicas: {per:?}"
     );
     // Not the exact scan under another name.
     assert!(per.values().any(|&c| c != 10), "{per:?}");
-    drop(held);
 }
