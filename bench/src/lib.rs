@@ -902,8 +902,8 @@ fn failover(s: &Setup, backends: &mut Vec<Backend>, an: &Anchors) -> anyhow::Res
     Ok(out)
 }
 
-/// Phase 5: BPF cost at 2, 16 and 64 replicas under the bench's clients.
-/// An agent with `n` replicas: the two bench backends and `n - 2` more.
+/// For the micro and steering phases (PICKS): an agent with `n` replicas
+/// picking by `algorithm`, over the two bench backends and `n - 2` more.
 fn with_replicas<T>(
     s: &Setup,
     n: u16,
