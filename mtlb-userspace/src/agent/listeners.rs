@@ -223,14 +223,6 @@ impl Agent {
     /// Adopts listeners on replica ports that did not register themselves;
     /// the adopted ones, read back as registrations.
     pub(super) fn adopt_missing(&mut self) -> Option<Registrations> {
-        // The scan judges listeners by the ids of replica_cgroup as it is
-        // now: once it has been made again, every listener created in the
-        // one removed would lose its slot while still serving. The first
-        // refused bind stops this agent (replica_cgroup_recreated) for the
-        // next to follow the new cgroup; until then nothing is judged.
-        if self.replica_cgroup_recreated().is_some() {
-            return None;
-        }
         let cfg = self.state.cfg().clone();
         if adopt(&cfg, &mut self.registry, self.dataplane.maps_mut()) {
             self.poll_listeners()

@@ -135,18 +135,33 @@ struct Judge {
 }
 
 impl Judge {
-    fn new(cfg: &Config) -> Result<Self, RegistryError> {
+    /// `hooks`: the id of the cgroup the bind hooks judge by (0: none, or
+    /// pins of a build without it). `None` when replica_cgroup's path is
+    /// no longer that cgroup (removed, or removed and made again):
+    /// listeners created in the one removed still serve, and judged by the
+    /// ids under the path they would all lose their slots, so nothing is
+    /// judged until an agent follows the new cgroup.
+    fn new(cfg: &Config, hooks: u64) -> Result<Option<Self>, RegistryError> {
+        use std::os::unix::fs::MetadataExt as _;
         if cfg.replica_cgroup.as_os_str().is_empty() {
-            return Ok(Self { cgroups: None });
+            return Ok(Some(Self { cgroups: None }));
         }
         let mount = crate::system::mounts::cgroup2_mount().unwrap_or_default();
         let dir = cfg.replica_cgroup_in(&mount);
+        let now = std::fs::metadata(&dir).map(|m| m.ino());
+        if hooks != 0 && !matches!(now, Ok(id) if id == hooks) {
+            return Ok(None);
+        }
         let ids =
             crate::system::mounts::cgroup_ids(&dir).map_err(|source| RegistryError::Cgroups {
                 path: dir.clone(),
                 source,
             })?;
-        Ok(Self { cgroups: Some(ids) })
+        // Made again between the two reads.
+        if hooks != 0 && !ids.contains(&hooks) {
+            return Ok(None);
+        }
+        Ok(Some(Self { cgroups: Some(ids) }))
     }
 
     fn refuses(&self, cfg: &Config, l: &Listening) -> Option<RefuseWhy> {
@@ -254,8 +269,10 @@ impl Registrations {
             .collect();
         let mut wanted: HashMap<u64, (u32, SocketAddr)> = HashMap::new();
         let mut refused: HashMap<u64, Refusal> = HashMap::new();
+        let Some(judge) = Judge::new(cfg, maps.replica_cgroup()?)? else {
+            return Ok(Adoption::default());
+        };
         let all = listeners()?;
-        let judge = Judge::new(cfg)?;
         // Who may run replicas can change (a reload, a restart with other
         // replica_uids): a registered listener whose owner is no longer
         // allowed loses its slot.
