@@ -27,6 +27,15 @@ pub fn fixture(name: &str) -> String {
     format!("{}/fixtures/mtproxy/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The fake Telegram DC on 127.0.0.1:`port`: echoes MTProto frames. It
+/// drops a connection idle for 30 s (scaled): a client held across a slow
+/// step of a test would otherwise lose its connection, and its replica a
+/// connection the test counts on.
+pub fn fake_dc(ns: &Netns, port: u16) -> PyProcess {
+    let idle = (30 * time_scale()).to_string();
+    PyProcess::start(ns, "fake_dc.py", &[&port.to_string(), "--idle", &idle])
+}
+
 /// A real MTProxy replica (mtprotoproxy) on 127.0.0.1:`port` with `secret`
 /// (32 hex digits), upstream the fake DC on `dc`; fake-TLS only when `tls`.
 pub fn mtproxy_replica(ns: &Netns, port: u16, secret: &str, dc: u16, tls: bool) -> PyProcess {

@@ -28,7 +28,7 @@ fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) 
 #[test]
 fn telegram_client_through_mtlb_with_failover() {
     let ns = Netns::new();
-    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _dc = fake_dc(&ns, 20443);
     let mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
     let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
@@ -59,7 +59,9 @@ fn telegram_client_through_mtlb_with_failover() {
     // Least connections: one client each.
     assert!(
         pids.contains(&mtp1.pid()) && pids.contains(&mtp2.pid()),
-        "{pids:?}"
+        "{pids:?}; counts {:?}; sockets:\n{}",
+        (0..2).map(|s| conns(&agent.maps(), s)).collect::<Vec<_>>(),
+        ss_balanced(&ns)
     );
     for mut c in clients {
         let _ = c.kill();
@@ -106,7 +108,7 @@ fn telegram_client_through_mtlb_with_failover() {
 #[test]
 fn fake_tls_replicas_end_to_end() {
     let ns = Netns::new();
-    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _dc = fake_dc(&ns, 20443);
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, true);
     let _mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, true);
     let secret = format!("ee{SECRET}{DOMAIN_HEX}");

@@ -160,7 +160,7 @@ fn a_returning_replica_proves_itself_before_clients() {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
     const OTHER: &str = "fedcba9876543210fedcba9876543210";
     let ns = Netns::new();
-    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _dc = fake_dc(&ns, 20443);
     let _mtp1 = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let mtp2 = mtproxy_replica(&ns, 10001, SECRET, 20443, false);
     let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);

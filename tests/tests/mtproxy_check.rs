@@ -12,7 +12,7 @@ const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 /// its checks, mtp2 goes DOWN with `reason`.
 fn right_up_wrong_down(tls: bool, configured: &str, reason: &str) {
     let ns = Netns::new();
-    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _dc = fake_dc(&ns, 20443);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, tls);
     let _wrong = mtproxy_replica(&ns, 10001, OTHER, 20443, tls);
     let cfg = Config::mtproxy(configured).write(&ns);
@@ -64,7 +64,7 @@ fn unreachable_upstream_is_down_with_no_answer() {
 #[test]
 fn plain_tcp_server_is_down() {
     let ns = Netns::new();
-    let _dc = PyProcess::start(&ns, "fake_dc.py", &["20443"]);
+    let _dc = fake_dc(&ns, 20443);
     let _right = mtproxy_replica(&ns, 10000, SECRET, 20443, false);
     let _plain = Replica::start("mtp2", "127.0.0.1:10001");
     let cfg = Config::mtproxy(&format!("dd{SECRET}")).write(&ns);
