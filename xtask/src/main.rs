@@ -58,6 +58,9 @@ enum Cmd {
         /// or `host` (this machine's, the default).
         #[arg(long, default_value = "host")]
         kernel: String,
+        /// Leave out this suite (a file name in tests/tests/); repeatable.
+        #[arg(long, value_name = "SUITE")]
+        skip: Vec<String>,
     },
     /// Install prerequisites and build (release).
     Build,
@@ -146,7 +149,22 @@ fn main() -> anyhow::Result<()> {
             let bin = root.join("target/release/mtlb");
             exec(&bin, std::iter::once("run".to_string()).chain(args))
         }
-        Cmd::Test { filter, kernel } if kernel != "host" => {
+        Cmd::Test { skip, .. } if skip.iter().any(|s| !is_suite(&root, s)) => {
+            let bad: Vec<_> = skip
+                .iter()
+                .filter(|s| !is_suite(&root, s))
+                .cloned()
+                .collect();
+            anyhow::bail!(
+                "--skip {}: not a suite (a file name in tests/tests/, without .rs)",
+                bad.join(", ")
+            )
+        }
+        Cmd::Test {
+            filter,
+            kernel,
+            skip,
+        } if kernel != "host" => {
             prereqs::ensure()?;
             prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
@@ -158,9 +176,10 @@ fn main() -> anyhow::Result<()> {
                 official.as_deref(),
                 &kernel,
                 filter.as_deref(),
+                &skip,
             )
         }
-        Cmd::Test { filter, .. } => {
+        Cmd::Test { filter, skip, .. } => {
             prereqs::ensure()?;
             prereqs::ensure_test_tools()?;
             cargo(&["build", "-p", "mtlb-userspace"])?;
@@ -188,7 +207,13 @@ fn main() -> anyhow::Result<()> {
             cmd.args(["test", "-p", "mtlb-tests"]);
             match filter.as_deref().filter(|f| is_suite(&root, f)) {
                 Some(suite) => cmd.args(["--test", suite]),
-                None => cmd.arg("--").args(filter),
+                None if skip.is_empty() => cmd.arg("--").args(filter),
+                None => {
+                    for suite in suites(&root)?.iter().filter(|s| !skip.contains(s)) {
+                        cmd.args(["--test", suite]);
+                    }
+                    cmd.arg("--").args(filter)
+                }
             };
             cmd.env("MTLB_BIN", &bin).env("MTLB_PYTHON", &python);
             // Unset, the official MTProxy tests skip (and say why).
@@ -304,6 +329,19 @@ pub fn is_suite(root: &Path, filter: &str) -> bool {
             .join("tests/tests")
             .join(format!("{filter}.rs"))
             .is_file()
+}
+
+/// The integration test suites: the file names in tests/tests/.
+fn suites(root: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("tests/tests"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            Some(name.strip_suffix(".rs")?.to_owned())
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 fn workspace_root() -> PathBuf {

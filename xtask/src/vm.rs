@@ -40,6 +40,7 @@ pub fn run(
     official: Option<&Path>,
     kernel: &str,
     filter: Option<&str>,
+    skip: &[String],
 ) -> anyhow::Result<()> {
     let series = SERIES.iter().find(|s| s.name == kernel).with_context(|| {
         format!(
@@ -51,7 +52,7 @@ pub fn run(
     let vmlinuz = ensure_kernel(root, series)?;
     // A suite's name runs that whole test binary.
     let suite = filter.filter(|f| crate::is_suite(root, f));
-    let tests = test_binaries(root, suite)?;
+    let tests = test_binaries(root, suite, skip)?;
     let filter = if suite.is_some() { None } else { filter };
     let script = write_script(root, python, official, &tests, filter)?;
     let vng = python.with_file_name("vng");
@@ -299,7 +300,7 @@ const HOST_ONLY: &[(&str, &str)] = &[
 ];
 
 /// The integration test executables, built.
-fn test_binaries(root: &Path, only: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
+fn test_binaries(root: &Path, only: Option<&str>, skip: &[String]) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("cargo")
         .args([
             "test",
@@ -327,7 +328,7 @@ fn test_binaries(root: &Path, only: Option<&str>) -> anyhow::Result<Vec<PathBuf>
             && let Some(exe) = v["executable"].as_str()
         {
             let name = v["target"]["name"].as_str().unwrap_or_default();
-            if only.is_some_and(|o| o != name) {
+            if only.is_some_and(|o| o != name) || skip.iter().any(|s| s == name) {
                 continue;
             }
             if let Some(why) = HOST_ONLY.iter().find(|(n, _)| *n == name).map(|(_, w)| w) {
