@@ -352,9 +352,16 @@ fn the_agents_own_fd_shortage_downs_no_replica() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(clients > 10);
-    // Told once, not every 100 ms.
+    // Told once, not every 100 ms; nor the scans' and polls' failed reads
+    // (every 500 ms), each kind once a minute.
     let log = agent.log();
     assert_eq!(log.matches("control socket: accepting").count(), 1, "{log}");
+    for what in [
+        "looking for running replicas",
+        "reading replica registrations",
+    ] {
+        assert!(log.matches(what).count() <= 1, "{what} told again:\n{log}");
+    }
     set_nofile(pid, 4096);
     let deadline = Instant::now() + wait_limit();
     let text = loop {

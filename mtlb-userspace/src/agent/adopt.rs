@@ -5,6 +5,7 @@
 use super::{
     effect::{Fact, Reading},
     render::emit,
+    throttle::Throttle,
 };
 use crate::{
     config::Config,
@@ -15,10 +16,51 @@ use crate::{
     },
 };
 
+/// Failures the scans and polls meet again every few hundred ms while a
+/// fault lasts (no descriptors left, sock_diag or pidfd_getfd refused):
+/// each kind told once a minute, with how many went untold.
+#[derive(Debug, Default)]
+pub(super) struct Failures {
+    reads: Throttle<Reading>,
+    adoptions: Throttle<()>,
+}
+
+impl Failures {
+    pub(super) fn read(&mut self, what: Reading, error: String) {
+        if let Some(more) = self.reads.event(what, std::time::Instant::now()) {
+            emit(&Fact::ReadFailed {
+                what,
+                error: with_untold(error, more),
+            });
+        }
+    }
+
+    fn adoption(&mut self, error: String) {
+        if let Some(more) = self.adoptions.event((), std::time::Instant::now()) {
+            emit(&Fact::AdoptFailed {
+                error: with_untold(error, more),
+            });
+        }
+    }
+}
+
+fn with_untold(error: String, more: u64) -> String {
+    if more == 0 {
+        error
+    } else {
+        format!("{error} ({more} more since the last line)")
+    }
+}
+
 /// Adopts listeners on replica ports that did not register themselves and
 /// whose owner may run replicas; reports the others. True when one was
 /// adopted.
-pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps) -> bool {
+pub(super) fn adopt(
+    cfg: &Config,
+    registry: &mut Registrations,
+    maps: &mut Maps,
+    failures: &mut Failures,
+) -> bool {
     match registry.adopt_missing(cfg, maps) {
         Ok(registry::Adoption {
             adopted,
@@ -26,7 +68,7 @@ pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps)
             failed,
         }) => {
             for e in &failed {
-                emit(&Fact::AdoptFailed { error: report(e) });
+                failures.adoption(report(e));
             }
             for a in &adopted {
                 emit(&Fact::Adopted {
@@ -41,10 +83,7 @@ pub(super) fn adopt(cfg: &Config, registry: &mut Registrations, maps: &mut Maps)
             !adopted.is_empty()
         }
         Err(e) => {
-            emit(&Fact::ReadFailed {
-                what: Reading::RunningReplicas,
-                error: report(&e),
-            });
+            failures.read(Reading::RunningReplicas, report(&e));
             false
         }
     }

@@ -374,7 +374,7 @@ pub enum Fact {
 }
 
 /// What the shell failed to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reading {
     Registrations,
     RefusedListener,

@@ -32,10 +32,7 @@ impl Agent {
         {
             Ok(v) => v,
             Err(e) => {
-                emit(&Fact::ReadFailed {
-                    what: Reading::Registrations,
-                    error: report(&e),
-                });
+                self.failures.read(Reading::Registrations, report(&e));
                 return None;
             }
         };
@@ -138,16 +135,18 @@ impl Agent {
             match self.registry.explain(ev.slot, addr, why) {
                 Ok(Some(r)) => emit(&refused(self.state.cfg(), &r)),
                 Ok(None) => {}
-                Err(e) => emit(&Fact::ReadFailed {
-                    what: Reading::RefusedListener,
-                    error: report(&e),
-                }),
+                Err(e) => self.failures.read(Reading::RefusedListener, report(&e)),
             }
         }
         // One scan for however many refusals came in this batch.
         if scan {
             let cfg = self.state.cfg().clone();
-            changed |= adopt(&cfg, &mut self.registry, self.dataplane.maps_mut());
+            changed |= adopt(
+                &cfg,
+                &mut self.registry,
+                self.dataplane.maps_mut(),
+                &mut self.failures,
+            );
         }
         if changed && let Some(changes) = self.poll_listeners() {
             out.push(Event::Listeners(changes));
@@ -168,10 +167,7 @@ impl Agent {
             match maps.stopping(slot) {
                 Ok(m) => marks.push(m),
                 Err(e) => {
-                    emit(&Fact::ReadFailed {
-                        what: Reading::StopMarks,
-                        error: report(&e),
-                    });
+                    self.failures.read(Reading::StopMarks, report(&e));
                     return None;
                 }
             }
@@ -224,7 +220,12 @@ impl Agent {
     /// the adopted ones, read back as registrations.
     pub(super) fn adopt_missing(&mut self) -> Option<Registrations> {
         let cfg = self.state.cfg().clone();
-        if adopt(&cfg, &mut self.registry, self.dataplane.maps_mut()) {
+        if adopt(
+            &cfg,
+            &mut self.registry,
+            self.dataplane.maps_mut(),
+            &mut self.failures,
+        ) {
             self.poll_listeners()
         } else {
             None

@@ -156,6 +156,9 @@ pub struct Agent {
     /// Failures to find (or write) the listeners' owner pids, told once a
     /// minute.
     owners_failed: throttle::Throttle<()>,
+    /// Failed reads and adoptions of the scans and polls, told once a
+    /// minute per kind.
+    failures: adopt::Failures,
     /// The replicas' cgroup directory (`None`: the root, every process).
     replica_cgroup_dir: Option<PathBuf>,
     /// Failed writes of the announce table's routes, told once a minute.
@@ -425,12 +428,13 @@ impl Agent {
             &mut cookies_seen,
         )?;
         let mut registry = Registrations::default();
+        let mut failures = adopt::Failures::default();
         let hooks = Hooks {
             cgroup_root: &cgroup,
             replica_cgroup: &replica_cgroup,
         };
         dataplane.attach(hooks, facts, |maps| {
-            adopt::adopt(&cfg, &mut registry, maps);
+            adopt::adopt(&cfg, &mut registry, maps, &mut failures);
         })?;
 
         let report = std::sync::Arc::new(crate::stats::AgentReport::default());
@@ -456,6 +460,7 @@ impl Agent {
             cookies_seen,
             cookies_failed: throttle::Throttle::default(),
             owners_failed: throttle::Throttle::default(),
+            failures,
             announce_failed: throttle::Throttle::default(),
             replica_cgroup_dir: (replica_cgroup_id != 0).then_some(replica_cgroup),
             owners_wanted: false,
