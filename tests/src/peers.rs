@@ -133,14 +133,42 @@ impl PyProcess {
 
 /// Runs a Python fixture in `ns` and returns its first stdout line (the
 /// process keeps running if it holds on; it is killed when the returned
-/// child is dropped by the caller).
-pub fn py_first_line(ns: &Netns, script: &str, args: &[&str]) -> (Child, String) {
+/// guard is dropped).
+pub fn py_first_line(ns: &Netns, script: &str, args: &[&str]) -> (Killed, String) {
     let mut child = spawn_fixture(ns, script, args, Stdio::null());
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    (child, line)
+    (Killed(child), line)
+}
+
+/// `--hold` for a Telethon client that keeps its connection until the test
+/// ends it (telethon_client.py's cap): a hold timed to the test would end
+/// early on a slow machine, and the connection the test counts on with it.
+pub const HOLD_UNTIL_KILLED: &str = "900";
+
+/// A child process killed when dropped, a failing test's included.
+pub struct Killed(pub Child);
+
+impl std::ops::Deref for Killed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Drop for PyProcess {

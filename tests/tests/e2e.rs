@@ -8,13 +8,12 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const DOMAIN_HEX: &str = "6578616d706c652e636f6d"; // example.com
 
 /// One Telethon exchange through the balanced port, holding the connection
-/// `hold` seconds after it; returns the client and its JSON result.
-fn telethon(ns: &Netns, hold: &str) -> (std::process::Child, serde_json::Value) {
+/// after it until the returned guard is dropped when `hold`; returns the
+/// client and its JSON result.
+fn telethon(ns: &Netns, hold: bool) -> (Killed, serde_json::Value) {
     let secret = format!("dd{SECRET}");
     let timeout = (8 * time_scale()).to_string();
-    // Held long enough for the next client to start, however slow.
-    let hold = (hold.parse::<u32>().unwrap() * time_scale()).to_string();
-    let hold = hold.as_str();
+    let hold = if hold { HOLD_UNTIL_KILLED } else { "0" };
     let (child, line) = py_first_line(
         ns,
         "telethon_client.py",
@@ -44,7 +43,7 @@ fn telegram_client_through_mtlb_with_failover() {
     let mut clients = Vec::new();
     let mut pids = Vec::new();
     for _ in 0..2 {
-        let (child, r) = telethon(&ns, "10");
+        let (child, r) = telethon(&ns, true);
         assert_eq!(r["verdict"], "UP", "{r}");
         assert_eq!(r["reply_equals_sent"], true, "{r}");
         let client = r["sockname"].as_str().unwrap().to_string();
@@ -84,7 +83,7 @@ fn telegram_client_through_mtlb_with_failover() {
     );
     // Every client connection succeeds, through mtp1.
     for _ in 0..2 {
-        let (mut c, r) = telethon(&ns, "0");
+        let (mut c, r) = telethon(&ns, false);
         assert_eq!(r["verdict"], "UP", "{r}");
         let _ = c.wait();
     }
@@ -99,7 +98,7 @@ fn telegram_client_through_mtlb_with_failover() {
     wait_backend_total_above("mtp2", t2);
     let looped = loop_.finish();
     looped.assert_one_replica_killed();
-    let (mut c, r) = telethon(&ns, "0");
+    let (mut c, r) = telethon(&ns, false);
     assert_eq!(r["verdict"], "UP", "{r}");
     let _ = c.wait();
     drop(looped.held);

@@ -231,7 +231,6 @@ fn a_returning_replica_proves_itself_before_clients() {
     // mtp1 holds nothing now either, so a held client may go to either;
     // two held clients cover both.
     let mut held = Vec::new();
-    let hold = (5 * time_scale()).to_string();
     for _ in 0..2 {
         held.push(py_first_line(
             &ns,
@@ -240,7 +239,7 @@ fn a_returning_replica_proves_itself_before_clients() {
                 "443",
                 &format!("dd{SECRET}"),
                 "--hold",
-                &hold,
+                HOLD_UNTIL_KILLED,
                 "--timeout",
                 &timeout,
             ],

@@ -39,15 +39,16 @@ fn replica(bin: &str, ns: &Netns, i: u16, secret: &str, upstream: &MiddleProxy) 
 }
 
 /// One Telethon exchange through the balanced port, holding the connection
-/// `hold` seconds after it; returns the client and its JSON result.
-fn telethon(ns: &Netns, hold: u32) -> (std::process::Child, serde_json::Value) {
+/// after it until the returned guard is dropped when `hold`; returns the
+/// client and its JSON result.
+fn telethon(ns: &Netns, hold: bool) -> (Killed, serde_json::Value) {
     let secret = format!("dd{SECRET}");
     let timeout = (8 * time_scale()).to_string();
-    let hold = (hold * time_scale()).to_string();
+    let hold = if hold { HOLD_UNTIL_KILLED } else { "0" };
     let (child, line) = py_first_line(
         ns,
         "telethon_client.py",
-        &["443", &secret, "--hold", &hold, "--timeout", &timeout],
+        &["443", &secret, "--hold", hold, "--timeout", &timeout],
     );
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("telethon said {line:?}: {e}"));
@@ -57,12 +58,6 @@ fn telethon(ns: &Netns, hold: u32) -> (std::process::Child, serde_json::Value) {
 /// Connections the connect loop holds at once, well under the servers'
 /// `-c` (official_replica's).
 const MAX_HELD: usize = 1000;
-
-/// Kills and reaps a held client.
-fn end(mut c: std::process::Child) {
-    let _ = c.kill();
-    let _ = c.wait();
-}
 
 /// The stand-in's line for the request the official server forwarded from
 /// `client` (it reports the client's address in RPC_PROXY_REQ).
@@ -123,8 +118,8 @@ fn official_mtproxy_frames_intact_through_telethon() {
     mtp1.wait_ready_targets(1);
     mtp2.wait_ready_targets(1);
     for _ in 0..3 {
-        let (c, r) = telethon(ns, 0);
-        end(c);
+        let (c, r) = telethon(ns, false);
+        drop(c);
         // Telethon's req_pq_multi came back byte for byte: the official
         // server parsed and forwarded it, the answer came back through it.
         assert_eq!(r["verdict"], "UP", "{r}");
@@ -149,7 +144,7 @@ fn official_mtproxy_replica_sees_the_client_address() {
     let TwoReplicas {
         mtp1, mtp2, up, ns, ..
     } = &two_replicas(&bin);
-    let (c, r) = telethon(ns, 10);
+    let (c, r) = telethon(ns, true);
     assert_eq!(r["verdict"], "UP", "{r}");
     let client = r["sockname"].as_str().unwrap().to_string();
     // The socket the replica holds has the client's own address as its
@@ -166,7 +161,7 @@ fn official_mtproxy_replica_sees_the_client_address() {
         "the stand-in got no request from {client}:\n{}",
         up.lines().join("\n")
     );
-    end(c);
+    drop(c);
 }
 
 #[test]
@@ -185,7 +180,7 @@ fn official_mtproxy_replicas_share_clients_by_least_connections() {
     let mut pids = Vec::new();
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (c, r) = telethon(ns, 20);
+        let (c, r) = telethon(ns, true);
         assert_eq!(r["verdict"], "UP", "{r}");
         pids.extend(holders_of(ns, r["sockname"].as_str().unwrap()));
         held.push(c);
@@ -210,7 +205,7 @@ fn official_mtproxy_replicas_share_clients_by_least_connections() {
         c[0].established == 4 && c[1].established == 4
     });
     drop(raw);
-    held.into_iter().for_each(end);
+    drop(held);
 }
 
 #[test]
@@ -238,8 +233,8 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     agent.wait_state("mtp2", State::Down);
     // Real clients still get through, on mtp1.
     for _ in 0..2 {
-        let (c, r) = telethon(ns, 0);
-        end(c);
+        let (c, r) = telethon(ns, false);
+        drop(c);
         assert_eq!(r["verdict"], "UP", "{r}");
     }
     let mtp2 = replica(&bin, ns, 1, SECRET, up);
@@ -247,7 +242,7 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
     let looped = loop_.finish();
     looped.assert_one_replica_killed();
     // mtp1 holds the loop's connections: the next client goes to mtp2.
-    let (c, r) = telethon(ns, 10);
+    let (c, r) = telethon(ns, true);
     assert_eq!(r["verdict"], "UP", "{r}");
     let holders = holders_of(ns, r["sockname"].as_str().unwrap());
     assert!(
@@ -255,7 +250,7 @@ fn official_mtproxy_killed_replica_fails_over_and_returns() {
         "the returned mtp2 ({}) took no client: {holders:?}",
         mtp2.pid()
     );
-    end(c);
+    drop(c);
     drop(looped.held);
 }
 
