@@ -209,8 +209,12 @@ fn main() -> anyhow::Result<()> {
                 Some(suite) => cmd.args(["--test", suite]),
                 None if skip.is_empty() => cmd.arg("--").args(filter),
                 None => {
-                    for suite in suites(&root)?.iter().filter(|s| !skip.contains(s)) {
-                        cmd.args(["--test", suite]);
+                    for suite in suites(&root)? {
+                        if skip.contains(&suite) {
+                            eprintln!("xtask: {suite} left out (--skip)");
+                        } else {
+                            cmd.args(["--test", &suite]);
+                        }
                     }
                     cmd.arg("--").args(filter)
                 }

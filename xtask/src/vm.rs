@@ -328,7 +328,11 @@ fn test_binaries(root: &Path, only: Option<&str>, skip: &[String]) -> anyhow::Re
             && let Some(exe) = v["executable"].as_str()
         {
             let name = v["target"]["name"].as_str().unwrap_or_default();
-            if only.is_some_and(|o| o != name) || skip.iter().any(|s| s == name) {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            if skip.iter().any(|s| s == name) {
+                eprintln!("xtask: {name} left out (--skip)");
                 continue;
             }
             if let Some(why) = HOST_ONLY.iter().find(|(n, _)| *n == name).map(|(_, w)| w) {
