@@ -293,17 +293,20 @@ fn set_nofile(pid: u32, n: u64) {
     assert!(out.status.success(), "prlimit: {out:?}");
 }
 
-/// The lowest descriptor number `pid` leaves free, over a few looks (a
-/// check's socket holds one for a moment): below it are the descriptors
-/// it keeps, so with it as the limit no new one can be opened.
+/// The lowest descriptor number `pid` leaves free, the least over a second
+/// (scaled) of looks: below it are the descriptors it keeps, so with it as
+/// the limit no new one can be opened. A check's socket or a scan's
+/// netlink socket (every 500 ms) holds one for a while, longer under
+/// emulation; a limit taken while one is open leaves its number free for
+/// the checks once it closes.
 fn lowest_free_fd(pid: u32) -> u64 {
-    (0..20)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(10));
-            lowest_free_now(pid)
-        })
-        .min()
-        .expect("looked")
+    let until = Instant::now() + scaled(Duration::from_secs(1));
+    let mut lowest = lowest_free_now(pid);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        lowest = lowest.min(lowest_free_now(pid));
+    }
+    lowest
 }
 
 fn lowest_free_now(pid: u32) -> u64 {
