@@ -27,13 +27,16 @@ pub fn fixture(name: &str) -> String {
     format!("{}/fixtures/mtproxy/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The fake Telegram DC on 127.0.0.1:`port`: echoes MTProto frames. It
-/// drops a connection idle for 30 s (scaled): a client held across a slow
-/// step of a test would otherwise lose its connection, and its replica a
-/// connection the test counts on.
+/// The fake Telegram DC on 127.0.0.1:`port`: echoes MTProto frames, and
+/// keeps an idle connection as long as a held client does
+/// ([`HOLD_UNTIL_KILLED`]): dropped earlier, the replica would close the
+/// client's connection that a test counts on.
 pub fn fake_dc(ns: &Netns, port: u16) -> PyProcess {
-    let idle = (30 * time_scale()).to_string();
-    PyProcess::start(ns, "fake_dc.py", &[&port.to_string(), "--idle", &idle])
+    PyProcess::start(
+        ns,
+        "fake_dc.py",
+        &[&port.to_string(), "--idle", HOLD_UNTIL_KILLED],
+    )
 }
 
 /// A real MTProxy replica (mtprotoproxy) on 127.0.0.1:`port` with `secret`
