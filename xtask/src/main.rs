@@ -209,6 +209,8 @@ fn main() -> anyhow::Result<()> {
                 Some(suite) => cmd.args(["--test", suite]),
                 None if skip.is_empty() => cmd.arg("--").args(filter),
                 None => {
+                    // The helpers' own unit tests, then each suite kept.
+                    cmd.arg("--lib");
                     for suite in suites(&root)? {
                         if skip.contains(&suite) {
                             eprintln!("xtask: {suite} left out (--skip)");
