@@ -16,9 +16,10 @@ use crate::{
     },
 };
 
-/// Failures the scans and polls meet again every few hundred ms while a
-/// fault lasts (no descriptors left, sock_diag or pidfd_getfd refused):
-/// each kind told once a minute, with how many went untold.
+/// Failures the scans, the polls and the SYN-cookie watch meet again every
+/// tick or few hundred ms while a fault lasts (no descriptors left,
+/// sock_diag or pidfd_getfd refused): each kind told once a minute, with
+/// how many went untold.
 #[derive(Debug, Default)]
 pub(super) struct Failures {
     reads: Throttle<Reading>,

@@ -130,14 +130,7 @@ impl Agent {
                             Ok(None) => {}
                             // Read every tick: a lasting failure (out of
                             // file descriptors) is told once a minute.
-                            Err(e) => {
-                                if self.cookies_failed.event((), inp.now).is_some() {
-                                    emit(&Fact::ReadFailed {
-                                        what: Reading::SynCookies,
-                                        error: report(&e),
-                                    });
-                                }
-                            }
+                            Err(e) => self.failures.read(Reading::SynCookies, report(&e)),
                         }
                     }
                     Effect::SettleStop {

@@ -150,14 +150,11 @@ pub struct Agent {
     control: Option<tokio::net::UnixListener>,
     saved_path: PathBuf,
     cookies_seen: Option<crate::kernel::cookies::Observed>,
-    /// Failed reads of the SYN-cookie counter (every tick), told once a
-    /// minute.
-    cookies_failed: throttle::Throttle<()>,
     /// Failures to find (or write) the listeners' owner pids, told once a
     /// minute.
     owners_failed: throttle::Throttle<()>,
-    /// Failed reads and adoptions of the scans and polls, told once a
-    /// minute per kind.
+    /// Failed reads (the scans, the polls, the SYN-cookie counter every
+    /// tick) and adoptions, told once a minute per kind.
     failures: adopt::Failures,
     /// The replicas' cgroup directory (`None`: the root, every process).
     replica_cgroup_dir: Option<PathBuf>,
@@ -458,7 +455,6 @@ impl Agent {
             control: Some(control),
             saved_path,
             cookies_seen,
-            cookies_failed: throttle::Throttle::default(),
             owners_failed: throttle::Throttle::default(),
             failures,
             announce_failed: throttle::Throttle::default(),
