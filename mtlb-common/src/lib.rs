@@ -86,7 +86,8 @@ pub struct Backend {
 /// `i64`, below zero counts as zero, and the agent clamps it into [0,
 /// assignments to the slot within the handshake timeout] (see
 /// `agent::heal`). `established` counts steered connections from
-/// establishment until they reach TCP_CLOSE.
+/// establishment until they leave ESTABLISHED (a FIN either way, or a
+/// reset): their state callbacks end there.
 ///
 /// `weight` is what the pick reads instead of BACKENDS, LISTENERS and
 /// STOPPING for each slot: the slot's weight while it may be picked

@@ -2,8 +2,8 @@
 //! cgroup2 root): registers replica listeners the moment they call
 //! listen() (never over a live one) and tells the agent through EVENTS;
 //! counts handshakes in flight from the request socket's creation to
-//! establishment, and steered connections from establishment to
-//! TCP_CLOSE. Handshakes that never complete leave no event; the agent
+//! establishment, and steered connections from establishment until they
+//! leave ESTABLISHED. Handshakes that never complete leave no event; the agent
 //! bounds them (see Conns). Sockets outside the cgroup never run it.
 
 use crate::{
@@ -27,6 +27,7 @@ use mtlb_common::{
 };
 
 /// Kernel TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u32 = 1;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 
@@ -305,8 +306,12 @@ fn on_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_state(ctx: &SockOpsContext) {
-    // args[0] old state, args[1] new state.
-    if ctx.arg(1) != TCP_CLOSE {
+    // args[0] old state, args[1] new state. A listener closing, or a
+    // connection leaving ESTABLISHED (its first step towards close, from
+    // either side, or a reset); everything else, such as a child's
+    // SYN_RECV -> ESTABLISHED, leaves here.
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    if new != TCP_CLOSE && old != TCP_ESTABLISHED {
         return;
     }
     let sk = sk_of(ctx);
@@ -317,7 +322,7 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     };
     let tag = unsafe { &mut *tag };
-    if ctx.arg(0) == TCP_LISTEN && tag.state == TAG_LISTENER {
+    if old == TCP_LISTEN && tag.state == TAG_LISTENER {
         // Our listener closed: empty the slot unless a newer listener has
         // taken it already.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
@@ -351,14 +356,20 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     }
     if tag.state == TAG_COUNTED {
-        // TCP_CLOSE is entered once per socket, and the socket lock
-        // serialises callbacks: this runs once per counted connection.
+        // The connection is closing: it leaves its replica's count now,
+        // and its state callbacks end here (FIN_WAIT1/2, CLOSE_WAIT,
+        // LAST_ACK, CLOSE would cost a run each). The socket lock
+        // serialises callbacks, and the tag changes: this runs once per
+        // counted connection.
         tag.state = TAG_CLOSED;
+        let _ = ctx.set_cb_flags(0);
         if let Some(c) = conns_of(tag.slot) {
             add(unsafe { &raw mut (*c).established }, (-1i64) as u64);
         }
-        // The connection's final byte counts move into its replica's
-        // totals (per-CPU: no other CPU writes this slot's copy).
+        // The connection's byte counts move into its replica's totals
+        // (per-CPU: no other CPU writes this slot's copy). Received bytes
+        // are final when the client's FIN made this call; what the replica
+        // gets acknowledged after this point is not counted.
         let (rx, acked) = unsafe {
             (
                 core::ptr::read_volatile(&raw const (*ctx.ops).bytes_received),

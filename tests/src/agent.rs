@@ -428,6 +428,23 @@ pub fn conns(maps: &Maps, slot: u32) -> Conns {
         .unwrap_or_else(|e| panic!("reading CONNS[{slot}]: {e}"))
 }
 
+/// Turns the kernel's program run statistics on while the descriptor it
+/// returns is open, as `sysctl kernel.bpf_stats_enabled=1` would
+/// (bpf(BPF_ENABLE_STATS, {type: BPF_STATS_RUN_TIME})).
+pub fn bpf_run_stats() -> std::os::fd::OwnedFd {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let attr: u32 = 0;
+    // SAFETY: a valid 4-byte bpf_attr for the command.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, &attr as *const u32, 4usize) };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor we own.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+}
+
 /// Polls the maps until `pred` holds (the kernel gives no event to wait
 /// on); panics with the last counts after wait_limit().
 pub fn wait_counts(maps: &Maps, slots: u32, what: &str, pred: impl Fn(&[Conns]) -> bool) {

@@ -350,19 +350,7 @@ fn scraping_in_a_loop_does_not_disturb_a_connect_loop() {
 /// links, not among every program on the host.
 #[test]
 fn program_run_statistics_are_reported_when_the_kernel_counts_them() {
-    // bpf(BPF_ENABLE_STATS, {type: BPF_STATS_RUN_TIME}): counting lasts
-    // while the descriptor is open.
-    let attr: u32 = 0;
-    // SAFETY: a valid 4-byte bpf_attr for the command.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 32, &attr as *const u32, 4usize) };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor we own.
-    let _stats =
-        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let _stats = bpf_run_stats();
     let ns = Netns::new();
     let _a = Replica::start("mtp1", A);
     let _b = Replica::start("mtp2", B);
@@ -386,5 +374,65 @@ fn program_run_statistics_are_reported_when_the_kernel_counts_them() {
             "mtlb_program_run_time_seconds_total{program=\"mtlb_steer\"}"
         ) > 0.0,
         "{text}"
+    );
+}
+
+/// What a steered connection costs in program runs, as the kernel counts
+/// them (run statistics on; replicas in a cgroup of the test's own and no
+/// checks, so no other socket runs this agent's sock_ops): one sk_lookup
+/// run and at most six sock_ops runs. Four of those the kernel makes for
+/// any accepted connection whatever the program asks for (RWND_INIT and
+/// TIMEOUT_INIT for the request socket, NEEDS_ECN for its SYN-ACK,
+/// PASSIVE_ESTABLISHED), one is the SYN-ACK's header-option callback (it
+/// tells SYN-cookie SYN-ACKs apart), one the state callback as the
+/// connection leaves ESTABLISHED: its callbacks end there, not at
+/// TCP_CLOSE two or three state changes later.
+#[test]
+fn a_steered_connection_costs_one_lookup_and_six_sock_ops_runs() {
+    let _stats = bpf_run_stats();
+    let ns = Netns::new();
+    let cg = Cgroup::new();
+    let _a = ReplicaProcess::start_in(&ns, "mtp1", A, &cg);
+    let _b = ReplicaProcess::start_in(&ns, "mtp2", B, &cg);
+    let cfg = Config::new().check_kind("none").write(&ns);
+    let agent = ns.agent(&["--config", &cfg, "--replica-cgroup", &cg.rel]);
+    agent.wait_state("mtp1", State::Up);
+    agent.wait_state("mtp2", State::Up);
+    let maps = agent.maps();
+    let runs = || {
+        let (_, text) = http_get("/metrics");
+        let r = |p: &str| {
+            m(
+                &text,
+                &format!("mtlb_program_runs_total{{program=\"{p}\"}}"),
+            )
+        };
+        (r("mtlb_steer"), r("mtlb_sockops"))
+    };
+    let (steer0, ops0) = runs();
+    const N: u32 = 60;
+    let mut on = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..N {
+        // Each one greeted by its replica, then closed by the client.
+        let (s, name) = connect(BALANCED).unwrap();
+        *on.entry(name).or_default() += 1;
+        drop(s);
+    }
+    assert_eq!(on.len(), 2, "both replicas take connections: {on:?}");
+    wait_counts(&maps, 2, "all closed", |c| c.iter().all(Conns::is_empty));
+    let (steer1, ops1) = runs();
+    let n = f64::from(N);
+    let (steer, ops) = ((steer1 - steer0) / n, (ops1 - ops0) / n);
+    eprintln!("per connection: {steer:.2} sk_lookup runs, {ops:.2} sock_ops runs");
+    // sk_lookup runs for every listener lookup of the namespace: the
+    // second /metrics GET's own connection is the one more.
+    assert_eq!(
+        steer1 - steer0,
+        n + 1.0,
+        "sk_lookup runs for {N} connections"
+    );
+    assert!(
+        (4.0..=6.0).contains(&ops),
+        "{ops:.2} sock_ops runs per connection"
     );
 }

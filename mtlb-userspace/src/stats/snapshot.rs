@@ -110,12 +110,12 @@ fn as_label<S: Serializer>(s: &ReplicaState, ser: S) -> Result<S::Ok, S::Error> 
 pub type Bytes = BTreeMap<u32, (u64, u64)>;
 
 /// Each slot's bytes: the totals of closed connections (per-CPU, kept by
-/// sock_ops at TCP_CLOSE), then the open ones' tcp_info from one sock_diag
-/// dump of the balanced port, each socket's replica from its tag. Totals
-/// first: a connection that closes in between is missed by both for this
-/// reading (the server never shows less than it showed), where the other
-/// order would count it twice. The dump costs a message per connection:
-/// callers share readings (see `collector::Collector`).
+/// sock_ops as they leave ESTABLISHED), then the open ones' tcp_info from
+/// one sock_diag dump of the balanced port, each socket's replica from its
+/// tag. Totals first: a connection that closes in between is missed by
+/// both for this reading (the server never shows less than it showed),
+/// where the other order would count it twice. The dump costs a message
+/// per connection: callers share readings (see `collector::Collector`).
 pub fn bytes(maps: &Maps) -> Result<Bytes, MapsError> {
     let settings = maps.settings()?;
     let mut out = Bytes::new();

@@ -7,8 +7,8 @@
 //! balanced port (a bytecode filter, so other sockets cost it a comparison
 //! and us nothing), and reports each socket's tag from the SK_TAGS socket
 //! storage (`INET_DIAG_REQ_SK_BPF_STORAGES`) beside its tcp_info. A
-//! closed connection's final counts are added to its replica's totals by
-//! sock_ops at TCP_CLOSE.
+//! closing connection's counts are added to its replica's totals by
+//! sock_ops as it leaves ESTABLISHED (its tag then says closed).
 //!
 //! The request carries attributes (the filter, the storage map) that
 //! netlink-packet-sock-diag cannot express, and the dump of a busy server
