@@ -3,8 +3,8 @@
 //! listen() (never over a live one) and tells the agent through EVENTS;
 //! counts handshakes in flight from the request socket's creation to
 //! establishment, and steered connections from establishment until they
-//! leave ESTABLISHED. Handshakes that never complete leave no event; the agent
-//! bounds them (see Conns). Sockets outside the cgroup never run it.
+//! leave ESTABLISHED. Handshakes that never complete leave no event; the
+//! agent bounds them (see Conns). Sockets outside the cgroup never run it.
 
 use crate::{
     maps::{BACKENDS, FLOWS, LAST, LISTENERS, RUNTIME, SK_TAGS, SLOT_TOTALS, SOCKETS, conns_of},
