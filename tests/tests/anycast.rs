@@ -17,29 +17,24 @@ fn spread(lab: &Lab, vip: std::net::IpAddr, n: usize) -> Vec<usize> {
     seen
 }
 
-/// New clients of the VIPs from the client namespace, one at a time, both
-/// families in turn; each must be greeted (strict).
+/// A loop of new clients of `vip` from the client namespace, one at a
+/// time, each greeted.
+fn client_loop(vip: std::net::IpAddr) -> ConnectLoop {
+    ConnectLoop::new()
+        .to(std::net::SocketAddr::new(vip, 443))
+        .greet()
+        .pace(Duration::from_millis(5))
+}
+
+/// Loops of both families; each client must be greeted (strict).
 fn clients(lab: &Lab) -> [RunningLoop; 2] {
-    [VIP4, VIP6].map(|vip| {
-        ConnectLoop::new()
-            .to(std::net::SocketAddr::new(vip, 443))
-            .greet()
-            .strict()
-            .pace(Duration::from_millis(5))
-            .start(lab.client())
-    })
+    [VIP4, VIP6].map(|vip| client_loop(vip).strict().start(lab.client()))
 }
 
 /// Like [`clients`], but a connection reset in flight counts as cut, not
 /// failed: for loops that run across a move of the router.
 fn clients_across_a_move(lab: &Lab) -> [RunningLoop; 2] {
-    [VIP4, VIP6].map(|vip| {
-        ConnectLoop::new()
-            .to(std::net::SocketAddr::new(vip, 443))
-            .greet()
-            .pace(Duration::from_millis(5))
-            .start(lab.client())
-    })
+    [VIP4, VIP6].map(|vip| client_loop(vip).start(lab.client()))
 }
 
 /// Stops the loops; asserts no client failed, at most `max_cut` of each
