@@ -225,29 +225,11 @@ fn raise_nofile() {
 /// kernel.bpf_stats_enabled is one global switch another process may turn
 /// off in the middle of a run).
 fn bpf_enable_stats() -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    // union bpf_attr { struct { __u32 type; } enable_stats; }, type 0 =
-    // BPF_STATS_RUN_TIME; the rest zero.
-    let attr = [0u64; 2];
-    // SAFETY: bpf(2) with a zeroed attribute buffer of the given size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr) as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        eprintln!(
-            "bench: BPF_ENABLE_STATS failed ({}); relying on kernel.bpf_stats_enabled",
-            std::io::Error::last_os_error()
-        );
-        return None;
-    }
-    // SAFETY: a new descriptor this process owns.
-    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| {
+            eprintln!("bench: BPF_ENABLE_STATS failed ({e}); relying on kernel.bpf_stats_enabled")
+        })
+        .ok()
 }
 
 /// mtlb programs attached to the cgroup2 root before the bench starts

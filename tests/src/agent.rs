@@ -430,19 +430,10 @@ pub fn conns(maps: &Maps, slot: u32) -> Conns {
 
 /// Turns the kernel's program run statistics on while the descriptor it
 /// returns is open, as `sysctl kernel.bpf_stats_enabled=1` would
-/// (bpf(BPF_ENABLE_STATS, {type: BPF_STATS_RUN_TIME})).
+/// (BPF_ENABLE_STATS).
 pub fn bpf_run_stats() -> std::os::fd::OwnedFd {
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    let attr: u32 = 0;
-    // SAFETY: a valid 4-byte bpf_attr for the command.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, &attr as *const u32, 4usize) };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor we own.
-    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .unwrap_or_else(|e| panic!("BPF_ENABLE_STATS: {e}"))
 }
 
 /// Polls the maps until `pred` holds (the kernel gives no event to wait
