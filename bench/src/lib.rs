@@ -121,10 +121,7 @@ struct Env {
     dir: PathBuf,
     home_ns: std::fs::File,
     ns_ino: u64,
-    bpf_stats_before: Option<String>,
-    /// BPF_ENABLE_STATS descriptor: run-time stats stay on while it is
-    /// open, even if something else on the host writes 0 to the sysctl.
-    _bpf_stats_fd: Option<std::os::fd::OwnedFd>,
+    stats: RunStats,
 }
 
 impl Env {
@@ -140,14 +137,12 @@ impl Env {
         {
             bail!("ip netns add {ns} failed");
         }
-        let bpf_stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok();
         let mut env = Env {
             ns: ns.clone(),
             dir,
             home_ns,
             ns_ino: 0,
-            bpf_stats_before,
-            _bpf_stats_fd: bpf_enable_stats(),
+            stats: RunStats::on()?,
         };
         let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
         env.ns_ino = file.metadata()?.ino();
@@ -168,9 +163,6 @@ impl Env {
         ] {
             std::fs::write(format!("/proc/sys/{k}"), v).with_context(|| format!("sysctl {k}"))?;
         }
-        // Global, restored on drop.
-        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-            .context("kernel.bpf_stats_enabled")?;
         raise_nofile();
         // Orphaned descendants (a killed backend's workers) come to this
         // process, which reaps them.
@@ -182,9 +174,6 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(v) = &self.bpf_stats_before {
-            let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", v.trim());
-        }
         let _ = nix::sched::setns(self.home_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
         // An agent that died without cleaning up leaves pinned links
         // (sock_ops on the cgroup root): remove them.
@@ -220,10 +209,58 @@ fn raise_nofile() {
     }
 }
 
-/// bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME): a descriptor that keeps
-/// run_time_ns/run_cnt counting while it is open (the sysctl
-/// kernel.bpf_stats_enabled is one global switch another process may turn
-/// off in the middle of a run).
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// The kernel's run-time statistics (run_time_ns, run_cnt) for the run:
+/// on for the phases that read them, off while the micro phase times test
+/// runs (with them on, each run also pays their two clock reads, a fixed
+/// ~75 ns that would hide the program's own cost). The sysctl is restored
+/// on drop.
+struct RunStats {
+    before: Option<String>,
+    /// BPF_ENABLE_STATS descriptor: stats stay on while it is open, even
+    /// if something else on the host writes 0 to the sysctl (one global
+    /// switch). Taken while they are paused.
+    fd: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+impl RunStats {
+    fn on() -> anyhow::Result<RunStats> {
+        let before = std::fs::read_to_string(BPF_STATS_SYSCTL).ok();
+        std::fs::write(BPF_STATS_SYSCTL, "1").context("kernel.bpf_stats_enabled")?;
+        Ok(RunStats {
+            before,
+            fd: std::sync::Mutex::new(bpf_enable_stats()),
+        })
+    }
+
+    /// Stats off until the guard drops (unless another process keeps them
+    /// on: the micro phase checks).
+    fn paused(&self) -> anyhow::Result<StatsPaused<'_>> {
+        drop(self.fd.lock().expect("stats lock").take());
+        std::fs::write(BPF_STATS_SYSCTL, "0").context("kernel.bpf_stats_enabled")?;
+        Ok(StatsPaused(self))
+    }
+}
+
+impl Drop for RunStats {
+    fn drop(&mut self) {
+        if let Some(v) = &self.before {
+            let _ = std::fs::write(BPF_STATS_SYSCTL, v.trim());
+        }
+    }
+}
+
+struct StatsPaused<'a>(&'a RunStats);
+
+impl Drop for StatsPaused<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, "1");
+        *self.0.fd.lock().expect("stats lock") = bpf_enable_stats();
+    }
+}
+
+/// bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME).
 fn bpf_enable_stats() -> Option<std::os::fd::OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .inspect_err(|e| {
@@ -318,6 +355,7 @@ struct Setup<'a> {
     cg: &'a Cgroup,
     use_cg: bool,
     ns_ino: u64,
+    stats: &'a RunStats,
 }
 
 impl Setup<'_> {
@@ -395,6 +433,7 @@ pub fn run(
         cg: &cg,
         use_cg: replica_cgroup_enabled(),
         ns_ino: env.ns_ino,
+        stats: &env.stats,
     };
     let other_mtlb = other_mtlb_programs();
     if !other_mtlb.is_empty() {
@@ -902,6 +941,7 @@ fn with_replicas<T>(
 }
 
 fn micro(s: &Setup) -> anyhow::Result<Vec<model::MicroRaw>> {
+    let _paused = s.stats.paused()?;
     let mut out = Vec::new();
     for &(n, alg) in PICKS {
         eprintln!("bench: micro: mtlb_steer test runs at {n} replicas, {alg}");
@@ -915,6 +955,11 @@ fn micro(s: &Setup) -> anyhow::Result<Vec<model::MicroRaw>> {
 fn micro_at(a: &agent::Agent, n: u16, algorithm: &str) -> anyhow::Result<model::MicroRaw> {
     let prog = micro::prog_of_pinned_link(&a.pin_dir.join("link_sk_lookup"))
         .context("the agent's sk_lookup program")?;
+    if micro::run_stats_on(&prog)? {
+        bail!(
+            "the kernel's run-time stats stay on (kernel.bpf_stats_enabled, or another process's BPF_ENABLE_STATS): every test run would time their clock reads too"
+        );
+    }
     let local = "127.0.0.1:443".parse()?;
     // The floor: the same program leaving at its port test (a lookup for
     // another port), through the same test-run loop.
@@ -947,6 +992,7 @@ fn micro_at(a: &agent::Agent, n: u16, algorithm: &str) -> anyhow::Result<model::
         ns_per_run: ns,
         floor_ns_per_run: floor,
         listeners_chosen: chosen.len(),
+        run_stats: false,
     })
 }
 

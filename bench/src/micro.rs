@@ -2,8 +2,10 @@
 //! kernel runs `mtlb_steer` on a synthetic lookup (BPF_PROG_TEST_RUN, which
 //! takes sk_lookup contexts since Linux 5.10) `repeat` times back to back
 //! with preemption off and reports the mean time per run. No packet, no
-//! client, no bpf_stats clock reads: a change in the program shows as a
-//! change here even where the rate phases cannot tell it from noise.
+//! client: a change in the program shows as a change here even where the
+//! rate phases cannot tell it from noise. The kernel's run-time stats must
+//! be off ([`run_stats_on`]): with them on every run also times their two
+//! clock reads.
 //!
 //! The program runs against the live maps of a running agent, so it makes
 //! the same choice it would make for a SYN: the counters it bumps
@@ -51,8 +53,14 @@ fn get_u32(a: &[u8], off: usize) -> u32 {
     u32::from_ne_bytes(a[off..off + 4].try_into().expect("4 bytes"))
 }
 
+/// A loaded program: a descriptor of it and its id.
+pub struct Prog {
+    pub fd: OwnedFd,
+    pub id: u32,
+}
+
 /// The program behind a pinned link (the agent pins links, not programs).
-pub fn prog_of_pinned_link(path: &Path) -> io::Result<OwnedFd> {
+pub fn prog_of_pinned_link(path: &Path) -> io::Result<Prog> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     let mut a = [0u8; ATTR];
@@ -70,7 +78,26 @@ pub fn prog_of_pinned_link(path: &Path) -> io::Result<OwnedFd> {
     let mut a = [0u8; ATTR];
     put_u32(&mut a, 0, prog_id);
     // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut a)? as i32) })
+    let fd = unsafe { OwnedFd::from_raw_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut a)? as i32) };
+    Ok(Prog { fd, id: prog_id })
+}
+
+fn run_count(prog: &Prog) -> io::Result<u64> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog.id)
+        .map(|p| p.run_count())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the program is gone"))
+}
+
+/// Whether the kernel counts runs of `prog` now (kernel.bpf_stats_enabled,
+/// or any process holding a BPF_ENABLE_STATS descriptor): its run count
+/// moves over one test run only then.
+pub fn run_stats_on(prog: &Prog) -> io::Result<bool> {
+    let before = run_count(prog)?;
+    let any: std::net::SocketAddrV4 = "127.0.0.1:9".parse().expect("an address");
+    sk_lookup(prog, any, any, 1)?;
+    Ok(run_count(prog)? != before)
 }
 
 /// `struct bpf_sk_lookup` as BPF_PROG_TEST_RUN takes it.
@@ -112,7 +139,7 @@ pub struct TestRun {
 }
 
 pub fn sk_lookup(
-    prog: &OwnedFd,
+    prog: &Prog,
     remote: std::net::SocketAddrV4,
     local: std::net::SocketAddrV4,
     repeat: u32,
@@ -132,7 +159,7 @@ pub fn sk_lookup(
     // 12, data_in 16, data_out 24, repeat 32, duration 36, ctx_size_in 40,
     // ctx_size_out 44, ctx_in 48, ctx_out 56, flags 64, cpu 68.
     let mut a = [0u8; ATTR];
-    put_u32(&mut a, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut a, 0, prog.fd.as_raw_fd() as u32);
     put_u32(&mut a, 32, repeat);
     put_u32(&mut a, 40, size);
     put_u32(&mut a, 44, size);

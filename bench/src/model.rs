@@ -584,10 +584,15 @@ pub struct MicroRaw {
     /// The kernel's mean time per run, one figure per test run.
     pub ns_per_run: Vec<f64>,
     /// The same for a lookup of another port (the program leaves at its
-    /// port test): the test run's own cost and bpf_stats', the floor.
+    /// port test): the test run's own cost, the floor.
     pub floor_ns_per_run: Vec<f64>,
     /// How many different listeners the last runs of the test runs chose.
     pub listeners_chosen: usize,
+    /// Whether the kernel's run-time stats were on: then every figure
+    /// includes their two clock reads per run (records made before the
+    /// phase turned them off have them on).
+    #[serde(default = "yes")]
+    pub run_stats: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -610,6 +615,10 @@ pub struct SteeringRep {
 
 /// Rows recorded before the bench had `algorithm` name none: read as the
 /// agent's default.
+fn yes() -> bool {
+    true
+}
+
 fn leastconn() -> String {
     "leastconn".into()
 }

@@ -332,6 +332,8 @@ struct View<'a> {
     stop: Option<crate::stopview::StopView>,
     steering: Option<Vec<Vec<String>>>,
     micro: Option<Vec<Vec<String>>>,
+    /// Whether the micro phase ran with the kernel's run-time stats on.
+    micro_run_stats: bool,
     held: Option<HeldView>,
     profile: Option<ProfileView>,
     errors: Vec<(String, String)>,
@@ -801,6 +803,7 @@ pub fn render(run: &Run) -> anyhow::Result<String> {
             .map(|s| crate::stopview::view(s, run.stop_earlier.as_ref())),
         steering: run.steering.as_deref().map(steering_rows),
         micro: run.micro.as_deref().map(micro_rows),
+        micro_run_stats: run.micro.iter().flatten().any(|m| m.run_stats),
         held: run.held.as_deref().map(held_view),
         profile,
         errors: run
@@ -1162,6 +1165,7 @@ mod tests {
             ns_per_run: vec![150.0, 120.0, 140.0],
             floor_ns_per_run: vec![40.0, 50.0, 45.0],
             listeners_chosen: 2,
+            run_stats: false,
         }]);
         run.profile = Some(Profile {
             bpftool_prog_profile: [("mtlb_steer".to_string(), Ok("42 cycles".to_string()))]
