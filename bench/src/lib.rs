@@ -5,8 +5,8 @@
 //! Phases (each bounded in count and time):
 //! 0. held: 1k, 10k, 100k, 1M connections held open through mtlb (first, so
 //!    that no TIME_WAIT sockets of the load phases are about).
-//! 1. rounds: 11 interleaved rounds; each runs every mode once, the
-//!    order rotated by one each round: connection rate (CLIENT_THREADS
+//! 1. rounds: 11 interleaved rounds; each runs every mode once, direct
+//!    and mtlb back to back (`round_order`): connection rate (CLIENT_THREADS
 //!    threads of connect + 1 byte + 1 byte + close for RATE_SECS), connect
 //!    latency, two bulk streams at once for BULK_SECS; CPU of the balancer process,
 //!    of the whole machine, and BPF run time of mtlb's programs. The agent
@@ -773,14 +773,43 @@ fn mode_targets(mode: Mode) -> Vec<SocketAddr> {
 }
 
 /// Phase 1: interleaved rounds.
+/// The order of round `r`: direct and mtlb back to back, which of them
+/// first alternating, so that each paired ratio compares two runs made
+/// moments apart (the machine drifts by more than the gap being judged
+/// over a round); the pair and the other modes move through the positions
+/// from round to round.
+fn round_order(modes: &[Mode], r: usize) -> Vec<Mode> {
+    let paired = [Mode::Direct, Mode::Mtlb];
+    if !paired.iter().all(|m| modes.contains(m)) {
+        return (0..modes.len())
+            .map(|i| modes[(i + r) % modes.len()])
+            .collect();
+    }
+    let mut others: Vec<Mode> = modes
+        .iter()
+        .copied()
+        .filter(|m| !paired.contains(m))
+        .collect();
+    if !others.is_empty() {
+        let k = r % others.len();
+        others.rotate_left(k);
+    }
+    let at = (r / 2) % (others.len() + 1);
+    let pair = if r.is_multiple_of(2) {
+        paired
+    } else {
+        [Mode::Mtlb, Mode::Direct]
+    };
+    others.splice(at..at, pair);
+    others
+}
+
 fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Vec<RoundRow>> {
     let modes: Vec<Mode> = Mode::ALL.into_iter().filter(|m| an.available(*m)).collect();
     let mut rows = Vec::new();
     let n = rounds_n();
     for r in 0..n {
-        let order: Vec<Mode> = (0..modes.len())
-            .map(|i| modes[(i + r) % modes.len()])
-            .collect();
+        let order = round_order(&modes, r);
         eprintln!(
             "bench: round {}/{n}: {}",
             r + 1,
@@ -1023,4 +1052,37 @@ fn steering(s: &Setup) -> anyhow::Result<Vec<SteeringRaw>> {
         })?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every round runs each mode once, direct and mtlb adjacent and each
+    /// first in turn; over 11 rounds the pair starts at every position.
+    #[test]
+    fn direct_and_mtlb_run_back_to_back() {
+        let modes = [Mode::Direct, Mode::Mtlb, Mode::Haproxy, Mode::Nginx];
+        let mut starts = std::collections::BTreeSet::new();
+        let mut direct_first = 0;
+        for r in 0..11 {
+            let o = round_order(&modes, r);
+            let mut sorted = o.clone();
+            sorted.sort_by_key(|m| modes.iter().position(|x| x == m));
+            assert_eq!(sorted, modes, "round {r}: {o:?}");
+            let d = o.iter().position(|m| *m == Mode::Direct).unwrap();
+            let m = o.iter().position(|m| *m == Mode::Mtlb).unwrap();
+            assert_eq!(d.abs_diff(m), 1, "round {r}: {o:?}");
+            direct_first += usize::from(d < m);
+            starts.insert(d.min(m));
+        }
+        assert_eq!(direct_first, 6);
+        assert_eq!(starts.len(), 3, "{starts:?}");
+        // Without one of the pair, a plain rotation.
+        let three = [Mode::Direct, Mode::Haproxy, Mode::Nginx];
+        assert_eq!(
+            round_order(&three, 1),
+            [Mode::Haproxy, Mode::Nginx, Mode::Direct]
+        );
+    }
 }
