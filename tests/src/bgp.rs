@@ -76,11 +76,16 @@ fn scaled_router_conf(dir: &std::path::Path) -> PathBuf {
 /// The host routes in `netns`'s announce table (IPv4 and IPv6), sorted:
 /// what its BIRD exports.
 pub fn announce_routes(netns: &str) -> Vec<String> {
+    announce_routes_in(netns, ANNOUNCE_TABLE)
+}
+
+/// The same in routing table `table`.
+pub fn announce_routes_in(netns: &str, table: u32) -> Vec<String> {
     let mut out = Vec::new();
     for family in ["-4", "-6"] {
         let o = Command::new("ip")
             .args(["-n", netns, "-j", family, "route", "show", "table"])
-            .arg(ANNOUNCE_TABLE.to_string())
+            .arg(table.to_string())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);

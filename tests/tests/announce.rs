@@ -277,3 +277,103 @@ fn strays_go_at_start_and_remove_without_an_agent_clears_all() {
     let lo = lo_addresses(&ns);
     assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
 }
+
+/// `announce.vips` and `announce.table` are changed across restarts: the
+/// start withdraws what is left in the earlier table, a dropped VIP whose
+/// route it withdraws stays on lo while the router converges and the next
+/// start takes it off; an address mtlb never held stays on lo throughout.
+#[test]
+fn a_restart_with_another_announce_takes_the_old_one_back() {
+    let ns = Netns::new();
+    let foreign = "192.0.2.99";
+    let o = Command::new("ip")
+        .args([
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{foreign}/32"),
+            "dev",
+            "lo",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    let file = config().write(&ns);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("announcing {VIP4}, {VIP6}"));
+    assert!(announced(&ns), "{:?}", routes(&ns));
+    agent.kill9();
+
+    // VIP6 dropped, another table: the routes in 4242 were announced when
+    // this start found them.
+    let file = config().vips(&[VIP4]).announce("table", 4343).write(&ns);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!(
+        "withdrawing {VIP4}, {VIP6} from table {ANNOUNCE_TABLE}: announce.table is 4343 now"
+    ));
+    agent.wait_for(&format!(
+        "{VIP6}: not in announce.vips any more; withdrawn, left on lo"
+    ));
+    agent.wait_for(&format!("announcing {VIP4}"));
+    assert!(routes(&ns).is_empty(), "{:?}", routes(&ns));
+    assert_eq!(announce_routes_in(&ns.name, 4343), [VIP4]);
+    let lo = lo_addresses(&ns);
+    assert!(
+        lo.contains(VIP4) && lo.contains(VIP6) && lo.contains(foreign),
+        "{lo}"
+    );
+    agent.kill9();
+
+    // The next start finds VIP6 withdrawn: off lo now.
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!(
+        "took {VIP6} off lo: not in announce.vips any more"
+    ));
+    let lo = lo_addresses(&ns);
+    assert!(
+        lo.contains(VIP4) && !lo.contains(VIP6) && lo.contains(foreign),
+        "{lo}"
+    );
+    agent.kill9();
+
+    // A start with nothing to announce takes VIP4 off too and withdraws
+    // its route (announced a moment ago: it stays on lo until the next).
+    let file = Config::new()
+        .fast_checks()
+        .replicas(2)
+        .set("replica_address", "::1")
+        .write(&ns);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("{VIP4}: not in announce.vips any more"));
+    assert!(announce_routes_in(&ns.name, 4343).is_empty());
+    agent.kill9();
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("took {VIP4} off lo"));
+    let lo = lo_addresses(&ns);
+    assert!(!lo.contains(VIP4) && lo.contains(foreign), "{lo}");
+    agent.kill9();
+}
+
+/// `mtlb remove` with no agent running takes off lo the addresses the
+/// last start kept there for the router, not only `announce.vips`.
+#[test]
+fn remove_takes_a_kept_vip_off_too() {
+    let ns = Netns::new();
+    let _r1 = ReplicaProcess::start(&ns, "mtp1", MTP1);
+    let file = config().write(&ns);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("announcing {VIP4}, {VIP6}"));
+    agent.kill9();
+    let file = config().vips(&[VIP4]).write(&ns);
+    let mut agent = ns.agent(&["--config", &file]);
+    agent.wait_for(&format!("{VIP6}: not in announce.vips any more"));
+    agent.kill9();
+    let state = ns.state_dir();
+    let state = state.to_str().unwrap();
+    let (ok, out) = mtlb_cli(&ns, &["remove", "--config", &file, "--state-dir", state]);
+    assert!(ok, "{out}");
+    let lo = lo_addresses(&ns);
+    assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
+}

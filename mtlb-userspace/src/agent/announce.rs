@@ -9,7 +9,27 @@
 //! the replicas are under way.
 
 use crate::config::AnnounceConfig;
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+/// What a start does with the service addresses an earlier start put on
+/// `lo` (`earlier`) that `vips` no longer lists: those whose routes it
+/// found announced (and withdraws now) stay on `lo` while the router
+/// converges, as a withdrawn VIP always does, and are kept for the next
+/// start (second list); the others leave `lo` now (first list).
+pub fn dropped(
+    earlier: &[IpAddr],
+    vips: &[IpAddr],
+    announced: &[IpAddr],
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    earlier
+        .iter()
+        .copied()
+        .filter(|v| !vips.contains(v))
+        .partition(|v| !announced.contains(v))
+}
 
 /// Why the host is announced or not, as `mtlb status` and /stats say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +177,23 @@ impl Announcement {
 
 #[cfg(test)]
 mod tests {
+
+    /// A dropped VIP leaves lo at once unless it was announced a moment
+    /// ago; one still listed stays whatever happened to it.
+    #[test]
+    fn dropped_vips_go_unless_just_withdrawn() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let earlier = [ip("192.0.2.80"), ip("192.0.2.81"), ip("2001:db8::80")];
+        let vips = [ip("192.0.2.80")];
+        let announced = [ip("192.0.2.80"), ip("2001:db8::80")];
+        assert_eq!(
+            dropped(&earlier, &vips, &announced),
+            (vec![ip("192.0.2.81")], vec![ip("2001:db8::80")])
+        );
+        assert_eq!(dropped(&[], &vips, &announced), (vec![], vec![]));
+        assert_eq!(dropped(&earlier, &earlier, &[]), (vec![], vec![]));
+    }
+
     use super::*;
     use std::net::IpAddr;
 

@@ -439,6 +439,7 @@ fn converges(start: u16, actions: &[Action]) -> Result<(), TestCaseError> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         host_drained: false,
+        announce: None,
     };
     prop_assert_eq!(&live, &saved_here, "live and saved choices differ");
     prop_assert_eq!(

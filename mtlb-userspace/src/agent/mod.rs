@@ -289,14 +289,37 @@ fn write_settings(
 /// Makes the service addresses local and reads whether they are announced
 /// (an earlier agent's routes, taken over: `Some(true)` all of them,
 /// `Some(false)` none, `None` some); withdraws routes of addresses that
-/// are no longer service addresses. Before anything is attached: a
-/// failure here stops the start with no program attached (VIPs added to
-/// lo before it stay; they route nothing by themselves).
-fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<bool>, StartError> {
+/// are no longer service addresses, and those left in the table of an
+/// earlier start's (`earlier`) if `announce.table` changed; takes the
+/// addresses an earlier start put on `lo` and the config dropped back
+/// off (see `announce::dropped`). Returns the record for the next start.
+/// Before anything is attached: a failure here stops the start with no
+/// program attached (VIPs added to lo before it stay; they route nothing
+/// by themselves).
+fn prepare_announce(
+    cfg: &Config,
+    earlier: Option<&persist::SavedAnnounce>,
+    facts: &mut Vec<StartFact>,
+) -> Result<(Option<bool>, Option<persist::SavedAnnounce>), StartError> {
     use crate::system::vip;
     let a = &cfg.announce;
     let table_err = |what| move |source| StartError::Announce { what, source };
     let found = vip::announced(a.table).map_err(table_err("reading the announce table"))?;
+    let mut was_announced = found.clone();
+    if let Some(e) = earlier.filter(|e| e.table != a.table) {
+        let old =
+            vip::announced(e.table).map_err(table_err("reading the earlier announce table"))?;
+        if !old.is_empty() {
+            vip::first_failure(vip::write(e.table, &old, false))
+                .map_err(table_err("withdrawing from the earlier announce table"))?;
+            facts.push(StartFact::OldTableWithdrawn {
+                from: e.table,
+                to: a.table,
+                vips: old.clone(),
+            });
+            was_announced.extend(old);
+        }
+    }
     let stray: Vec<_> = found
         .iter()
         .copied()
@@ -307,8 +330,26 @@ fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<b
             .map_err(table_err("withdrawing a stray route"))?;
         facts.push(StartFact::StrayWithdrawn(stray));
     }
+    let (off, kept) = announce::dropped(
+        earlier.map_or(&[][..], |e| &e.vips),
+        &a.vips,
+        &was_announced,
+    );
+    if !off.is_empty() {
+        vip::remove_local(&off).map_err(table_err("taking dropped service addresses off lo"))?;
+        facts.push(StartFact::DroppedVipsRemoved(off));
+    }
+    let mut held = a.vips.clone();
+    held.extend(kept.iter().copied());
+    let record = (!held.is_empty()).then_some(persist::SavedAnnounce {
+        table: a.table,
+        vips: held,
+    });
+    if !kept.is_empty() {
+        facts.push(StartFact::DroppedVipsKept(kept));
+    }
     if a.vips.is_empty() {
-        return Ok(Some(false));
+        return Ok((Some(false), record));
     }
     let added =
         vip::ensure_local(&a.vips).map_err(table_err("adding the service addresses to lo"))?;
@@ -319,11 +360,12 @@ fn prepare_announce(cfg: &Config, facts: &mut Vec<StartFact>) -> Result<Option<b
     if !on.is_empty() {
         facts.push(StartFact::AnnouncedAtStart(on.clone()));
     }
-    Ok(match on.len() {
+    let announced = match on.len() {
         0 => Some(false),
         n if n == a.vips.len() => Some(true),
         _ => None,
-    })
+    };
+    Ok((announced, record))
 }
 
 /// Serves /stats and /metrics on `listener`. The endpoint reads the maps
@@ -372,7 +414,7 @@ impl Agent {
         // coming back READY would take traffic. Unreadable means stop,
         // before anything is attached.
         let saved_path = persist::state_file(&cfg.state_dir, ino);
-        let saved = persist::Saved::load(&saved_path)?;
+        let mut saved = persist::Saved::load(&saved_path)?;
         // Bind the stats endpoint before attaching anything: a port in use
         // is a startup error that leaves nothing behind.
         let stats_addr = SocketAddr::new(cfg.stats_address, cfg.stats_port);
@@ -382,7 +424,11 @@ impl Agent {
                 source,
             })?;
 
-        let announced = prepare_announce(&cfg, facts)?;
+        let (announced, record) = prepare_announce(&cfg, saved.announce.as_ref(), facts)?;
+        if saved.announce != record {
+            saved.announce = record;
+            saved.store(&saved_path)?;
+        }
 
         let cookie = netns::cookie().map_err(StartError::NetnsCookie)?;
         let place = Place {
@@ -490,8 +536,13 @@ impl Agent {
         // service addresses are mtlb's. Detaching goes on whatever this
         // does.
         let a = &self.state.cfg().announce;
-        let retired = (!self.keep_pins && !a.vips.is_empty()).then(|| {
-            crate::system::vip::retire(a.table, &a.vips).map_err(|source| StartError::Announce {
+        // With those an earlier config's start left on lo.
+        let mut vips = a.vips.clone();
+        if let Some(r) = &self.state.operator().announce {
+            vips.extend(r.vips.iter().filter(|v| !a.vips.contains(v)));
+        }
+        let retired = (!self.keep_pins && !vips.is_empty()).then(|| {
+            crate::system::vip::retire(a.table, &vips).map_err(|source| StartError::Announce {
                 what: "withdrawing the service addresses",
                 source,
             })

@@ -1,5 +1,8 @@
 //! Operator choices (admin state, weight) kept across agent restarts, by
-//! replica name, in `<state_dir>/state-<netns inode>.json`.
+//! replica name, in `<state_dir>/state-<netns inode>.json`; with them, the
+//! service addresses an agent put on `lo` and the table their routes went
+//! in, so that a start with another `[announce]` can take the old ones
+//! back.
 
 use super::slot::Slot;
 use crate::checks::health::Admin;
@@ -40,6 +43,18 @@ pub struct Saved {
     /// addresses are not announced.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub host_drained: bool,
+    /// What the last start made mtlb's: written at start, read by the
+    /// next one (and by `mtlb remove`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<SavedAnnounce>,
+}
+
+/// The service addresses mtlb holds on `lo` and the announce table of
+/// their routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedAnnounce {
+    pub table: u32,
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +159,7 @@ impl Saved {
                 })
                 .collect(),
             host_drained: false,
+            announce: None,
         }
     }
 
@@ -174,6 +190,18 @@ mod tests {
         s.store(&p).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"admin\": \"MAINT\""), "{text}");
+        assert!(!text.contains("announce"), "{text}");
+        assert_eq!(Saved::load(&p).unwrap(), s);
+        s.announce = Some(SavedAnnounce {
+            table: 4242,
+            vips: vec![
+                "192.0.2.80".parse().unwrap(),
+                "2001:db8::80".parse().unwrap(),
+            ],
+        });
+        s.store(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"192.0.2.80\""), "{text}");
         assert_eq!(Saved::load(&p).unwrap(), s);
         assert_eq!(
             Saved::load(&dir.path().join("none.json")).unwrap(),

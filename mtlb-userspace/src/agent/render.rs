@@ -435,6 +435,27 @@ fn start_line(f: &StartFact) -> (Level, String) {
                 crate::system::vip::list(v)
             ),
         ),
+        StartFact::OldTableWithdrawn { from, to, vips } => (
+            L::INFO,
+            format!(
+                "withdrawing {} from table {from}: announce.table is {to} now",
+                crate::system::vip::list(vips)
+            ),
+        ),
+        StartFact::DroppedVipsRemoved(v) => (
+            L::INFO,
+            format!(
+                "took {} off lo: not in announce.vips any more",
+                crate::system::vip::list(v)
+            ),
+        ),
+        StartFact::DroppedVipsKept(v) => (
+            L::INFO,
+            format!(
+                "{}: not in announce.vips any more; withdrawn, left on lo while the router converges (the next start or `mtlb remove` takes it off)",
+                crate::system::vip::list(v)
+            ),
+        ),
         StartFact::VipsRemoved(v) => (
             L::INFO,
             format!(

@@ -35,6 +35,19 @@ pub enum StartFact {
     StrayWithdrawn(Vec<IpAddr>),
     /// The service addresses withdrawn and taken off `lo` (mtlb removed).
     VipsRemoved(Vec<IpAddr>),
+    /// `announce.table` changed: the routes left in the earlier table
+    /// (`from`) withdrawn; `to` is the table now.
+    OldTableWithdrawn {
+        from: u32,
+        to: u32,
+        vips: Vec<IpAddr>,
+    },
+    /// Service addresses an earlier start put on `lo`, no longer in
+    /// `announce.vips`: taken off `lo`.
+    DroppedVipsRemoved(Vec<IpAddr>),
+    /// The same, announced until this start: withdrawn, left on `lo`
+    /// while the router converges, taken off by the next start.
+    DroppedVipsKept(Vec<IpAddr>),
     /// Teardown failed (dropping the agent; nobody else to tell).
     TeardownFailed(String),
 }

@@ -23,6 +23,10 @@ pub struct AgentArgs {
     /// /sys/fs/bpf].
     #[arg(long, global = true)]
     bpffs: Option<PathBuf>,
+    /// Directory of the agent's saved state [config: state_dir, default
+    /// /var/lib/mtlb].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -30,6 +34,7 @@ impl AgentArgs {
         let overrides = Overrides {
             control_dir: self.control_dir.clone(),
             bpffs: self.bpffs.clone(),
+            state_dir: self.state_dir.clone(),
             ..Overrides::default()
         };
         Ok(ConfigSource::new(self.config.clone(), overrides).read()?)

@@ -5,6 +5,7 @@
 use super::agent_args::AgentArgs;
 use anyhow::{Context as _, bail};
 use mtlb::{
+    agent::persist,
     control::{self, ControlError, Request},
     kernel::{dataplane::Dataplane, pins},
     system::vip,
@@ -49,9 +50,34 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     // Withdrawn before steering stops, so the router sends no client
     // that nothing steers; whatever the table holds goes (the dead agent
     // may have run another config).
-    let announce = a.agent.config()?.announce;
-    let gone =
-        vip::retire(announce.table, &announce.vips).context("withdrawing the service addresses")?;
+    let cfg = a.agent.config()?;
+    let announce = cfg.announce;
+    let mut vips = announce.vips.clone();
+    // What the last start recorded: addresses an earlier config put on lo,
+    // and its table if that changed since.
+    let state = persist::state_file(&cfg.state_dir, at.netns_ino);
+    // A state file that cannot be read must not keep mtlb from going.
+    let earlier = persist::Saved::load(&state)
+        .inspect_err(|e| {
+            eprintln!(
+                "warning: {}; only announce.vips taken off lo",
+                mtlb::error::report(e)
+            )
+        })
+        .ok()
+        .and_then(|s| s.announce);
+    let mut gone = Vec::new();
+    if let Some(e) = earlier {
+        vips.extend(e.vips.iter().filter(|v| !announce.vips.contains(v)));
+        if e.table != announce.table {
+            gone = vip::retire(e.table, &[]).context("withdrawing the earlier table's routes")?;
+        }
+    }
+    for v in vip::retire(announce.table, &vips).context("withdrawing the service addresses")? {
+        if !gone.contains(&v) {
+            gone.push(v);
+        }
+    }
     if !gone.is_empty() {
         println!(
             "withdrew {} and took the service addresses off lo",
