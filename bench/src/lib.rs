@@ -772,7 +772,6 @@ fn mode_targets(mode: Mode) -> Vec<SocketAddr> {
     }
 }
 
-/// Phase 1: interleaved rounds.
 /// The order of round `r`: direct and mtlb back to back, which of them
 /// first alternating, so that each paired ratio compares two runs made
 /// moments apart (the machine drifts by more than the gap being judged
@@ -804,6 +803,7 @@ fn round_order(modes: &[Mode], r: usize) -> Vec<Mode> {
     others
 }
 
+/// Phase 1: interleaved rounds.
 fn rounds(s: &Setup, an: &Anchors) -> anyhow::Result<Vec<RoundRow>> {
     let modes: Vec<Mode> = Mode::ALL.into_iter().filter(|m| an.available(*m)).collect();
     let mut rows = Vec::new();
