@@ -74,7 +74,8 @@ fn min(v: &[f64]) -> f64 {
 /// committed figure.
 /// Under emulation (`cargo xtask test --kernel`) memory-bound code slows
 /// more than the floor's fixed cost: 6.1 under QEMU measured about 2.3
-/// times the host's ratio at 2 replicas, so the bound doubles there.
+/// times the host's ratio at 2 replicas (both with the stats on), so the
+/// bound doubles there.
 #[test]
 fn a_pick_costs_at_most_three_times_the_committed_figure() {
     let emulated = if time_scale() > 1 { 2.0 } else { 1.0 };
