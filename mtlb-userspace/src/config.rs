@@ -252,7 +252,15 @@ impl Default for AnnounceConfig {
 
 /// Routing tables the kernel keeps for itself: unspec, default, main,
 /// local (linux/rtnetlink.h `rt_class_t`).
-const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// Why `v` cannot be a service address (one mtlb puts on and takes off
+/// `lo`), if it cannot.
+pub fn not_a_vip(v: &std::net::IpAddr) -> Option<&'static str> {
+    let c = v.to_canonical();
+    (c.is_unspecified() || c.is_multicast() || c.is_loopback())
+        .then_some("must be a unicast service address (not loopback)")
+}
 
 /// `mtlb.toml`. Every key is optional; see README "Configuration".
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -751,14 +759,10 @@ impl Config {
             ));
         }
         for (i, v) in a.vips.iter().enumerate() {
-            let c = v.to_canonical();
-            if c.is_unspecified() || c.is_multicast() || c.is_loopback() {
-                return Err(invalid(
-                    "announce.vips",
-                    v,
-                    "must be a unicast service address (not loopback)",
-                ));
+            if let Some(why) = not_a_vip(v) {
+                return Err(invalid("announce.vips", v, why));
             }
+            let c = v.to_canonical();
             if c != *v {
                 return Err(invalid(
                     "announce.vips",

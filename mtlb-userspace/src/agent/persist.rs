@@ -28,6 +28,8 @@ pub enum PersistError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("invalid state file {path}: {what}; fix or remove it")]
+    Invalid { path: PathBuf, what: String },
     #[error("cannot write state file {path}")]
     Write {
         path: PathBuf,
@@ -84,15 +86,45 @@ impl Saved {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(path: &Path) -> Result<Self, PersistError> {
         match std::fs::read_to_string(path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|source| PersistError::Parse {
-                path: path.to_owned(),
-                source,
-            }),
+            Ok(t) => {
+                let s: Self = serde_json::from_str(&t).map_err(|source| PersistError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                s.check().map_err(|what| PersistError::Invalid {
+                    path: path.to_owned(),
+                    what,
+                })?;
+                Ok(s)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(PersistError::Read {
                 path: path.to_owned(),
                 source,
             }),
+        }
+    }
+
+    /// The announce record drives route deletions and address removals:
+    /// a hand-edited one must not name a table the kernel routes by or an
+    /// address such as ::1.
+    fn check(&self) -> Result<(), String> {
+        let Some(a) = &self.announce else {
+            return Ok(());
+        };
+        if crate::config::RESERVED_TABLES.contains(&a.table) {
+            return Err(format!(
+                "announce.table {} is a table the kernel routes by",
+                a.table
+            ));
+        }
+        match a
+            .vips
+            .iter()
+            .find_map(|v| crate::config::not_a_vip(v).map(|w| (v, w)))
+        {
+            Some((v, why)) => Err(format!("announce.vips {v} {why}")),
+            None => Ok(()),
         }
     }
 
@@ -203,6 +235,17 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"192.0.2.80\""), "{text}");
         assert_eq!(Saved::load(&p).unwrap(), s);
+        // A record that would delete the main table's routes or ::1.
+        for bad in [
+            "{\"backends\":{},\"announce\":{\"table\":254,\"vips\":[\"192.0.2.80\"]}}",
+            "{\"backends\":{},\"announce\":{\"table\":4242,\"vips\":[\"::1\"]}}",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(
+                matches!(Saved::load(&p), Err(PersistError::Invalid { .. })),
+                "{bad}"
+            );
+        }
         assert_eq!(
             Saved::load(&dir.path().join("none.json")).unwrap(),
             Saved::default()
