@@ -613,12 +613,14 @@ pub struct SteeringRep {
     pub bpf: BTreeMap<String, ProgDelta>,
 }
 
-/// Rows recorded before the bench had `algorithm` name none: read as the
-/// agent's default.
+/// Micro rows recorded before the phase turned the run-time stats off had
+/// them on.
 fn yes() -> bool {
     true
 }
 
+/// Rows recorded before the bench had `algorithm` name none: read as the
+/// agent's default.
 fn leastconn() -> String {
     "leastconn".into()
 }

@@ -177,6 +177,8 @@ impl Announcement {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::net::IpAddr;
 
     /// A dropped VIP leaves lo at once unless it was announced a moment
     /// ago; one still listed stays whatever happened to it.
@@ -193,9 +195,6 @@ mod tests {
         assert_eq!(dropped(&[], &vips, &announced), (vec![], vec![]));
         assert_eq!(dropped(&earlier, &earlier, &[]), (vec![], vec![]));
     }
-
-    use super::*;
-    use std::net::IpAddr;
 
     fn cfg() -> AnnounceConfig {
         AnnounceConfig {
