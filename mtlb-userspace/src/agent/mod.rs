@@ -537,10 +537,7 @@ impl Agent {
         // does.
         let a = &self.state.cfg().announce;
         // With those an earlier config's start left on lo.
-        let mut vips = a.vips.clone();
-        if let Some(r) = &self.state.operator().announce {
-            vips.extend(r.vips.iter().filter(|v| !a.vips.contains(v)));
-        }
+        let vips = persist::held_vips(&a.vips, self.state.operator().announce.as_ref());
         let retired = (!self.keep_pins && !vips.is_empty()).then(|| {
             crate::system::vip::retire(a.table, &vips).map_err(|source| StartError::Announce {
                 what: "withdrawing the service addresses",

@@ -59,6 +59,21 @@ pub struct SavedAnnounce {
     pub vips: Vec<std::net::IpAddr>,
 }
 
+/// `vips` and, after them, those `record` holds besides: every address
+/// mtlb has on `lo`, which taking mtlb off (`mtlb remove`) removes.
+pub fn held_vips(
+    vips: &[std::net::IpAddr],
+    record: Option<&SavedAnnounce>,
+) -> Vec<std::net::IpAddr> {
+    let mut all = vips.to_vec();
+    for v in record.into_iter().flat_map(|r| &r.vips) {
+        if !all.contains(v) {
+            all.push(*v);
+        }
+    }
+    all
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedBackend {
     #[serde(serialize_with = "admin_out", deserialize_with = "admin_in")]

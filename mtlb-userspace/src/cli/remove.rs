@@ -52,7 +52,6 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
     // may have run another config).
     let cfg = a.agent.config()?;
     let announce = cfg.announce;
-    let mut vips = announce.vips.clone();
     // What the last start recorded: addresses an earlier config put on lo,
     // and its table if that changed since.
     let state = persist::state_file(&cfg.state_dir, at.netns_ino);
@@ -66,12 +65,10 @@ pub fn run(a: RemoveArgs) -> anyhow::Result<()> {
         })
         .ok()
         .and_then(|s| s.announce);
+    let vips = persist::held_vips(&announce.vips, earlier.as_ref());
     let mut gone = Vec::new();
-    if let Some(e) = earlier {
-        vips.extend(e.vips.iter().filter(|v| !announce.vips.contains(v)));
-        if e.table != announce.table {
-            gone = vip::retire(e.table, &[]).context("withdrawing the earlier table's routes")?;
-        }
+    if let Some(e) = earlier.filter(|e| e.table != announce.table) {
+        gone = vip::retire(e.table, &[]).context("withdrawing the earlier table's routes")?;
     }
     for v in vip::retire(announce.table, &vips).context("withdrawing the service addresses")? {
         if !gone.contains(&v) {
