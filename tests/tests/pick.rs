@@ -89,8 +89,7 @@ fn a_pick_costs_at_most_three_times_the_committed_figure() {
         // Measured as the committed figure was: the stats' fixed clock
         // reads lift the floor more than the runs in proportion, so a ratio
         // with them on is smaller than one without.
-        let _stats = committed_stats
-            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
+        let _stats = committed_stats.then(bpf_run_stats);
         if micro::run_stats_on(&prog).unwrap() != committed_stats {
             eprintln!(
                 "note: the kernel's run-time stats are on (the host's setting); the committed figure had them off"
